@@ -1,0 +1,35 @@
+"""The pure, torch-only core of REINFORCE++ and its sibling estimators.
+
+Importing this package imports torch and nothing else of weight: no transformers, datasets,
+gymnasium or vllm, and it never initialises ``torch.distributed``. The math lives here; the
+trainers only move tensors in and out (see ``docs/algorithms.md`` and ALGORITHM.md).
+"""
+
+from .advantages import (
+    ESTIMATORS,
+    AdvantageInputs,
+    AdvantageParams,
+    Advantages,
+    EstimatorSpec,
+    compute_advantages,
+    get_estimator,
+    register_estimator,
+)
+from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, check_kl_placement, kl_penalty
+from .kl_control import AdaptiveKLController, FixedKLController
+from .losses import LOSS_AGGS, LossAgg, PolicyLoss, aggregate, entropy_from_logits, kl_loss, policy_loss, value_loss
+from .metrics import advantage_stats, approx_kl, clip_fractions
+from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
+from .shaping import (
+    clip_rewards,
+    group_mean_baseline,
+    group_normalize,
+    last_token_index,
+    leave_one_out_baseline,
+    overlong_penalty,
+    token_rewards,
+    truncation_penalty,
+)
+from .stats import Reduce, all_reduce_sum, masked_mean, masked_mean_var, masked_sum, masked_var, masked_whiten, sequence_whiten
+
+__all__ = [name for name in dir() if not name.startswith("_")]

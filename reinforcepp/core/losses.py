@@ -1,0 +1,132 @@
+"""Per-token losses and their aggregation (ALGORITHM.md, "Policy loss").
+
+Each loss function returns a per-token ``(N, T)`` tensor; :func:`aggregate` turns it into the
+scalar the optimizer sees. Aggregation takes the *window's* normalisers (token count, sequence
+count) as arguments, so that the losses of K micro-batches (on R ranks) of one optimizer step
+add up to exactly the loss of the whole window computed at once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Optional, get_args
+
+import torch
+from torch import Tensor
+
+from .kl import KLEstimatorName, kl_penalty
+
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LOSS_AGGS: tuple[str, ...] = get_args(LossAgg)
+
+
+class PolicyLoss(NamedTuple):
+    """Per-token clipped surrogate and what the metrics need. All ``(N, T)``."""
+
+    loss: Tensor
+    ratio: Tensor
+    clipped_low: Tensor
+    """bool: the lower clip binds (``A < 0`` and ``ratio < 1 - eps_low``)."""
+    clipped_high: Tensor
+    """bool: the upper clip binds (``A > 0`` and ``ratio > 1 + eps_high``)."""
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> PolicyLoss:
+    """PPO clipped surrogate with asymmetric clip and optional dual clip, per token.
+
+    ``ratio = exp(clamp(logp - old_logp, -20, 20))``,
+    ``L = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))``, and where ``A < 0`` with
+    dual clip ``c > 1``: ``L = min(L, -c A)`` (Ye et al. 2020, arXiv 1912.09729).
+    Clip-higher (``eps_high > eps_low``) is DAPO's (arXiv 2503.14476).
+
+    Args:
+        logprobs: ``(N, T)`` log-probs of the sampled tokens under the current policy (grad).
+        old_logprobs: ``(N, T)`` under the policy that generated the batch (no grad).
+        advantages: ``(N, T)``.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    with torch.no_grad():
+        low = (advantages < 0) & (ratio < 1.0 - eps_low)
+        high = (advantages > 0) & (ratio > 1.0 + eps_high)
+    return PolicyLoss(loss, ratio, low, high)
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimatorName = "k3") -> Tensor:
+    """Per-token KL term of the loss (placement ``loss``), with gradient through ``logprobs``.
+    Multiply by beta and aggregate like the policy loss."""
+    return kl_penalty(logprobs, ref_logprobs, estimator)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution ``H = logsumexp(z) - sum softmax(z) z``,
+    ``(..., V)`` -> ``(...)``, computed in float32."""
+    z = logits.float()
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_eps: Optional[float] = 0.2) -> Tensor:
+    """Clipped value loss (PPO, as in OpenAI baselines), per token:
+    ``0.5 * max((V - R)^2, (old_V + clip(V - old_V, -eps, eps) - R)^2)``; unclipped if
+    ``clip_eps`` is ``None``. All arguments ``(N, T)``."""
+    unclipped = (values - returns).square()
+    if clip_eps is None:
+        return 0.5 * unclipped
+    v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum(unclipped, (v_clipped - returns).square())
+
+
+def aggregate(
+    loss: Tensor,
+    mask: Tensor,
+    mode: LossAgg = "token-mean",
+    *,
+    num_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
+    max_response_length: Optional[int] = None,
+) -> Tensor:
+    """Reduce a per-token loss ``(N, T)`` to a scalar.
+
+    * ``token-mean``: ``sum_{i,t} m L / num_tokens`` (every real token of the window weighs the same)
+    * ``seq-mean-token-mean``: ``sum_i (sum_t m L / sum_t m) / num_sequences``
+    * ``seq-mean-token-sum``: ``sum_i sum_t m L / num_sequences``
+    * ``seq-mean-token-sum-norm``: ``sum_i sum_t m L / (num_sequences * max_response_length)``
+      (Dr. GRPO: a constant normaliser, no length bias)
+
+    ``num_tokens`` and ``num_sequences`` are the counts of the whole optimizer-step window
+    (every micro-batch on every rank); left ``None`` they are this batch's own, which is right
+    when the batch *is* the window. Passing the window counts makes the micro-batch losses sum
+    to the window loss exactly. (Under DDP, whose gradients are averaged over ranks, multiply
+    the result by the world size.)
+    """
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGS)}")
+    m = mask.to(loss.dtype)
+    if mode == "token-mean":
+        n = m.sum() if num_tokens is None else num_tokens
+        if float(n) <= 0:
+            raise ValueError("token-mean aggregation over zero tokens (all-zero mask)")
+        return (loss * m).sum() / n
+    seqs = loss.shape[0] if num_sequences is None else num_sequences
+    per_seq_sum = (loss * m).sum(dim=-1)
+    if mode == "seq-mean-token-mean":
+        lengths = m.sum(dim=-1)
+        if bool((lengths <= 0).any()):
+            raise ValueError("seq-mean-token-mean: a sequence has an all-zero mask")
+        return (per_seq_sum / lengths).sum() / seqs
+    if mode == "seq-mean-token-sum":
+        return per_seq_sum.sum() / seqs
+    length = loss.shape[-1] if max_response_length is None else max_response_length
+    return per_seq_sum.sum() / (seqs * length)
