@@ -1,0 +1,170 @@
+"""Typed, flat, validated configuration shared by the trainers.
+
+A config is a dataclass whose fields are declared with :func:`option` (default + help text).
+The same object is built from a YAML file, ``key=value`` command-line overrides, or keyword
+arguments in Python, and validated once: unknown keys name the nearest valid key, closed
+choices (``Literal``) are checked, and each trainer's ``validate()`` refuses impossible
+combinations before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with a message saying why and how to fix it."""
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+C = TypeVar("C", bound="Config")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the field type ``tp``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin in (list, tuple):
+        (inner, *_) = get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v, inner) for v in value]
+    if origin is dict:
+        if isinstance(value, str) and value.startswith("{"):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base class: construction from mappings, YAML and overrides, and type checking."""
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        types_ = cls.field_types()
+        for key in values:
+            if key not in types_:
+                raise ConfigError(f"unknown config key {key!r}" + _suggest(key, list(types_)))
+        cfg = cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+        """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: the config file must be a mapping of key: value")
+            values.update(loaded)
+        values.update(parse_overrides(overrides or []))
+        return cls.from_dict(values)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with ``changes`` applied (same checks as ``from_dict``)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> None:
+        """Check closed choices; subclasses add cross-field rules (and call super)."""
+        for name, tp in self.field_types().items():
+            _coerce(name, getattr(self, name), tp)
+
+    @classmethod
+    def describe(cls) -> str:
+        """Every field with its type, default and help, as a Markdown table."""
+        rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f, (name, tp) in zip(dataclasses.fields(cls), cls.field_types().items()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            rows.append(f"| `{name}` | {tname.replace('|', 'or')} | `{default!r}` | {f.metadata.get('help', '')} |")
+        return "\n".join(rows)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["lr=1e-5", "estimator=grpo"]`` -> ``{"lr": "1e-5", "estimator": "grpo"}`` (strings;
+    typed by the config). A bare word without ``=`` is an error."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    return out
