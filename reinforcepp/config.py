@@ -48,7 +48,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        literal_choices = [c for a in args if get_origin(a) is Literal for c in get_args(a)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "") and value not in literal_choices):
             if type(None) in get_args(tp):
                 return None
         errors = []

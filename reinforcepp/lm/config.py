@@ -1,0 +1,202 @@
+"""The one configuration of the language-model trainer: YAML file, ``key=value`` overrides and
+the Python API all build this dataclass, validated once before any model is loaded.
+
+Batch sizes are counted in *responses* (one prompt's sample = one response) unless the name
+says prompts: a step generates ``prompts_per_step * samples_per_prompt`` responses (the
+rollout), which is split into mini-batches of ``mini_batch_size`` responses (one optimizer step
+each), each accumulated over micro-batches of ``micro_batch_size`` responses, for ``epochs``
+passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from ..config import Config, ConfigError, option
+from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, get_estimator
+
+
+@dataclasses.dataclass
+class LMConfig(Config):
+    # --- models -------------------------------------------------------------------------
+    model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model for `task`")
+    tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
+    ref_model: Optional[str] = option(None, "reference model (default: a frozen copy of the initial policy); not loaded when kl_placement is 'none'")
+    critic_model: Optional[str] = option(None, "critic backbone for estimator 'gae' (default: a copy of the policy with a scalar value head)")
+    trust_remote_code: bool = option(False, "allow model repositories to run their own code")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
+    device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
+    # --- data and task --------------------------------------------------------------------
+    task: Literal["reverse", "sort", "add"] = option("reverse", "built-in verifiable task, used when train_data is None")
+    train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")
+    eval_data: Optional[str] = option(None, "held-out prompt dataset (same formats)")
+    eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
+    prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
+    use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
+    max_prompt_length: int = option(1024, "prompts longer than this many tokens are an error")
+    # --- rewards ----------------------------------------------------------------------------
+    reward_funcs: list[str] = option([], "reward sources: module:function, path/file.py:function, verl:..., openrlhf:..., rm:MODEL, http(s)://URL; empty = the built-in task's reward")
+    reward_weights: list[float] = option([], "one weight per reward source (default: all 1)")
+    reward_on_error: Literal["raise", "drop"] = option("raise", "a reward function that fails on a sample: stop with an error, or drop the sample and count it")
+    overlong_buffer: int = option(0, "DAPO soft overlong penalty: length of the ramp before max_new_tokens (0 = off)")
+    overlong_penalty: float = option(1.0, "DAPO overlong penalty at max_new_tokens")
+    truncation_penalty: float = option(0.0, "subtracted from the reward of responses cut at max_new_tokens without EOS")
+    dynamic_filtering: bool = option(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill")
+    max_filter_rounds: int = option(4, "dynamic_filtering: at most this many generation rounds per step")
+    # --- algorithm --------------------------------------------------------------------------
+    estimator: str = option("reinforce_pp", "advantage estimator: " + ", ".join(sorted(ESTIMATORS)))
+    gamma: float = option(1.0, "discount of token rewards")
+    lam: float = option(0.95, "GAE lambda (gae only)")
+    kl_placement: Optional[Literal["reward", "loss", "none"]] = option(None, "where the KL to the reference goes; None = the estimator's choice (reward for reinforce_pp, gae, reinforce; loss for the group estimators)")
+    kl_estimator: Optional[Literal["k1", "k2", "k3", "abs"]] = option(None, "KL estimator; None = k1 in the reward, k3 in the loss")
+    kl_coef: float = option(0.01, "beta, the KL coefficient (initial value when kl_target is set)")
+    kl_target: Optional[float] = option(None, "adaptive KL controller target (per-sequence KL); None = fixed kl_coef")
+    kl_horizon: int = option(10000, "adaptive KL controller horizon (responses)")
+    reward_clip: float = option(10.0, "scalar rewards are clipped to [-reward_clip, reward_clip]")
+    rloo_whiten: bool = option(False, "rloo: globally whiten the leave-one-out advantages")
+    eps_low: float = option(0.2, "lower clip of the importance ratio: 1 - eps_low")
+    eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
+    dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
+    loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
+    value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
+    critic_lr: float = option(1e-5, "gae: critic learning rate")
+    # --- batch and optimisation -------------------------------------------------------------
+    total_steps: int = option(100, "RL steps (one rollout each)")
+    prompts_per_step: int = option(16, "prompts per rollout")
+    samples_per_prompt: int = option(4, "responses sampled per prompt (group size)")
+    mini_batch_size: Optional[int] = option(None, "responses per optimizer step; None = the whole rollout")
+    micro_batch_size: int = option(16, "responses per forward/backward (gradient accumulation inside a mini-batch)")
+    epochs: int = option(1, "passes over each rollout")
+    lr: float = option(1e-6, "policy learning rate (AdamW)")
+    lr_schedule: Literal["constant", "cosine"] = option("constant", "after warmup: constant, or cosine decay to lr_min_ratio * lr")
+    lr_min_ratio: float = option(0.1, "cosine schedule floor, as a fraction of lr")
+    warmup_steps: int = option(0, "linear warmup, in optimizer steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping")
+    max_nonfinite_steps: int = option(3, "this many consecutive non-finite losses/gradients stop the run")
+    # --- generation -------------------------------------------------------------------------
+    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (transformers generate)")
+    max_new_tokens: int = option(256, "response length limit")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
+    # --- evaluation -------------------------------------------------------------------------
+    eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
+    eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
+    eval_samples: int = option(4, "k for pass@k (sampled at eval_temperature); greedy pass@1 is always reported")
+    eval_temperature: float = option(1.0, "sampling temperature for pass@k")
+    # --- warm start (built-in tasks) ----------------------------------------------------------
+    sft_steps: int = option(0, "supervised warm-start steps on the task's answers before RL (built-in tasks; `reinforcepp sft` for your data)")
+    sft_lr: float = option(3e-3, "warm-start learning rate")
+    sft_batch_size: int = option(32, "warm-start batch size")
+    # --- outputs ------------------------------------------------------------------------------
+    output_dir: Optional[str] = option(None, "run directory; None = runs/<task or data>-<estimator>-<time>")
+    save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
+    keep_last: int = option(2, "checkpoints kept")
+    resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
+    num_logged_samples: int = option(4, "completions written each time")
+    tensorboard: bool = option(True, "write TensorBoard event files")
+    wandb_project: Optional[str] = option(None, "log to this W&B project (needs the wandb extra)")
+    progress: bool = option(True, "show a progress bar")
+    profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")
+    seed: int = option(0, "seed of data order, sampling and initialisation")
+    deterministic: bool = option(False, "torch deterministic algorithms (bit-exact resume on CPU)")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "LMConfig":
+        """The built-in job's preset: the tiny model on a built-in task, sized to learn in
+        minutes on a laptop CPU."""
+        preset = dict(
+            total_steps=60, prompts_per_step=32, samples_per_prompt=8, micro_batch_size=64, mini_batch_size=128,
+            lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, sft_steps=100, eval_samples=8, torch_threads=1,
+        )
+        return cls.from_dict({**preset, **overrides})
+
+    # --- derived sizes (computed in one place) ---------------------------------------------------
+    @property
+    def rollout_size(self) -> int:
+        """Responses per step: ``prompts_per_step * samples_per_prompt``."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def mini_batch_responses(self) -> int:
+        return self.mini_batch_size or self.rollout_size
+
+    @property
+    def on_policy(self) -> bool:
+        """One epoch of one mini-batch: the update starts at the generating policy, so
+        ``old_logprobs`` equal the update's own log-probs (detached) and need no extra pass."""
+        return self.epochs == 1 and self.mini_batch_responses == self.rollout_size
+
+    @property
+    def resolved_kl_placement(self) -> str:
+        if self.kl_placement is not None:
+            return self.kl_placement
+        return "reward" if get_estimator(self.estimator).kl_in_reward else "loss"
+
+    @property
+    def resolved_kl_estimator(self) -> str:
+        if self.kl_estimator is not None:
+            return self.kl_estimator
+        return "k1" if self.resolved_kl_placement == "reward" else "k3"
+
+    @property
+    def resolved_loss_agg(self) -> str:
+        return self.loss_agg or get_estimator(self.estimator).default_loss_agg
+
+    def resolved(self) -> dict:
+        """The config with every None-means-default choice written out (saved in the run)."""
+        d = self.to_dict()
+        d.update(kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator, loss_agg=self.resolved_loss_agg)
+        return d
+
+    def validate(self) -> None:
+        super().validate()
+        spec = get_estimator(self.estimator) if self.estimator in ESTIMATORS else None
+        if spec is None:
+            raise ConfigError(f"unknown estimator {self.estimator!r}; valid: {', '.join(sorted(ESTIMATORS))}")
+        positive = ("total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "keep_last", "max_nonfinite_steps", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if spec.needs_groups and self.samples_per_prompt < 2:
+            raise ConfigError(f"estimator {self.estimator!r} compares samples of one prompt: it needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
+        if self.rollout_size % self.mini_batch_responses:
+            raise ConfigError(f"mini_batch_size={self.mini_batch_responses} does not divide the rollout of prompts_per_step x samples_per_prompt = {self.rollout_size} responses")
+        if self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} does not divide mini_batch_size={self.mini_batch_responses}")
+        placement = self.resolved_kl_placement
+        if placement == "reward" and not spec.kl_in_reward:
+            raise ConfigError(f"estimator {self.estimator!r} broadcasts one advantage per response and cannot carry KL in the reward; use kl_placement=loss or none")
+        if spec.needs_critic is False and self.critic_model is not None:
+            raise ConfigError(f"critic_model is set but estimator {self.estimator!r} trains no critic (only 'gae' does)")
+        if self.estimator == "reinforce_pp_baseline" and self.gamma != 1.0:
+            raise ConfigError(f"reinforce_pp_baseline uses gamma = 1; got gamma={self.gamma}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.eps_low <= 0 or self.eps_low >= 1 or self.eps_high <= 0:
+            raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self.eps_low}, {self.eps_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
+            raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.overlong_buffer < 0 or self.overlong_buffer > self.max_new_tokens:
+            raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
+        if self.resolved_kl_estimator not in KL_ESTIMATORS or self.resolved_loss_agg not in LOSS_AGGS:
+            raise ConfigError(f"estimator {self.estimator!r} declares an invalid default")
+        from .generation import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown generation engine {self.engine!r}; valid: {', '.join(ENGINES)}")

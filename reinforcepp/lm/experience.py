@@ -1,0 +1,57 @@
+"""Experience: one rollout turned into everything the update needs.
+
+ALGORITHM.md, "The training step", steps 3-4: forward passes without gradient (``old_logprobs``,
+``ref_logprobs``, ``values``), then shaped rewards, returns and advantages on the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .batch import PromptResponseBatch
+
+
+@dataclass
+class Experience:
+    """``N`` responses; every tensor is ``(N, T)`` or ``(N,)``."""
+
+    batch: PromptResponseBatch
+    rewards: Tensor
+    """``(N,)`` scalar reward ``R_i`` after length penalties (before baseline and clip)."""
+    advantages: Tensor
+    returns: Tensor
+    old_logprobs: Optional[Tensor] = None
+    """``None`` when the update is exactly on-policy: the update's own log-probs are used."""
+    ref_logprobs: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    kl: Optional[Tensor] = None
+    """``(N, T)`` KL(old || ref) per token when the KL goes in the reward (logged)."""
+
+    def __len__(self) -> int:
+        return self.rewards.shape[0]
+
+    @property
+    def response_mask(self) -> Tensor:
+        return self.batch.response_mask
+
+    def select(self, index: Tensor) -> "Experience":
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value.select(index) if isinstance(value, PromptResponseBatch) else (None if value is None else value[index])
+        return Experience(**picked)
+
+
+@torch.no_grad()
+def batched_forward(fn, batch: PromptResponseBatch, micro_batch_size: int, device: torch.device) -> Tensor:
+    """Apply ``fn(input_ids, attention_mask, response_length) -> (b, T)`` micro-batch by
+    micro-batch and concatenate (on the CPU)."""
+    outs = []
+    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        outs.append(fn(batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device), batch.response_length).float().cpu())
+    return torch.cat(outs, 0)

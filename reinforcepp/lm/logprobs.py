@@ -1,0 +1,83 @@
+"""Log-probs (and entropy) of response tokens under a causal LM, memory-aware.
+
+A batch is ``input_ids = [prompt (left-padded) | response (right-padded)]`` with the response
+starting at the same column for every row. Only the logits that predict response tokens are
+computed (``logits_to_keep``), and the float32 normaliser ``logsumexp`` is taken chunk by chunk
+over time, so the full-vocabulary float32 log-softmax of the batch never exists at once:
+``log p(y_t) = z_t[y_t] - logsumexp(z_t)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class TokenLogprobs(NamedTuple):
+    logprobs: Tensor
+    """``(B, T)`` float32 log-probs of the response tokens (padding positions are garbage; mask them)."""
+    entropy: Optional[Tensor]
+    """``(B, T)`` float32 entropy of the next-token distribution, when asked for."""
+    hidden: Optional[Tensor] = None
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as ``generate`` uses: ``cumsum(mask) - 1``, 0 on pads."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64) -> TokenLogprobs:
+    """``(B, T, V)`` logits and ``(B, T)`` targets -> float32 log-probs (and entropy),
+    processed ``chunk_size`` time steps at a time."""
+    logps, ents = [], []
+    for start in range(0, logits.shape[1], chunk_size):
+        z = logits[:, start : start + chunk_size].float()
+        lse = torch.logsumexp(z, dim=-1)
+        logps.append(z.gather(-1, targets[:, start : start + chunk_size, None]).squeeze(-1) - lse)
+        if with_entropy:
+            ents.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return TokenLogprobs(torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None)
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_length: int,
+    *,
+    with_entropy: bool = False,
+    chunk_size: int = 64,
+    temperature: float = 1.0,
+) -> TokenLogprobs:
+    """Log-probs of the last ``response_length`` tokens of each row.
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids: ``(B, P + T)`` prompt (left-padded) then response (right-padded).
+        attention_mask: ``(B, P + T)``.
+        response_length: ``T``.
+        temperature: logits are divided by it, so the log-probs are those of the sampling
+            distribution (as in OpenRLHF and verl).
+    Returns:
+        :class:`TokenLogprobs` with ``(B, T)`` tensors.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]  # position j predicts token j + 1
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size)
+
+
+def naive_response_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+    """Reference: full float32 log-softmax over every position, then gather (tests only)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, -response_length - 1 : -1]
+    return logp.gather(-1, input_ids[:, -response_length:, None]).squeeze(-1)

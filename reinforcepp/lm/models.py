@@ -1,0 +1,91 @@
+"""Loading the policy, the frozen reference and the critic (``gae`` only)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .logprobs import position_ids_from_mask
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """``AutoTokenizer`` with left padding and a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token: responses could never end")
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Inference-only: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return frozen(copy.deepcopy(model))
+
+
+class ValueModel(torch.nn.Module):
+    """A critic: a causal LM's backbone plus a scalar head, ``V(s_t)`` for each response token.
+
+    ``V`` at response position ``t`` is read from the hidden state that predicts token ``t``
+    (the state before the token is chosen), the same positions the log-probs use.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: torch.nn.Module) -> "ValueModel":
+        """A critic on a deep copy of ``lm``'s backbone (the LM head is dropped)."""
+        backbone = copy.deepcopy(lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model)
+        backbone.requires_grad_(True)
+        return cls(backbone, lm.config.hidden_size).to(next(lm.parameters()).device)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+        """``(B, P + T)`` -> ``(B, T)`` float32 values."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        h = hidden[:, -response_length - 1 : -1]
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+
+def load_critic(name_or_path: Optional[str], policy: torch.nn.Module, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> ValueModel:
+    if name_or_path is None:
+        return ValueModel.from_causal_lm(policy)
+    lm = load_causal_lm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return ValueModel.from_causal_lm(lm)

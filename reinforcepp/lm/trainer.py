@@ -1,0 +1,660 @@
+"""The language-model trainer: one loop for every advantage estimator.
+
+Each step reads like ALGORITHM.md, "The training step"::
+
+    rollout    = generate k samples for P prompts, score them        (generate, score)
+    experience = old/ref log-probs, values; shaped rewards -> A      (forward)
+    update     = epochs x mini-batches x micro-batches, clipped loss (update)
+    log, evaluate, checkpoint
+
+Only :meth:`Trainer.make_experience` knows which estimator runs, and it only passes its name to
+:func:`reinforcepp.core.compute_advantages`. Everything else is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..core import (
+    AdaptiveKLController,
+    AdvantageInputs,
+    AdvantageParams,
+    FixedKLController,
+    advantage_stats,
+    aggregate,
+    approx_kl,
+    clip_fractions,
+    compute_advantages,
+    get_estimator,
+    kl_loss,
+    kl_penalty,
+    masked_mean,
+    overlong_penalty,
+    policy_loss,
+    truncation_penalty,
+    value_loss,
+)
+from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from .batch import PromptResponseBatch, collate
+from .config import LMConfig
+from .experience import Experience, batched_forward
+from .generation import Generation, SamplingParams, make_engine
+from .logprobs import response_logprobs
+from .models import ValueModel, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+
+STATE_FILE = "trainer_state.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Rollout:
+    """Scored samples: ``N = groups * samples_per_prompt`` responses, prompt by prompt."""
+
+    rows: list[dict]
+    """one dataset row per response"""
+    prompts: list[str]
+    completions: list[str]
+    generation: Generation
+    rewards: torch.Tensor
+    per_source: dict[str, torch.Tensor]
+    counts: dict[str, float]
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (generate, score, forward, update, eval, save)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[phase] += time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(config: LMConfig, total_optimizer_steps: int) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_steps``, then constant or cosine down to ``lr_min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_optimizer_steps - config.warmup_steps))
+        return config.lr_min_ratio + (1 - config.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """REINFORCE++ (and every registered estimator) on a Hugging Face causal LM.
+
+    Args:
+        config: the validated :class:`LMConfig`.
+        model, tokenizer: an already-loaded policy and tokenizer (otherwise ``config.model``,
+            or the built-in tiny model for ``config.task``).
+        reward_funcs: callables ``fn(prompts, completions, **columns) -> list[float]`` or spec
+            strings (otherwise ``config.reward_funcs``, or the built-in task's reward).
+        train_dataset, eval_dataset: ``datasets.Dataset`` objects (or paths) with a prompt
+            column (otherwise ``config.train_data`` / ``eval_data``).
+        ref_model: an already-loaded reference model.
+    """
+
+    def __init__(
+        self,
+        config: LMConfig,
+        *,
+        model: Optional[torch.nn.Module] = None,
+        tokenizer: Any = None,
+        reward_funcs: Optional[Sequence[Any]] = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        ref_model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.spec = get_estimator(config.estimator)
+        self.kl_placement = config.resolved_kl_placement
+        self.kl_estimator = config.resolved_kl_estimator
+        self.loss_agg = config.resolved_loss_agg
+        self._setup_torch()
+        self.run_dir = Path(config.output_dir or self._default_run_dir())
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        resume_from = self.checkpoints.latest() if config.resume else None
+        if config.resume and resume_from is None:
+            raise FileNotFoundError(f"resume=true but {self.run_dir} holds no complete checkpoint")
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.timer = PhaseTimer()
+
+        self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
+        self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
+        self.scorer = self._load_rewards(reward_funcs)
+        if config.sft_steps and resume_from is None and model is None and config.model is None:
+            self._warm_start()
+        self.ref_model = self._load_reference(ref_model, resume_from)
+        self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
+        if config.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
+
+        from .data import PromptLoader
+
+        self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.num_mini_batches = config.rollout_size // config.mini_batch_responses
+        total_opt_steps = config.total_steps * config.epochs * self.num_mini_batches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_opt_steps))
+        self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
+        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else FixedKLController(config.kl_coef)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.tokens_total = 0
+        self._prompt_ids_cache: dict[str, list[int]] = {}
+        if resume_from is not None:
+            self._load_state(resume_from)
+        self.logger = RunLogger(self.run_dir, config.resolved(), tensorboard=config.tensorboard, wandb_project=config.wandb_project)
+        if resume_from is not None:
+            self.logger.truncate(self.step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.resolved(), sort_keys=False))
+
+    # ------------------------------------------------------------------ setup
+    def _setup_torch(self) -> None:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()  # our own bar shows progress; theirs only adds noise
+        transformers.utils.logging.disable_progress_bar()
+        threads = self.config.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(threads)
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        set_seed(self.config.seed)
+
+    def _default_run_dir(self) -> str:
+        what = Path(self.config.train_data).stem if self.config.train_data else self.config.task
+        return f"runs/{what}-{self.config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def _builtin(self) -> bool:
+        return self.config.model is None
+
+    def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
+        cfg = self.config
+        if resume_from is not None:
+            tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        if model is not None:
+            if tokenizer is None:
+                raise ValueError("Trainer(model=...) needs tokenizer=... as well")
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer, model.to(self.device)
+        if cfg.model is not None:
+            tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+            return tok, load_causal_lm(cfg.model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        from .tasks import build_char_tokenizer, build_tiny_model
+
+        tok = tokenizer or build_char_tokenizer()
+        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=self.dtype)
+
+    def _load_data(self, train_dataset, eval_dataset):
+        from .data import load_prompt_dataset, split_eval
+
+        cfg = self.config
+        if train_dataset is None and cfg.train_data is None:
+            from .tasks import get_task, write_task_files
+
+            train_path, eval_path = write_task_files(get_task(cfg.task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed)
+            train_dataset, eval_dataset = str(train_path), eval_dataset or str(eval_path)
+        train = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.train_data, prompt_column=cfg.prompt_column)
+        evals = eval_dataset if eval_dataset is not None else cfg.eval_data
+        if evals is not None:
+            return train, load_prompt_dataset(evals, prompt_column=cfg.prompt_column)
+        return split_eval(train, cfg.eval_fraction, cfg.seed)
+
+    def _load_rewards(self, reward_funcs):
+        from .rewards import RewardScorer, RewardSource, load_reward_source
+
+        cfg = self.config
+        funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
+        if not funcs:
+            if not (cfg.train_data is None and self._builtin_data):
+                raise ConfigError("no reward: set reward_funcs (module:function, path/file.py:function, rm:MODEL, http://...) or pass reward_funcs=[...]")
+            from .tasks import char_match
+
+            funcs = [char_match]
+        weights = list(cfg.reward_weights) or [1.0] * len(funcs)
+        if len(weights) != len(funcs):
+            raise ConfigError(f"{len(weights)} reward_weights for {len(funcs)} reward functions")
+        sources = []
+        for fn, w in zip(funcs, weights):
+            if isinstance(fn, str):
+                sources.append(load_reward_source(fn, weight=w))
+            elif isinstance(fn, RewardSource):
+                sources.append(fn)
+            else:
+                sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
+        return RewardScorer(sources, on_error=cfg.reward_on_error)
+
+    @property
+    def _builtin_data(self) -> bool:
+        return self.config.train_data is None and "answer" in self.train_data.column_names
+
+    def _warm_start(self) -> None:
+        """Supervised warm start on the built-in task's answers (``sft_steps`` steps)."""
+        from .data import render_prompt
+        from .sft import sft_train
+
+        cfg = self.config
+        rows = self.train_data
+        prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
+        bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress)
+        sft_train(self.policy, self.tokenizer, prompts, list(rows["answer"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
+        bar.close()
+
+    def _load_reference(self, ref_model, resume_from: Optional[Path]):
+        cfg = self.config
+        if self.kl_placement == "none":
+            return None
+        if ref_model is not None:
+            return frozen(ref_model.to(self.device))
+        if cfg.ref_model is not None:
+            return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
+        saved = self.run_dir / "reference"
+        if resume_from is not None:
+            if not saved.exists():
+                raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
+            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
+        # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
+        self.policy.save_pretrained(saved, safe_serialization=True)
+        return frozen_copy(self.policy)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        """Run until ``total_steps``; returns the last evaluation's metrics."""
+        cfg = self.config
+        last_eval: dict[str, float] = {}
+        bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress,
+                       keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
+        try:
+            if self.step == 0 and cfg.eval_every and self.eval_data is not None:
+                last_eval = self.evaluate()
+            while self.step < cfg.total_steps:
+                metrics = self.train_step()
+                if cfg.eval_every and self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                bar.update(metrics)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
+                    with self.timer("save"):
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+            self.logger.close()
+        plot_run(self.run_dir)
+        return last_eval
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step: rollout, experience, update, log."""
+        self.step += 1
+        rollout = self.rollout()
+        with self.timer("forward"):
+            experience = self.make_experience(rollout)
+        update_metrics = self.update(experience)
+        metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
+        beta = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), len(experience))
+        metrics["kl/beta_next"] = beta
+        metrics.update(self.timer.pop())
+        generated = metrics.get("response/tokens", 0.0)
+        metrics["tokens_per_s"] = generated / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
+        self.logger.log(self.step, metrics)
+        if self.config.log_samples_every and self.step % self.config.log_samples_every == 0:
+            self._log_samples(rollout)
+        return metrics
+
+    # ------------------------------------------------------------------ rollout
+    def _encode_prompt(self, prompt: Any) -> list[int]:
+        from .data import render_prompt
+
+        key = json.dumps(prompt, sort_keys=True) if not isinstance(prompt, str) else prompt
+        if key not in self._prompt_ids_cache:
+            text = render_prompt(self.tokenizer, prompt, self.config.use_chat_template)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.config.max_prompt_length:
+                raise ValueError(f"a prompt has {len(ids)} tokens > max_prompt_length={self.config.max_prompt_length}: {text[:80]!r}...")
+            self._prompt_ids_cache[key] = ids
+        return self._prompt_ids_cache[key]
+
+    def _sampling(self, greedy: bool = False, temperature: Optional[float] = None) -> SamplingParams:
+        cfg = self.config
+        return SamplingParams(cfg.max_new_tokens, temperature or cfg.temperature, cfg.top_p, cfg.top_k, greedy)
+
+    def _generate_and_score(self, rows: list[dict], k: int, params: SamplingParams):
+        from .data import columns_of, render_prompt
+
+        cfg = self.config
+        with self.timer("generate"):
+            gen = self.engine.generate([self._encode_prompt(r[cfg.prompt_column]) for r in rows], k, params)
+        with self.timer("score"):
+            prompts = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows for _ in range(k)]
+            completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+            expanded = [r for r in rows for _ in range(k)]
+            result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)))
+        return gen, prompts, completions, expanded, result
+
+    def rollout(self) -> Rollout:
+        """Generate ``samples_per_prompt`` responses for ``prompts_per_step`` prompts and score
+        them. Groups with a dropped sample (reward error, ``reward_on_error=drop``) are removed;
+        with ``dynamic_filtering`` so are groups whose rewards are all equal, and more prompts
+        are sampled (up to ``max_filter_rounds`` rounds) to refill the batch."""
+        cfg = self.config
+        k = cfg.samples_per_prompt
+        kept: list[tuple] = []
+        counts = defaultdict(float)
+        for _round in range(cfg.max_filter_rounds if cfg.dynamic_filtering else 1):
+            gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch(), k, self._sampling())
+            rewards = result.rewards + self._length_penalties(gen)
+            counts["reward/dropped_samples"] += float(result.dropped.sum())
+            for g in range(len(rows) // k):
+                sl = slice(g * k, (g + 1) * k)
+                if bool(result.dropped[sl].any()):
+                    counts["reward/dropped_groups"] += 1
+                    continue
+                if cfg.dynamic_filtering and k > 1 and bool((rewards[sl] == rewards[sl][0]).all()):
+                    counts["filter/dropped_groups"] += 1
+                    continue
+                kept.append((rows[sl], prompts[sl], completions[sl], gen.prompt_ids[sl], gen.response_ids[sl], gen.truncated[sl], rewards[sl], {n: v[sl] for n, v in result.per_source.items()}))
+            if len(kept) >= cfg.prompts_per_step:
+                break
+        kept = kept[: cfg.prompts_per_step]
+        counts["filter/rounds"] = _round + 1
+        if not kept:
+            raise RuntimeError(f"step {self.step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
+        flat = lambda i: [x for group in kept for x in group[i]]  # noqa: E731
+        generation = Generation(flat(3), flat(4), torch.cat([g[5] for g in kept]))
+        per_source = {n: torch.cat([g[7][n] for g in kept]) for n in kept[0][7]}
+        return Rollout(flat(0), flat(1), flat(2), generation, torch.cat([g[6] for g in kept]), per_source, dict(counts))
+
+    def _length_penalties(self, gen: Generation) -> torch.Tensor:
+        cfg = self.config
+        lengths = torch.tensor([len(r) for r in gen.response_ids])
+        penalty = torch.zeros(len(lengths))
+        if cfg.overlong_buffer:
+            penalty += overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        if cfg.truncation_penalty:
+            penalty += truncation_penalty(gen.truncated, cfg.truncation_penalty)
+        return penalty
+
+    # ------------------------------------------------------------------ experience
+    def _logprob_fn(self, model: torch.nn.Module):
+        cfg = self.config
+        return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature).logprobs
+
+    def make_experience(self, rollout: Rollout) -> Experience:
+        """Forward passes without gradient, then shaped rewards, returns and advantages."""
+        cfg = self.config
+        batch = collate(rollout.generation.prompt_ids, rollout.generation.response_ids, self.tokenizer.pad_token_id)
+        mb = cfg.micro_batch_size
+        need_old = not cfg.on_policy or self.kl_placement == "reward"
+        self.policy.eval()
+        old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
+        self.policy.train()
+        ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
+        values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
+        kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
+        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten)
+        adv = compute_advantages(cfg.estimator, inputs, params)
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
+
+    # ------------------------------------------------------------------ update
+    def update(self, exp: Experience) -> dict[str, float]:
+        """``epochs`` passes; each mini-batch is one optimizer step accumulated over
+        micro-batches, with the loss normalised by the mini-batch's token/sequence counts so
+        that the accumulated gradient equals the full mini-batch gradient."""
+        cfg = self.config
+        seen: dict[str, list[torch.Tensor]] = defaultdict(list)
+        scalars: dict[str, list[float]] = defaultdict(list)
+        with self.timer("update"):
+            for _epoch in range(cfg.epochs):
+                order = torch.randperm(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
+                for window in order.tensor_split(min(self.num_mini_batches, len(exp))):
+                    self._optimizer_step(exp.select(window), seen, scalars)
+        mask = torch.cat(seen["mask"])
+        logp, old = torch.cat(seen["logprobs"]), torch.cat(seen["old_logprobs"])
+        low, high = clip_fractions(torch.cat(seen["clipped_low"]), torch.cat(seen["clipped_high"]), mask)
+        mean = lambda key: float(np.mean(scalars[key])) if scalars[key] else float("nan")  # noqa: E731
+        out = {
+            "loss/policy": mean("loss/policy"),
+            "clip/frac_low": low,
+            "clip/frac_high": high,
+            "approx_kl": approx_kl(logp, old, mask),
+            "entropy": float(masked_mean(torch.cat(seen["entropy"]), mask)),
+            "grad_norm": mean("grad_norm"),
+            "lr": self.scheduler.get_last_lr()[0],
+            "nonfinite/skipped_steps": float(self.nonfinite_total),
+        }
+        if self.kl_placement == "loss":
+            out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
+            out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
+        for key in ("loss/kl", "loss/entropy", "loss/value", "critic/grad_norm"):
+            if scalars[key]:
+                out[key] = mean(key)
+        return out
+
+    def _optimizer_step(self, window: Experience, seen, scalars) -> None:
+        cfg = self.config
+        n_tokens = float(window.response_mask.sum())
+        n_seqs = float(len(window))
+        total = torch.zeros(())
+        for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
+            part = window.select(micro)
+            loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
+            loss.backward()
+            total = total + loss.detach()
+            if self.critic is not None:
+                self._critic_backward(part, n_tokens, n_seqs, scalars)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
+            self._skip_nonfinite(float(total), float(grad_norm))
+            return
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        scalars["loss/policy"].append(float(total))
+        scalars["grad_norm"].append(float(grad_norm))
+        if self.critic is not None:
+            scalars["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)))
+            self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient never reaches the weights: drop the gradients, count
+        the skip, stop after ``max_nonfinite_steps`` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {self.step}: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or gradient norm "
+                f"({grad_norm}); the weights were left untouched. Lower lr, check the rewards, or use dtype=float32."
+            )
+
+    def _micro_loss(self, part: Experience, n_tokens: float, n_seqs: float, seen, scalars) -> torch.Tensor:
+        cfg = self.config
+        dev = self.device
+        b = part.batch
+        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
+        logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
+        mask = b.response_mask.to(logp.device)
+        old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
+        pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+        per_token = pl.loss
+        agg = lambda x: aggregate(x, mask, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
+        if self.kl_placement == "loss":
+            kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
+            per_token = per_token + self.kl_controller.value * kl
+            scalars["loss/kl"].append(float(agg(kl.detach())))
+            seen["kl"].append(kl.detach().cpu())
+        if cfg.entropy_coef:
+            per_token = per_token - cfg.entropy_coef * out.entropy
+            scalars["loss/entropy"].append(float(agg(out.entropy.detach())))
+        for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low), ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask)):
+            seen[name].append(value.detach().cpu())
+        return agg(per_token)
+
+    def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
+        cfg = self.config
+        b = part.batch
+        values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
+        vl = value_loss(values, part.values, part.returns, cfg.value_clip)
+        loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
+        loss.backward()
+        scalars["loss/value"].append(float(loss.detach()))
+
+    # ------------------------------------------------------------------ metrics
+    def rollout_metrics(self, rollout: Rollout, exp: Experience) -> dict[str, float]:
+        mask = exp.response_mask
+        lengths = mask.sum(1)
+        r = rollout.rewards
+        m: dict[str, float] = {
+            "reward/mean": float(r.mean()),
+            "reward/std": float(r.std(unbiased=False)),
+            "reward/min": float(r.min()),
+            "reward/max": float(r.max()),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(rollout.generation.truncated.float().mean()),
+            "response/tokens": float(lengths.sum()),
+            "kl/beta": float(self.kl_controller.value),
+            **advantage_stats(exp.advantages, mask),
+            **rollout.counts,
+        }
+        for name, values in rollout.per_source.items():
+            m[f"reward/{name}"] = float(values.mean())
+        if exp.kl is not None:
+            m["kl/mean_token"] = float(masked_mean(exp.kl, mask))
+            m["kl/mean_sequence"] = float(exp.kl.sum() / mask.shape[0])
+        if exp.values is not None:
+            m["critic/value_mean"] = float(masked_mean(exp.values, mask))
+        self.tokens_total += int(lengths.sum())
+        m["response/tokens_total"] = float(self.tokens_total)
+        return m
+
+    def _log_samples(self, rollout: Rollout) -> None:
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for i in range(min(self.config.num_logged_samples, len(rollout.prompts))):
+                row = {"step": self.step, "prompt": rollout.prompts[i], "completion": rollout.completions[i], "reward": float(rollout.rewards[i])}
+                row.update({f"reward/{n}": float(v[i]) for n, v in rollout.per_source.items()})
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts: greedy pass@1 (accuracy), mean reward of greedy responses, and
+        pass@k with ``eval_samples`` samples at ``eval_temperature``. A response passes when
+        its total reward is >= 1 (exact match for the built-in tasks). Sampling uses its own
+        seeded RNG, so evaluating never changes the training run."""
+        cfg = self.config
+        rows = [self.eval_data[i] for i in range(min(len(self.eval_data), cfg.eval_max_prompts))]
+        with self.timer("eval"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 7919 * self.step)
+            _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True))
+            _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature))
+        k = cfg.eval_samples
+        passed = (sampled.rewards >= 1.0).view(-1, k)
+        metrics = {
+            "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
+            "eval/reward_mean": float(greedy.rewards.mean()),
+            "eval/sampled_reward_mean": float(sampled.rewards.mean()),
+            f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
+        }
+        self.logger.log(self.step, metrics, kind="eval")
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N."""
+        with self.checkpoints.save(self.step) as d:
+            self.policy.save_pretrained(d / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(d / "model")
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": rng_state(),
+                "kl_coef": self.kl_controller.value,
+                "nonfinite_total": self.nonfinite_total,
+                "tokens_total": self.tokens_total,
+            }
+            if self.critic is not None:
+                state["critic"] = self.critic.state_dict()
+                state["critic_optimizer"] = self.critic_optimizer.state_dict()
+            torch.save(state, d / STATE_FILE)
+        return self.checkpoints.path(self.step)
+
+    def _load_state(self, path: Path) -> None:
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.kl_controller.value = state["kl_coef"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.tokens_total = state["tokens_total"]
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        set_rng_state(state["rng"])

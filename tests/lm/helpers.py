@@ -1,0 +1,32 @@
+"""Shared builders for the language-model tests: everything tiny and local."""
+
+from __future__ import annotations
+
+import datasets
+
+from reinforcepp.lm.config import LMConfig
+from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model, get_task
+
+
+def tiny_policy(seed: int = 0, hidden_size: int = 32):
+    tok = build_char_tokenizer()
+    return tok, build_tiny_model(tok, hidden_size=hidden_size, num_layers=1, num_heads=2, seed=seed)
+
+
+def reverse_dataset(n: int, seed: int = 0) -> datasets.Dataset:
+    return datasets.Dataset.from_list(get_task("reverse").examples(n, seed))
+
+
+def fraction_of_a(prompts, completions, **_):
+    """An easy dense reward: the fraction of 'a' characters in the completion."""
+    return [c.count("a") / max(1, len(c)) for c in completions]
+
+
+def small_config(tmp_path, **overrides) -> LMConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"), total_steps=4, prompts_per_step=4, samples_per_prompt=4, micro_batch_size=8,
+        max_new_tokens=4, lr=1e-2, eval_every=0, progress=False, tensorboard=False, torch_threads=1, seed=0,
+        kl_coef=0.05,
+    )
+    base.update(overrides)
+    return LMConfig.from_dict(base)
