@@ -1,0 +1,82 @@
+"""``reinforcepp gym``: train a Gymnasium policy with the REINFORCE++ core.
+
+    reinforcepp gym --env CartPole-v1 --run-dir runs/cartpole seed=1 lr=1e-3
+    reinforcepp gym --config my.yaml estimator=gae
+    reinforcepp gym --list-options
+    reinforcepp gym --eval runs/cartpole --episodes 20 [--video]
+
+``--env``, ``--estimator``, ``--steps``, ``--seed`` and ``--run-dir`` are shorthands for the
+config keys ``env_id``, ``estimator``, ``total_env_steps``, ``seed`` and ``run_dir``; any
+config key can be set as ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from ..config import ConfigError
+from .config import GymConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reinforcepp gym", description="Train a Gymnasium policy with REINFORCE++ (or gae / reinforce) from the shared core.")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (see --list-options)")
+    p.add_argument("--config", default=None, help="YAML config file (keys of --list-options)")
+    p.add_argument("--env", dest="env_id", default=None, help="environment id (config key env_id)")
+    p.add_argument("--estimator", default=None, help="advantage estimator (reinforce_pp, reinforce, gae)")
+    p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
+    p.add_argument("--seed", default=None, help="seed")
+    p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
+    p.add_argument("--eval", dest="eval_dir", default=None, help="evaluate the latest checkpoint of this run directory instead of training")
+    p.add_argument("--episodes", type=int, default=None, help="with --eval: episodes (default: the run's eval_episodes)")
+    p.add_argument("--video", action="store_true", help="with --eval: record the first episode to RUN_DIR/videos (render extra)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_options:
+        print(GymConfig.describe())
+        return 0
+    from .trainer import GymTrainer, train
+
+    try:
+        if args.eval_dir:
+            return _evaluate(args)
+        shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
+        if args.resume:
+            shorthands.append("resume=true")
+        cfg = GymConfig.load(args.config, shorthands + list(args.overrides))
+    except ConfigError as e:
+        print(f"reinforcepp gym: {e}", file=sys.stderr)
+        return 2
+    final = train(cfg)
+    print(json.dumps({"run_dir": cfg.run_dir, **final}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..run import CheckpointManager
+    from .trainer import GymTrainer
+
+    run_dir = Path(args.eval_dir)
+    latest = CheckpointManager(run_dir).latest()
+    if latest is None:
+        print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
+        return 2
+    cfg = GymConfig.load(run_dir / "config.yaml", list(args.overrides))
+    trainer = GymTrainer(cfg)
+    try:
+        trainer.load(latest)
+        result = trainer.evaluate(args.episodes or cfg.eval_episodes, video_dir=run_dir / "videos" if args.video else None)
+    finally:
+        trainer.close()
+    print(json.dumps({"checkpoint": str(latest), **result}))
+    return 0

@@ -1,0 +1,309 @@
+"""The Gymnasium trainer: collect, make experience, update, log -- the same core as the
+language-model trainer (``reinforcepp.core``), the same run directory (``reinforcepp.run``).
+
+One iteration, as in ALGORITHM.md ("The training step"):
+
+1. collect ``num_envs * steps_per_env`` environment steps (:class:`~.rollout.Collector`);
+2. advantages with the core registry, ``compute_advantages(estimator, ...)`` (KL placement
+   ``none``: there is no reference policy);
+3. ``epochs`` passes of shuffled mini-batches of ``mini_batch_size`` time steps; each is one
+   optimizer step on ``aggregate(policy_loss(...), token-mean) - entropy_coef * H
+   (+ value_coef * value_loss)``;
+4. log; evaluate and checkpoint on schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
+from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from .config import GymConfig
+from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
+from .rollout import Collector, RolloutBatch, make_vector_env
+
+STATE_FILE = "state.pt"
+
+
+def set_torch_threads(n: int) -> None:
+    """Use ``n`` intra-op threads (0 = leave torch's default). Small MLPs gain nothing from more
+    threads than one, and on a shared machine extra threads fight other processes for cores."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def envs_restorable(envs: gym.vector.VectorEnv) -> bool:
+    """Whether the environments' full state survives pickling (sync envs whose unwrapped env
+    is not an ``EzPickle``, which pickles only constructor arguments: Box2D and MuJoCo are)."""
+    return hasattr(envs, "envs") and not any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.envs)
+
+
+class GymTrainer:
+    """Trains a policy on ``cfg.env_id``. ``GymTrainer(cfg).train()`` returns the final
+    evaluation metrics; the run directory holds everything else (``docs/gym.md``)."""
+
+    def __init__(self, cfg: GymConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        set_torch_threads(cfg.torch_threads)
+        self.spec = get_estimator(cfg.estimator)
+        if not self.spec.needs_critic and gym.spec(cfg.env_id).max_episode_steps is None and "max_episode_steps" not in cfg.env_kwargs:
+            raise ValueError(f"{cfg.env_id} has no time limit: critic-free estimators train on whole episodes; set env_kwargs.max_episode_steps or use gae")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.envs = make_vector_env(cfg.env_id, cfg.num_envs, cfg.vectorization, cfg.env_kwargs)
+        obs_space, act_space = self.envs.single_observation_space, self.envs.single_action_space
+        self.policy = Policy(obs_space, act_space, cfg.hidden_sizes, cfg.activation, cfg.init_log_std)
+        self.critic = Critic(obs_space, cfg.hidden_sizes, cfg.activation) if self.spec.needs_critic else None
+        params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
+        self.params = params
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+        self.obs_norm = ObsNormalizer(obs_space.shape, cfg.normalize_obs, cfg.obs_clip)
+        self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
+        self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
+        self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
+        self.iteration = 0
+        self.env_steps = 0
+        self.run_dir = Path(cfg.run_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
+
+    # ----------------------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        """Run to ``total_env_steps``; returns the final evaluation's metrics."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and self.checkpoints.latest() is not None:
+            self.load(self.checkpoints.latest())
+        else:
+            self.collector.reset(cfg.seed)
+        cfg.save(self.run_dir / "config.yaml")
+        logger = RunLogger(self.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
+        logger.truncate(self.env_steps)
+        progress = Progress(cfg.num_iterations * cfg.rollout_steps, self.env_steps, desc=cfg.env_id, enabled=cfg.progress,
+                            keys={"episode/return_mean": "return", "eval/return_mean": "eval", "time/env_steps_per_s": "sps"})
+        final: dict[str, float] = {}
+        try:
+            while self.iteration < cfg.num_iterations:
+                metrics = self.step()
+                logger.log(self.env_steps, metrics)
+                progress.update(metrics, n=cfg.rollout_steps)
+                last = self.iteration == cfg.num_iterations
+                if last or (cfg.eval_every and self._crossed(cfg.eval_every)):
+                    final = self.evaluate(cfg.eval_episodes, video_dir=self.run_dir / "videos" if cfg.video else None)
+                    logger.log(self.env_steps, final, kind="eval")
+                    progress.update(final, n=0)
+                if last or (cfg.save_every and self._crossed(cfg.save_every)):
+                    self.save()
+        finally:
+            progress.close()
+            logger.close()
+        plot_run(self.run_dir)
+        return final
+
+    def _crossed(self, every: int) -> bool:
+        return (self.env_steps // every) > ((self.env_steps - self.cfg.rollout_steps) // every)
+
+    def step(self) -> dict[str, float]:
+        """One iteration: collect, make experience, update. Returns its metrics."""
+        self._set_lr()
+        t0 = time.perf_counter()
+        batch = self.collector.collect(self.iteration)
+        t1 = time.perf_counter()
+        self.iteration += 1
+        self.env_steps += batch.env_steps
+        metrics = self._rollout_metrics(batch)
+        if batch.num_steps > 0:
+            advantages, returns = self.make_experience(batch)
+            t2 = time.perf_counter()
+            metrics.update(self.update(batch, advantages, returns))
+            metrics.update(advantage_stats(self._pad(advantages, batch), batch.response_mask))
+        else:
+            t2 = t1
+        t3 = time.perf_counter()
+        metrics.update({
+            "time/rollout": t1 - t0, "time/advantages": t2 - t1, "time/update": t3 - t2,
+            "time/env_steps_per_s": batch.env_steps / max(t3 - t0, 1e-9),
+            "env_steps": self.env_steps, "iteration": self.iteration, "lr": self.optimizer.param_groups[0]["lr"],
+        })
+        return metrics
+
+    def make_experience(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """Core advantages over the batch's segments, returned flat ``(S,)`` like the steps."""
+        out = compute_advantages(self.cfg.estimator, batch.advantage_inputs(), self.adv_params)
+        real = batch.response_mask.bool()
+        return out.advantages[real], out.returns[real]
+
+    @staticmethod
+    def _pad(flat: Tensor, batch: RolloutBatch) -> Tensor:
+        padded = torch.zeros_like(batch.response_mask)
+        padded[batch.response_mask.bool()] = flat
+        return padded
+
+    def update(self, batch: RolloutBatch, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+        """``epochs`` passes of shuffled mini-batches of steps; token-mean aggregation."""
+        cfg = self.cfg
+        n = batch.num_steps
+        sums: dict[str, list[Tensor]] = {"loss/policy": [], "loss/value": [], "entropy": [], "grad_norm": []}
+        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "old": [], "low": [], "high": []}
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, cfg.mini_batch_size):
+                idx = order[start : start + cfg.mini_batch_size]
+                ones = torch.ones(idx.shape[0])
+                logprobs, entropy = self.policy.logprobs_entropy(batch.obs[idx], batch.actions[idx])
+                pl = policy_loss(logprobs, batch.logprobs[idx], advantages[idx], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+                loss_pi = aggregate(pl.loss, ones, "token-mean")
+                loss_ent = aggregate(entropy, ones, "token-mean")
+                loss = loss_pi - cfg.entropy_coef * loss_ent
+                if self.critic is not None:
+                    vl = value_loss(self.critic(batch.obs[idx]), batch.values[idx], returns[idx], cfg.value_clip)
+                    loss_v = aggregate(vl, ones, "token-mean")
+                    loss = loss + cfg.value_coef * loss_v
+                    sums["loss/value"].append(loss_v.detach())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                self.optimizer.step()
+                sums["loss/policy"].append(loss_pi.detach())
+                sums["entropy"].append(loss_ent.detach())
+                sums["grad_norm"].append(norm.detach())
+                if epoch == cfg.epochs - 1:
+                    last_epoch["logprobs"].append(logprobs.detach())
+                    last_epoch["old"].append(batch.logprobs[idx])
+                    last_epoch["low"].append(pl.clipped_low)
+                    last_epoch["high"].append(pl.clipped_high)
+        out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
+        cat = {k: torch.cat(v) for k, v in last_epoch.items()}
+        ones = torch.ones(n)
+        out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
+        out["approx_kl"] = approx_kl(cat["logprobs"], cat["old"], ones)
+        if self.policy.log_std is not None:
+            out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
+        return out
+
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}
+        if batch.episodes:
+            ret = np.array([e[0] for e in batch.episodes])
+            length = np.array([e[1] for e in batch.episodes])
+            m.update({
+                "episode/return_mean": float(ret.mean()), "episode/return_std": float(ret.std()),
+                "episode/return_min": float(ret.min()), "episode/return_max": float(ret.max()),
+                "episode/length_mean": float(length.mean()), "episode/length_max": float(length.max()),
+                "episode/truncated_frac": float(np.mean([e[2] for e in batch.episodes])),
+            })
+        if batch.num_steps:
+            m["train/staleness_mean"] = float(batch.staleness.float().mean())
+            m["reward/step_mean"] = float(batch.step_rewards.sum() / batch.response_mask.sum())
+        return m
+
+    def _set_lr(self) -> None:
+        frac = 1.0 - self.iteration / self.cfg.num_iterations if self.cfg.lr_schedule == "linear" else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * frac
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, episodes: int, video_dir: Optional[Path] = None, seed: Optional[int] = None) -> dict[str, float]:
+        """Deterministic evaluation (the mode of the policy: argmax / Gaussian mean) over
+        ``episodes`` episodes of a fresh environment seeded ``seed, seed + 1, ...`` (default:
+        ``cfg.seed + 1_000_000``, the same episodes at every evaluation), observation statistics
+        frozen. With ``video_dir``, the first episode is recorded there (needs the render extra)."""
+        seed = self.cfg.seed + 1_000_000 if seed is None else seed
+        returns, lengths = [], []
+        for i in range(episodes):
+            env = self._eval_env(video_dir if i == 0 else None)
+            try:
+                obs, _ = env.reset(seed=seed + i)
+                total, steps, done = 0.0, 0, False
+                while not done:
+                    with torch.inference_mode():
+                        x = torch.from_numpy(self.obs_norm(np.asarray(obs)[None]))
+                        action = self.policy.act(x, deterministic=True)[0][0].numpy()
+                    if self.collector.box:
+                        action = np.clip(action, self.collector.low, self.collector.high)
+                    obs, reward, terminated, truncated, _ = env.step(action)
+                    total += float(reward)
+                    steps += 1
+                    done = terminated or truncated
+            finally:
+                env.close()
+            returns.append(total)
+            lengths.append(steps)
+        r = np.array(returns)
+        return {"eval/return_mean": float(r.mean()), "eval/return_std": float(r.std()), "eval/return_min": float(r.min()),
+                "eval/length_mean": float(np.mean(lengths)), "eval/episodes": float(episodes)}
+
+    def _eval_env(self, video_dir: Optional[Path]) -> gym.Env:
+        if video_dir is None:
+            return gym.make(self.cfg.env_id, render_mode=None, **self.cfg.env_kwargs)
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            raise ImportError("video=true needs the render extra: pip install 'reinforcepp[render]'") from None
+        env = gym.make(self.cfg.env_id, render_mode="rgb_array", **self.cfg.env_kwargs)
+        return gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True, name_prefix=f"step_{self.env_steps:08d}", disable_logger=True)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.pt``: weights, optimizer,
+        normalisers, RNG states, the collector's carried segments and (when their state pickles
+        exactly) the environments themselves."""
+        state: dict[str, Any] = {
+            "iteration": self.iteration,
+            "env_steps": self.env_steps,
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict() if self.critic is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "obs_norm": self.obs_norm.rms.state_dict(),
+            "reward_norm": self.reward_norm.state_dict(),
+            "generator": self.generator.get_state(),
+            "collector": self.collector.state_dict(),
+            "envs": pickle.dumps(self.envs.envs) if envs_restorable(self.envs) else None,
+            "config": self.cfg.to_dict(),
+        }
+        with self.checkpoints.save(self.env_steps) as d:
+            torch.save(state, d / STATE_FILE)
+        return self.checkpoints.path(self.env_steps)
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save`. Resume is exact when the environments
+        were saved; otherwise (async or Box2D/MuJoCo envs) they restart fresh episodes, seeded
+        by the iteration, and the carried segments are dropped."""
+        state = torch.load(Path(path) / STATE_FILE, weights_only=False)
+        self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        self.policy.load_state_dict(state["policy"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.obs_norm.rms.load_state_dict(state["obs_norm"])
+        self.reward_norm.load_state_dict(state["reward_norm"])
+        self.generator.set_state(state["generator"])
+        if state["envs"] is not None and envs_restorable(self.envs):
+            self.envs.envs = pickle.loads(state["envs"])
+            self.collector.load_state_dict(copy.deepcopy(state["collector"]))
+        else:
+            warnings.warn("environment state was not saved (not picklable exactly): resuming with fresh episodes", stacklevel=2)
+            self.collector.reset(self.cfg.seed + 7919 * self.iteration)
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def train(cfg: GymConfig) -> dict[str, float]:
+    """Python API: train with ``cfg`` and return the final evaluation metrics."""
+    trainer = GymTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
