@@ -106,6 +106,7 @@ class EstimatorSpec:
         kl_in_reward: accepts the KL placement ``reward`` (estimators that broadcast one
             scalar per response cannot carry per-token KL rewards).
         default_loss_agg: the loss aggregation its paper uses.
+        default_kl_placement: where its paper puts the KL (``reward`` or ``loss``).
     """
 
     fn: Estimator
@@ -113,6 +114,7 @@ class EstimatorSpec:
     needs_critic: bool = False
     kl_in_reward: bool = True
     default_loss_agg: str = "token-mean"
+    default_kl_placement: str = "reward"
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {}
@@ -125,14 +127,20 @@ def register_estimator(
     needs_critic: bool = False,
     kl_in_reward: bool = True,
     default_loss_agg: str = "token-mean",
+    default_kl_placement: Optional[str] = None,
     overwrite: bool = False,
 ) -> Callable[[Estimator], Estimator]:
-    """Decorator registering an advantage estimator under ``name``."""
+    """Decorator registering an advantage estimator under ``name``. ``default_kl_placement``
+    defaults to ``reward`` when the estimator takes KL in the reward, else ``loss``."""
+
+    placement = default_kl_placement or ("reward" if kl_in_reward else "loss")
+    if placement == "reward" and not kl_in_reward:
+        raise ValueError(f"estimator {name!r}: default_kl_placement 'reward' but kl_in_reward=False")
 
     def wrap(fn: Estimator) -> Estimator:
         if name in ESTIMATORS and not overwrite:
             raise ValueError(f"advantage estimator {name!r} is already registered (pass overwrite=True)")
-        ESTIMATORS[name] = EstimatorSpec(fn, needs_groups, needs_critic, kl_in_reward, default_loss_agg)
+        ESTIMATORS[name] = EstimatorSpec(fn, needs_groups, needs_critic, kl_in_reward, default_loss_agg, placement)
         return fn
 
     return wrap
@@ -178,7 +186,7 @@ def reinforce_pp(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages
     return Advantages(a, g)
 
 
-@register_estimator("reinforce_pp_baseline", needs_groups=True)
+@register_estimator("reinforce_pp_baseline", needs_groups=True, default_kl_placement="loss")
 def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """REINFORCE++-baseline: ``R_i <- R_i - mean_{group(i)} R`` (no std division), clip, token
     rewards, undiscounted returns (gamma must be 1), global token-weighted whitening."""
@@ -195,29 +203,31 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> A
 def grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """GRPO (arXiv 2402.03300): ``A_i = (R_i - mean_g) / (std_g + eps)`` broadcast over the
     response's tokens; no global whitening."""
-    r = clip_rewards(inputs.rewards.float(), params.reward_clip)
-    a = group_normalize(r, inputs.samples_per_prompt, params.group_std_eps)
-    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(r, inputs.response_mask))
+    r = inputs.rewards.float()
+    # Shaping order (ALGORITHM.md): group baseline first, then the clip to [-c, c].
+    a = clip_rewards(group_normalize(r, inputs.samples_per_prompt, params.group_std_eps), params.reward_clip)
+    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
 
 
 @register_estimator("dr_grpo", needs_groups=True, kl_in_reward=False, default_loss_agg="seq-mean-token-sum-norm")
 def dr_grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """Dr. GRPO (arXiv 2503.20783): ``A_i = R_i - mean_g`` broadcast (no std, no length
     normalisation; pair it with the ``seq-mean-token-sum-norm`` loss aggregation)."""
-    r = clip_rewards(inputs.rewards.float(), params.reward_clip)
-    a = group_mean_baseline(r, inputs.samples_per_prompt)
-    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(r, inputs.response_mask))
+    r = inputs.rewards.float()
+    a = clip_rewards(group_mean_baseline(r, inputs.samples_per_prompt), params.reward_clip)  # baseline, then clip
+    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
 
 
 @register_estimator("rloo", needs_groups=True, kl_in_reward=False)
 def rloo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """RLOO (arXiv 2402.14740): ``A_i = R_i - mean_{j != i in group} R_j`` broadcast;
     optional global token-weighted whitening (``params.whiten``)."""
-    r = clip_rewards(inputs.rewards.float(), params.reward_clip)
-    a = _broadcast(leave_one_out_baseline(r, inputs.samples_per_prompt), inputs.response_mask)
+    r = inputs.rewards.float()
+    baselined = clip_rewards(leave_one_out_baseline(r, inputs.samples_per_prompt), params.reward_clip)  # baseline, then clip
+    a = _broadcast(baselined, inputs.response_mask)
     if params.whiten:
         a = masked_whiten(a, inputs.response_mask.float(), params.reduce, eps=params.whiten_eps)
-    return Advantages(a, _broadcast(r, inputs.response_mask))
+    return Advantages(a, _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
 
 
 @register_estimator("gae", needs_critic=True)

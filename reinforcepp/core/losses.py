@@ -74,7 +74,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical distribution ``H = logsumexp(z) - sum softmax(z) z``,
     ``(..., V)`` -> ``(...)``, computed in float32."""
     z = logits.float()
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+    p = torch.softmax(z, dim=-1)
+    # where p == 0 (a logit of -inf) the term p * z is 0, not nan
+    return torch.logsumexp(z, dim=-1) - torch.where(p > 0, p * z, 0.0).sum(dim=-1)
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip_eps: Optional[float] = 0.2) -> Tensor:

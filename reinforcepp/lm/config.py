@@ -50,12 +50,12 @@ class LMConfig(Config):
     estimator: str = option("reinforce_pp", "advantage estimator: " + ", ".join(sorted(ESTIMATORS)))
     gamma: float = option(1.0, "discount of token rewards")
     lam: float = option(0.95, "GAE lambda (gae only)")
-    kl_placement: Optional[Literal["reward", "loss", "none"]] = option(None, "where the KL to the reference goes; None = the estimator's choice (reward for reinforce_pp, gae, reinforce; loss for the group estimators)")
+    kl_placement: Optional[Literal["reward", "loss", "none"]] = option(None, "where the KL to the reference goes; None = the estimator's choice (reward for reinforce_pp, gae, reinforce; loss for reinforce_pp_baseline and the group estimators)")
     kl_estimator: Optional[Literal["k1", "k2", "k3", "abs"]] = option(None, "KL estimator; None = k1 in the reward, k3 in the loss")
     kl_coef: float = option(0.01, "beta, the KL coefficient (initial value when kl_target is set)")
     kl_target: Optional[float] = option(None, "adaptive KL controller target (per-sequence KL); None = fixed kl_coef")
     kl_horizon: int = option(10000, "adaptive KL controller horizon (responses)")
-    reward_clip: float = option(10.0, "scalar rewards are clipped to [-reward_clip, reward_clip]")
+    reward_clip: float = option(10.0, "scalar rewards (after the group baseline, for estimators that have one) are clipped to [-reward_clip, reward_clip]")
     rloo_whiten: bool = option(False, "rloo: globally whiten the leave-one-out advantages")
     eps_low: float = option(0.2, "lower clip of the importance ratio: 1 - eps_low")
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
@@ -138,7 +138,7 @@ class LMConfig(Config):
     def resolved_kl_placement(self) -> str:
         if self.kl_placement is not None:
             return self.kl_placement
-        return "reward" if get_estimator(self.estimator).kl_in_reward else "loss"
+        return get_estimator(self.estimator).default_kl_placement
 
     @property
     def resolved_kl_estimator(self) -> str:

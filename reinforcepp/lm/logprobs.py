@@ -37,7 +37,8 @@ def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool 
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, targets[:, start : start + chunk_size, None]).squeeze(-1) - lse)
         if with_entropy:
-            ents.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+            p = torch.softmax(z, dim=-1)
+            ents.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
     return TokenLogprobs(torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None)
 
 
