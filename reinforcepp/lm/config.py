@@ -30,7 +30,7 @@ class LMConfig(Config):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- data and task --------------------------------------------------------------------
-    task: Literal["reverse", "sort", "add"] = option("reverse", "built-in verifiable task, used when train_data is None")
+    task: Literal["sort", "reverse", "add"] = option("sort", "built-in verifiable task, used when train_data is None")
     train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")
     eval_data: Optional[str] = option(None, "held-out prompt dataset (same formats)")
     eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
@@ -94,6 +94,7 @@ class LMConfig(Config):
     sft_steps: int = option(0, "supervised warm-start steps on the task's answers before RL (built-in tasks; `reinforcepp sft` for your data)")
     sft_lr: float = option(3e-3, "warm-start learning rate")
     sft_batch_size: int = option(32, "warm-start batch size")
+    sft_wrong_fraction: float = option(0.0, "built-in tasks: fraction of warm-start demonstrations that show the task's plausible wrong behaviour (mixed-quality data)")
     # --- outputs ------------------------------------------------------------------------------
     output_dir: Optional[str] = option(None, "run directory; None = runs/<task or data>-<estimator>-<time>")
     save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
@@ -113,8 +114,9 @@ class LMConfig(Config):
         """The built-in job's preset: the tiny model on a built-in task, sized to learn in
         minutes on a laptop CPU."""
         preset = dict(
-            total_steps=60, prompts_per_step=32, samples_per_prompt=8, micro_batch_size=64, mini_batch_size=128,
-            lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, sft_steps=100, eval_samples=8, torch_threads=1,
+            total_steps=60, prompts_per_step=32, samples_per_prompt=8, micro_batch_size=64,
+            lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, eval_samples=8, torch_threads=1,
+            sft_steps=1000, sft_lr=3e-3, sft_wrong_fraction=0.75,
         )
         return cls.from_dict({**preset, **overrides})
 
@@ -190,6 +192,8 @@ class LMConfig(Config):
             raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if not 0 <= self.sft_wrong_fraction <= 1:
+            raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.overlong_buffer < 0 or self.overlong_buffer > self.max_new_tokens:

@@ -80,12 +80,11 @@ class HFGenerationEngine:
         for i, p in enumerate(prompt_ids):
             ids[i, width - len(p) :] = torch.tensor(list(p))
             attn[i, width - len(p) :] = 1
+        # Sampling values are explicit: None would fall back to transformers' defaults (top_k=50).
+        sampling = {} if params.greedy else dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         gen_config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            temperature=params.temperature if not params.greedy else None,
-            top_p=params.top_p if not params.greedy else None,
-            top_k=params.top_k if not params.greedy and params.top_k > 0 else None,
+            **sampling,
             num_return_sequences=samples_per_prompt,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,

@@ -28,17 +28,19 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64) -> TokenLogprobs:
+def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64, entropy_grad: bool = True) -> TokenLogprobs:
     """``(B, T, V)`` logits and ``(B, T)`` targets -> float32 log-probs (and entropy),
-    processed ``chunk_size`` time steps at a time."""
+    processed ``chunk_size`` time steps at a time. ``entropy_grad=False`` computes the entropy
+    without building its graph (when it is only logged)."""
     logps, ents = [], []
     for start in range(0, logits.shape[1], chunk_size):
         z = logits[:, start : start + chunk_size].float()
         lse = torch.logsumexp(z, dim=-1)
         logps.append(z.gather(-1, targets[:, start : start + chunk_size, None]).squeeze(-1) - lse)
         if with_entropy:
-            p = torch.softmax(z, dim=-1)
-            ents.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                p = torch.softmax(z, dim=-1)
+                ents.append(lse - torch.where(p > 0, p * z, 0.0).sum(-1))
     return TokenLogprobs(torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None)
 
 
@@ -51,6 +53,7 @@ def response_logprobs(
     with_entropy: bool = False,
     chunk_size: int = 64,
     temperature: float = 1.0,
+    entropy_grad: bool = True,
 ) -> TokenLogprobs:
     """Log-probs of the last ``response_length`` tokens of each row.
 
@@ -74,7 +77,7 @@ def response_logprobs(
     logits = out.logits[:, :-1]  # position j predicts token j + 1
     if temperature != 1.0:
         logits = logits / temperature
-    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size)
+    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
 
 
 def naive_response_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:

@@ -5,11 +5,17 @@ alphabet, the model from a config with random weights, the data from a seeded ge
 the reward is exact match against the known answer (with partial credit per character, so that
 the reward is informative before the first exact hit).
 
-Tasks (``task=NAME``):
+Tasks (``task=NAME``), each with a plausible wrong behaviour (its *distractor*):
 
-* ``reverse``: ``"rev abcde="`` -> ``"edcba"``
-* ``sort``: ``"sort 5183="`` -> ``"1358"``
-* ``add``: ``"27+45="`` -> ``"72"``
+* ``reverse``: ``"rev abcde="`` -> ``"edcba"`` (distractor: copy, ``"abcde"``)
+* ``sort``: ``"sort 5183="`` -> ``"1358"`` (distractor: descending, ``"8531"``)
+* ``add``: ``"27+45="`` -> ``"72"`` (distractor: no carry, ``"62"``)
+
+The warm start imitates demonstrations of mixed quality: a fraction of them (``sft_wrong_fraction``)
+show the distractor. The warm-started model then knows both behaviours and often prefers the
+wrong one; RL with the verifiable reward has to find out which one is right. This is what RL does
+to language models in practice (sharpen what the model can already do towards what is rewarded),
+made small enough to watch in a few minutes.
 """
 
 from __future__ import annotations
@@ -66,28 +72,36 @@ class Task:
 
     name: str
     description: str
-    make: Callable[[random.Random], tuple[str, str]]
-    """rng -> (prompt, answer)"""
+    make: Callable[[random.Random], tuple[str, str, str]]
+    """rng -> (prompt, answer, distractor)"""
     max_answer_length: int
 
-    def examples(self, n: int, seed: int) -> list[dict[str, str]]:
+    def examples(self, n: int, seed: int, wrong_fraction: float = 0.0) -> list[dict[str, str]]:
+        """``n`` rows ``{prompt, answer, demonstration}``; the demonstration (what the warm start
+        imitates) is the distractor with probability ``wrong_fraction``, else the answer."""
         rng = random.Random(seed)
-        return [dict(zip(("prompt", "answer"), self.make(rng))) for _ in range(n)]
+        rows = []
+        for _ in range(n):
+            prompt, answer, distractor = self.make(rng)
+            demo = distractor if rng.random() < wrong_fraction else answer
+            rows.append({"prompt": prompt, "answer": answer, "demonstration": demo})
+        return rows
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
     s = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
-    return f"rev {s}=", s[::-1]
+    return f"rev {s}=", s[::-1], s
 
 
-def _sort(rng: random.Random) -> tuple[str, str]:
+def _sort(rng: random.Random) -> tuple[str, str, str]:
     s = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
-    return f"sort {s}=", "".join(sorted(s))
+    return f"sort {s}=", "".join(sorted(s)), "".join(sorted(s, reverse=True))
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
+def _add(rng: random.Random) -> tuple[str, str, str]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a}+{b}=", str(a + b)
+    no_carry = (a // 10 + b // 10) * 10 + (a + b) % 10  # the carry out of the units is forgotten
+    return f"{a}+{b}=", str(a + b), str(no_carry)
 
 
 TASKS: dict[str, Task] = {
@@ -122,14 +136,14 @@ def char_match(prompts: list[str], completions: list[str], answer: list[str], **
     return out
 
 
-def write_task_files(task: Task, directory: str | Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` (``prompt``, ``answer``) for a task; eval
-    examples come from a different seed stream, and prompts seen in train are removed."""
+def write_task_files(task: Task, directory: str | Path, n_train: int, n_eval: int, seed: int, wrong_fraction: float = 0.0) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (``prompt``, ``answer``, ``demonstration``) for a
+    task; eval examples come from a different seed stream, and prompts seen in train are removed."""
     import json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    train = task.examples(n_train, seed)
+    train = task.examples(n_train, seed, wrong_fraction)
     seen = {r["prompt"] for r in train}
     evals = [r for r in task.examples(n_eval * 3, seed + 10_000) if r["prompt"] not in seen][:n_eval]
     paths = directory / "train.jsonl", directory / "eval.jsonl"

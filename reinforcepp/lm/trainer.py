@@ -172,6 +172,7 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.timer = PhaseTimer()
 
+        self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
         self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.scorer = self._load_rewards(reward_funcs)
@@ -222,9 +223,6 @@ class Trainer:
         what = Path(self.config.train_data).stem if self.config.train_data else self.config.task
         return f"runs/{what}-{self.config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    def _builtin(self) -> bool:
-        return self.config.model is None
-
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
         cfg = self.config
         if resume_from is not None:
@@ -249,10 +247,10 @@ class Trainer:
         from .data import load_prompt_dataset, split_eval
 
         cfg = self.config
-        if train_dataset is None and cfg.train_data is None:
+        if self.builtin_task is not None:
             from .tasks import get_task, write_task_files
 
-            train_path, eval_path = write_task_files(get_task(cfg.task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed)
+            train_path, eval_path = write_task_files(get_task(self.builtin_task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed, wrong_fraction=cfg.sft_wrong_fraction)
             train_dataset, eval_dataset = str(train_path), eval_dataset or str(eval_path)
         train = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.train_data, prompt_column=cfg.prompt_column)
         evals = eval_dataset if eval_dataset is not None else cfg.eval_data
@@ -266,7 +264,7 @@ class Trainer:
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
         if not funcs:
-            if not (cfg.train_data is None and self._builtin_data):
+            if self.builtin_task is None:
                 raise ConfigError("no reward: set reward_funcs (module:function, path/file.py:function, rm:MODEL, http://...) or pass reward_funcs=[...]")
             from .tasks import char_match
 
@@ -284,20 +282,18 @@ class Trainer:
                 sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
         return RewardScorer(sources, on_error=cfg.reward_on_error)
 
-    @property
-    def _builtin_data(self) -> bool:
-        return self.config.train_data is None and "answer" in self.train_data.column_names
-
     def _warm_start(self) -> None:
-        """Supervised warm start on the built-in task's answers (``sft_steps`` steps)."""
+        """Supervised warm start on the built-in task's demonstrations (``sft_steps`` steps)."""
         from .data import render_prompt
         from .sft import sft_train
 
         cfg = self.config
         rows = self.train_data
+        if self.builtin_task is None:
+            raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
         bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress)
-        sft_train(self.policy, self.tokenizer, prompts, list(rows["answer"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
+        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
         bar.close()
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
@@ -535,7 +531,7 @@ class Trainer:
         cfg = self.config
         dev = self.device
         b = part.batch
-        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature)
+        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0)
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
         mask = b.response_mask.to(logp.device)
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()

@@ -1,0 +1,408 @@
+"""Step time, completion tokens per second, peak memory and reward: TRL's ``GRPOTrainer`` vs ours.
+
+    pip install -e '.[bench]'                    # trl, accelerate, psutil (once)
+    python benchmarks/lm_vs_trl.py               # defaults: 20 steps x 2 rounds, 16 prompts x 8 samples
+    python benchmarks/lm_vs_trl.py --quick       # 2-step smoke run
+    python benchmarks/lm_vs_trl.py --steps 40 --rounds 3 --out benchmarks/results/lm_vs_trl.json
+
+What is compared (one script run, CPU, no Hub access):
+
+* **One starting point.** The parent builds the built-in tiny Llama (``build_tiny_model``, one
+  seed) and the char tokenizer, warm-starts it with ``sft_train`` on the ``reverse`` task (so the
+  rewards are not all zero), and saves both with ``save_pretrained`` into a temporary directory.
+  Every run loads its policy from that directory, so all start from identical weights.
+* **Three trainers, each run in its own fresh subprocess** (``--worker``), alternating
+  round by round (the order is rotated every round so that drift in the machine load does not
+  favour one side): ``trl`` (TRL ``GRPOTrainer``, its defaults unless they would make the
+  comparison unequal, see ``--settings`` in the output), ``grpo`` (ours, ``estimator=grpo``
+  matched to TRL's defaults: no KL / no reference model, group std scaling, token-mean loss over
+  the whole batch, one iteration) and ``reinforce_pp`` (ours, ``estimator=reinforce_pp`` with
+  its own defaults: KL k1 in the reward with beta = ``--rpp-kl-coef``, global whitening).
+* **Same work per step:** ``prompts x samples`` completions of at most ``max_new_tokens``
+  tokens, temperature 1, one optimizer step per rollout (AdamW, constant learning rate,
+  gradient-norm clip 1.0, no weight decay), one torch thread (``--threads``).
+* **Timing:** TRL through a ``TrainerCallback`` (``on_step_begin`` -> ``on_step_end``, i.e.
+  generation, scoring, forward, backward, optimizer step); ours around ``Trainer.train_step()``
+  (the same phases plus our per-step metric logging). Process start, model loading and
+  evaluation are not timed. Completion tokens per second = generated completion tokens (EOS
+  included) / step time, summed over all steps.
+* **Memory:** the peak resident set of each worker process (``VmHWM`` of ``/proc/self/status``,
+  read by the worker at its end: the high-water mark of that process's own address space,
+  imports, model loading and training included). The parent also reports ``ru_maxrss`` from
+  ``os.wait4`` for each child as a cross-check (on Linux that value can include the parent's
+  resident set at the time of the fork; the parent stays small for that reason).
+* **Reward:** the mean ``char_match`` reward of each step's rollout (TRL's logged ``reward``;
+  our ``reward/mean``). "Final reward" = mean over the last ``--final-window`` steps and over rounds.
+
+Writes a table to stdout, ``--out`` (JSON) and a PNG of the reward curves next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIDES = ("trl", "grpo", "reinforce_pp")
+LABELS = {"trl": "TRL GRPOTrainer", "grpo": "ours grpo", "reinforce_pp": "ours reinforce_pp"}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def proc_status_kib(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmHWM`` = peak RSS, ``VmRSS`` = current)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def task_rows(n: int, seed: int) -> list[dict]:
+    from reinforcepp.lm.tasks import get_task
+
+    return get_task("reverse").examples(n, seed)
+
+
+def trl_settings(spec: dict) -> dict:
+    """Every GRPOConfig argument we set (the rest are TRL's defaults)."""
+    n = spec["prompts"] * spec["samples"]
+    return dict(
+        use_cpu=True, report_to="none", bf16=False, fp16=False,
+        # TRL counts per_device_train_batch_size in completions; generation_batch_size defaults to
+        # per_device_train_batch_size * num_processes * steps_per_generation (= gradient_accumulation_steps),
+        # so one generation of prompts x samples completions feeds exactly one optimizer step.
+        per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=spec["samples"],
+        max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=spec["steps"], logging_steps=1, save_strategy="no", seed=spec["seed"],
+        # TRL defaults, written out so the output states them:
+        beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2,
+        remove_unused_columns=False, shuffle_dataset=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def ours_settings(spec: dict, estimator: str) -> dict:
+    """Every LMConfig field we set (the rest are our defaults)."""
+    n = spec["prompts"] * spec["samples"]
+    common = dict(
+        model=spec["model_dir"], dtype="float32", device="cpu", torch_threads=spec["threads"], estimator=estimator,
+        prompts_per_step=spec["prompts"], samples_per_prompt=spec["samples"], mini_batch_size=n, micro_batch_size=n, epochs=1,
+        max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        lr=spec["lr"], lr_schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, eps_low=0.2, eps_high=0.2,
+        total_steps=spec["steps"], seed=spec["seed"], eval_every=0, log_samples_every=0, tensorboard=False, progress=False,
+    )
+    if estimator == "grpo":  # like-for-like with TRL's defaults: beta=0 (no reference model), token-mean loss
+        common.update(kl_placement="none", loss_agg="token-mean")
+    elif spec["rpp_kl_coef"] > 0:  # reinforce_pp's own defaults: k1 KL in the reward
+        common.update(kl_placement="reward", kl_estimator="k1", kl_coef=spec["rpp_kl_coef"], loss_agg="token-mean")
+    else:
+        common.update(kl_placement="none", loss_agg="token-mean")
+    return common
+
+
+# ---------------------------------------------------------------------------------------- workers
+def worker_prepare(spec: dict) -> dict:
+    """Build the tiny model from one seed, SFT warm start, save model + tokenizer."""
+    limit_threads(spec["threads"])
+    import torch
+
+    from reinforcepp.lm.sft import sft_train
+    from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"])
+    rows = task_rows(spec["train_size"], spec["seed"])
+    t0 = time.perf_counter()
+    losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"]) if spec["sft_steps"] else []
+    model.save_pretrained(spec["model_dir"], safe_serialization=True)
+    tok.save_pretrained(spec["model_dir"])
+    return {"sft_seconds": time.perf_counter() - t0, "sft_loss_first": losses[0] if losses else None, "sft_loss_last": losses[-1] if losses else None,
+            "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+
+
+def worker_trl(spec: dict) -> dict:
+    limit_threads(spec["threads"])
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reinforcepp.lm.tasks import char_match
+
+    class StepLog(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.logs: list[dict] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.logs.append(dict(logs))
+
+    tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+    tok.padding_side = "left"
+    args = GRPOConfig(output_dir=spec["run_dir"], **trl_settings(spec))
+    callback = StepLog()
+    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[char_match], args=args, train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"])),
+                          processing_class=tok, callbacks=[callback])
+    rss_setup = proc_status_kib("VmRSS")
+    trainer.train()
+    n = spec["prompts"] * spec["samples"]
+    steps = []
+    for dt, logs in zip(callback.times, callback.logs):
+        steps.append({"time": dt, "reward": logs["reward"], "tokens": logs["completions/mean_length"] * n, "length_mean": logs["completions/mean_length"],
+                      "trl/step_time": logs.get("step_time")})  # TRL's own timer, a cross-check
+    return {"steps": steps, "rss_setup_kib": rss_setup, "logged_keys": sorted(callback.logs[0]) if callback.logs else []}
+
+
+def worker_ours(spec: dict, estimator: str) -> dict:
+    limit_threads(spec["threads"])
+    from datasets import Dataset
+
+    from reinforcepp.lm import LMConfig, Trainer
+    from reinforcepp.lm.tasks import char_match
+
+    config = LMConfig.from_dict({**ours_settings(spec, estimator), "output_dir": spec["run_dir"]})
+    trainer = Trainer(config, reward_funcs=[char_match], train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"])))
+    rss_setup = proc_status_kib("VmRSS")
+    steps = []
+    for _ in range(config.total_steps):
+        t0 = time.perf_counter()
+        m = trainer.train_step()
+        dt = time.perf_counter() - t0
+        steps.append({"time": dt, "reward": m["reward/mean"], "tokens": m["response/tokens"], "length_mean": m["response/length_mean"],
+                      **{k: v for k, v in m.items() if k.startswith("time/")}})
+    trainer.logger.close()
+    return {"steps": steps, "rss_setup_kib": rss_setup}
+
+
+def worker_main(role: str, spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if role == "prepare":
+        out = worker_prepare(spec)
+    elif role == "trl":
+        out = worker_trl(spec)
+    else:
+        out = worker_ours(spec, role)
+    out["peak_rss_kib"] = proc_status_kib("VmHWM")
+    Path(result_path).write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------- parent
+def launch(role: str, spec: dict, workdir: Path, tag: str) -> dict:
+    """Run one worker in a fresh interpreter; return its result plus wall time and wait4's ru_maxrss."""
+    spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", role, str(spec_path), str(result_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"worker {role} ({tag}) failed with exit code {proc.returncode}:\n{tail}")
+    out = json.loads(result_path.read_text())
+    out.update(wall_s=wall, wait4_maxrss_kib=usage.ru_maxrss, load_at_start=os.getloadavg())
+    return out
+
+
+def summarise(runs: list[dict], final_window: int) -> dict:
+    times = [s["time"] for r in runs for s in r["steps"]]
+    tokens = sum(s["tokens"] for r in runs for s in r["steps"])
+    steps = min(len(r["steps"]) for r in runs)
+    curve = [statistics.mean(r["steps"][i]["reward"] for r in runs) for i in range(steps)]
+    w = min(final_window, steps)
+    out = {
+        "median_step_s": statistics.median(times),
+        "median_step_s_per_round": [statistics.median(s["time"] for s in r["steps"]) for r in runs],
+        "tokens_per_s": tokens / sum(times),
+        "peak_rss_mib": max(r["peak_rss_kib"] for r in runs) / 1024,
+        "peak_rss_mib_per_round": [r["peak_rss_kib"] / 1024 for r in runs],
+        "rss_after_setup_mib": max(r["rss_setup_kib"] for r in runs) / 1024,
+        "rss_training_increase_mib": max(r["peak_rss_kib"] - r["rss_setup_kib"] for r in runs) / 1024,
+        "wait4_maxrss_mib": max(r["wait4_maxrss_kib"] for r in runs) / 1024,
+        "reward_first": curve[0],
+        "reward_final": statistics.mean(curve[-w:]),
+        "reward_final_per_round": [statistics.mean(s["reward"] for s in r["steps"][steps - w : steps]) for r in runs],
+        "reward_curve": curve,
+        "completion_length_mean": statistics.mean(s["length_mean"] for r in runs for s in r["steps"]),
+    }
+    phases = sorted({k for r in runs for s in r["steps"] for k in s if k.startswith(("time/", "trl/")) and s[k] is not None})
+    if phases:
+        out["median_phase_s"] = {k.split("/", 1)[1]: statistics.median(s[k] for r in runs for s in r["steps"] if s.get(k) is not None) for k in phases}
+    return out
+
+
+def print_table(summary: dict, args) -> list[str]:
+    trl = summary["trl"]
+    rows = [
+        ("median step time (s)", "median_step_s", "{:.3f}", "lower"),
+        ("completion tokens / s", "tokens_per_s", "{:.0f}", "higher"),
+        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}", "lower"),
+        ("RSS after setup (MiB)", "rss_after_setup_mib", "{:.0f}", "lower"),
+        ("peak RSS - RSS after setup (MiB)", "rss_training_increase_mib", "{:.0f}", "lower"),
+        ("reward, step 1", "reward_first", "{:.3f}", "higher"),
+        (f"reward, last {min(args.final_window, args.steps)} steps", "reward_final", "{:.3f}", "higher"),
+    ]
+    sides = [s for s in SIDES if s in summary]
+    header = f"| metric | {' | '.join(LABELS[s] for s in sides)} | " + " | ".join(f"{LABELS[s]} / TRL" for s in sides if s != "trl") + " |"
+    lines = [header, "|" + "---|" * (1 + len(sides) + len(sides) - 1)]
+    for name, key, fmt, _better in rows:
+        vals = " | ".join(fmt.format(summary[s][key]) for s in sides)
+        ratios = " | ".join(f"{summary[s][key] / trl[key]:.2f}x" if trl[key] else "n/a" for s in sides if s != "trl")
+        lines.append(f"| {name} | {vals} | {ratios} |")
+    per_round = " | ".join("{:.2f}x".format(statistics.median(summary[s]["step_time_ratio_per_round"])) for s in sides if s != "trl")
+    lines.append(f"| median over rounds of (median step time / TRL's, same round) | {' | '.join('' for _ in sides)} | {per_round} |")
+    for s in sides:
+        if "median_phase_s" in summary[s]:
+            lines.append("")
+            what = "TRL's own logged step_time" if s == "trl" else "seconds per phase (time/*)"
+            lines.append(f"{LABELS[s]}, median {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[s]["median_phase_s"].items()))
+    return lines
+
+
+def plot(summary: dict, runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {"trl": "tab:orange", "grpo": "tab:blue", "reinforce_pp": "tab:green"}
+    for side, rs in runs.items():
+        for r in rs:
+            ax.plot(range(1, len(r["steps"]) + 1), [s["reward"] for s in r["steps"]], color=colors[side], alpha=0.25, lw=0.8)
+        curve = summary[side]["reward_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, color=colors[side], lw=2, label=f"{LABELS[side]} (mean of {len(rs)} runs)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean char_match reward of the rollout")
+    ax.set_title("reverse task, tiny Llama: reward per step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="RL steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="each trainer runs this many times, alternating")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    p.add_argument("--samples", type=int, default=8, help="samples per prompt (TRL num_generations)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--rpp-kl-coef", type=float, default=0.01, help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
+    p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--final-window", type=int, default=5, help="final reward = mean over this many last steps")
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--out", default="benchmarks/results/lm_vs_trl.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 round, 10 SFT steps")
+    p.add_argument("--worker", nargs=3, metavar=("ROLE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker_main(*args.worker)
+        return
+    if args.quick:
+        args.steps, args.rounds, args.sft_steps = 2, 1, 10
+    if "trl" not in args.sides:
+        p.error("--sides must include trl (ratios are against it)")
+
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
+        tmp = Path(tmp)
+        spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=args.prompts, samples=args.samples,
+                    max_new_tokens=args.max_new_tokens, lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
+                    hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads, train_size=5000)
+        prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
+        print(f"warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
+              f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
+        runs: dict[str, list[dict]] = {s: [] for s in args.sides}
+        for rnd in range(args.rounds):
+            order = args.sides[rnd % len(args.sides):] + args.sides[: rnd % len(args.sides)]
+            for side in order:
+                # Same sampling seed for every side within a round; a new one each round.
+                run_spec = {**spec, "seed": args.seed + rnd, "data_seed": args.seed, "run_dir": str(tmp / f"{side}-{rnd}")}
+                r = launch(side, run_spec, tmp, f"{side}-{rnd}")
+                runs[side].append(r)
+                med = statistics.median(s["time"] for s in r["steps"])
+                print(f"round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s, reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, "
+                      f"peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, process wall {r['wall_s']:.0f}s, load {r['load_at_start'][0]:.2f}", flush=True)
+    load_end = os.getloadavg()
+    summary = {s: summarise(rs, args.final_window) for s, rs in runs.items()}
+    for side in args.sides:  # paired within a round (same machine load window): the fairer ratio under a drifting load
+        summary[side]["step_time_ratio_per_round"] = [a / b for a, b in zip(summary[side]["median_step_s_per_round"], summary["trl"]["median_step_s_per_round"])]
+    lines = print_table(summary, args)
+    print()
+    print(f"{args.prompts} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, lr {args.lr}, {args.steps} steps x {args.rounds} rounds, "
+          f"{args.threads} torch thread(s)")
+    print("\n".join(lines))
+    print(f"\nload average at end (1/5/15 min): {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; total {time.perf_counter() - t_all:.0f}s")
+
+    targets = {}
+    for side in args.sides:
+        if side == "trl":
+            continue
+        s, t = summary[side], summary["trl"]
+        targets[side] = {
+            "step_time_ratio": s["median_step_s"] / t["median_step_s"], "step_time_target_met": s["median_step_s"] <= 0.5 * t["median_step_s"],
+            "reward_final_ratio": s["reward_final"] / t["reward_final"] if t["reward_final"] else None, "reward_target_met": s["reward_final"] >= t["reward_final"],
+            "peak_rss_ratio": s["peak_rss_mib"] / t["peak_rss_mib"], "peak_rss_target_met": s["peak_rss_mib"] <= t["peak_rss_mib"],
+        }
+        print(f"targets, {LABELS[side]}: step time {targets[side]['step_time_ratio']:.2f}x TRL (target <= 0.5x: {'met' if targets[side]['step_time_target_met'] else 'NOT met'}); "
+              f"final reward {s['reward_final']:.3f} vs {t['reward_final']:.3f} ({'met' if targets[side]['reward_target_met'] else 'NOT met'}); "
+              f"peak RSS {targets[side]['peak_rss_ratio']:.2f}x ({'met' if targets[side]['peak_rss_target_met'] else 'NOT met'})")
+
+    import importlib.metadata as md
+
+    versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "reinforcepp")}
+    spec_public = {k: v for k, v in spec.items() if k != "model_dir"}
+    result = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {"cpus": os.cpu_count(), "load_start": load_start, "load_end": load_end},
+        "versions": versions,
+        "spec": spec_public,
+        "warm_start": prep,
+        "settings": {"trl": trl_settings({**spec, "seed": args.seed}), "grpo": ours_settings(spec, "grpo"), "reinforce_pp": ours_settings(spec, "reinforce_pp")},
+        "summary": summary,
+        "targets": targets,
+        "runs": runs,
+        "table": lines,
+    }
+    for side in ("grpo", "reinforce_pp"):
+        result["settings"][side].pop("model", None)
+    out_path.write_text(json.dumps(result, indent=1))
+    png = out_path.with_suffix(".png")
+    plot(summary, runs, png)
+    print(f"wrote {out_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
