@@ -53,6 +53,7 @@ from .config import LMConfig
 from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
+from .profile import update_flops
 from .models import ValueModel, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
 STATE_FILE = "trainer_state.pt"
@@ -193,6 +194,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_opt_steps))
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else FixedKLController(config.kl_coef)
+        self.n_params = sum(p.numel() for p in self.policy.parameters())
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -336,7 +338,17 @@ class Trainer:
             bar.close()
             self.logger.close()
         plot_run(self.run_dir)
+        if cfg.profile:
+            self.print_profile()
         return last_eval
+
+    def print_profile(self) -> None:
+        """Time per phase, tokens/s and the update's FLOP/s utilisation over the run so far."""
+        from ..run import read_metrics
+        from .profile import matmul_flops_per_s, summary
+
+        rows = [r for r in read_metrics(self.run_dir) if r.get("kind") == "train"]
+        print(summary(rows, matmul_flops_per_s(dtype=self.dtype, device=self.device)))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, log."""
@@ -349,6 +361,7 @@ class Trainer:
         beta = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), len(experience))
         metrics["kl/beta_next"] = beta
         metrics.update(self.timer.pop())
+        metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
         generated = metrics.get("response/tokens", 0.0)
         metrics["tokens_per_s"] = generated / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
         self.logger.log(self.step, metrics)
