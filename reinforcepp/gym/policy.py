@@ -3,7 +3,9 @@
 A policy maps observations ``(B, obs_dim)`` to an action distribution: categorical over
 ``n`` actions for ``Discrete`` spaces, diagonal Gaussian with a state-independent learned
 ``log_std`` for ``Box`` spaces. Sampling and log-probabilities are written directly (no
-``torch.distributions`` objects), because on small MLPs the object overhead dominates.
+``torch.distributions`` objects), and the MLPs are evaluated functionally (``torch.addmm`` on
+the layers' parameters, not ``nn.Sequential`` dispatch), because on 64-64 networks fed a few
+rows at a time the per-call overhead costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -37,6 +39,29 @@ def mlp(sizes: Sequence[int], activation: str, out_gain: float) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def mlp_forward(linears: Sequence[nn.Linear], x: Tensor, activation: str) -> Tensor:
+    """The network of :func:`mlp` (given its ``nn.Linear`` layers) on ``x`` ``(B, in)``, without
+    module dispatch: one ``torch.addmm`` per layer, the activation between layers."""
+    act = _ACTIVATIONS[activation]
+    for linear in linears[:-1]:
+        x = act(torch.addmm(linear.bias, x, linear.weight.t()))
+    last = linears[-1]
+    return torch.addmm(last.bias, x, last.weight.t())
+
+
+def sample_categorical(logprobs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One sample per row of a categorical given its log-probabilities ``(B, n)``, by inverse
+    CDF: ``a = #{k : cdf_k < u}`` with ``u ~ U[0, 1)`` (one ``torch.rand`` per row; cheaper
+    than ``torch.multinomial`` on small batches). Returns ``(B,)`` long."""
+    u = torch.rand(logprobs.shape[0], 1, generator=generator, dtype=logprobs.dtype)
+    cdf = logprobs.exp().cumsum(-1)
+    # a row's cdf can end a rounding error below 1; u above it takes the last action
+    return (cdf < u).sum(-1).clamp_max_(logprobs.shape[-1] - 1)
+
+
 def flat_obs_dim(space: spaces.Space) -> int:
     if not isinstance(space, spaces.Box):
         raise ValueError(f"observation space {space} is not supported: the MLP policies take flat Box observations")
@@ -56,6 +81,7 @@ class Policy(nn.Module):
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, hidden_sizes: Sequence[int], activation: str = "tanh", init_log_std: float = 0.0) -> None:
         super().__init__()
+        self.activation = activation
         obs_dim = flat_obs_dim(observation_space)
         if isinstance(action_space, spaces.Discrete):
             self.discrete = True
@@ -67,10 +93,11 @@ class Policy(nn.Module):
             raise ValueError(f"action space {action_space} is not supported: use Discrete or a 1-D Box")
         self.net = mlp([obs_dim, *hidden_sizes, out], activation, out_gain=0.01)
         self.log_std = nn.Parameter(torch.full((out,), float(init_log_std))) if not self.discrete else None
+        self.linears = tuple(m for m in self.net if isinstance(m, nn.Linear))  # a plain tuple: not registered twice
 
     def forward(self, obs: Tensor) -> Tensor:
         """Logits ``(B, n)`` (Discrete) or Gaussian means ``(B, d)`` (Box)."""
-        return self.net(obs)
+        return mlp_forward(self.linears, obs, self.activation)
 
     def _gaussian_logprob(self, mean: Tensor, actions: Tensor) -> Tensor:
         assert self.log_std is not None
@@ -91,7 +118,7 @@ class Policy(nn.Module):
             if deterministic:
                 actions = out.argmax(-1)
             else:
-                actions = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+                actions = sample_categorical(logp_all, generator)
             return actions, logp_all.gather(-1, actions[:, None]).squeeze(-1)
         assert self.log_std is not None
         if deterministic:
@@ -101,14 +128,18 @@ class Policy(nn.Module):
             actions = out + noise * self.log_std.exp()
         return actions, self._gaussian_logprob(out, actions)
 
-    def logprobs_entropy(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """``logprobs`` of ``actions`` and the entropy of the distribution, both ``(B,)``."""
+    def logprobs_entropy(self, obs: Tensor, actions: Tensor, entropy_grad: bool = True) -> tuple[Tensor, Tensor]:
+        """``logprobs`` of ``actions`` and the entropy of the distribution, both ``(B,)``.
+        With ``entropy_grad=False`` the entropy is computed outside autograd (for logging only,
+        when the loss has no entropy bonus: the backward pass then skips it)."""
         out = self.forward(obs)
         if self.discrete:
             logp_all = torch.log_softmax(out, dim=-1)
-            return logp_all.gather(-1, actions.long()[:, None]).squeeze(-1), entropy_from_logits(out)
+            entropy = entropy_from_logits(out if entropy_grad else out.detach())
+            return logp_all.gather(-1, actions.long()[:, None]).squeeze(-1), entropy
         assert self.log_std is not None
-        entropy = (0.5 + _LOG_SQRT_2PI + self.log_std).sum().expand(out.shape[0])
+        log_std = self.log_std if entropy_grad else self.log_std.detach()
+        entropy = (0.5 + _LOG_SQRT_2PI + log_std).sum().expand(out.shape[0])
         return self._gaussian_logprob(out, actions), entropy
 
 
@@ -117,10 +148,12 @@ class Critic(nn.Module):
 
     def __init__(self, observation_space: spaces.Space, hidden_sizes: Sequence[int], activation: str = "tanh") -> None:
         super().__init__()
+        self.activation = activation
         self.net = mlp([flat_obs_dim(observation_space), *hidden_sizes, 1], activation, out_gain=1.0)
+        self.linears = tuple(m for m in self.net if isinstance(m, nn.Linear))
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs).squeeze(-1)
+        return mlp_forward(self.linears, obs, self.activation).squeeze(-1)
 
 
 class RunningMeanStd:

@@ -191,34 +191,39 @@ class Collector:
         episodes: list[tuple[float, int, bool]] = []
         b["iteration"][:] = iteration
         b["final_values"][:] = 0.0
-        for t in range(self.steps_per_env):
-            obs = self.obs_norm(self.raw_obs, update=True)
-            with torch.inference_mode():
-                obs_t = torch.from_numpy(obs)
-                actions, logprobs = self.policy.act(obs_t, self.generator)
-                if self.critic is not None:
-                    b["values"][t] = self.critic(obs_t).numpy()
-            a = actions.numpy()
-            env_actions = np.clip(a, self.low, self.high) if self.box else a
-            self.raw_obs, reward, terminated, truncated, info = self.envs.step(env_actions)
-            done = terminated | truncated
-            b["obs"][t], b["actions"][t], b["logprobs"][t] = obs, a, logprobs.numpy()
-            b["rewards"][t] = self.reward_norm(reward, done)
-            b["terminated"][t], b["truncated"][t] = terminated, truncated
-            self.ep_return += reward
-            self.ep_length += 1
-            if done.any():
-                for i in np.nonzero(done)[0]:
-                    episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), bool(truncated[i] and not terminated[i])))
-                self.ep_return[done] = 0.0
-                self.ep_length[done] = 0
-                boot = truncated & ~terminated
-                if self.critic is not None and boot.any():
-                    idx = np.nonzero(boot)[0]
-                    final = np.stack([info["final_obs"][i] for i in idx])
-                    b["final_values"][t, idx] = self._values(self.obs_norm(final))
+        with torch.inference_mode():  # once around the loop: entering it costs as much as a small op
+            for t in range(self.steps_per_env):
+                self._step(t, episodes)
         next_values = self._values(self.obs_norm(self.raw_obs)) if self.critic is not None else None
         return self._assemble(iteration, episodes, next_values)
+
+    def _step(self, t: int, episodes: list[tuple[float, int, bool]]) -> None:
+        """Act in every environment once and record the step at row ``t`` of the buffers."""
+        b = self.buf
+        obs = self.obs_norm(self.raw_obs, update=True)
+        obs_t = torch.from_numpy(obs)  # a view, no copy
+        actions, logprobs = self.policy.act(obs_t, self.generator)
+        if self.critic is not None:
+            b["values"][t] = self.critic(obs_t).numpy()
+        a = actions.numpy()
+        env_actions = np.clip(a, self.low, self.high) if self.box else a
+        self.raw_obs, reward, terminated, truncated, info = self.envs.step(env_actions)
+        done = terminated | truncated
+        b["obs"][t], b["actions"][t], b["logprobs"][t] = obs, a, logprobs.numpy()
+        b["rewards"][t] = self.reward_norm(reward, done)
+        b["terminated"][t], b["truncated"][t] = terminated, truncated
+        self.ep_return += reward
+        self.ep_length += 1
+        if done.any():
+            for i in np.nonzero(done)[0]:
+                episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), bool(truncated[i] and not terminated[i])))
+            self.ep_return[done] = 0.0
+            self.ep_length[done] = 0
+            boot = truncated & ~terminated
+            if self.critic is not None and boot.any():
+                idx = np.nonzero(boot)[0]
+                final = np.stack([info["final_obs"][i] for i in idx])
+                b["final_values"][t, idx] = self._values(self.obs_norm(final))
 
     def _assemble(self, iteration: int, episodes: list, next_values: Optional[np.ndarray]) -> RolloutBatch:
         carry = self.critic is None

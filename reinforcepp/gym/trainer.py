@@ -68,7 +68,8 @@ class GymTrainer:
         self.critic = Critic(obs_space, cfg.hidden_sizes, cfg.activation) if self.spec.needs_critic else None
         params = list(self.policy.parameters()) + (list(self.critic.parameters()) if self.critic is not None else [])
         self.params = params
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)
+        # fused: one kernel updates every parameter (the same Adam; per-tensor loops cost more than the math here)
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
         self.obs_norm = ObsNormalizer(obs_space.shape, cfg.normalize_obs, cfg.obs_clip)
         self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
         self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
@@ -151,43 +152,54 @@ class GymTrainer:
         return padded
 
     def update(self, batch: RolloutBatch, advantages: Tensor, returns: Tensor) -> dict[str, float]:
-        """``epochs`` passes of shuffled mini-batches of steps; token-mean aggregation."""
+        """``epochs`` passes of shuffled mini-batches of steps; token-mean aggregation.
+
+        Each epoch gathers its shuffled order once per field; the mini-batches are then
+        contiguous slices (views) of it. Without an entropy bonus the entropy is computed for
+        the log only, outside autograd."""
         cfg = self.cfg
         n = batch.num_steps
+        fields = {"obs": batch.obs, "actions": batch.actions, "old": batch.logprobs, "adv": advantages}
+        if self.critic is not None:
+            fields.update(old_values=batch.values, returns=returns)
+        entropy_grad = cfg.entropy_coef != 0.0
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         sums: dict[str, list[Tensor]] = {"loss/policy": [], "loss/value": [], "entropy": [], "grad_norm": []}
-        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "old": [], "low": [], "high": []}
+        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "low": [], "high": []}
+        ones = torch.ones(min(n, cfg.mini_batch_size))
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator)
+            shuffled = {k: v[order] for k, v in fields.items()}
             for start in range(0, n, cfg.mini_batch_size):
-                idx = order[start : start + cfg.mini_batch_size]
-                ones = torch.ones(idx.shape[0])
-                logprobs, entropy = self.policy.logprobs_entropy(batch.obs[idx], batch.actions[idx])
-                pl = policy_loss(logprobs, batch.logprobs[idx], advantages[idx], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-                loss_pi = aggregate(pl.loss, ones, "token-mean")
-                loss_ent = aggregate(entropy, ones, "token-mean")
-                loss = loss_pi - cfg.entropy_coef * loss_ent
+                mb = {k: v[start : start + cfg.mini_batch_size] for k, v in shuffled.items()}
+                size = mb["adv"].shape[0]
+                mask = ones[:size]
+                logprobs, entropy = self.policy.logprobs_entropy(mb["obs"], mb["actions"], entropy_grad=entropy_grad)
+                pl = policy_loss(logprobs, mb["old"], mb["adv"], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+                loss_pi = aggregate(pl.loss, mask, "token-mean", num_tokens=size)
+                loss_ent = aggregate(entropy, mask, "token-mean", num_tokens=size)
+                loss = loss_pi - cfg.entropy_coef * loss_ent if entropy_grad else loss_pi
                 if self.critic is not None:
-                    vl = value_loss(self.critic(batch.obs[idx]), batch.values[idx], returns[idx], cfg.value_clip)
-                    loss_v = aggregate(vl, ones, "token-mean")
+                    vl = value_loss(self.critic(mb["obs"]), mb["old_values"], mb["returns"], cfg.value_clip)
+                    loss_v = aggregate(vl, mask, "token-mean", num_tokens=size)
                     loss = loss + cfg.value_coef * loss_v
                     sums["loss/value"].append(loss_v.detach())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
                 self.optimizer.step()
                 sums["loss/policy"].append(loss_pi.detach())
                 sums["entropy"].append(loss_ent.detach())
                 sums["grad_norm"].append(norm.detach())
                 if epoch == cfg.epochs - 1:
                     last_epoch["logprobs"].append(logprobs.detach())
-                    last_epoch["old"].append(batch.logprobs[idx])
                     last_epoch["low"].append(pl.clipped_low)
                     last_epoch["high"].append(pl.clipped_high)
         out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
         cat = {k: torch.cat(v) for k, v in last_epoch.items()}
         ones = torch.ones(n)
         out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
-        out["approx_kl"] = approx_kl(cat["logprobs"], cat["old"], ones)
+        out["approx_kl"] = approx_kl(cat["logprobs"], shuffled["old"], ones)
         if self.policy.log_std is not None:
             out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
         return out

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from ..config import ConfigError
 from ..core import (
@@ -205,8 +206,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, config.resolved(), tensorboard=config.tensorboard, wandb_project=config.wandb_project)
         if resume_from is not None:
             self.logger.truncate(self.step)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.resolved(), sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
 
     # ------------------------------------------------------------------ setup
     def _setup_torch(self) -> None:

@@ -239,5 +239,5 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    volatile = lambda r: {k: v for k, v in r.items() if not (k.startswith("time") or k == "tokens_per_s")}  # noqa: E731
+    volatile = lambda r: {k: v for k, v in r.items() if not (k.startswith(("time", "perf/")) or k == "tokens_per_s")}  # noqa: E731
     assert [volatile(r) for r in read_metrics(full.run_dir)] == [volatile(r) for r in read_metrics(resumed.run_dir)]
