@@ -65,6 +65,9 @@ def train_main(argv: list[str]) -> int:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
     trainer = Trainer(config)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+        trainer.train()
+        return 0
     print(f"run directory: {trainer.run_dir}", file=sys.stderr)
     final = trainer.train()
     first = _first_eval(trainer.run_dir)

@@ -54,6 +54,7 @@ from .config import LMConfig
 from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
+from .distributed import init_distributed
 from .profile import update_flops
 from .models import ValueModel, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
@@ -171,6 +172,12 @@ class Trainer:
         if config.resume and resume_from is None:
             raise FileNotFoundError(f"resume=true but {self.run_dir} holds no complete checkpoint")
         self.device = resolve_device(config.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.dist.rank)))
+        if config.prompts_per_step % self.dist.world_size:
+            raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
+        self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.timer = PhaseTimer()
 
@@ -181,6 +188,8 @@ class Trainer:
         if config.sft_steps and resume_from is None and model is None and config.model is None:
             self._warm_start()
         self.ref_model = self._load_reference(ref_model, resume_from)
+        if self.dist.enabled:  # identical initial weights on every rank, then different samples
+            set_seed(config.seed + 100_003 * self.dist.rank)
         self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -203,10 +212,12 @@ class Trainer:
         self._prompt_ids_cache: dict[str, list[int]] = {}
         if resume_from is not None:
             self._load_state(resume_from)
-        self.logger = RunLogger(self.run_dir, config.resolved(), tensorboard=config.tensorboard, wandb_project=config.wandb_project)
-        if resume_from is not None:
-            self.logger.truncate(self.step)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
+        self.logger: Optional[RunLogger] = None  # rank 0 writes the run directory
+        if self.dist.is_main:
+            self.logger = RunLogger(self.run_dir, config.resolved(), tensorboard=config.tensorboard, wandb_project=config.wandb_project)
+            if resume_from is not None:
+                self.logger.truncate(self.step)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
 
     # ------------------------------------------------------------------ setup
     def _setup_torch(self) -> None:
@@ -252,7 +263,10 @@ class Trainer:
         if self.builtin_task is not None:
             from .tasks import get_task, write_task_files
 
-            train_path, eval_path = write_task_files(get_task(self.builtin_task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed, wrong_fraction=cfg.sft_wrong_fraction)
+            train_path, eval_path = self.run_dir / "data" / "train.jsonl", self.run_dir / "data" / "eval.jsonl"
+            if self.dist.is_main:
+                write_task_files(get_task(self.builtin_task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed, wrong_fraction=cfg.sft_wrong_fraction)
+            self.dist.barrier()
             train_dataset, eval_dataset = str(train_path), eval_dataset or str(eval_path)
         train = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.train_data, prompt_column=cfg.prompt_column)
         evals = eval_dataset if eval_dataset is not None else cfg.eval_data
@@ -294,7 +308,7 @@ class Trainer:
         if self.builtin_task is None:
             raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
-        bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress)
+        bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress and self.dist.is_main)
         sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
         bar.close()
 
@@ -312,7 +326,8 @@ class Trainer:
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
             return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
-        self.policy.save_pretrained(saved, safe_serialization=True)
+        if self.dist.is_main:
+            self.policy.save_pretrained(saved, safe_serialization=True)
         return frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
@@ -320,14 +335,14 @@ class Trainer:
         """Run until ``total_steps``; returns the last evaluation's metrics."""
         cfg = self.config
         last_eval: dict[str, float] = {}
-        bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress,
+        bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
         try:
-            if self.step == 0 and cfg.eval_every and self.eval_data is not None:
+            if self.step == 0 and cfg.eval_every and self.eval_data is not None and self.dist.is_main:
                 last_eval = self.evaluate()
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
-                if cfg.eval_every and self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
+                if cfg.eval_every and self.eval_data is not None and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                 bar.update(metrics)
@@ -336,8 +351,10 @@ class Trainer:
                         self.save_checkpoint()
         finally:
             bar.close()
-            self.logger.close()
-        plot_run(self.run_dir)
+            if self.logger is not None:
+                self.logger.close()
+        if self.dist.is_main:
+            plot_run(self.run_dir)
         if cfg.profile:
             self.print_profile()
         return last_eval
@@ -364,8 +381,10 @@ class Trainer:
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
         generated = metrics.get("response/tokens", 0.0)
         metrics["tokens_per_s"] = generated / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
-        self.logger.log(self.step, metrics)
-        if self.config.log_samples_every and self.step % self.config.log_samples_every == 0:
+        metrics = self.dist.reduce_metrics(metrics)
+        if self.logger is not None:
+            self.logger.log(self.step, metrics)
+        if self.config.log_samples_every and self.step % self.config.log_samples_every == 0 and self.dist.is_main:
             self._log_samples(rollout)
         return metrics
 
@@ -407,9 +426,10 @@ class Trainer:
         cfg = self.config
         k = cfg.samples_per_prompt
         kept: list[tuple] = []
-        counts = defaultdict(float)
+        counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
         for _round in range(cfg.max_filter_rounds if cfg.dynamic_filtering else 1):
-            gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch(), k, self._sampling())
+            mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
+            gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
             rewards = result.rewards + self._length_penalties(gen)
             counts["reward/dropped_samples"] += float(result.dropped.sum())
             for g in range(len(rows) // k):
@@ -421,9 +441,9 @@ class Trainer:
                     counts["filter/dropped_groups"] += 1
                     continue
                 kept.append((rows[sl], prompts[sl], completions[sl], gen.prompt_ids[sl], gen.response_ids[sl], gen.truncated[sl], rewards[sl], {n: v[sl] for n, v in result.per_source.items()}))
-            if len(kept) >= cfg.prompts_per_step:
+            if len(kept) >= self.prompts_per_rank:
                 break
-        kept = kept[: cfg.prompts_per_step]
+        kept = kept[: self.prompts_per_rank]
         counts["filter/rounds"] = _round + 1
         if not kept:
             raise RuntimeError(f"step {self.step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
@@ -460,7 +480,7 @@ class Trainer:
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
         inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
-        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
 
@@ -475,7 +495,7 @@ class Trainer:
         with self.timer("update"):
             for _epoch in range(cfg.epochs):
                 order = torch.randperm(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
-                for window in order.tensor_split(min(self.num_mini_batches, len(exp))):
+                for window in order.tensor_split(self.num_mini_batches):
                     self._optimizer_step(exp.select(window), seen, scalars)
         mask = torch.cat(seen["mask"])
         logp, old = torch.cat(seen["logprobs"]), torch.cat(seen["old_logprobs"])
@@ -501,8 +521,10 @@ class Trainer:
 
     def _optimizer_step(self, window: Experience, seen, scalars) -> None:
         cfg = self.config
-        n_tokens = float(window.response_mask.sum())
-        n_seqs = float(len(window))
+        if len(window) == 0 and not self.dist.enabled:
+            return  # dynamic filtering left fewer responses than mini-batches
+        n_tokens = self.dist.sum(float(window.response_mask.sum()))  # the global window's counts
+        n_seqs = self.dist.sum(float(len(window)))
         total = torch.zeros(())
         for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
             part = window.select(micro)
@@ -511,6 +533,10 @@ class Trainer:
             total = total + loss.detach()
             if self.critic is not None:
                 self._critic_backward(part, n_tokens, n_seqs, scalars)
+        self.dist.sum_gradients(self.policy.parameters())
+        if self.critic is not None:
+            self.dist.sum_gradients(self.critic.parameters())
+        total = torch.tensor(self.dist.sum(float(total)))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
             self._skip_nonfinite(float(total), float(grad_norm))
@@ -597,7 +623,7 @@ class Trainer:
             m["kl/mean_sequence"] = float(exp.kl.sum() / mask.shape[0])
         if exp.values is not None:
             m["critic/value_mean"] = float(masked_mean(exp.values, mask))
-        self.tokens_total += int(lengths.sum())
+        self.tokens_total += int(self.dist.sum(float(lengths.sum())))
         m["response/tokens_total"] = float(self.tokens_total)
         return m
 
@@ -629,12 +655,24 @@ class Trainer:
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
             f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
         }
-        self.logger.log(self.step, metrics, kind="eval")
+        if self.logger is not None:
+            self.logger.log(self.step, metrics, kind="eval")
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N."""
+        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N.
+        Rank 0 writes it, with every rank's RNG state."""
+        rng = rng_state()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            every = [None] * self.dist.world_size
+            dist.all_gather_object(every, rng)
+            rng = every
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return self.checkpoints.path(self.step)
         with self.checkpoints.save(self.step) as d:
             self.policy.save_pretrained(d / "model", safe_serialization=True)
             self.tokenizer.save_pretrained(d / "model")
@@ -643,7 +681,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(),
-                "rng": rng_state(),
+                "rng": rng,
                 "kl_coef": self.kl_controller.value,
                 "nonfinite_total": self.nonfinite_total,
                 "tokens_total": self.tokens_total,
@@ -652,6 +690,7 @@ class Trainer:
                 state["critic"] = self.critic.state_dict()
                 state["critic_optimizer"] = self.critic_optimizer.state_dict()
             torch.save(state, d / STATE_FILE)
+        self.dist.barrier()
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
@@ -666,4 +705,9 @@ class Trainer:
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):
+            if len(rng) != self.dist.world_size:
+                raise ValueError(f"the checkpoint was written by {len(rng)} ranks; resume it with as many (now {self.dist.world_size})")
+            rng = rng[self.dist.rank]
+        set_rng_state(rng)
