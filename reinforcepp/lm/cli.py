@@ -124,7 +124,7 @@ def sft_main(argv: list[str]) -> int:
 def eval_main(argv: list[str]) -> int:
     args, overrides = _split_args(argv, "reinforcepp eval", "Evaluate a model on the eval split: greedy accuracy, reward, pass@k.")
     try:
-        config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false"], False)
+        config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none"], False)
     except ConfigError as e:
         print(f"reinforcepp eval: {e}", file=sys.stderr)
         return 2

@@ -241,3 +241,22 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     volatile = lambda r: {k: v for k, v in r.items() if not (k.startswith(("time", "perf/")) or k == "tokens_per_s")}  # noqa: E731
     assert [volatile(r) for r in read_metrics(full.run_dir)] == [volatile(r) for r in read_metrics(resumed.run_dir)]
+
+
+def test_models_load_from_disk_by_path(tmp_path):
+    # The hub-loading code path (from_pretrained) on models saved to disk: policy, reference and critic.
+    tok, model = tiny_policy()
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    _, other = tiny_policy(seed=1)
+    other.save_pretrained(tmp_path / "ref")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reverse_dataset(16)))
+    rewards = tmp_path / "my_reward.py"
+    rewards.write_text("def has_a(prompts, completions, answer, **kw):\n    return [float('a' in c) for c in completions]\n")
+    cfg = small_config(tmp_path, model=str(tmp_path / "policy"), ref_model=str(tmp_path / "ref"), train_data=str(data),
+                       reward_funcs=[f"{rewards}:has_a"], estimator="gae", total_steps=1)
+    trainer = Trainer(cfg)
+    torch.testing.assert_close(trainer.ref_model.lm_head.weight, other.lm_head.weight, atol=0, rtol=0)
+    metrics = trainer.train_step()
+    assert "reward/has_a" in metrics and "loss/value" in metrics and trainer.critic is not None
