@@ -375,13 +375,12 @@ class Trainer:
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
-        beta = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), len(experience))
-        metrics["kl/beta_next"] = beta
         metrics.update(self.timer.pop())
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
-        generated = metrics.get("response/tokens", 0.0)
-        metrics["tokens_per_s"] = generated / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
-        metrics = self.dist.reduce_metrics(metrics)
+        metrics = self.dist.reduce_metrics(metrics)  # tokens summed over ranks, times of the slowest rank
+        metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
+        # beta follows the global KL, so every rank keeps the same coefficient
+        metrics["kl/beta_next"] = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), int(self.dist.sum(float(len(experience)))))
         if self.logger is not None:
             self.logger.log(self.step, metrics)
         if self.config.log_samples_every and self.step % self.config.log_samples_every == 0 and self.dist.is_main:
