@@ -12,6 +12,7 @@ class FixedKLController:
     value: float
 
     def update(self, current_kl: float, n_samples: int) -> float:
+        """Return beta, unchanged."""
         return self.value
 
 
@@ -32,6 +33,8 @@ class AdaptiveKLController:
             raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {self.target}, {self.horizon}")
 
     def update(self, current_kl: float, n_samples: int) -> float:
+        """One controller step after a batch of ``n_samples`` responses whose mean
+        per-sequence KL was ``current_kl``; returns the new beta."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
