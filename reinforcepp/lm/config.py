@@ -85,6 +85,7 @@ class LMConfig(Config):
     top_p: float = option(1.0, "nucleus sampling")
     top_k: int = option(0, "top-k sampling; 0 = off")
     logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
+    share_prompt: bool = option(True, "forward passes compute each distinct prompt of a micro-batch once for all its samples (same numbers, less work)")
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
@@ -192,6 +193,8 @@ class LMConfig(Config):
             raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if self.share_prompt and self.gradient_checkpointing:
+            raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
         if not 0 <= self.sft_wrong_fraction <= 1:
             raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")
         if not 0 <= self.eval_fraction < 1:

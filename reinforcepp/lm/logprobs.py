@@ -54,6 +54,7 @@ def response_logprobs(
     chunk_size: int = 64,
     temperature: float = 1.0,
     entropy_grad: bool = True,
+    share_prompt: bool = False,
 ) -> TokenLogprobs:
     """Log-probs of the last ``response_length`` tokens of each row.
 
@@ -64,20 +65,56 @@ def response_logprobs(
         response_length: ``T``.
         temperature: logits are divided by it, so the log-probs are those of the sampling
             distribution (as in OpenRLHF and verl).
+        share_prompt: run each distinct prompt once and let all its samples attend to the
+            shared prompt keys and values (see :func:`shared_prompt_logits`).
     Returns:
         :class:`TokenLogprobs` with ``(B, T)`` tensors.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=response_length + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # position j predicts token j + 1
+    logits = shared_prompt_logits(model, input_ids, attention_mask, response_length) if share_prompt else None
+    if logits is None:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1]  # position j predicts token j + 1
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
+
+
+def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Optional[Tensor]:
+    """Logits that predict the response tokens, computing each distinct prompt only once.
+
+    The ``k`` samples of a prompt share its tokens. The distinct prompts go through the model
+    once (``U`` rows instead of ``B``); their key/value cache is then gathered to the ``B`` rows
+    (``batch_select_indices``, differentiable) and the responses run on top of it with their
+    true positions. Same numbers as the plain forward (tested), with the prompt's share of the
+    forward and backward work divided by ``k``. Returns ``None`` when no prompt repeats (the
+    plain forward is then as cheap).
+
+    Returns:
+        ``(B, T, V)`` logits; position ``t`` predicts response token ``t``.
+    """
+    from transformers import DynamicCache
+
+    n, width = input_ids.shape
+    p = width - response_length
+    prompts = input_ids[:, :p]
+    unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)
+    if unique.shape[0] == n:
+        return None
+    first = torch.full((unique.shape[0],), n, dtype=torch.long, device=input_ids.device).scatter_reduce(0, inverse, torch.arange(n, device=input_ids.device), "amin")
+    prompt_mask = attention_mask[first, :p]
+    positions = position_ids_from_mask(prompt_mask)
+    head = model(input_ids=prompts[first], attention_mask=prompt_mask, position_ids=positions, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_select_indices(inverse)
+    response_positions = positions[inverse, -1:] + 1 + torch.arange(response_length, device=input_ids.device)
+    tail = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=response_positions, past_key_values=cache, use_cache=True)
+    return torch.cat([head.logits[inverse, -1:], tail.logits[:, :-1]], dim=1)
 
 
 def naive_response_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:

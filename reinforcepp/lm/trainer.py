@@ -464,7 +464,7 @@ class Trainer:
     # ------------------------------------------------------------------ experience
     def _logprob_fn(self, model: torch.nn.Module):
         cfg = self.config
-        return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature).logprobs
+        return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
 
     def make_experience(self, rollout: Rollout) -> Experience:
         """Forward passes without gradient, then shaped rewards, returns and advantages."""
@@ -493,7 +493,7 @@ class Trainer:
         scalars: dict[str, list[float]] = defaultdict(list)
         with self.timer("update"):
             for _epoch in range(cfg.epochs):
-                order = torch.randperm(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
+                order = self._shuffled_groups(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
                 for window in order.tensor_split(self.num_mini_batches):
                     self._optimizer_step(exp.select(window), seen, scalars)
         mask = torch.cat(seen["mask"])
@@ -517,6 +517,13 @@ class Trainer:
             if scalars[key]:
                 out[key] = mean(key)
         return out
+
+    def _shuffled_groups(self, n: int) -> torch.Tensor:
+        """A random order of the ``n`` responses that keeps each prompt's samples together, so
+        micro-batches hold whole groups and ``share_prompt`` computes each prompt once."""
+        k = self.config.samples_per_prompt
+        groups = torch.randperm(n // k)
+        return (groups[:, None] * k + torch.arange(k)).flatten()
 
     def _optimizer_step(self, window: Experience, seen, scalars) -> None:
         cfg = self.config
@@ -569,7 +576,7 @@ class Trainer:
         cfg = self.config
         dev = self.device
         b = part.batch
-        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0)
+        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
         mask = b.response_mask.to(logp.device)
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()

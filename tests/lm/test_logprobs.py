@@ -33,3 +33,20 @@ def test_entropy_and_temperature():
     out = logprobs_from_logits(logits, targets, with_entropy=True, chunk_size=2)
     torch.testing.assert_close(out.entropy, entropy_from_logits(logits), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1), atol=1e-6, rtol=0)
+
+
+def test_shared_prompt_forward_equals_plain_forward_with_gradients():
+    # Two prompts of different lengths, three samples each (interleaved order), responses right-padded.
+    tok, model = tiny_policy()
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7], [8, 9], [5, 6, 7], [8, 9]]
+    responses = [[10, 11, 2], [12], [13, 2], [14, 15, 16], [10], [17, 2]]
+    batch = collate(prompts, responses, tok.pad_token_id)
+    plain = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True)
+    shared = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True, share_prompt=True)
+    m = batch.response_mask
+    torch.testing.assert_close(shared.logprobs * m, plain.logprobs * m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.entropy * m, plain.entropy * m, atol=1e-5, rtol=0)
+    g_plain = torch.autograd.grad((plain.logprobs * m).sum(), list(model.parameters()))
+    g_shared = torch.autograd.grad((shared.logprobs * m).sum(), list(model.parameters()))
+    for a, b in zip(g_plain, g_shared):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
