@@ -79,7 +79,7 @@ class LMConfig(Config):
     max_grad_norm: float = option(1.0, "gradient-norm clipping")
     max_nonfinite_steps: int = option(3, "this many consecutive non-finite losses/gradients stop the run")
     # --- generation -------------------------------------------------------------------------
-    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (transformers generate)")
+    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate)")
     max_new_tokens: int = option(256, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")

@@ -1,9 +1,11 @@
 """Generation engines: the trainer asks an engine for samples and knows nothing else about it.
 
-An engine implements :class:`GenerationEngine`. The default, :class:`HFGenerationEngine`, runs
-``transformers`` ``generate`` on the policy being trained (KV cache, left-padded prompts,
-temperature / top-p / top-k sampling, stop at EOS). A vLLM engine plugs in through the same
-interface and :func:`register_engine`, without touching the trainer.
+An engine implements :class:`GenerationEngine`. Two ship, both sampling from the policy being
+trained (KV cache, left-padded prompts, temperature / top-p / top-k, stop at EOS, truncation
+flagged): ``hf`` (:class:`SharedPromptSampler`, the default), a decoding loop over the model's
+cached forward that runs each prompt once for all its samples, and ``hf_generate``
+(:class:`HFGenerationEngine`), ``transformers``' own ``generate``. A vLLM engine plugs in through
+the same interface and :func:`register_engine`, without touching the trainer.
 """
 
 from __future__ import annotations
@@ -101,7 +103,81 @@ class HFGenerationEngine:
         return Generation(prompts, responses, truncated)
 
 
-ENGINES: dict[str, Callable[..., GenerationEngine]] = {"hf": HFGenerationEngine}
+def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """The sampling distribution's logits, as ``generate`` builds them: ``z / temperature``,
+    then top-k (keep the ``k`` largest; 0 = off), then top-p (keep the smallest set of largest
+    tokens whose probability reaches ``p``; 1 = off). Removed entries become ``-inf``.
+    ``(B, V)`` -> ``(B, V)`` float32."""
+    z = logits.float() / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the tokens before it already reach top_p
+        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return z
+
+
+class SharedPromptSampler(HFGenerationEngine):
+    """The default engine: a sampling loop over a Hugging Face causal LM that runs each prompt
+    once for all of its ``k`` samples.
+
+    One prefill of the distinct (left-padded) prompts, their key/value cache gathered to the
+    ``P * k`` rows, then one cached forward per new token with explicit positions,
+    :func:`filter_logits` and ``torch.multinomial``, until every row has produced EOS or
+    ``max_new_tokens``. The distribution is ``generate``'s (greedy outputs are identical, see
+    the tests); the prefill costs ``P`` rows instead of ``P * k``.
+    """
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+        from transformers import DynamicCache
+
+        from .logprobs import position_ids_from_mask
+
+        tok = self.tokenizer
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):
+            ids[i, width - len(p) :] = torch.tensor(list(p))
+            attn[i, width - len(p) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(samples_per_prompt)
+        eos = torch.tensor([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id), device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            positions = position_ids_from_mask(attn)
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_select_indices(rows)
+            logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1
+            finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+            new_tokens = []
+            for step in range(params.max_new_tokens):
+                if params.greedy:
+                    token = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
+                    token = torch.multinomial(probs, 1).squeeze(-1)
+                token = token.masked_fill(finished, tok.pad_token_id)
+                new_tokens.append(token)
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()) or step + 1 == params.max_new_tokens:
+                    break
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, past_key_values=cache, use_cache=True)
+                logits, position = out.logits[:, -1], position + 1
+        finally:
+            self.model.train(was_training)
+        responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id, params.max_new_tokens)
+        return Generation([list(prompt_ids[int(r)]) for r in rows], responses, truncated)
+
+
+ENGINES: dict[str, Callable[..., GenerationEngine]] = {"hf": SharedPromptSampler, "hf_generate": HFGenerationEngine}
 
 
 def register_engine(name: str, factory: Callable[..., GenerationEngine]) -> None:

@@ -1,0 +1,49 @@
+import math
+
+import torch
+
+from reinforcepp.lm.generation import HFGenerationEngine, SamplingParams, SharedPromptSampler, filter_logits, split_responses
+from tests.lm.helpers import tiny_policy
+
+
+def _prompts(tok):
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in ("rev abc=", "rev hgfed=", "sort 31=")]
+
+
+def test_shared_prompt_sampler_greedy_equals_transformers_generate():
+    tok, model = tiny_policy(seed=2)
+    ours = SharedPromptSampler(model, tok).generate(_prompts(tok), 1, SamplingParams(6, greedy=True))
+    theirs = HFGenerationEngine(model, tok).generate(_prompts(tok), 1, SamplingParams(6, greedy=True))
+    assert ours.response_ids == theirs.response_ids and ours.prompt_ids == theirs.prompt_ids
+    assert ours.truncated.tolist() == theirs.truncated.tolist()
+
+
+def test_samples_are_laid_out_prompt_by_prompt():
+    tok, model = tiny_policy()
+    torch.manual_seed(0)
+    gen = SharedPromptSampler(model, tok).generate(_prompts(tok), 4, SamplingParams(5))
+    assert len(gen.response_ids) == 12
+    assert gen.prompt_ids[0:4] == [_prompts(tok)[0]] * 4 and gen.prompt_ids[8:12] == [_prompts(tok)[2]] * 4
+    assert all(1 <= len(r) <= 5 for r in gen.response_ids)
+
+
+def test_filter_logits_by_hand():
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # top-k 2 keeps 0.5 and 0.3
+    assert torch.isinf(filter_logits(z, 1.0, 2, 1.0)[0, 2:]).all() and torch.isfinite(filter_logits(z, 1.0, 2, 1.0)[0, :2]).all()
+    # top-p 0.7: 0.5 < 0.7, 0.5 + 0.3 = 0.8 >= 0.7 -> keep {0.5, 0.3}; top-p 0.85 keeps three
+    assert torch.isfinite(filter_logits(z, 1.0, 0, 0.7)[0]).tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_logits(z, 1.0, 0, 0.85)[0]).tolist() == [True, True, True, False]
+    # temperature 2: softmax(log p / 2) = sqrt(p) / sum sqrt(p)
+    p = torch.softmax(filter_logits(z, 2.0, 0, 1.0), -1)[0]
+    expected = torch.sqrt(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    torch.testing.assert_close(p, expected / expected.sum(), atol=1e-6, rtol=0)
+
+
+def test_split_responses_cuts_after_eos_and_flags_truncation():
+    eos, pad = 2, 0
+    seqs = torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [eos, pad, pad, pad]])
+    rows, truncated = split_responses(seqs, eos, max_new_tokens=4)
+    assert rows == [[5, 6, eos], [5, 6, 7, 8], [eos]]
+    assert truncated.tolist() == [False, True, False]
+    assert math.isclose(float(truncated.float().mean()), 1 / 3, rel_tol=1e-6)
