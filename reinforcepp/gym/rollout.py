@@ -41,12 +41,15 @@ EndKind = Literal["terminated", "truncated", "cut"]
 def make_vector_env(env_id: str, num_envs: int, vectorization: str = "sync", env_kwargs: Optional[dict] = None) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id`` with ``render_mode=None``, same-step autoreset (the
     observation returned with ``terminated | truncated`` is already the next episode's first one;
-    the last observation of the finished episode is in ``info["final_obs"]``)."""
+    the last observation of the finished episode is in ``info["final_obs"]``), and ``copy=False``:
+    ``step`` returns the vector env's own observation buffer, overwritten by the next ``step``
+    (the collector copies it into the rollout before stepping again; a deep copy per step is
+    saved)."""
     return gym.make_vec(
         env_id,
         num_envs=num_envs,
         vectorization_mode=vectorization,
-        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP, "copy": False},
         render_mode=None,
         **(env_kwargs or {}),
     )
@@ -200,8 +203,9 @@ class Collector:
     def _step(self, t: int, episodes: list[tuple[float, int, bool]]) -> None:
         """Act in every environment once and record the step at row ``t`` of the buffers."""
         b = self.buf
-        obs = self.obs_norm(self.raw_obs, update=True)
-        obs_t = torch.from_numpy(obs)  # a view, no copy
+        # stored before stepping: without normalisation ``obs`` is the vector env's buffer (copy=False)
+        b["obs"][t] = self.obs_norm(self.raw_obs, update=True)
+        obs_t = torch.from_numpy(b["obs"][t])  # a view of the rollout buffer, no copy
         actions, logprobs = self.policy.act(obs_t, self.generator)
         if self.critic is not None:
             b["values"][t] = self.critic(obs_t).numpy()
@@ -209,7 +213,7 @@ class Collector:
         env_actions = np.clip(a, self.low, self.high) if self.box else a
         self.raw_obs, reward, terminated, truncated, info = self.envs.step(env_actions)
         done = terminated | truncated
-        b["obs"][t], b["actions"][t], b["logprobs"][t] = obs, a, logprobs.numpy()
+        b["actions"][t], b["logprobs"][t] = a, logprobs.numpy()
         b["rewards"][t] = self.reward_norm(reward, done)
         b["terminated"][t], b["truncated"][t] = terminated, truncated
         self.ep_return += reward

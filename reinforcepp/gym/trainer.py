@@ -169,7 +169,7 @@ class GymTrainer:
         ones = torch.ones(min(n, cfg.mini_batch_size))
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator)
-            shuffled = {k: v[order] for k, v in fields.items()}
+            shuffled = {k: v.index_select(0, order) for k, v in fields.items()}
             for start in range(0, n, cfg.mini_batch_size):
                 mb = {k: v[start : start + cfg.mini_batch_size] for k, v in shuffled.items()}
                 size = mb["adv"].shape[0]
