@@ -7,12 +7,15 @@
 
 Every (estimator, seed) run is a fresh subprocess, started one after the other (never two at
 once), seeds in the outer loop so that a drift in machine load hits every estimator alike. The
-child trains with one torch thread and writes ``OUT/runs/<estimator>_s<seed>/compare_run.json``:
-its own timings and its own peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``, so the
-number belongs to that run alone) and its resident memory after the imports (the baseline every
-run pays before it trains). The parent then writes ``report.md`` and ``compare.png``: mean and
-sample std over seeds of each curve, a table per estimator, the ratios ``reinforce_pp / gae``
-and a "Claims" section whose verdicts come from the explicit rules in :data:`RULES`.
+parent validates every run's config first and pins it whole (a preset edited while the
+comparison runs changes nothing). The child trains with one torch thread and writes
+``OUT/runs/<estimator>_s<seed>/compare_run.json``: its timings, its own peak resident memory
+(``getrusage(RUSAGE_SELF).ru_maxrss``, so the number belongs to that run alone; the parent's
+``RUSAGE_CHILDREN`` would be a maximum over all children), the peak of the training loop alone,
+the resident memory after the imports, and the exact bytes of the tensors the trainer keeps.
+The parent then writes ``report.md`` and ``compare.png``: mean and sample std over seeds of each
+curve, a table per estimator, the ratios ``reinforce_pp / gae`` and a "Claims" section whose
+verdicts come from the explicit rules in :data:`RULES`. ``docs/compare.md`` explains every number.
 
 Every estimator keeps its own defaults (for language models: KL placement ``reward`` for
 ``reinforce_pp`` and ``gae``, ``loss`` for the group estimators; the report lists them).
@@ -254,8 +257,9 @@ def ratio(summaries: dict[str, EstimatorSummary], key: str, num: str = "reinforc
 
 # --------------------------------------------------------------------------------------- claims
 RULES = {
-    "ratio": "ratio of means r = REINFORCE++ / PPO (gae): HOLDS if r <= 0.95, DOES NOT HOLD if r >= 1.05, "
-             "INCONCLUSIVE in between (timings on a shared machine move by a few percent)",
+    "ratio": "ratio of means r = REINFORCE++ / PPO (gae), and the paired ratios of each seed (the two runs of a seed ran one after the other, "
+             "under the same machine load): HOLDS if r <= 0.95 and every paired ratio < 1, DOES NOT HOLD if r >= 1.05 and every paired ratio > 1, "
+             "INCONCLUSIVE otherwise (timings and RSS on a shared machine move by several percent from run to run)",
     "interval": "mean +- std over seeds of each estimator: HOLDS if REINFORCE++'s whole interval lies below GRPO's, "
                 "DOES NOT HOLD if it lies above, INCONCLUSIVE if the intervals overlap or a side has fewer than 2 seeds",
     "spread": "s = std over seeds of the final held-out accuracy: HOLDS if s(REINFORCE++) <= 0.8 s(GRPO), "
@@ -272,10 +276,24 @@ class Claim:
     evidence: str
 
 
-def verdict_ratio(r: float) -> str:
-    if not math.isfinite(r):
+def verdict_ratio(r: float, paired: Sequence[float] = ()) -> str:
+    """Ratio rule of :data:`RULES`: ``r`` the ratio of means, ``paired`` the per-seed ratios."""
+    if not math.isfinite(r) or not all(math.isfinite(p) for p in paired):
         return "INCONCLUSIVE"
-    return "HOLDS" if r <= 0.95 else "DOES NOT HOLD" if r >= 1.05 else "INCONCLUSIVE"
+    if r <= 0.95 and all(p < 1 for p in paired):
+        return "HOLDS"
+    if r >= 1.05 and all(p > 1 for p in paired):
+        return "DOES NOT HOLD"
+    return "INCONCLUSIVE"
+
+
+def paired_ratios(summaries: dict[str, EstimatorSummary], key: str, num: str = "reinforce_pp", den: str = "gae") -> list[float]:
+    """``num / den`` of ``key`` for each seed that both estimators ran, in seed order."""
+    if num not in summaries or den not in summaries:
+        return []
+    a = dict(zip(summaries[num].seeds, summaries[num].per_seed.get(key, [])))
+    b = dict(zip(summaries[den].seeds, summaries[den].per_seed.get(key, [])))
+    return [a[s] / b[s] if b[s] else math.nan for s in sorted(set(a) & set(b))]
 
 
 def verdict_interval(a: tuple[float, float], b: tuple[float, float]) -> str:
@@ -321,13 +339,15 @@ def claims(summaries: dict[str, EstimatorSummary], mode: str) -> list[Claim]:
             out.append(Claim(what, statement, RULES["ratio"], missing("reinforce_pp", "gae"), ""))
             continue
         r = ratio(summaries, key)
+        paired = paired_ratios(summaries, key)
         extra = ""
         if key == "train_peak_rss_mb":
             extra = f"; whole-run peak RSS ratio {ratio(summaries, 'peak_rss_mb'):.3f}, both on top of ~{rpp.mean_std('base_rss_mb')[0]:.0f} MB that the imports alone take"
         elif key == "train_s":
             extra = f"; median step-time ratio {ratio(summaries, 'step_s'):.3f}, whole-run wall-time ratio {ratio(summaries, 'wall_s'):.3f}"
-        out.append(Claim(what.split(" (")[0], statement, RULES["ratio"], verdict_ratio(r),
-                         f"{what}: REINFORCE++ {_pm(rpp.mean_std(key), fmt)}, gae {_pm(gae.mean_std(key), fmt)}, ratio {r:.3f}{extra}"))
+        out.append(Claim(what.split(" (")[0], statement, RULES["ratio"], verdict_ratio(r, paired),
+                         f"{what}: REINFORCE++ {_pm(rpp.mean_std(key), fmt)}, gae {_pm(gae.mean_std(key), fmt)}, ratio {r:.3f} "
+                         f"(per seed: {', '.join(f'{p:.3f}' for p in paired)}){extra}"))
     if mode != "lm":
         out.append(Claim("stability vs GRPO", "REINFORCE++ is more stable than GRPO", "", "NOT TESTED: GRPO needs several samples of one prompt; a Gymnasium reset draws a new start state", ""))
         return out
@@ -406,6 +426,7 @@ def build_report(spec: dict, runs: Sequence[RunData], failed: Sequence[dict], re
     unit = "RL steps" if mode == "lm" else "environment steps"
     L += [f"- estimators: {', '.join(spec['estimators'])}; seeds: {', '.join(map(str, spec['seeds']))}; {spec.get('steps_label', '')} {unit}".rstrip(),
           f"- overrides given to every run: `{' '.join(spec['overrides']) or '(none)'}`; compare's own defaults: `{' '.join(f'{k}={v}' for k, v in spec['compare_defaults'].items())}`",
+          *([f"- Gymnasium presets (tuned settings of docs/gym.md, `GYM_PRESETS`): {'applied where one exists' if spec.get('presets') else 'off (--no-presets)'}"] if mode == "gym" else []),
           f"- machine: {spec['machine']}; runs one at a time, each in its own process, seeds in the outer loop",
           f"- started {spec['started']}, {len(runs)} runs finished, {len(failed)} failed", ""]
     L += ["Each estimator keeps its own defaults:", "", "| estimator | settings that differ between estimators |", "|---|---|"]
@@ -430,6 +451,9 @@ def build_report(spec: dict, runs: Sequence[RunData], failed: Sequence[dict], re
     L += ["## Claims of the paper, tested at this small scale", ""]
     for c in claims(summaries, mode):
         L.append(f"- **{c.name}: {c.verdict}.** {c.statement}." + (f" {c.evidence}." if c.evidence else ""))
+    L += ["", f"Scale: {len(spec['seeds'])} seeds of {spec.get('steps_label', '?')} {unit} on a CPU, with "
+          + (("the given model" if any(o.startswith("model=") for o in spec["overrides"]) else "the tiny built-in model") if mode == "lm" else "small MLP policies") + ". The paper's claims are about large models on GPUs; "
+          "a verdict here says whether the effect shows at this scale, not whether it holds at the paper's."]
     L += ["", "Rules (applied mechanically to the numbers above):", ""] + [f"- {k}: {v}." for k, v in RULES.items()] + [""]
     L += ["## How the numbers are made", ""]
     L += _definitions(mode) + [""]
@@ -492,6 +516,13 @@ def _run_overrides(mode: str, target: str, estimator: str, seed: int, steps: Opt
         if steps is not None:
             base["total_env_steps"] = steps
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in base.items()] + list(overrides)
+
+
+def _pinned(cfg) -> list[str]:
+    """Every field of ``cfg`` as ``key=value`` (lists and mappings as JSON). Empty mappings are
+    left out: ``Config`` does not turn the string ``{}`` back into a dict for a field typed
+    plain ``dict`` (GymConfig.env_kwargs), and an empty mapping is every such field's default."""
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) or v is None else v}" for k, v in cfg.to_dict().items() if v != {}]
 
 
 def _build_config(mode: str, overrides: list[str]):
@@ -713,7 +744,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for seed in seeds:
                 ov = _run_overrides(mode, target, est, seed, args.steps, out / "runs" / _run_name(est, seed), args.overrides, not args.no_presets)
                 cfg = _build_config(mode, ov)  # validate every run before the first one starts
-                run_overrides[_run_name(est, seed)] = ov
+                # pin the whole resolved config: an edit of a preset while the comparison runs
+                # (they take an hour) must not change the later runs
+                run_overrides[_run_name(est, seed)] = _pinned(cfg)
             resolved[est] = _resolved_summary(mode, cfg)
     except (ConfigError, ValueError) as e:
         print(f"reinforcepp compare: {e}", file=sys.stderr)

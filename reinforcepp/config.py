@@ -66,7 +66,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_coerce(name, v, inner) for v in value]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if isinstance(value, str) and value.startswith("{"):
             value = yaml.safe_load(value)
         if not isinstance(value, dict):

@@ -404,13 +404,14 @@ class Trainer:
         cfg = self.config
         return SamplingParams(cfg.max_new_tokens, temperature or cfg.temperature, cfg.top_p, cfg.top_k, greedy)
 
-    def _generate_and_score(self, rows: list[dict], k: int, params: SamplingParams):
+    def _generate_and_score(self, rows: list[dict], k: int, params: SamplingParams, timer: Optional[PhaseTimer] = None):
         from .data import columns_of, render_prompt
 
         cfg = self.config
-        with self.timer("generate"):
+        timer = timer or self.timer
+        with timer("generate"):
             gen = self.engine.generate([self._encode_prompt(r[cfg.prompt_column]) for r in rows], k, params)
-        with self.timer("score"):
+        with timer("score"):
             prompts = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows for _ in range(k)]
             completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             expanded = [r for r in rows for _ in range(k)]
@@ -651,8 +652,9 @@ class Trainer:
         rows = [self.eval_data[i] for i in range(min(len(self.eval_data), cfg.eval_max_prompts))]
         with self.timer("eval"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7919 * self.step)
-            _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True))
-            _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature))
+            inner = PhaseTimer()  # evaluation time is counted once, as time/eval
+            _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True), inner)
+            _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature), inner)
         k = cfg.eval_samples
         passed = (sampled.rewards >= 1.0).view(-1, k)
         metrics = {
