@@ -30,6 +30,18 @@ class PromptResponseBatch:
         return PromptResponseBatch(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> ``(ids, attention_mask)``, each ``(N, longest)``, padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            attn[i, width - len(r) :] = 1
+    return ids, attn
+
+
 def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_token_id: int, response_length: Optional[int] = None) -> PromptResponseBatch:
     """Left-pad prompts, right-pad responses, concatenate.
 
@@ -40,16 +52,14 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-    p = max(len(x) for x in prompt_ids)
     t = response_length or max(len(y) for y in response_ids)
-    n = len(prompt_ids)
-    ids = torch.full((n, p + t), pad_token_id, dtype=torch.long)
-    attn = torch.zeros((n, p + t), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(prompt_ids, response_ids)):
+    prompt, prompt_attn = left_pad(prompt_ids, pad_token_id)
+    response = torch.full((len(response_ids), t), pad_token_id, dtype=torch.long)
+    response_attn = torch.zeros_like(response)
+    for i, y in enumerate(response_ids):
         if not y:
             raise ValueError(f"response {i} is empty")
         y = list(y)[:t]
-        ids[i, p - len(x) : p] = torch.tensor(list(x), dtype=torch.long)
-        ids[i, p : p + len(y)] = torch.tensor(y, dtype=torch.long)
-        attn[i, p - len(x) : p + len(y)] = 1
-    return PromptResponseBatch(ids, attn, attn[:, p:].float())
+        response[i, : len(y)] = torch.tensor(y, dtype=torch.long)
+        response_attn[i, : len(y)] = 1
+    return PromptResponseBatch(torch.cat([prompt, response], 1), torch.cat([prompt_attn, response_attn], 1), response_attn.float())

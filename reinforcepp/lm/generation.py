@@ -16,6 +16,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .batch import left_pad
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -76,12 +78,8 @@ class HFGenerationEngine:
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p) :] = torch.tensor(list(p))
-            attn[i, width - len(p) :] = 1
+        ids, attn = left_pad(prompt_ids, tok.pad_token_id)
+        width = ids.shape[1]
         # Sampling values are explicit: None would fall back to transformers' defaults (top_k=50).
         sampling = {} if params.greedy else dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         gen_config = GenerationConfig(
@@ -138,12 +136,7 @@ class SharedPromptSampler(HFGenerationEngine):
         from .logprobs import position_ids_from_mask
 
         tok = self.tokenizer
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):
-            ids[i, width - len(p) :] = torch.tensor(list(p))
-            attn[i, width - len(p) :] = 1
+        ids, attn = left_pad(prompt_ids, tok.pad_token_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(samples_per_prompt)
         eos = torch.tensor([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id), device=self.device)
