@@ -78,6 +78,24 @@ class Rollout:
     per_source: dict[str, torch.Tensor]
     counts: dict[str, float]
 
+    def take(self, index: list[int]) -> "Rollout":
+        """The responses at ``index``, in that order."""
+        g = self.generation
+        return Rollout(
+            [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
+            Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
+            self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+        )
+
+    @staticmethod
+    def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
+        gens = [p.generation for p in parts]
+        return Rollout(
+            [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
+            Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
+            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
+        )
+
 
 class PhaseTimer:
     """Wall time per phase of a step (generate, score, forward, update, eval, save)."""
@@ -425,32 +443,27 @@ class Trainer:
         are sampled (up to ``max_filter_rounds`` rounds) to refill the batch."""
         cfg = self.config
         k = cfg.samples_per_prompt
-        kept: list[tuple] = []
+        kept: list[Rollout] = []  # one whole group each
         counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
-        for _round in range(cfg.max_filter_rounds if cfg.dynamic_filtering else 1):
-            mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
+        mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
+        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):
             gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
-            rewards = result.rewards + self._length_penalties(gen)
+            scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {})
             counts["reward/dropped_samples"] += float(result.dropped.sum())
-            for g in range(len(rows) // k):
-                sl = slice(g * k, (g + 1) * k)
-                if bool(result.dropped[sl].any()):
+            for start in range(0, len(rows), k):
+                group = list(range(start, start + k))
+                if bool(result.dropped[group].any()):
                     counts["reward/dropped_groups"] += 1
-                    continue
-                if cfg.dynamic_filtering and k > 1 and bool((rewards[sl] == rewards[sl][0]).all()):
+                elif cfg.dynamic_filtering and k > 1 and bool((scored.rewards[group] == scored.rewards[start]).all()):
                     counts["filter/dropped_groups"] += 1
-                    continue
-                kept.append((rows[sl], prompts[sl], completions[sl], gen.prompt_ids[sl], gen.response_ids[sl], gen.truncated[sl], rewards[sl], {n: v[sl] for n, v in result.per_source.items()}))
+                else:
+                    kept.append(scored.take(group))
             if len(kept) >= self.prompts_per_rank:
                 break
-        kept = kept[: self.prompts_per_rank]
-        counts["filter/rounds"] = _round + 1
+        counts["filter/rounds"] = round_
         if not kept:
             raise RuntimeError(f"step {self.step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
-        flat = lambda i: [x for group in kept for x in group[i]]  # noqa: E731
-        generation = Generation(flat(3), flat(4), torch.cat([g[5] for g in kept]))
-        per_source = {n: torch.cat([g[7][n] for g in kept]) for n in kept[0][7]}
-        return Rollout(flat(0), flat(1), flat(2), generation, torch.cat([g[6] for g in kept]), per_source, dict(counts))
+        return Rollout.concat(kept[: self.prompts_per_rank], counts)
 
     def _length_penalties(self, gen: Generation) -> torch.Tensor:
         cfg = self.config

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from reinforcepp.lm.generation import Generation
 from reinforcepp.lm.trainer import Rollout, Trainer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
@@ -31,10 +30,7 @@ def _full_rollout(trainer: Trainer) -> Rollout:
 
 def _part(rollout: Rollout, rank: int, world: int) -> Rollout:
     n = len(rollout.prompts) // world
-    sl = slice(rank * n, (rank + 1) * n)
-    g = rollout.generation
-    return Rollout(rollout.rows[sl], rollout.prompts[sl], rollout.completions[sl], Generation(g.prompt_ids[sl], g.response_ids[sl], g.truncated[sl]),
-                   rollout.rewards[sl], {k: v[sl] for k, v in rollout.per_source.items()}, {})
+    return rollout.take(list(range(rank * n, (rank + 1) * n)))
 
 
 def _train_once(trainer: Trainer, rank: int, world: int):
