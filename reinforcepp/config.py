@@ -144,9 +144,10 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> None:
-        """Check closed choices; subclasses add cross-field rules (and call super)."""
+        """Check and convert every field to its declared type (so ``LMConfig(lr="1e-5")`` holds a
+        float), check closed choices; subclasses add cross-field rules (and call super)."""
         for name, tp in self.field_types().items():
-            _coerce(name, getattr(self, name), tp)
+            setattr(self, name, _coerce(name, getattr(self, name), tp))
 
     @classmethod
     def describe(cls) -> str:

@@ -264,3 +264,11 @@ def test_models_load_from_disk_by_path(tmp_path):
     torch.testing.assert_close(trainer.ref_model.lm_head.weight, other.lm_head.weight, atol=0, rtol=0)
     metrics = trainer.train_step()
     assert "reward/has_a" in metrics and "loss/value" in metrics and trainer.critic is not None
+
+
+def test_python_api_config_is_typed_on_validation():
+    cfg = LMConfig(lr="1e-5", total_steps="20", reward_funcs="a.py:f,b:g")
+    cfg.validate()
+    assert cfg.lr == 1e-5 and cfg.total_steps == 20 and cfg.reward_funcs == ["a.py:f", "b:g"]
+    with pytest.raises(ConfigError, match="kl_placement='both'"):
+        LMConfig(kl_placement="both").validate()
