@@ -40,18 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+# The tuned settings of docs/gym.md (shared with benchmarks/gym_targets.py), applied to Gymnasium
+# runs unless --no-presets: without them gae would run without its reward normalisation and
+# LunarLander with gamma 0.99 for both estimators.
+from .gym.presets import PRESETS as GYM_PRESETS
+
 RESULT_FILE = "compare_run.json"
 SPEC_FILE = "compare.json"
 
-# Tuned settings of docs/gym.md ("Results"; benchmarks/gym_targets.py PRESETS), applied to
-# Gymnasium runs unless --no-presets. Without them gae would run without its reward
-# normalisation and LunarLander with gamma 0.99 for both estimators.
-GYM_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("CartPole-v1", "reinforce_pp"): dict(num_envs=8, steps_per_env=128, epochs=4, mini_batch_size=256, lr=1e-3, lr_schedule="linear"),
-    ("CartPole-v1", "gae"): dict(num_envs=8, steps_per_env=128, epochs=4, mini_batch_size=256, lr=1e-3, lr_schedule="linear", normalize_reward=True),
-    ("LunarLander-v3", "reinforce_pp"): dict(num_envs=16, steps_per_env=128, epochs=4, mini_batch_size=512, lr=5e-4, gamma=0.99, entropy_coef=0.01, lr_schedule="linear", eval_every=50_000),
-    ("LunarLander-v3", "gae"): dict(num_envs=16, steps_per_env=128, epochs=4, mini_batch_size=512, lr=5e-4, gamma=0.999, lam=0.98, entropy_coef=0.01, lr_schedule="linear", normalize_reward=True, eval_every=50_000),
-}
 
 # Defaults compare sets on every run (a key=value override wins).
 LM_DEFAULTS: dict[str, Any] = dict(progress=False, tensorboard=False, torch_threads=1, log_samples_every=0)
