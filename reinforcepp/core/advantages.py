@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from .returns import discounted_returns, gae as gae_returns

@@ -43,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list_options:
         print(GymConfig.describe())
         return 0
-    from .trainer import GymTrainer, train
+    from .trainer import train
 
     try:
         if args.eval_dir:

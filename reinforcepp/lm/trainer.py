@@ -49,14 +49,14 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
-from .batch import PromptResponseBatch, collate
+from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
 from .profile import update_flops
-from .models import ValueModel, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
 STATE_FILE = "trainer_state.pt"
 
