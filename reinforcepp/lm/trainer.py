@@ -406,17 +406,14 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ rollout
-    def _encode_prompt(self, prompt: Any) -> list[int]:
-        from .data import render_prompt
-
-        key = json.dumps(prompt, sort_keys=True) if not isinstance(prompt, str) else prompt
-        if key not in self._prompt_ids_cache:
-            text = render_prompt(self.tokenizer, prompt, self.config.use_chat_template)
+    def _encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt (cached: prompts recur every epoch)."""
+        if text not in self._prompt_ids_cache:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > self.config.max_prompt_length:
                 raise ValueError(f"a prompt has {len(ids)} tokens > max_prompt_length={self.config.max_prompt_length}: {text[:80]!r}...")
-            self._prompt_ids_cache[key] = ids
-        return self._prompt_ids_cache[key]
+            self._prompt_ids_cache[text] = ids
+        return self._prompt_ids_cache[text]
 
     def _sampling(self, greedy: bool = False, temperature: Optional[float] = None) -> SamplingParams:
         cfg = self.config
@@ -427,10 +424,11 @@ class Trainer:
 
         cfg = self.config
         timer = timer or self.timer
+        rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
         with timer("generate"):
-            gen = self.engine.generate([self._encode_prompt(r[cfg.prompt_column]) for r in rows], k, params)
+            gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
-            prompts = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows for _ in range(k)]
+            prompts = [text for text in rendered for _ in range(k)]
             completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             expanded = [r for r in rows for _ in range(k)]
             result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)))
