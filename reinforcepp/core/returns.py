@@ -34,7 +34,9 @@ def discounted_returns(
 
     Args:
         token_rewards: ``(N, T)``, zero on padding.
-        response_mask: ``(N, T)``, 1 on real tokens (a prefix of each row).
+        response_mask: ``(N, T)``, 1 on real tokens: a prefix of each row, or with holes (a
+            multi-turn episode's observations), which are skipped: ``s`` and ``t`` then index
+            the real tokens only.
         gamma: discount in [0, 1].
         last_values: ``(N,)`` bootstrap value of the state after the last real step (for
             sequences cut by a time limit), or ``None`` for terminal sequences.
@@ -45,8 +47,11 @@ def discounted_returns(
     r = _bootstrap(token_rewards * mask, response_mask, gamma, last_values)
     out = torch.empty_like(r)
     running = torch.zeros_like(r[:, 0])
+    real = mask > 0
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running * mask[:, t + 1] if t + 1 < r.shape[1] else r[:, t]
+        # a masked-out position (padding, or an environment's tokens inside a multi-turn
+        # episode) passes the return through unchanged: steps are counted on real tokens only
+        running = torch.where(real[:, t], r[:, t] + gamma * running, running)
         out[:, t] = running
     return out * mask
 
@@ -56,12 +61,13 @@ def discounted_returns_loop(token_rewards: Tensor, response_mask: Tensor, gamma:
     n, t_max = token_rewards.shape
     out = torch.zeros_like(token_rewards)
     for i in range(n):
-        length = int(response_mask[i].sum())
-        for t in range(length):
-            g = sum(gamma ** (s - t) * float(token_rewards[i, s]) for s in range(t, length))
+        pos = [t for t in range(t_max) if response_mask[i, t] > 0]  # the real tokens, holes skipped
+        length = len(pos)
+        for a in range(length):
+            g = sum(gamma ** (b - a) * float(token_rewards[i, pos[b]]) for b in range(a, length))
             if last_values is not None:
-                g += gamma ** (length - t) * float(last_values[i])
-            out[i, t] = g
+                g += gamma ** (length - a) * float(last_values[i])
+            out[i, pos[a]] = g
     return out
 
 
@@ -79,7 +85,9 @@ def gae(
     ``A_t = sum_l (gamma lam)^l delta_{t+l}``, value targets ``returns = A + V``.
 
     Args:
-        token_rewards, values, response_mask: ``(N, T)``.
+        token_rewards, values, response_mask: ``(N, T)``; the mask may have holes (a
+            multi-turn episode's observations): they are skipped, the next state of a real
+            token is the next real token.
         last_values: ``(N,)`` value of the state after the last real step, or ``None``.
     Returns:
         ``(advantages, returns)``, each ``(N, T)``, zero on padding.
@@ -88,18 +96,16 @@ def gae(
     r = token_rewards * mask
     v = values * mask
     n, t_max = r.shape
-    boot = torch.zeros_like(v[:, 0]) if last_values is None else last_values.to(v.dtype)
+    real = mask > 0
+    next_v = torch.zeros_like(v[:, 0]) if last_values is None else last_values.to(v.dtype)  # V after the last real token
     adv = torch.zeros_like(v)
     running = torch.zeros_like(v[:, 0])
     for t in range(t_max - 1, -1, -1):
-        if t + 1 < t_max:
-            is_last = mask[:, t] * (1 - mask[:, t + 1])
-            next_v = v[:, t + 1] + is_last * boot
-            running = running * mask[:, t + 1]
-        else:
-            next_v = boot
+        # masked-out positions (padding, a multi-turn episode's observations) are skipped:
+        # the next state of a real token is the next real token
         delta = r[:, t] + gamma * next_v - v[:, t]
-        running = delta + gamma * lam * running
+        running = torch.where(real[:, t], delta + gamma * lam * running, running)
+        next_v = torch.where(real[:, t], v[:, t], next_v)
         adv[:, t] = running
     adv = adv * mask
     return adv, (adv + v) * mask
@@ -110,9 +116,10 @@ def gae_loop(token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma
     n, t_max = token_rewards.shape
     adv = torch.zeros_like(values)
     for i in range(n):
-        length = int(response_mask[i].sum())
-        v = [float(values[i, t]) for t in range(length)] + [0.0 if last_values is None else float(last_values[i])]
-        deltas = [float(token_rewards[i, t]) + gamma * v[t + 1] - v[t] for t in range(length)]
-        for t in range(length):
-            adv[i, t] = sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t))
+        pos = [t for t in range(t_max) if response_mask[i, t] > 0]  # the real tokens, holes skipped
+        length = len(pos)
+        v = [float(values[i, p]) for p in pos] + [0.0 if last_values is None else float(last_values[i])]
+        deltas = [float(token_rewards[i, pos[a]]) + gamma * v[a + 1] - v[a] for a in range(length)]
+        for a in range(length):
+            adv[i, pos[a]] = sum((gamma * lam) ** l * deltas[a + l] for l in range(length - a))
     return adv, (adv + values) * response_mask.to(values.dtype)

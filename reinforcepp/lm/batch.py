@@ -20,7 +20,8 @@ class PromptResponseBatch:
     attention_mask: Tensor
     """``(N, P + T)`` long, 1 on real prompt and response tokens."""
     response_mask: Tensor
-    """``(N, T)`` float, 1 on real response tokens (up to and including EOS)."""
+    """``(N, T)`` float, 1 on real response tokens (up to and including EOS); in multi-turn
+    episodes 1 on the model's tokens only (0 on observations, which are in ``attention_mask``)."""
 
     @property
     def response_length(self) -> int:
@@ -42,13 +43,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, 
     return ids, attn
 
 
-def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_token_id: int, response_length: Optional[int] = None) -> PromptResponseBatch:
+def collate(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    response_length: Optional[int] = None,
+    response_masks: Optional[Sequence[Sequence[int]]] = None,
+) -> PromptResponseBatch:
     """Left-pad prompts, right-pad responses, concatenate.
 
     Args:
         prompt_ids: ``N`` token lists.
         response_ids: ``N`` token lists (each non-empty).
         response_length: pad responses to this length (default: the longest).
+        response_masks: ``N`` 0/1 lists as long as the responses (multi-turn episodes: 0 on the
+            environment's tokens, which stay in ``attention_mask``); ``None`` = all 1.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -62,4 +71,10 @@ def collate(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence
         y = list(y)[:t]
         response[i, : len(y)] = torch.tensor(y, dtype=torch.long)
         response_attn[i, : len(y)] = 1
-    return PromptResponseBatch(torch.cat([prompt, response], 1), torch.cat([prompt_attn, response_attn], 1), response_attn.float())
+    response_mask = response_attn.float()
+    if response_masks is not None:
+        for i, (y, m) in enumerate(zip(response_ids, response_masks)):
+            if len(m) != len(y):
+                raise ValueError(f"response {i}: {len(m)} mask values for {len(y)} tokens")
+            response_mask[i, : min(len(m), t)] = torch.tensor(list(m)[:t], dtype=torch.float32)
+    return PromptResponseBatch(torch.cat([prompt, response], 1), torch.cat([prompt_attn, response_attn], 1), response_mask)

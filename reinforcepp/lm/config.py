@@ -30,13 +30,17 @@ class LMConfig(Config):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- data and task --------------------------------------------------------------------
-    task: Literal["sort", "reverse", "add"] = option("sort", "built-in verifiable task, used when train_data is None")
+    task: Literal["sort", "reverse", "add", "tools"] = option("sort", "built-in verifiable task, used when train_data is None (tools: multi-turn, a calculator tool)")
     train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")
     eval_data: Optional[str] = option(None, "held-out prompt dataset (same formats)")
     eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
     max_prompt_length: int = option(1024, "prompts longer than this many tokens are an error")
+    # --- multi-turn environments (docs/agents.md) ---------------------------------------------
+    environment: Optional[str] = option(None, "multi-turn episodes: module:factory or path/file.py:factory returning a fresh environment (reset(row), step(text)) per episode; None = one turn (task=tools brings its own)")
+    max_turns: int = option(4, "multi-turn episodes: model turns per episode at most (max_new_tokens applies to each turn)")
+    max_observation_tokens: int = option(256, "multi-turn episodes: an observation is cut to this many tokens")
     # --- rewards ----------------------------------------------------------------------------
     reward_funcs: list[str] = option([], "reward sources: module:function, path/file.py:function, verl:..., openrlhf:..., rm:MODEL, http(s)://URL; empty = the built-in task's reward")
     reward_weights: list[float] = option([], "one weight per reward source (default: all 1)")
@@ -119,6 +123,8 @@ class LMConfig(Config):
             lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, eval_samples=8, torch_threads=1,
             sft_steps=1000, sft_lr=3e-3, sft_wrong_fraction=0.75,
         )
+        if overrides.get("task") == "tools":  # two turns of up to 26 tokens each; longer sequences, fewer prompts
+            preset.update(max_new_tokens=28, prompts_per_step=16, total_steps=40, max_turns=3)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------
@@ -164,7 +170,7 @@ class LMConfig(Config):
         spec = get_estimator(self.estimator) if self.estimator in ESTIMATORS else None
         if spec is None:
             raise ConfigError(f"unknown estimator {self.estimator!r}; valid: {', '.join(sorted(ESTIMATORS))}")
-        positive = ("total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "keep_last", "max_nonfinite_steps", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
+        positive = ("max_turns", "max_observation_tokens", "total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "keep_last", "max_nonfinite_steps", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

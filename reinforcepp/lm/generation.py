@@ -11,12 +11,15 @@ the same interface and :func:`register_engine`, without touching the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from .batch import left_pad
+
+if TYPE_CHECKING:
+    from ..agents.rollout import EpisodeInfo
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,33 @@ class Generation:
         prompt_ids: ``N`` token lists (each prompt repeated ``k`` times).
         response_ids: ``N`` token lists, up to and including EOS when one was generated.
         truncated: ``(N,)`` bool, True where ``max_new_tokens`` was reached without EOS.
+        response_masks: multi-turn episodes only: ``N`` 0/1 lists as long as the responses, 1 on
+            the model's own tokens and 0 on the environment's (``None`` = every token is the model's).
+        episodes: multi-turn episodes only: their per-episode results (reinforcepp.agents).
     """
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     truncated: Tensor
+    response_masks: Optional[list[list[int]]] = None
+    episodes: Optional["EpisodeInfo"] = None
+
+    def select(self, index: Sequence[int]) -> "Generation":
+        """The samples at ``index``, in that order."""
+        idx = list(index)
+        masks = None if self.response_masks is None else [self.response_masks[i] for i in idx]
+        episodes = None if self.episodes is None else self.episodes.select(idx)
+        return Generation([self.prompt_ids[i] for i in idx], [self.response_ids[i] for i in idx], self.truncated[idx], masks, episodes)
+
+    @staticmethod
+    def concat(parts: Sequence["Generation"]) -> "Generation":
+        masks = None if any(g.response_masks is None for g in parts) else [x for g in parts for x in g.response_masks or []]
+        episodes = None
+        if all(g.episodes is not None for g in parts):
+            from ..agents.rollout import EpisodeInfo
+
+            episodes = EpisodeInfo.concat([g.episodes for g in parts if g.episodes is not None])
+        return Generation([x for g in parts for x in g.prompt_ids], [x for g in parts for x in g.response_ids], torch.cat([g.truncated for g in parts]), masks, episodes)
 
 
 class GenerationEngine(Protocol):

@@ -10,6 +10,8 @@ Tasks (``task=NAME``), each with a plausible wrong behaviour (its *distractor*):
 * ``reverse``: ``"rev abcde="`` -> ``"edcba"`` (distractor: copy, ``"abcde"``)
 * ``sort``: ``"sort 5183="`` -> ``"1358"`` (distractor: descending, ``"8531"``)
 * ``add``: ``"27+45="`` -> ``"72"`` (distractor: no carry, ``"62"``)
+* ``tools``: ``"4821+9377="`` -> call ``<tool>add 4821 9377</tool>``, read ``<result>14198</result>``,
+  answer ``"14198"`` (distractor: answer at once, without the tool; see :mod:`reinforcepp.agents.task`)
 
 The warm start imitates demonstrations of mixed quality: a fraction of them (``sft_wrong_fraction``)
 show the distractor. The warm-started model then knows both behaviours and often prefers the
@@ -23,20 +25,22 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz+-*=:., "
+TOOL_ALPHABET = ALPHABET + "<>/"
+"""``task=tools`` also needs the tag characters of ``<tool>...</tool>``."""
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 
-def build_char_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast``: one token per character of
-    :data:`ALPHABET`, plus ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``. Decodes without spaces
+def build_char_tokenizer(alphabet: str = ALPHABET):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character of ``alphabet``
+    (:data:`ALPHABET`), plus ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``. Decodes without spaces
     between tokens. Save it with ``save_pretrained`` and it loads with ``AutoTokenizer``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *ALPHABET])}
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *alphabet])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -75,6 +79,12 @@ class Task:
     make: Callable[[random.Random], tuple[str, str, str]]
     """rng -> (prompt, answer, distractor)"""
     max_answer_length: int
+    alphabet: str = ALPHABET
+    """characters of the task's char tokenizer"""
+    reward: Optional[Callable[..., list[float]]] = None
+    """the task's reward function (``None`` = :func:`char_match`)"""
+    environment: Optional[Callable[[], Any]] = None
+    """a multi-turn task's environment factory (reinforcepp.agents); ``None`` = single turn"""
 
     def examples(self, n: int, seed: int, wrong_fraction: float = 0.0) -> list[dict[str, str]]:
         """``n`` rows ``{prompt, answer, demonstration}``; the demonstration (what the warm start
@@ -114,9 +124,18 @@ TASKS: dict[str, Task] = {
 }
 
 
+def _tools_task() -> Task:
+    from ..agents.task import make_env, make_example
+
+    return Task("tools", "add two 4-digit numbers with a calculator tool: '4821+9377=' -> '<tool>add 4821 9377</tool>', then '14198'",
+                make_example, 5, alphabet=TOOL_ALPHABET, reward=exact_match, environment=make_env)
+
+
 def get_task(name: str) -> Task:
+    if name == "tools" and name not in TASKS:
+        TASKS[name] = _tools_task()  # built on first use: it imports reinforcepp.agents
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join([*TASKS, 'tools'])}")
     return TASKS[name]
 
 

@@ -49,6 +49,7 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..agents.rollout import episode_metrics, split_turn_rewards
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
@@ -80,20 +81,16 @@ class Rollout:
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
-        g = self.generation
         return Rollout(
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
-            Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
-            self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            self.generation.select(index), self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
-        gens = [p.generation for p in parts]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
-            Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
-            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
+            Generation.concat([p.generation for p in parts]), torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
         )
 
 
@@ -164,6 +161,8 @@ class Trainer:
         train_dataset, eval_dataset: ``datasets.Dataset`` objects (or paths) with a prompt
             column (otherwise ``config.train_data`` / ``eval_data``).
         ref_model: an already-loaded reference model.
+        env: a factory of multi-turn environments, called once per episode (otherwise
+            ``config.environment``, or the built-in task's); see docs/agents.md.
     """
 
     def __init__(
@@ -176,6 +175,7 @@ class Trainer:
         train_dataset: Any = None,
         eval_dataset: Any = None,
         ref_model: Optional[torch.nn.Module] = None,
+        env: Optional[Callable[[], Any]] = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -200,6 +200,7 @@ class Trainer:
         self.timer = PhaseTimer()
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
+        self.env_factory = self._load_env_factory(env)
         self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.scorer = self._load_rewards(reward_funcs)
@@ -212,6 +213,7 @@ class Trainer:
         if config.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
+        self.episodes = self._episode_runner()
 
         from .data import PromptLoader
 
@@ -271,7 +273,9 @@ class Trainer:
             return tok, load_causal_lm(cfg.model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
         from .tasks import build_char_tokenizer, build_tiny_model
 
-        tok = tokenizer or build_char_tokenizer()
+        from .tasks import get_task
+
+        tok = tokenizer or build_char_tokenizer(get_task(cfg.task).alphabet)
         return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=self.dtype)
 
     def _load_data(self, train_dataset, eval_dataset):
@@ -299,10 +303,12 @@ class Trainer:
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
         if not funcs:
             if self.builtin_task is None:
+                if self.env_factory is not None:
+                    return None  # the environment's rewards only
                 raise ConfigError("no reward: set reward_funcs (module:function, path/file.py:function, rm:MODEL, http://...) or pass reward_funcs=[...]")
-            from .tasks import char_match
+            from .tasks import char_match, get_task
 
-            funcs = [char_match]
+            funcs = [get_task(self.builtin_task).reward or char_match]
         weights = list(cfg.reward_weights) or [1.0] * len(funcs)
         if len(weights) != len(funcs):
             raise ConfigError(f"{len(weights)} reward_weights for {len(funcs)} reward functions")
@@ -327,8 +333,38 @@ class Trainer:
             raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
         bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress and self.dist.is_main)
+        if self.env_factory is not None:  # multi-turn demonstrations
+            from ..agents.sft import warm_start_episodes
+
+            warm_start_episodes(self, prompts, on_step=lambda s, l: bar.update({"loss": l}))
+            return bar.close()
         sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
         bar.close()
+
+    def _load_env_factory(self, env):
+        if env is not None:
+            return env
+        if self.config.environment is not None:
+            from ..agents import load_environment
+
+            return load_environment(self.config.environment)
+        if self.builtin_task is not None:
+            from .tasks import get_task
+
+            return get_task(self.builtin_task).environment
+        return None
+
+    def _episode_runner(self):
+        """Multi-turn episodes through the same engine, when there is an environment."""
+        if self.env_factory is None:
+            return None
+        from ..agents import EpisodeRunner
+        from .data import has_chat_template, render_prompt
+
+        cfg = self.config
+        chat = cfg.use_chat_template and has_chat_template(self.tokenizer)
+        return EpisodeRunner(self.env_factory, self.engine, self.tokenizer, render=lambda p: render_prompt(self.tokenizer, p, cfg.use_chat_template),
+                             encode=self._encode_prompt, max_turns=cfg.max_turns, max_observation_tokens=cfg.max_observation_tokens, chat=chat, prompt_column=cfg.prompt_column)
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
         cfg = self.config
@@ -424,6 +460,14 @@ class Trainer:
 
         cfg = self.config
         timer = timer or self.timer
+        if self.episodes is not None:  # multi-turn: the environment plays the other side
+            from ..agents.rollout import score_episodes
+
+            with timer("generate"):
+                prompts, gen = self.episodes.run(rows, k, params)
+            with timer("score"):
+                expanded = [r for r in rows for _ in range(k)]
+                return gen, prompts, gen.episodes.final_texts, expanded, score_episodes(self.scorer, prompts, gen, columns_of(expanded, exclude=(cfg.prompt_column,)))
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
         with timer("generate"):
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
@@ -465,7 +509,7 @@ class Trainer:
 
     def _length_penalties(self, gen: Generation) -> torch.Tensor:
         cfg = self.config
-        lengths = torch.tensor([len(r) for r in gen.response_ids])
+        lengths = torch.tensor([sum(m) for m in gen.response_masks] if gen.response_masks is not None else [len(r) for r in gen.response_ids])  # the model's tokens
         penalty = torch.zeros(len(lengths))
         if cfg.overlong_buffer:
             penalty += overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -481,7 +525,8 @@ class Trainer:
     def make_experience(self, rollout: Rollout) -> Experience:
         """Forward passes without gradient, then shaped rewards, returns and advantages."""
         cfg = self.config
-        batch = collate(rollout.generation.prompt_ids, rollout.generation.response_ids, self.tokenizer.pad_token_id)
+        gen = rollout.generation
+        batch = collate(gen.prompt_ids, gen.response_ids, self.tokenizer.pad_token_id, response_masks=gen.response_masks)
         mb = cfg.micro_batch_size
         need_old = not cfg.on_policy or self.kl_placement == "reward"
         self.policy.eval()
@@ -490,7 +535,8 @@ class Trainer:
         ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
-        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
+        rewards, step_rewards = split_turn_rewards(rollout.rewards, gen, batch.response_length, self.spec.kl_in_reward)  # multi-turn: per-turn rewards
+        inputs = AdvantageInputs(rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=step_rewards)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
@@ -633,6 +679,7 @@ class Trainer:
             "kl/beta": float(self.kl_controller.value),
             **advantage_stats(exp.advantages, mask),
             **rollout.counts,
+            **episode_metrics(rollout.generation),
         }
         for name, values in rollout.per_source.items():
             m[f"reward/{name}"] = float(values.mean())
@@ -650,6 +697,8 @@ class Trainer:
             for i in range(min(self.config.num_logged_samples, len(rollout.prompts))):
                 row = {"step": self.step, "prompt": rollout.prompts[i], "completion": rollout.completions[i], "reward": float(rollout.rewards[i])}
                 row.update({f"reward/{n}": float(v[i]) for n, v in rollout.per_source.items()})
+                if rollout.generation.episodes is not None:
+                    row["transcript"] = rollout.generation.episodes.transcripts[i]
                 f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,245 @@
+"""Multi-turn rollouts through any :class:`~reinforcepp.lm.generation.GenerationEngine`.
+
+One episode is tokenised as one sequence: ``[prompt | turn 1 | obs 1 | turn 2 | ... | turn n]``.
+The engine generates one turn at a time from the transcript so far (so ``hf``, ``hf_generate``
+and a vLLM engine all work unchanged); the environment answers each turn. The result is the
+single-turn :class:`~reinforcepp.lm.generation.Generation` layout, with
+
+* ``response_ids``: everything after the prompt (model turns and observations);
+* ``response_masks``: 1 on the model's own tokens (each turn up to and including its EOS),
+  0 on observation tokens, so log-probs, KL, token rewards, whitening, loss aggregation and
+  ``response/length`` count only the model's tokens;
+* ``episodes``: :class:`EpisodeInfo` (final answers, environment rewards, per-turn rewards,
+  counters such as turns and tool calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..lm.generation import Generation, GenerationEngine, SamplingParams
+from .protocol import EnvError, EnvFactory, Prompt, StepResult, check_prompt, check_step, env_name
+
+
+@dataclass
+class EpisodeInfo:
+    """Per-episode results, aligned with the ``N`` rows of a :class:`Generation`."""
+
+    final_texts: list[str]
+    """the last model turn's text (what reward functions score)"""
+    transcripts: list[str]
+    """everything after the prompt, decoded (for the samples log)"""
+    env_rewards: Tensor
+    """``(N,)`` sum of the environment's rewards over the episode"""
+    turn_rewards: list[list[tuple[int, float]]]
+    """per episode: ``(response position of the turn's last token, reward)`` for every turn"""
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    """``(N,)`` counters: ``turns``, ``turn_limit`` (max_turns reached without done), and the
+    sums of the environment's ``info`` (``tool_calls``, ``tool_errors``, ...)"""
+
+    def select(self, index: Sequence[int]) -> "EpisodeInfo":
+        idx = list(index)
+        return EpisodeInfo([self.final_texts[i] for i in idx], [self.transcripts[i] for i in idx], self.env_rewards[idx],
+                           [self.turn_rewards[i] for i in idx], {k: v[idx] for k, v in self.stats.items()})
+
+    @staticmethod
+    def concat(parts: Sequence["EpisodeInfo"]) -> "EpisodeInfo":
+        keys = sorted({k for p in parts for k in p.stats})
+        n = [len(p.final_texts) for p in parts]
+        return EpisodeInfo([x for p in parts for x in p.final_texts], [x for p in parts for x in p.transcripts],
+                           torch.cat([p.env_rewards for p in parts]), [x for p in parts for x in p.turn_rewards],
+                           {k: torch.cat([p.stats.get(k, torch.zeros(m)) for p, m in zip(parts, n)]) for k in keys})
+
+
+class PlainFormat:
+    """Observations are appended as raw text (the tiny model, base models)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def observation_ids(self, text: str, role: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class ChatFormat:
+    """Observations are chat messages (``role`` ``tool`` by default, or ``user``) rendered by
+    the tokenizer's chat template: the ids are the text the template puts between the end of
+    an assistant turn (after its EOS) and the start of the next assistant turn."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._frames: dict[str, tuple[str, str]] = {}
+
+    def _frame(self, role: str) -> tuple[str, str]:
+        if role not in self._frames:
+            tok = self.tokenizer
+            marker, reply = "\x00OBS\x00", "\x00ANSWER\x00"
+            base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+            closed = tok.apply_chat_template(base, tokenize=False)
+            full = tok.apply_chat_template(base + [{"role": role, "content": marker}], tokenize=False, add_generation_prompt=True)
+            if not full.startswith(closed[: closed.index(reply)]) or marker not in full:
+                raise EnvError(f"the chat template cannot render a {role!r} message after an assistant turn")
+            after_reply = full[full.index(reply) + len(reply) :]
+            eos = tok.eos_token or ""
+            if eos and after_reply.startswith(eos):
+                after_reply = after_reply[len(eos) :]  # the model generated its EOS itself
+            head, tail = after_reply.split(marker, 1)
+            self._frames[role] = (head, tail)
+        return self._frames[role]
+
+    def observation_ids(self, text: str, role: str) -> list[int]:
+        head, tail = self._frame(role)
+        return list(self.tokenizer(head + text + tail, add_special_tokens=False)["input_ids"])
+
+
+def _resolve(values: list[Any]) -> list[Any]:
+    """Await the awaitables among ``values`` concurrently; plain values pass through."""
+    pending = [i for i, v in enumerate(values) if inspect.isawaitable(v)]
+    if pending:
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*(values[i] for i in pending))
+
+        for i, v in zip(pending, asyncio.run(gather())):
+            values[i] = v
+    return values
+
+
+class EpisodeRunner:
+    """Plays ``k`` episodes per row with fresh environments from ``factory``.
+
+    Args:
+        factory: called with no argument for every episode.
+        engine: any generation engine.
+        tokenizer: the policy's tokenizer.
+        render: ``render(prompt) -> text`` of the episode's first prompt (chat template or not).
+        encode: ``encode(text) -> ids`` of the rendered prompt.
+        max_turns: model turns per episode at most.
+        max_observation_tokens: observations are cut to this many tokens.
+        chat: observations rendered as chat messages (:class:`ChatFormat`), else raw text.
+    """
+
+    def __init__(self, factory: EnvFactory, engine: GenerationEngine, tokenizer: Any, *, render: Callable[[Prompt], str],
+                 encode: Callable[[str], list[int]], max_turns: int, max_observation_tokens: int, chat: bool = False,
+                 prompt_column: str = "prompt") -> None:
+        self.factory, self.engine, self.tokenizer = factory, engine, tokenizer
+        self.render, self.encode = render, encode
+        self.max_turns, self.max_observation_tokens = max_turns, max_observation_tokens
+        self.format = ChatFormat(tokenizer) if chat else PlainFormat(tokenizer)
+        self.prompt_column = prompt_column
+
+    def run(self, rows: Sequence[dict[str, Any]], k: int, params: SamplingParams) -> tuple[list[str], Generation]:
+        """Episodes for ``k`` samples of each row, laid out row by row (``N = len(rows) * k``).
+        Returns the rendered prompts (``N``) and the :class:`Generation`."""
+        expanded = [r for r in rows for _ in range(k)]
+        envs = [self.factory() for _ in expanded]
+        prompts = [check_prompt(e, p, r, self.prompt_column) for e, r, p in zip(envs, expanded, _resolve([e.reset(r) for e, r in zip(envs, expanded)]))]
+        rendered = [self.render(p) for p in prompts]
+        prompt_ids = [self.encode(t) for t in rendered]
+        n = len(expanded)
+        responses: list[list[int]] = [[] for _ in range(n)]
+        masks: list[list[int]] = [[] for _ in range(n)]
+        truncated = torch.zeros(n, dtype=torch.bool)
+        final = [""] * n
+        turn_rewards: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        stats: dict[str, Tensor] = {"turns": torch.zeros(n), "turn_limit": torch.zeros(n)}
+        shared = all(rendered[i] == rendered[i - i % k] for i in range(n))
+        active = list(range(n))
+        for turn in range(1, self.max_turns + 1):
+            if turn == 1 and shared:
+                gen = self.engine.generate(prompt_ids[::k], k, params)
+            else:
+                gen = self.engine.generate([prompt_ids[i] + responses[i] for i in active], 1, params)
+            texts = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+            steps = _resolve([envs[i].step(t) for i, t in zip(active, texts)])
+            still = []
+            for j, i in enumerate(active):
+                result: StepResult = check_step(envs[i], turn, steps[j])
+                responses[i] += gen.response_ids[j]
+                masks[i] += [1] * len(gen.response_ids[j])
+                truncated[i] = gen.truncated[j]
+                final[i] = texts[j]
+                stats["turns"][i] += 1
+                turn_rewards[i].append((len(responses[i]) - 1, result.reward))
+                for key, value in result.info.items():
+                    stats.setdefault(key, torch.zeros(n))[i] += value
+                if result.done:
+                    continue
+                if turn == self.max_turns:
+                    stats["turn_limit"][i] = 1
+                    continue
+                obs = self.format.observation_ids(result.observation, getattr(envs[i], "observation_role", "tool"))[: self.max_observation_tokens]
+                if not obs:
+                    raise EnvError(f"environment {env_name(envs[i])}, turn {turn}: an empty observation on a turn that is not done")
+                responses[i] += obs
+                masks[i] += [0] * len(obs)
+                still.append(i)
+            active = still
+            if not active:
+                break
+        transcripts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
+        env_rewards = torch.tensor([sum(r for _, r in tr) for tr in turn_rewards], dtype=torch.float32)
+        info = EpisodeInfo(final, transcripts, env_rewards, turn_rewards, stats)
+        return rendered, Generation(prompt_ids, responses, truncated, response_masks=masks, episodes=info)
+
+
+def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Where the rewards of a multi-turn episode go (see docs/agents.md, "Rewards").
+
+    The final turn's reward is part of the scalar ``R_i`` (``rewards``), on the episode's last
+    model token like any outcome reward. Rewards of earlier turns: for token-level estimators
+    (``token_level``: reinforce_pp, reinforce_pp_baseline, reinforce, gae) they become
+    ``step_rewards`` on the last token of their turn and are taken out of ``R_i``; estimators
+    that broadcast one advantage per response see them inside ``R_i``.
+
+    Returns:
+        ``(rewards (N,), step_rewards (N, T) or None)``.
+    """
+    info = generation.episodes
+    if info is None or not token_level:
+        return rewards, None
+    step = torch.zeros(len(info.turn_rewards), response_length)
+    for i, turns in enumerate(info.turn_rewards):
+        for pos, r in turns[:-1]:
+            step[i, pos] += r
+    if not bool(step.any()):
+        return rewards, None
+    return rewards - step.sum(1), step
+
+
+def episode_metrics(generation: Generation) -> dict[str, float]:
+    """``env/*`` means over the batch's episodes: turns per episode, the fraction that hit
+    ``max_turns``, the environment's reward, and every ``info`` counter per episode, with
+    ``env/tool_call_rate`` (episodes with at least one tool call) and
+    ``env/tool_error_rate`` (failed calls / calls) when the environment reports tool calls."""
+    info = generation.episodes
+    if info is None:
+        return {}
+    m = {f"env/{k}_per_episode" if k not in ("turns", "turn_limit") else f"env/{k}": float(v.mean()) for k, v in info.stats.items()}
+    m["env/turn_limit"] = m.pop("env/turn_limit")
+    m["env/reward_mean"] = float(info.env_rewards.mean())
+    if "tool_calls" in info.stats:
+        calls = info.stats["tool_calls"]
+        m["env/tool_call_rate"] = float((calls > 0).float().mean())
+        m["env/tool_error_rate"] = float((info.stats.get("tool_errors", torch.zeros_like(calls)).sum() + info.stats.get("tool_timeouts", torch.zeros_like(calls)).sum()) / calls.sum().clamp_min(1))
+    return m
+
+
+def score_episodes(scorer: Any, prompts: list[str], generation: Generation, columns: dict[str, list]) -> Any:
+    """``R_i`` of each episode: the reward functions on the final answer (when there are any)
+    plus the environment's rewards over the episode (logged as ``reward/env``)."""
+    from ..lm.rewards import RewardResult
+
+    info = generation.episodes
+    assert info is not None
+    if scorer is None:
+        return RewardResult(info.env_rewards.clone(), {"env": info.env_rewards}, torch.zeros(len(prompts), dtype=torch.bool))
+    result = scorer(prompts, info.final_texts, columns)
+    result.rewards = torch.where(result.dropped, result.rewards, result.rewards + info.env_rewards)
+    result.per_source = {**result.per_source, "env": info.env_rewards}
+    return result

@@ -1,0 +1,78 @@
+"""The built-in tool task (``task=tools``): add two 4-digit numbers with a calculator tool.
+
+The tiny model cannot add 4-digit numbers in its head (and is never taught to), but it can
+learn to call the tool and copy its answer::
+
+    prompt    4821+9377=
+    turn 1    <tool>add 4821 9377</tool><eos>        (model)
+    obs 1     <result>14198</result>                 (environment: the tool's output)
+    turn 2    14198<eos>                             (model: the final answer)
+
+The warm start imitates mixed-quality demonstrations: a fraction ``sft_wrong_fraction`` answer
+at once, without the tool, with the classic no-carry mistake (the model cannot compute those
+either, so they are wrong guesses); the rest call the tool and copy the result. After it the
+model mostly answers without the tool; RL with the exact-match reward on the final answer has to
+discover that calling the tool pays.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from .tools import TagToolParser, ToolEnv
+
+TOOL_TIMEOUT = 5.0
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def make_example(rng: random.Random) -> tuple[str, str, str]:
+    """rng -> (prompt, answer, distractor: the digit-wise sum without carries)."""
+    a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+    no_carry = "".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a), str(b)))
+    return f"{a}+{b}=", str(a + b), no_carry.lstrip("0") or "0"
+
+
+def tool_call_text(prompt: str) -> str:
+    """The demonstrated tool call for a prompt ``"A+B="``."""
+    a, b = prompt.rstrip("=").split("+")
+    return f"<tool>add {a} {b}</tool>"
+
+
+def make_env() -> ToolEnv:
+    """The task's environment: the ``add`` tool behind ``<tool>...</tool>`` tags."""
+    return ToolEnv([add], parser=TagToolParser(), timeout=TOOL_TIMEOUT)
+
+
+def demonstration_turns(row: dict[str, Any]) -> list[str]:
+    """The model turns of a row's demonstration: call then answer when the demonstration is the
+    right answer, a direct (wrong) answer otherwise."""
+    if row["demonstration"] == row["answer"]:
+        return [tool_call_text(row["prompt"]), row["answer"]]
+    return [row["demonstration"]]
+
+
+def demonstration_episode(env: Any, row: dict[str, Any], prompt_ids: list[int], turns: Sequence[str], tokenizer: Any, observation_ids: Any) -> tuple[list[int], list[int]]:
+    """``(response_ids, response_mask)`` of a demonstrated episode, with the observations the
+    environment really returns (so the warm start sees exactly what rollouts will)."""
+    from .protocol import check_step
+    from .rollout import _resolve
+
+    env.reset(row)
+    ids: list[int] = []
+    mask: list[int] = []
+    for turn, text in enumerate(turns, 1):
+        turn_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        ids += turn_ids
+        mask += [1] * len(turn_ids)
+        result = check_step(env, turn, _resolve([env.step(text)])[0])
+        if result.done or turn == len(turns):
+            break
+        obs = observation_ids(result.observation, "tool")
+        ids += obs
+        mask += [0] * len(obs)
+    return ids, mask
