@@ -4,9 +4,12 @@ The tiny model cannot add 4-digit numbers in its head (and is never taught to), 
 learn to call the tool and copy its answer::
 
     prompt    4821+9377=
-    turn 1    <tool>add 4821 9377</tool><eos>        (model)
-    obs 1     <result>14198</result>                 (environment: the tool's output)
-    turn 2    14198<eos>                             (model: the final answer)
+    turn 1    <t>add 4821 9377</t><eos>        (model)
+    obs 1     <r>14198</r>                     (environment: the tool's output)
+    turn 2    14198<eos>                       (model: the final answer)
+
+(:class:`~reinforcepp.agents.tools.TagToolParser` with short tags ``<t>``/``<r>``: every
+character is a token for the tiny model, and shorter episodes train faster.)
 
 The warm start imitates mixed-quality demonstrations: a fraction ``sft_wrong_fraction`` answer
 at once, without the tool, with the classic no-carry mistake (the model cannot compute those
@@ -23,6 +26,7 @@ from typing import Any, Sequence
 from .tools import TagToolParser, ToolEnv
 
 TOOL_TIMEOUT = 5.0
+PARSER = TagToolParser(open="<t>", close="</t>", result_open="<r>", result_close="</r>")
 
 
 def add(a: int, b: int) -> int:
@@ -40,12 +44,12 @@ def make_example(rng: random.Random) -> tuple[str, str, str]:
 def tool_call_text(prompt: str) -> str:
     """The demonstrated tool call for a prompt ``"A+B="``."""
     a, b = prompt.rstrip("=").split("+")
-    return f"<tool>add {a} {b}</tool>"
+    return f"{PARSER.open}add {a} {b}{PARSER.close}"
 
 
 def make_env() -> ToolEnv:
-    """The task's environment: the ``add`` tool behind ``<tool>...</tool>`` tags."""
-    return ToolEnv([add], parser=TagToolParser(), timeout=TOOL_TIMEOUT)
+    """The task's environment: the ``add`` tool behind ``<t>...</t>`` tags."""
+    return ToolEnv([add], parser=PARSER, timeout=TOOL_TIMEOUT)
 
 
 def demonstration_turns(row: dict[str, Any]) -> list[str]:

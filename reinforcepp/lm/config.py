@@ -123,8 +123,8 @@ class LMConfig(Config):
             lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, eval_samples=8, torch_threads=1,
             sft_steps=1000, sft_lr=3e-3, sft_wrong_fraction=0.75,
         )
-        if overrides.get("task") == "tools":  # two turns of up to 26 tokens each; longer sequences, fewer prompts
-            preset.update(max_new_tokens=28, prompts_per_step=16, total_steps=40, max_turns=3)
+        if overrides.get("task") == "tools":  # two turns (a 21-token call, then the answer): longer episodes, fewer prompts
+            preset.update(max_new_tokens=24, prompts_per_step=16, total_steps=40, max_turns=3)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------

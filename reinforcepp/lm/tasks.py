@@ -10,7 +10,7 @@ Tasks (``task=NAME``), each with a plausible wrong behaviour (its *distractor*):
 * ``reverse``: ``"rev abcde="`` -> ``"edcba"`` (distractor: copy, ``"abcde"``)
 * ``sort``: ``"sort 5183="`` -> ``"1358"`` (distractor: descending, ``"8531"``)
 * ``add``: ``"27+45="`` -> ``"72"`` (distractor: no carry, ``"62"``)
-* ``tools``: ``"4821+9377="`` -> call ``<tool>add 4821 9377</tool>``, read ``<result>14198</result>``,
+* ``tools``: ``"4821+9377="`` -> call ``<t>add 4821 9377</t>``, read ``<r>14198</r>``,
   answer ``"14198"`` (distractor: answer at once, without the tool; see :mod:`reinforcepp.agents.task`)
 
 The warm start imitates demonstrations of mixed quality: a fraction of them (``sft_wrong_fraction``)
@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz+-*=:., "
 TOOL_ALPHABET = ALPHABET + "<>/"
-"""``task=tools`` also needs the tag characters of ``<tool>...</tool>``."""
+"""``task=tools`` also needs the tag characters of ``<t>...</t>``."""
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 
@@ -127,7 +127,7 @@ TASKS: dict[str, Task] = {
 def _tools_task() -> Task:
     from ..agents.task import make_env, make_example
 
-    return Task("tools", "add two 4-digit numbers with a calculator tool: '4821+9377=' -> '<tool>add 4821 9377</tool>', then '14198'",
+    return Task("tools", "add two 4-digit numbers with a calculator tool: '4821+9377=' -> '<t>add 4821 9377</t>', then '14198'",
                 make_example, 5, alphabet=TOOL_ALPHABET, reward=exact_match, environment=make_env)
 
 
