@@ -8,8 +8,15 @@ See docs/agents.md. The pieces:
 * :mod:`.task`: the built-in ``task=tools`` (a calculator for 4-digit additions).
 """
 
-from .protocol import Environment, EnvError, EnvFactory, StepResult, load_environment
-from .rollout import ChatFormat, EpisodeInfo, EpisodeRunner, PlainFormat, episode_metrics, split_turn_rewards
+from .protocol import EnvError, EnvFactory, Environment, StepResult, load_environment
+from .rollout import (
+    ChatFormat,
+    EpisodeInfo,
+    EpisodeRunner,
+    PlainFormat,
+    episode_metrics,
+    split_turn_rewards,
+)
 from .tools import JSONToolParser, TagToolParser, ToolCall, ToolCallError, ToolEnv
 
 __all__ = [

@@ -17,11 +17,12 @@ import importlib
 import importlib.util
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-Prompt = Union[str, list[dict[str, Any]]]
+Prompt = str | list[dict[str, Any]]
 
 
 class EnvError(ValueError):
@@ -35,7 +36,7 @@ class Environment(Protocol):
     ``(observation, reward, done, info)``; ``info`` maps names to numbers, summed per episode
     and logged as ``env/<name>``."""
 
-    def reset(self, row: dict[str, Any]) -> Optional[Prompt]: ...
+    def reset(self, row: dict[str, Any]) -> Prompt | None: ...
 
     def step(self, assistant_text: str) -> tuple: ...
 

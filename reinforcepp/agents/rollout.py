@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..lm.generation import Generation, GenerationEngine, SamplingParams
-from .protocol import EnvError, EnvFactory, Prompt, StepResult, check_prompt, check_step, env_name
+from .protocol import (
+    EnvError,
+    EnvFactory,
+    Prompt,
+    StepResult,
+    check_prompt,
+    check_step,
+    env_name,
+)
 
 
 @dataclass
@@ -43,13 +52,13 @@ class EpisodeInfo:
     """``(N,)`` counters: ``turns``, ``turn_limit`` (max_turns reached without done), and the
     sums of the environment's ``info`` (``tool_calls``, ``tool_errors``, ...)"""
 
-    def select(self, index: Sequence[int]) -> "EpisodeInfo":
+    def select(self, index: Sequence[int]) -> EpisodeInfo:
         idx = list(index)
         return EpisodeInfo([self.final_texts[i] for i in idx], [self.transcripts[i] for i in idx], self.env_rewards[idx],
                            [self.turn_rewards[i] for i in idx], {k: v[idx] for k, v in self.stats.items()})
 
     @staticmethod
-    def concat(parts: Sequence["EpisodeInfo"]) -> "EpisodeInfo":
+    def concat(parts: Sequence[EpisodeInfo]) -> EpisodeInfo:
         keys = sorted({k for p in parts for k in p.stats})
         n = [len(p.final_texts) for p in parts]
         return EpisodeInfo([x for p in parts for x in p.final_texts], [x for p in parts for x in p.transcripts],
@@ -188,7 +197,7 @@ class EpisodeRunner:
         return rendered, Generation(prompt_ids, responses, truncated, response_masks=masks, episodes=info)
 
 
-def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Optional[Tensor]]:
+def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Tensor | None]:
     """Where the rewards of a multi-turn episode go (see docs/agents.md, "Rewards").
 
     The final turn's reward is part of the scalar ``R_i`` (``rewards``), on the episode's last

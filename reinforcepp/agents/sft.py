@@ -8,7 +8,8 @@ episode's response mask (0 on observations and padding).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ def sft_episodes(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
-    on_step: Optional[Callable[[int, float], None]] = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """``steps`` AdamW steps on random mini-batches of episodes (linear warmup over the first
     5% of steps, then constant). Returns the loss per step."""
@@ -56,14 +57,13 @@ def sft_episodes(
     return losses
 
 
-def warm_start_episodes(trainer: Any, prompts: Sequence[str], on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+def warm_start_episodes(trainer: Any, prompts: Sequence[str], on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """The built-in multi-turn task's warm start: each training row's demonstration played
     through a fresh environment (:func:`reinforcepp.agents.task.demonstration_episode`), then
     :func:`sft_episodes` for ``config.sft_steps`` steps."""
-    from .task import demonstration_episode, demonstration_turns
-
     from ..lm.data import has_chat_template
     from .rollout import ChatFormat, PlainFormat
+    from .task import demonstration_episode, demonstration_turns
 
     cfg = trainer.config
     tok = trainer.tokenizer

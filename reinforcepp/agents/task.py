@@ -21,7 +21,8 @@ discover that calling the tool pays.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .tools import TagToolParser, ToolEnv
 

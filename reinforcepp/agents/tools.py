@@ -20,8 +20,9 @@ import inspect
 import json
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 from .protocol import Prompt
 
@@ -30,7 +31,7 @@ from .protocol import Prompt
 class ToolCall:
     name: str
     args: tuple[Any, ...] = ()
-    kwargs: Optional[dict[str, Any]] = None
+    kwargs: dict[str, Any] | None = None
 
 
 class ToolCallError(ValueError):
@@ -38,7 +39,7 @@ class ToolCallError(ValueError):
 
 
 class ToolParser(Protocol):
-    def parse(self, text: str) -> Optional[ToolCall]:
+    def parse(self, text: str) -> ToolCall | None:
         """The first tool call in ``text``; ``None`` when there is none (a final answer)."""
         ...
 
@@ -55,7 +56,7 @@ class TagToolParser:
     def __init__(self, open: str = "<tool>", close: str = "</tool>", result_open: str = "<result>", result_close: str = "</result>") -> None:
         self.open, self.close, self.result_open, self.result_close = open, close, result_open, result_close
 
-    def parse(self, text: str) -> Optional[ToolCall]:
+    def parse(self, text: str) -> ToolCall | None:
         start = text.find(self.open)
         if start < 0:
             return None
@@ -86,7 +87,7 @@ class JSONToolParser:
 
     pattern = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
-    def parse(self, text: str) -> Optional[ToolCall]:
+    def parse(self, text: str) -> ToolCall | None:
         m = self.pattern.search(text)
         if m is None:
             return None
@@ -127,7 +128,7 @@ def _coerce(fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _call_with_timeout(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float) -> "concurrent.futures.Future[Any]":
+def _call_with_timeout(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float) -> concurrent.futures.Future[Any]:
     """Run ``fn`` on a daemon thread; the future holds its result or exception. A call that
     never returns leaves its thread behind (Python cannot kill a thread) but never blocks the
     run or its exit."""
@@ -163,12 +164,12 @@ class ToolEnv:
 
     def __init__(
         self,
-        tools: Union[Sequence[Callable[..., Any]], dict[str, Callable[..., Any]]],
+        tools: Sequence[Callable[..., Any]] | dict[str, Callable[..., Any]],
         *,
-        parser: Optional[ToolParser] = None,
+        parser: ToolParser | None = None,
         timeout: float = 10.0,
-        reward_fn: Optional[Callable[[dict[str, Any], str], float]] = None,
-        prompt_fn: Optional[Callable[[dict[str, Any]], Prompt]] = None,
+        reward_fn: Callable[[dict[str, Any], str], float] | None = None,
+        prompt_fn: Callable[[dict[str, Any]], Prompt] | None = None,
     ) -> None:
         self.tools = dict(tools) if isinstance(tools, dict) else {t.__name__: t for t in tools}
         self.parser: ToolParser = parser or TagToolParser()
@@ -177,7 +178,7 @@ class ToolEnv:
         self.prompt_fn = prompt_fn
         self.row: dict[str, Any] = {}
 
-    def reset(self, row: dict[str, Any]) -> Optional[Prompt]:
+    def reset(self, row: dict[str, Any]) -> Prompt | None:
         self.row = row
         return self.prompt_fn(row) if self.prompt_fn is not None else None
 

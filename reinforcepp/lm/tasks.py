@@ -128,7 +128,7 @@ def _tools_task() -> Task:
     from ..agents.task import make_env, make_example
 
     return Task("tools", "add two 4-digit numbers with a calculator tool: '4821+9377=' -> '<t>add 4821 9377</t>', then '14198'",
-                make_example, 5, alphabet=TOOL_ALPHABET, reward=exact_match, environment=make_env)
+                make_example, 5, alphabet=TOOL_ALPHABET, environment=make_env)
 
 
 def get_task(name: str) -> Task:

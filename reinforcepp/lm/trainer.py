@@ -722,6 +722,7 @@ class Trainer:
             "eval/reward_mean": float(greedy.rewards.mean()),
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
             f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
+            **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy.generation).items() if key in ("env/tool_call_rate", "env/turns")},
         }
         if self.logger is not None:
             self.logger.log(self.step, metrics, kind="eval")

@@ -21,6 +21,9 @@ DEFAULT_KEYS = (
     "approx_kl",
     "grad_norm",
     "episode/return_mean",
+    "env/tool_call_rate",
+    "eval/tool_call_rate",
+    "env/turns",
 )
 
 

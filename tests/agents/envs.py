@@ -16,7 +16,6 @@ class TwoTurnEnv:
 
     def reset(self, row):
         self.turn = 0
-        return None
 
     def step(self, text):
         self.turn += 1

@@ -17,8 +17,8 @@ PROMPTS, K = 4, 4
 
 
 def _settings(tmp):
-    return dict(prompts_per_step=PROMPTS, samples_per_prompt=K, micro_batch_size=4, epochs=2, kl_placement="loss", kl_coef=0.1,
-                max_new_tokens=4, max_turns=2, output_dir=str(tmp))
+    return {"prompts_per_step": PROMPTS, "samples_per_prompt": K, "micro_batch_size": 4, "epochs": 2, "kl_placement": "loss", "kl_coef": 0.1,
+                "max_new_tokens": 4, "max_turns": 2, "output_dir": str(tmp)}
 
 
 def _trainer(tmp) -> Trainer:
@@ -72,7 +72,7 @@ def test_one_rank_equals_two_ranks_with_episodes(tmp_path):
 
 
 def test_resume_equals_uninterrupted_with_episodes(tmp_path):
-    common = dict(total_steps=4, save_every=2, deterministic=True, epochs=2, mini_batch_size=8, max_new_tokens=4, max_turns=2, kl_placement="reward")
+    common = {"total_steps": 4, "save_every": 2, "deterministic": True, "epochs": 2, "mini_batch_size": 8, "max_new_tokens": 4, "max_turns": 2, "kl_placement": "reward"}
 
     def make(path, **kw):
         tok, model = tiny_policy()
@@ -97,5 +97,5 @@ def test_resume_equals_uninterrupted_with_episodes(tmp_path):
     resumed.train()
     for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # see test_trainer.py::test_resume_equals_uninterrupted
-    keep = lambda r: {k: v for k, v in r.items() if k.startswith(("env/", "reward/", "response/"))}  # noqa: E731
+    keep = lambda r: {k: v for k, v in r.items() if k.startswith(("env/", "reward/", "response/"))}
     assert [keep(r) for r in read_metrics(full.run_dir)] == [keep(r) for r in read_metrics(resumed.run_dir)]

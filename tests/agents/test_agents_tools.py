@@ -5,7 +5,13 @@ import time
 
 import pytest
 
-from reinforcepp.agents import ChatFormat, JSONToolParser, TagToolParser, ToolCall, ToolEnv
+from reinforcepp.agents import (
+    ChatFormat,
+    JSONToolParser,
+    TagToolParser,
+    ToolCall,
+    ToolEnv,
+)
 from reinforcepp.agents.protocol import EnvError, check_step
 
 
@@ -37,7 +43,7 @@ def test_tool_env_runs_the_tool_and_ends_on_an_answer():
     env = ToolEnv([add], reward_fn=lambda row, answer: float(answer.strip() == row["answer"]))
     env.reset({"prompt": "2+3=", "answer": "5"})
     assert step(env, "<tool>add 2 3</tool>") == ("<result>5</result>", 0.0, False, {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0})
-    obs, reward, done, info = step(env, "5")
+    _obs, reward, done, info = step(env, "5")
     assert (reward, done, info["tool_calls"]) == (1.0, True, 0.0)
 
 
@@ -75,7 +81,7 @@ def test_tool_timeout_goes_back_to_the_model_and_is_counted():
 
     env = ToolEnv([slow], timeout=0.05)
     env.reset({})
-    obs, reward, done, info = step(env, "<tool>slow 1</tool>")
+    obs, _reward, done, info = step(env, "<tool>slow 1</tool>")
     assert obs == "<result>error: slow timed out after 0.05 s</result>" and not done
     assert info == {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 1.0}
 
@@ -130,9 +136,26 @@ def test_cli_bad_environment_exits_2_with_one_line(tmp_path):
         [sys.executable, "-m", "reinforcepp.cli", "train", f"environment={env_file}:Broken", f"train_data={data}", "sft_steps=0",
          "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=3", "eval_every=0", "progress=false",
          "tensorboard=false", f"output_dir={tmp_path / 'run'}", "micro_batch_size=4"],
-        capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300,
+        check=False, capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300,
     )
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("reinforcepp train: environment")]
     assert lines == ["reinforcepp train: environment Broken, turn 1: the observation is a list, expected str"]
     assert "Traceback" not in out.stderr
+
+
+def test_worked_example_kv_env():
+    import json
+    from pathlib import Path
+
+    from reinforcepp.agents import load_environment
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "tool_env"
+    make_env = load_environment(f"{root / 'kv_env.py'}:make_env")
+    row = json.loads((root / "kv.jsonl").read_text().splitlines()[0])
+    key = row["prompt"].split("key ")[1].split("?")[0]
+    env = make_env()
+    assert env.reset(row) is None
+    assert step(env, f"<tool>get {key}</tool>")[0] == f"<result>{row['answer']}</result>"
+    assert step(env, "<tool>get nokey</tool>")[0] == "<result>error: get raised KeyError: 'nokey'</result>"
+    assert step(env, row["answer"])[1:3] == (1.0, True)

@@ -11,7 +11,13 @@ from reinforcepp.core import ESTIMATORS
 from reinforcepp.lm.generation import Generation
 from reinforcepp.lm.logprobs import naive_response_logprobs, response_logprobs
 from reinforcepp.lm.trainer import Rollout, Trainer
-from tests.agents.envs import AsyncTwoTurnEnv, BadObservationEnv, NaNRewardEnv, TurnRewardEnv, TwoTurnEnv
+from tests.agents.envs import (
+    AsyncTwoTurnEnv,
+    BadObservationEnv,
+    NaNRewardEnv,
+    TurnRewardEnv,
+    TwoTurnEnv,
+)
 from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
 
 
