@@ -713,7 +713,7 @@ class Trainer:
         with self.timer("eval"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7919 * self.step)
             inner = PhaseTimer()  # evaluation time is counted once, as time/eval
-            _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True), inner)
+            greedy_gen, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True), inner)
             _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature), inner)
         k = cfg.eval_samples
         passed = (sampled.rewards >= 1.0).view(-1, k)
@@ -722,7 +722,7 @@ class Trainer:
             "eval/reward_mean": float(greedy.rewards.mean()),
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
             f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
-            **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy.generation).items() if key in ("env/tool_call_rate", "env/turns")},
+            **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy_gen).items() if key in ("env/tool_call_rate", "env/turns")},
         }
         if self.logger is not None:
             self.logger.log(self.step, metrics, kind="eval")

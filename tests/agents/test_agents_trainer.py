@@ -127,11 +127,12 @@ def test_per_turn_rewards_are_credited_at_their_turn(tmp_path):
         assert exp.advantages[i, end1 + 1 : end1 + 5].abs().sum() == 0  # the observation
 
 
-def test_two_turn_logprobs_equal_one_forward(tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "hf_generate"])
+def test_two_turn_logprobs_equal_one_forward(tmp_path, engine):
     """The log-probs of each turn scored with the transcript so far as its prompt equal the log-probs
     of the whole transcript scored in one forward pass (the one the trainer uses); greedy turns
-    are the argmax of that forward."""
-    trainer = make_trainer(tmp_path)
+    are the argmax of that forward, whichever engine generated them."""
+    trainer = make_trainer(tmp_path, engine=engine)
     rows = [trainer.train_data[i] for i in range(3)]
     gen = trainer._generate_and_score(rows, 1, trainer._sampling(greedy=True))[0]
     exp = trainer.make_experience(Rollout(rows, [""] * 3, [""] * 3, gen, torch.zeros(3), {}, {}))
@@ -154,6 +155,12 @@ def test_two_turn_logprobs_equal_one_forward(tmp_path):
             start = end
             while start < len(resp) and mask[start] == 0:
                 start += 1
+
+
+def test_evaluate_reports_episode_metrics(tmp_path):
+    trainer = make_trainer(tmp_path, eval_fraction=0.25, eval_max_prompts=4, eval_samples=2)
+    metrics = trainer.evaluate()
+    assert metrics["eval/turns"] == 2.0 and 0.0 <= metrics["eval/reward_mean"] <= 1.0
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
