@@ -12,8 +12,10 @@ learn to call the tool and copy its answer::
 character is a token for the tiny model, and shorter episodes train faster.)
 
 The warm start imitates mixed-quality demonstrations: a fraction ``sft_wrong_fraction`` answer
-at once, without the tool, with the classic no-carry mistake (the model cannot compute those
-either, so they are wrong guesses); the rest call the tool and copy the result. After it the
+at once, without the tool, with a guess (a random number of the right size); the rest call the
+tool and copy the result. (The guesses carry no rule the model could learn instead of copying;
+a computable wrong rule such as the no-carry sum competes with copying and the warm-started
+model then ignores the tool's output.) After it the
 model mostly answers without the tool; RL with the exact-match reward on the final answer has to
 discover that calling the tool pays.
 """
@@ -36,10 +38,12 @@ def add(a: int, b: int) -> int:
 
 
 def make_example(rng: random.Random) -> tuple[str, str, str]:
-    """rng -> (prompt, answer, distractor: the digit-wise sum without carries)."""
+    """rng -> (prompt, answer, distractor: a guess, a random number of the answer's size)."""
     a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
-    no_carry = "".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a), str(b)))
-    return f"{a}+{b}=", str(a + b), no_carry.lstrip("0") or "0"
+    guess = rng.randint(2000, 19998)
+    if guess == a + b:
+        guess += 1
+    return f"{a}+{b}=", str(a + b), str(guess)
 
 
 def tool_call_text(prompt: str) -> str:
