@@ -242,7 +242,7 @@ def episode_metrics(generation: Generation) -> dict[str, float]:
 def score_episodes(scorer: Any, prompts: list[str], generation: Generation, columns: dict[str, list]) -> Any:
     """``R_i`` of each episode: the reward functions on the final answer (when there are any)
     plus the environment's rewards over the episode (logged as ``reward/env``)."""
-    from ..lm.rewards import RewardResult
+    from ..rewards import RewardResult
 
     info = generation.episodes
     assert info is not None
