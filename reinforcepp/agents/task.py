@@ -3,10 +3,10 @@
 The tiny model cannot add 4-digit numbers in its head (and is never taught to), but it can
 learn to call the tool and copy its answer::
 
-    prompt    4821+9377=
-    turn 1    <t>add 4821 9377</t><eos>        (model)
-    obs 1     <r>14198</r>                     (environment: the tool's output)
-    turn 2    14198<eos>                       (model: the final answer)
+    prompt    5821+9377=
+    turn 1    <t>add 5821 9377</t><eos>        (model)
+    obs 1     <r>15198</r>                     (environment: the tool's output)
+    turn 2    15198<eos>                       (model: the final answer)
 
 (:class:`~reinforcepp.agents.tools.TagToolParser` with short tags ``<t>``/``<r>``: every
 character is a token for the tiny model, and shorter episodes train faster.)
@@ -38,9 +38,11 @@ def add(a: int, b: int) -> int:
 
 
 def make_example(rng: random.Random) -> tuple[str, str, str]:
-    """rng -> (prompt, answer, distractor: a guess, a random number of the answer's size)."""
-    a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
-    guess = rng.randint(2000, 19998)
+    """rng -> (prompt, answer, distractor: a guess, a random number of the answer's size).
+    Both numbers are >= 5000, so every sum has 5 digits (the answer sits at a fixed distance
+    from the tool's output)."""
+    a, b = rng.randint(5000, 9999), rng.randint(5000, 9999)
+    guess = rng.randint(10000, 19998)
     if guess == a + b:
         guess += 1
     return f"{a}+{b}=", str(a + b), str(guess)

@@ -10,8 +10,8 @@ Tasks (``task=NAME``), each with a plausible wrong behaviour (its *distractor*):
 * ``reverse``: ``"rev abcde="`` -> ``"edcba"`` (distractor: copy, ``"abcde"``)
 * ``sort``: ``"sort 5183="`` -> ``"1358"`` (distractor: descending, ``"8531"``)
 * ``add``: ``"27+45="`` -> ``"72"`` (distractor: no carry, ``"62"``)
-* ``tools``: ``"4821+9377="`` -> call ``<t>add 4821 9377</t>``, read ``<r>14198</r>``,
-  answer ``"14198"`` (distractor: answer at once, without the tool; see :mod:`reinforcepp.agents.task`)
+* ``tools``: ``"5821+9377="`` -> call ``<t>add 5821 9377</t>``, read ``<r>15198</r>``,
+  answer ``"15198"`` (distractor: answer at once, without the tool; see :mod:`reinforcepp.agents.task`)
 
 The warm start imitates demonstrations of mixed quality: a fraction of them (``sft_wrong_fraction``)
 show the distractor. The warm-started model then knows both behaviours and often prefers the
@@ -127,7 +127,7 @@ TASKS: dict[str, Task] = {
 def _tools_task() -> Task:
     from ..agents.task import make_env, make_example
 
-    return Task("tools", "add two 4-digit numbers with a calculator tool: '4821+9377=' -> '<t>add 4821 9377</t>', then '14198'",
+    return Task("tools", "add two 4-digit numbers with a calculator tool: '5821+9377=' -> '<t>add 5821 9377</t>', then '15198'",
                 make_example, 5, alphabet=TOOL_ALPHABET, environment=make_env)
 
 
