@@ -124,7 +124,7 @@ class LMConfig(Config):
             sft_steps=1000, sft_lr=3e-3, sft_wrong_fraction=0.75,
         )
         if overrides.get("task") == "tools":  # two turns (a 21-token call, then the answer): longer episodes, fewer prompts
-            preset.update(max_new_tokens=24, prompts_per_step=16, total_steps=40, max_turns=3, eval_max_prompts=100, sft_steps=800, sft_wrong_fraction=0.7)
+            preset.update(max_new_tokens=24, prompts_per_step=16, total_steps=40, max_turns=3, eval_max_prompts=100, sft_steps=1500, sft_wrong_fraction=0.6)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------
