@@ -154,7 +154,7 @@ class Config:
         """Every field with its type, default and help, as a Markdown table."""
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for f, (name, tp) in zip(dataclasses.fields(cls), cls.field_types().items()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else typing.cast(typing.Callable[[], Any], f.default_factory)()
             tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             rows.append(f"| `{name}` | {tname.replace('|', 'or')} | `{default!r}` | {f.metadata.get('help', '')} |")
         return "\n".join(rows)

@@ -70,7 +70,7 @@ class GymTrainer:
         self.params = params
         # fused: one kernel updates every parameter (the same Adam; per-tensor loops cost more than the math here)
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
-        self.obs_norm = ObsNormalizer(obs_space.shape, cfg.normalize_obs, cfg.obs_clip)
+        self.obs_norm = ObsNormalizer(obs_space.shape or (), cfg.normalize_obs, cfg.obs_clip)
         self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
         self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
         self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
@@ -84,8 +84,9 @@ class GymTrainer:
         """Run to ``total_env_steps``; returns the final evaluation's metrics."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and self.checkpoints.latest() is not None:
-            self.load(self.checkpoints.latest())
+        latest = self.checkpoints.latest()
+        if cfg.resume and latest is not None:
+            self.load(latest)
         else:
             self.collector.reset(cfg.seed)
         cfg.save(self.run_dir / "config.yaml")
@@ -281,7 +282,7 @@ class GymTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
-            "envs": pickle.dumps(self.envs.envs) if envs_restorable(self.envs) else None,
+            "envs": pickle.dumps(self.envs.envs) if envs_restorable(self.envs) else None,  # type: ignore[attr-defined]
             "config": self.cfg.to_dict(),
         }
         with self.checkpoints.save(self.env_steps) as d:
@@ -302,7 +303,7 @@ class GymTrainer:
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.generator.set_state(state["generator"])
         if state["envs"] is not None and envs_restorable(self.envs):
-            self.envs.envs = pickle.loads(state["envs"])
+            self.envs.envs = pickle.loads(state["envs"])  # type: ignore[attr-defined]
             self.collector.load_state_dict(copy.deepcopy(state["collector"]))
         else:
             warnings.warn("environment state was not saved (not picklable exactly): resuming with fresh episodes", stacklevel=2)

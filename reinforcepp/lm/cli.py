@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 from ..config import ConfigError, parse_overrides
 
@@ -113,9 +114,9 @@ def sft_main(argv: list[str]) -> int:
         return 2
     prompts = [render_prompt(tokenizer, p, not args.no_chat_template) for p in data["prompt"]]
     bar = Progress(args.steps, desc="sft", keys={"loss": "loss"})
-    sft_train(model, tokenizer, prompts, list(data[args.completion_column]), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, on_step=lambda s, l: bar.update({"loss": l}))
+    sft_train(model, tokenizer, prompts, list(data[args.completion_column]), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, on_step=lambda _, loss: bar.update({"loss": loss}))
     bar.close()
-    model.save_pretrained(args.output_dir, safe_serialization=True)
+    cast(Any, model).save_pretrained(args.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved {args.output_dir}")
     return 0
@@ -133,5 +134,6 @@ def eval_main(argv: list[str]) -> int:
     trainer = Trainer(config)
     for k, v in trainer.evaluate().items():
         print(f"{k}: {v:.4f}")
-    trainer.logger.close()
+    if trainer.logger is not None:
+        trainer.logger.close()
     return 0

@@ -11,10 +11,10 @@ passes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 from ..config import Config, ConfigError, option
-from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, get_estimator
+from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
 
 
 @dataclasses.dataclass
@@ -144,14 +144,14 @@ class LMConfig(Config):
         return get_estimator(self.estimator).default_kl_placement
 
     @property
-    def resolved_kl_estimator(self) -> str:
+    def resolved_kl_estimator(self) -> KLEstimatorName:
         if self.kl_estimator is not None:
             return self.kl_estimator
         return "k1" if self.resolved_kl_placement == "reward" else "k3"
 
     @property
-    def resolved_loss_agg(self) -> str:
-        return self.loss_agg or get_estimator(self.estimator).default_loss_agg
+    def resolved_loss_agg(self) -> LossAgg:
+        return cast(LossAgg, self.loss_agg or get_estimator(self.estimator).default_loss_agg)
 
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""

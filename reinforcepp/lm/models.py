@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.devic
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return realign(model.to(device))
+    return realign(torch.nn.Module.to(model, device))
 
 
 ALIGNMENT = 64
@@ -90,7 +90,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: torch.nn.Module) -> "ValueModel":
+    def from_causal_lm(cls, lm: Any) -> "ValueModel":
         """A critic on a deep copy of ``lm``'s backbone (the LM head is dropped)."""
         backbone = copy.deepcopy(lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model)
         backbone.requires_grad_(True)

@@ -327,7 +327,7 @@ class Trainer:
             raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
         bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress and self.dist.is_main)
-        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
+        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda _, loss: bar.update({"loss": loss}))
         bar.close()
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
@@ -444,7 +444,8 @@ class Trainer:
         kept: list[Rollout] = []  # one whole group each
         counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
         mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
-        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):
+        round_ = 0
+        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
             gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
             scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {})
             counts["reward/dropped_samples"] += float(result.dropped.sum())
@@ -489,7 +490,10 @@ class Trainer:
         self.policy.train()
         ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
-        kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
+        kl = None
+        if self.kl_placement == "reward":
+            assert old is not None and ref is not None  # reward KL computes both
+            kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask
         inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
@@ -519,7 +523,7 @@ class Trainer:
             "approx_kl": approx_kl(logp, old, mask),
             "entropy": float(masked_mean(torch.cat(seen["entropy"]), mask)),
             "grad_norm": mean("grad_norm"),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
         if self.kl_placement == "loss":
@@ -565,7 +569,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
         scalars["grad_norm"].append(float(grad_norm))
-        if self.critic is not None:
+        if self.critic is not None and self.critic_optimizer is not None:
             scalars["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)))
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -589,6 +593,7 @@ class Trainer:
         dev = self.device
         b = part.batch
         out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        assert out.entropy is not None  # with_entropy=True
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
         mask = b.response_mask.to(logp.device)
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
@@ -596,6 +601,7 @@ class Trainer:
         per_token = pl.loss
         agg = lambda x: aggregate(x, mask, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
+            assert part.ref_logprobs is not None  # loss KL needs the reference
             kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
             per_token = per_token + self.kl_controller.value * kl
             scalars["loss/kl"].append(float(agg(kl.detach())))
@@ -610,6 +616,7 @@ class Trainer:
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
+        assert self.critic is not None and part.values is not None
         values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
@@ -682,7 +689,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N.
         Rank 0 writes it, with every rank's RNG state."""
-        rng = rng_state()
+        rng: Any = rng_state()
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -705,7 +712,7 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "tokens_total": self.tokens_total,
             }
-            if self.critic is not None:
+            if self.critic is not None and self.critic_optimizer is not None:
                 state["critic"] = self.critic.state_dict()
                 state["critic_optimizer"] = self.critic_optimizer.state_dict()
             torch.save(state, d / STATE_FILE)
@@ -721,7 +728,7 @@ class Trainer:
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
-        if self.critic is not None:
+        if self.critic is not None and self.critic_optimizer is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         rng = state["rng"]
