@@ -14,8 +14,6 @@ One iteration, as in ALGORITHM.md ("The training step"):
 
 from __future__ import annotations
 
-import copy
-import pickle
 import time
 import warnings
 from pathlib import Path
@@ -28,11 +26,14 @@ from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.state import load_state, save_state
+from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
 
-STATE_FILE = "state.pt"
+STATE_NAME = "state"
+"""``state.safetensors`` + ``state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
 def set_torch_threads(n: int) -> None:
@@ -40,12 +41,6 @@ def set_torch_threads(n: int) -> None:
     threads than one, and on a shared machine extra threads fight other processes for cores."""
     if n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-def envs_restorable(envs: gym.vector.VectorEnv) -> bool:
-    """Whether the environments' full state survives pickling (sync envs whose unwrapped env
-    is not an ``EzPickle``, which pickles only constructor arguments: Box2D and MuJoCo are)."""
-    return hasattr(envs, "envs") and not any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.envs)
 
 
 class GymTrainer:
@@ -269,9 +264,9 @@ class GymTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.pt``: weights, optimizer,
-        normalisers, RNG states, the collector's carried segments and (when their state pickles
-        exactly) the environments themselves."""
+        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.{safetensors,json}``
+        (no pickle): weights, optimizer, normalisers, RNG states, the collector's carried
+        segments and (classic-control and other plain-data envs) the environments' state."""
         state: dict[str, Any] = {
             "iteration": self.iteration,
             "env_steps": self.env_steps,
@@ -282,18 +277,18 @@ class GymTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
-            "envs": pickle.dumps(self.envs.envs) if envs_restorable(self.envs) else None,  # type: ignore[attr-defined]
+            "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
         with self.checkpoints.save(self.env_steps) as d:
-            torch.save(state, d / STATE_FILE)
+            save_state(d, STATE_NAME, state)
         return self.checkpoints.path(self.env_steps)
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save`. Resume is exact when the environments
         were saved; otherwise (async or Box2D/MuJoCo envs) they restart fresh episodes, seeded
         by the iteration, and the carried segments are dropped."""
-        state = torch.load(Path(path) / STATE_FILE, weights_only=False)
+        state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
@@ -302,11 +297,11 @@ class GymTrainer:
         self.obs_norm.rms.load_state_dict(state["obs_norm"])
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.generator.set_state(state["generator"])
-        if state["envs"] is not None and envs_restorable(self.envs):
-            self.envs.envs = pickle.loads(state["envs"])  # type: ignore[attr-defined]
-            self.collector.load_state_dict(copy.deepcopy(state["collector"]))
+        if state["envs"] is not None and restorable(self.envs):
+            set_vector_env_state(self.envs, state["envs"])
+            self.collector.load_state_dict(state["collector"])
         else:
-            warnings.warn("environment state was not saved (not picklable exactly): resuming with fresh episodes", stacklevel=2)
+            warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh episodes", stacklevel=2)
             self.collector.reset(self.cfg.seed + 7919 * self.iteration)
 
     def close(self) -> None:

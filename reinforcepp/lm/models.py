@@ -38,10 +38,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, safetensors_only: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``; ``safetensors_only`` (models in a run directory,
+    which reinforcepp always writes as safetensors) refuses pickle weight files."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra = {"use_safetensors": True} if safetensors_only else {}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     return realign(torch.nn.Module.to(model, device))
 
 

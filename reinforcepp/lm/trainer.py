@@ -49,6 +49,7 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
@@ -58,7 +59,8 @@ from .distributed import init_distributed
 from .profile import update_flops
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
-STATE_FILE = "trainer_state.pt"
+STATE_NAME = "trainer_state"
+"""``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -258,7 +260,7 @@ class Trainer:
         cfg = self.config
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code, safetensors_only=True)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
@@ -342,7 +344,7 @@ class Trainer:
         if resume_from is not None:
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
-            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
+            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
             self.policy.save_pretrained(saved, safe_serialization=True)
@@ -687,8 +689,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N.
-        Rank 0 writes it, with every rank's RNG state."""
+        """HF-format model (safetensors) + optimizer, scheduler, RNG, data position (safetensors +
+        JSON, no pickle); atomic, keep last N. Rank 0 writes it, with every rank's RNG state."""
         rng: Any = rng_state()
         if self.dist.enabled:
             import torch.distributed as dist
@@ -715,12 +717,12 @@ class Trainer:
             if self.critic is not None and self.critic_optimizer is not None:
                 state["critic"] = self.critic.state_dict()
                 state["critic_optimizer"] = self.critic_optimizer.state_dict()
-            torch.save(state, d / STATE_FILE)
+            save_state(d, STATE_NAME, state)
         self.dist.barrier()
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = load_state(path, STATE_NAME)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reinforcepp.gym import GymConfig, GymTrainer, train
+from reinforcepp.run.state import load_state
 from reinforcepp.run import CheckpointManager, read_metrics
 
 RANDOM_CARTPOLE = 22.0  # mean return of the uniform random policy
@@ -47,7 +48,7 @@ def test_cartpole_learns_with_gae(tmp_path):
 
 
 def _final_weights(run_dir):
-    state = torch.load(CheckpointManager(run_dir).latest() / "state.pt", weights_only=False)
+    state = load_state(CheckpointManager(run_dir).latest(), "state")
     return state["policy"], state["critic"]
 
 
