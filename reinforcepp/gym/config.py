@@ -52,6 +52,7 @@ class GymConfig(Config):
     torch_threads: int = option(1, "torch intra-op threads; 1 is fastest for small MLPs (0 = leave torch's default)")
     run_dir: str = option("runs/gym", "run directory: config.yaml, metrics.jsonl, tensorboard/, plots.png, checkpoints/, videos/")
     resume: bool = option(False, "continue from the latest complete checkpoint in run_dir")
+    overwrite: bool = option(False, "run_dir holds an old run: move it aside (to RUN_DIR.old-<time>) instead of refusing to start")
     eval_every: int = option(10_000, "evaluate every this many environment steps (0 = only at the end)")
     eval_episodes: int = option(10, "episodes per deterministic evaluation")
     save_every: int = option(0, "checkpoint every this many environment steps (0 = only at the end)")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
 from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
@@ -78,9 +79,12 @@ class GymTrainer:
     def train(self) -> dict[str, float]:
         """Run to ``total_env_steps``; returns the final evaluation's metrics."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         latest = self.checkpoints.latest()
-        if cfg.resume and latest is not None:
+        if cfg.resume and latest is None:
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; drop resume to start a new run")
+        claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite, option="run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if latest is not None and cfg.resume:
             self.load(latest)
         else:
             self.collector.reset(cfg.seed)

@@ -20,6 +20,7 @@ def _split_args(argv: list[str], prog: str, description: str) -> tuple[argparse.
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml, then key=value overrides")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) and start a new one")
     parser.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
     args = parser.parse_args(argv)
     config_file = [a for a in args.items if "=" not in a and a.endswith((".yaml", ".yml"))]
@@ -30,19 +31,25 @@ def _split_args(argv: list[str], prog: str, description: str) -> tuple[argparse.
     return args, overrides
 
 
-def build_config(config_file: str | None, overrides: list[str], resume: bool = False):
-    """Preset (the built-in tiny job when no model is named), YAML file, then overrides."""
+def build_config(config_file: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False):
+    """Preset (the built-in tiny job when no model is named), YAML file, then overrides. On
+    resume the run's saved config comes first, except its security settings (reported)."""
     import yaml
 
+    from ..run.folder import merge_resumed_config
     from .config import LMConfig
 
     values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
     values.update(parse_overrides(overrides))
+    if overwrite:
+        values["overwrite"] = True
     if resume:
         values["resume"] = True
         saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
         if saved is not None and saved.exists():
-            values = {**yaml.safe_load(saved.read_text()), **values}
+            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, values)
+            for note in notes:
+                print(f"resume: {note}", file=sys.stderr)
     if values.get("model") in (None, "None", "none", ""):
         return LMConfig.tiny(**values)
     return LMConfig.from_dict(values)
@@ -56,7 +63,7 @@ def train_main(argv: list[str]) -> int:
         print(LMConfig.describe())
         return 0
     try:
-        config = build_config(args.config_file, overrides, args.resume)
+        config = build_config(args.config_file, overrides, args.resume, args.overwrite)
     except (ConfigError, FileNotFoundError) as e:
         print(f"reinforcepp train: {e}", file=sys.stderr)
         return 2

@@ -101,6 +101,7 @@ class LMConfig(Config):
     save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = option(2, "checkpoints kept")
     resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = option(False, "output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) instead of refusing to start")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
     tensorboard: bool = option(True, "write TensorBoard event files")

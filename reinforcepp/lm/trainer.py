@@ -49,6 +49,7 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
@@ -187,10 +188,12 @@ class Trainer:
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
         self.run_dir = Path(config.output_dir or self._default_run_dir())
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the run folder
+            claim_run_dir(self.run_dir, resume=config.resume, overwrite=config.overwrite)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
         resume_from = self.checkpoints.latest() if config.resume else None
         if config.resume and resume_from is None:
-            raise FileNotFoundError(f"resume=true but {self.run_dir} holds no complete checkpoint")
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint")
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
