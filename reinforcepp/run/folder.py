@@ -82,6 +82,6 @@ def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], sec
         merged[key] = value
     for key, value in given.items():
         if key in merged and str(merged[key]) != str(value) and key not in security and key not in ("resume", "overwrite"):
-            notes.append(f"{key}: saved {merged[key]!r}, now {value!r} (from the command line)")
+            notes.append(f"{key}: saved {merged[key]}, now {value} (yours)")
         merged[key] = value
     return merged, notes
