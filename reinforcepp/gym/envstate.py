@@ -86,12 +86,12 @@ def set_env_state(env: gym.Env, state: list[dict[str, Any]]) -> None:
             setattr(link, key, np.random.Generator(bit))
 
 
-def vector_env_state(envs: gym.vector.VectorEnv) -> list[list[dict[str, Any]]]:
+def vector_env_state(envs: Any) -> list[list[dict[str, Any]]]:
     """:func:`env_state` of every sub-environment of a sync vector env."""
     return [env_state(e) for e in envs.envs]
 
 
-def set_vector_env_state(envs: gym.vector.VectorEnv, state: list[list[dict[str, Any]]]) -> None:
+def set_vector_env_state(envs: Any, state: list[list[dict[str, Any]]]) -> None:
     sub = envs.envs
     if len(sub) != len(state):
         raise ValueError(f"the checkpoint holds {len(state)} environments, the run has {len(sub)}")
