@@ -62,15 +62,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"reinforcepp: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    from .errors import InputError
+    from .errors import InputError, RunStopped
 
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except InputError as e:
+    except (InputError, RunStopped) as e:
         if debug:
             raise
         print(f"reinforcepp {name}: {one_line(e)}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, InputError) else 1
 
 
 def one_line(error: BaseException) -> str:

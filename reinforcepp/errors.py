@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class InputError(Exception):
     """Bad input: a one-line message that names the key, file (and line), value or sample."""
+
+
+class RunStopped(RuntimeError):
+    """A run that stopped itself on purpose with a clear reason (too many non-finite steps):
+    the command line prints the one line and exits with code 1."""

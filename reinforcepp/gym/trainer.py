@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
+from ..errors import RunStopped
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
@@ -32,6 +33,10 @@ from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
+
+class NonFiniteError(RunStopped):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
 
 STATE_NAME = "state"
 """``state.safetensors`` + ``state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
@@ -72,6 +77,8 @@ class GymTrainer:
         self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
         self.iteration = 0
         self.env_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
 
@@ -165,7 +172,7 @@ class GymTrainer:
         entropy_grad = cfg.entropy_coef != 0.0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         sums: dict[str, list[Tensor]] = {"loss/policy": [], "loss/value": [], "entropy": [], "grad_norm": []}
-        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "low": [], "high": []}
+        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "old": [], "low": [], "high": []}
         ones = torch.ones(min(n, cfg.mini_batch_size))
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator)
@@ -187,22 +194,41 @@ class GymTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+                if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                    self._skip_nonfinite(float(loss), float(norm))
+                    continue
+                self.nonfinite_in_a_row = 0
                 self.optimizer.step()
                 sums["loss/policy"].append(loss_pi.detach())
                 sums["entropy"].append(loss_ent.detach())
                 sums["grad_norm"].append(norm.detach())
                 if epoch == cfg.epochs - 1:
                     last_epoch["logprobs"].append(logprobs.detach())
+                    last_epoch["old"].append(mb["old"])
                     last_epoch["low"].append(pl.clipped_low)
                     last_epoch["high"].append(pl.clipped_high)
         out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
-        cat = {k: torch.cat(v) for k, v in last_epoch.items()}
-        ones = torch.ones(n)
-        out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
-        out["approx_kl"] = approx_kl(cat["logprobs"], shuffled["old"], ones)
+        out["nonfinite/skipped_steps"] = float(self.nonfinite_total)
+        if last_epoch["logprobs"]:
+            cat = {k: torch.cat(v) for k, v in last_epoch.items()}
+            ones = torch.ones(cat["logprobs"].shape[0])
+            out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
+            out["approx_kl"] = approx_kl(cat["logprobs"], cat["old"], ones)
         if self.policy.log_std is not None:
             out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
         return out
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient never reaches the weights: drop the gradients, count
+        the skip, stop after ``max_nonfinite_steps`` in a row (as the language-model trainer)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"env step {self.env_steps}: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or gradient norm "
+                f"({grad_norm}); the weights were left untouched. Lower lr, check the rewards (normalize_reward=true), or the observations."
+            )
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}
@@ -281,6 +307,7 @@ class GymTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
             "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
@@ -294,6 +321,7 @@ class GymTrainer:
         by the iteration, and the carried segments are dropped."""
         state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from ..config import ConfigError
+from ..errors import RunStopped
 from ..core import (
     AdaptiveKLController,
     AdvantageInputs,
@@ -64,7 +65,7 @@ STATE_NAME = "trainer_state"
 """``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
