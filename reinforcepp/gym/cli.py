@@ -94,7 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .trainer import GymTrainer
 
     run_dir = Path(args.eval_dir)
-    latest = CheckpointManager(run_dir).latest()
+    latest = CheckpointManager(run_dir).latest_intact()
     if latest is None:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ class GymTrainer:
     def train(self) -> dict[str, float]:
         """Run to ``total_env_steps``; returns the final evaluation's metrics."""
         cfg = self.cfg
-        latest = self.checkpoints.latest()
+        latest = self.checkpoints.latest_intact() if cfg.resume else None
         if cfg.resume and latest is None:
             raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; drop resume to start a new run")
         claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite, option="run_dir")

@@ -192,7 +192,7 @@ class Trainer:
         if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the run folder
             claim_run_dir(self.run_dir, resume=config.resume, overwrite=config.overwrite)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
-        resume_from = self.checkpoints.latest() if config.resume else None
+        resume_from = self.checkpoints.latest_intact() if config.resume else None
         if config.resume and resume_from is None:
             raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint")
         self.device = resolve_device(config.device)
