@@ -62,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"reinforcepp: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    from .errors import InputError, RunStopped
+    from .errors import InputError, RunStopped, one_line
 
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
@@ -71,11 +71,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"reinforcepp {name}: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, InputError) else 1
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a user's multi-line message is joined)."""
-    return " ".join(str(error).split("\n")).strip() or type(error).__name__
 
 
 if __name__ == "__main__":

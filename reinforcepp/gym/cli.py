@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional
 
-from ..config import ConfigError
+from ..errors import setup_phase
 from .config import GymConfig
 
 
@@ -44,21 +44,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.list_options:
         print(GymConfig.describe())
         return 0
-    from .trainer import train
+    from .trainer import GymTrainer
 
+    if args.eval_dir:
+        return _evaluate(args)
+    # bad input raises InputError: reinforcepp.cli prints one line and exits with code 2
+    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
+    if args.resume:
+        shorthands.append("resume=true")
+    if args.overwrite:
+        shorthands.append("overwrite=true")
+    cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else GymConfig.load(args.config, shorthands + list(args.overrides))
+    with setup_phase(f"setting up {cfg.env_id}"):
+        trainer = GymTrainer(cfg)
     try:
-        if args.eval_dir:
-            return _evaluate(args)
-        shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
-        if args.resume:
-            shorthands.append("resume=true")
-        if args.overwrite:
-            shorthands.append("overwrite=true")
-        cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else GymConfig.load(args.config, shorthands + list(args.overrides))
-    except ConfigError as e:
-        print(f"reinforcepp gym: {e}", file=sys.stderr)
-        return 2
-    final = train(cfg)
+        final = trainer.train()
+    finally:
+        trainer.close()
     print(json.dumps({"run_dir": cfg.run_dir, **final}))
     return 0
 
@@ -99,7 +101,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2
     cfg = GymConfig.load(run_dir / "config.yaml", list(args.overrides))
-    trainer = GymTrainer(cfg)
+    with setup_phase(f"setting up {cfg.env_id}"):
+        trainer = GymTrainer(cfg)
     try:
         trainer.load(latest)
         result = trainer.evaluate(args.episodes or cfg.eval_episodes, video_dir=run_dir / "videos" if args.video else None)

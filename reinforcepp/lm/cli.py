@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from ..config import ConfigError, parse_overrides
+from ..config import parse_overrides
+from ..errors import setup_phase
 
 
 def _split_args(argv: list[str], prog: str, description: str) -> tuple[argparse.Namespace, list[str]]:
@@ -62,17 +63,14 @@ def train_main(argv: list[str]) -> int:
     if args.list_options:
         print(LMConfig.describe())
         return 0
-    try:
-        config = build_config(args.config_file, overrides, args.resume, args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"reinforcepp train: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
     from .trainer import Trainer
 
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    trainer = Trainer(config)
+    with setup_phase("setting up the run"):
+        trainer = Trainer(config)
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         trainer.train()
         return 0
@@ -112,10 +110,14 @@ def sft_main(argv: list[str]) -> int:
     from .models import load_causal_lm, load_tokenizer, resolve_device
     from .sft import sft_train
 
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        print(f"reinforcepp sft: need --steps >= 1, --batch-size >= 1 and --lr > 0, got {args.steps}, {args.batch_size}, {args.lr}", file=sys.stderr)
+        return 2
     device = resolve_device("auto")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, dtype=torch.float32, device=device)
-    data = load_prompt_dataset(args.data)
+    with setup_phase(f"loading model {args.model!r} and data {args.data!r}"):
+        tokenizer = load_tokenizer(args.model)
+        model = load_causal_lm(args.model, dtype=torch.float32, device=device)
+        data = load_prompt_dataset(args.data)
     if args.completion_column not in data.column_names:
         print(f"reinforcepp sft: {args.data} has no column {args.completion_column!r} (columns: {', '.join(data.column_names)})", file=sys.stderr)
         return 2
@@ -131,14 +133,11 @@ def sft_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     args, overrides = _split_args(argv, "reinforcepp eval", "Evaluate a model on the eval split: greedy accuracy, reward, pass@k.")
-    try:
-        config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none"], False)
-    except ConfigError as e:
-        print(f"reinforcepp eval: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none"], False)
     from .trainer import Trainer
 
-    trainer = Trainer(config)
+    with setup_phase("setting up the evaluation"):
+        trainer = Trainer(config)
     for k, v in trainer.evaluate().items():
         print(f"{k}: {v:.4f}")
     if trainer.logger is not None:

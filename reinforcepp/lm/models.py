@@ -67,6 +67,29 @@ def realign(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The model's context in tokens (``max_position_embeddings`` or the like), if it says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_limit(model: torch.nn.Module, max_prompt_length: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may have: ``max_prompt_length``, and no more than the model's context
+    leaves after ``max_new_tokens`` (a longer one would run past the position embeddings)."""
+    context = context_length(model)
+    if context is None:
+        return max_prompt_length
+    if max_new_tokens >= context:
+        from ..config import ConfigError
+
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+    return min(max_prompt_length, context - max_new_tokens)
+
+
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
     """Inference-only: eval mode, no gradients."""
     model.eval()

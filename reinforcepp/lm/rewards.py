@@ -43,6 +43,8 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float]]
@@ -54,7 +56,7 @@ RESERVED_ARGUMENTS = ("prompts", "completions")
 """Argument names the scorer fills itself; a dataset column may not use them."""
 
 
-class RewardError(ValueError):
+class RewardError(InputError, ValueError):
     """A reward source could not be loaded, or failed / returned bad values on a batch.
 
     Attributes:
@@ -862,6 +864,8 @@ def load_reward_source(
         path = spec[len("rm:") :]
         if not path:
             raise RewardError(f"reward spec {spec!r}: expected 'rm:<path-or-hub-name>'")
+        if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+            raise RewardError(f"reward spec {spec!r}: {path} does not exist (a local reward model directory, or a hub name 'org/model')")
         return RewardSource(spec, RewardModel(path, **(reward_model_kwargs or {})), weight)
     for prefix, default_attr, wrap in (
         ("verl:", "compute_score", from_verl),

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from ..config import ConfigError
-from ..errors import RunStopped
+from ..errors import InputError, RunStopped
 from ..core import (
     AdaptiveKLController,
     AdvantageInputs,
@@ -59,7 +59,7 @@ from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
 from .profile import update_flops
-from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
 STATE_NAME = "trainer_state"
 """``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
@@ -234,6 +234,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.tokens_total = 0
         self._prompt_ids_cache: dict[str, list[int]] = {}
+        self.prompts_truncated = 0
         if resume_from is not None:
             self._load_state(resume_from)
         self.logger: Optional[RunLogger] = None  # rank 0 writes the run directory
@@ -413,11 +414,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     def _encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a rendered prompt (cached: prompts recur every epoch)."""
+        """Token ids of a rendered prompt (cached: prompts recur every epoch). A prompt longer
+        than :func:`~.models.prompt_limit` is refused, or cut to its last tokens with
+        ``truncate_prompts`` (counted)."""
         if text not in self._prompt_ids_cache:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.config.max_prompt_length:
-                raise ValueError(f"a prompt has {len(ids)} tokens > max_prompt_length={self.config.max_prompt_length}: {text[:80]!r}...")
+            limit = prompt_limit(self.policy, self.config.max_prompt_length, self.config.max_new_tokens)
+            if len(ids) > limit:
+                if not self.config.truncate_prompts:
+                    raise InputError(f"a prompt has {len(ids)} tokens > {limit} allowed (max_prompt_length, or the model's context minus max_new_tokens); "
+                                     f"shorten it or set truncate_prompts=true: {text[:60]!r}")
+                ids = ids[len(ids) - limit :]
+                self.prompts_truncated += 1
             self._prompt_ids_cache[text] = ids
         return self._prompt_ids_cache[text]
 
@@ -656,6 +664,8 @@ class Trainer:
             m["critic/value_mean"] = float(masked_mean(exp.values, mask))
         self.tokens_total += int(self.dist.sum(float(lengths.sum())))
         m["response/tokens_total"] = float(self.tokens_total)
+        if self.config.truncate_prompts:
+            m["data/truncated_prompts"] = float(self.prompts_truncated)
         return m
 
     def _log_samples(self, rollout: Rollout) -> None:
@@ -717,6 +727,7 @@ class Trainer:
                 "kl_coef": self.kl_controller.value,
                 "nonfinite_total": self.nonfinite_total,
                 "tokens_total": self.tokens_total,
+                "prompts_truncated": self.prompts_truncated,
             }
             if self.critic is not None and self.critic_optimizer is not None:
                 state["critic"] = self.critic.state_dict()
@@ -734,6 +745,7 @@ class Trainer:
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
+        self.prompts_truncated = int(state.get("prompts_truncated", 0))
         if self.critic is not None and self.critic_optimizer is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
