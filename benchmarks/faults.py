@@ -131,7 +131,7 @@ def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, A
         if i % 3 == 2:
             rc, what = run(cmd, log, kill_on_save=got)
         else:
-            rc, what = run(cmd, log, kill_after=rng.uniform(0.5, wall))
+            rc, what = run(cmd, log, kill_after=rng.uniform(0.5, 0.9 * wall))
         counts[what if what != "finished" else "finished_before_kill"] += 1
         if rc == 0:  # the run reached its end before the kill: start it over to keep killing
             os.replace(got, work / f"{kind}-faults-done-{i}")

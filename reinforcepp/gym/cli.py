@@ -100,7 +100,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if latest is None:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2
-    cfg = GymConfig.load(run_dir / "config.yaml", list(args.overrides))
+    import yaml
+
+    from ..config import parse_overrides
+    from ..run.folder import merge_resumed_config
+
+    given = parse_overrides(list(args.overrides))
+    values, notes = merge_resumed_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, given)
+    for note in notes:
+        print(f"eval: {note}", file=sys.stderr)
+    cfg = GymConfig.from_dict(values)
     with setup_phase(f"setting up {cfg.env_id}"):
         trainer = GymTrainer(cfg)
     try:

@@ -4,13 +4,15 @@
   user asks to ``--overwrite`` it, which moves the old folder aside (nothing is deleted).
 * :func:`merge_resumed_config` -- on resume the run's saved ``config.yaml`` supplies the
   settings, the user's command line and config file win, and security-relevant settings
-  (``trust_remote_code``, tokens, anything pointing at a URL) are never taken from the folder:
-  a received run folder must not be able to turn on remote code or send data elsewhere.
+  (``trust_remote_code``, tokens, anything pointing at a URL, anything naming code to import
+  such as ``file.py:function`` reward sources) are never taken from the folder: a received run
+  folder must not be able to run code, turn on remote code or send data elsewhere.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -53,6 +55,20 @@ def claim_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, option:
     )
 
 
+_CODE_REF = re.compile(r"^(verl:|openrlhf:)|^[^\s:]+:[^\s:/]+$")
+
+
+def names_code(value: Any) -> bool:
+    """Whether a setting names code to import: ``module:function``, ``file.py:function``,
+    ``verl:...``, ``openrlhf:...`` (reward sources) or ``module:Env-v0`` (a Gymnasium id that
+    imports its module). A run folder must not make the user import code it ships."""
+    if isinstance(value, str):
+        return "://" not in value and bool(_CODE_REF.search(value))
+    if isinstance(value, (list, tuple)):
+        return any(names_code(v) for v in value)
+    return False
+
+
 def is_remote(value: Any) -> bool:
     """Whether a setting names a URL (or a list of settings holds one)."""
     if isinstance(value, str):
@@ -64,6 +80,19 @@ def is_remote(value: Any) -> bool:
     return False
 
 
+def same_setting(saved: Any, given: Any) -> bool:
+    """Whether a command-line string ``given`` says the same as the saved (typed) value
+    (``true`` = True, ``2e-3`` = 0.002, ``4`` = 4)."""
+    if saved == given or str(saved).lower() == str(given).lower():
+        return True
+    try:
+        import yaml
+
+        return bool(yaml.safe_load(str(given)) == saved or float(str(given)) == float(saved))
+    except (ValueError, TypeError, yaml.YAMLError):
+        return False
+
+
 def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], security_keys: Iterable[str] = SECURITY_KEYS) -> tuple[dict[str, Any], list[str]]:
     """``saved`` (the run's config.yaml) overridden by ``given`` (the user's file and command
     line), security-relevant saved values dropped. Returns the merged values and one note per
@@ -73,15 +102,16 @@ def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], sec
     merged: dict[str, Any] = {}
     notes: list[str] = []
     for key, value in saved.items():
-        if key in security or is_remote(value):
+        if key in security or is_remote(value) or names_code(value):
             if key not in given and value not in (None, False, [], ""):
-                notes.append(f"{key}={value!r} in the run folder is not used (security setting: give it on the command line or in your config if you trust it)")
-            elif key in given and str(given[key]) != str(value):
+                what = "it names code to import" if names_code(value) else "security setting"
+                notes.append(f"{key}={value!r} in the run folder is not used ({what}: give it on the command line or in your config if you trust it)")
+            elif key in given and not same_setting(value, given[key]):
                 notes.append(f"{key}: the run folder had {value!r}, using yours, {given[key]!r}")
             continue
         merged[key] = value
     for key, value in given.items():
-        if key in merged and str(merged[key]) != str(value) and key not in security and key not in ("resume", "overwrite"):
+        if key in merged and not same_setting(merged[key], value) and key not in security and key not in ("resume", "overwrite"):
             notes.append(f"{key}: saved {merged[key]}, now {value} (yours)")
         merged[key] = value
     return merged, notes
