@@ -96,3 +96,16 @@ def test_planted_pickle_never_runs_on_gym_resume_or_eval(tmp_path, capsys):
         assert not marker.exists(), f"payload in {rel} ran on resume"
         assert cli_main(["gym", "--eval", str(copy), "--episodes", "1"]) in (0, 2)
         assert not marker.exists(), f"payload in {rel} ran on --eval"
+
+
+def test_the_package_never_unpickles():
+    import re
+
+    import reinforcepp
+
+    root = Path(reinforcepp.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load", text), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
