@@ -34,6 +34,7 @@ from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
 
+
 class NonFiniteError(RunStopped):
     """Too many consecutive optimizer steps with a non-finite loss or gradient."""
 
