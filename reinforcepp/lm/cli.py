@@ -64,12 +64,18 @@ def train_main(argv: list[str]) -> int:
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    trainer = Trainer(config)
-    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
-        trainer.train()
-        return 0
-    print(f"run directory: {trainer.run_dir}", file=sys.stderr)
-    final = trainer.train()
+    from ..rewards import RewardError
+
+    try:  # bad input found at start or by a reward (a missing column, a timeout): one line
+        trainer = Trainer(config)
+        if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+            trainer.train()
+            return 0
+        print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+        final = trainer.train()
+    except (ConfigError, RewardError) as e:
+        print(f"reinforcepp train: {e}", file=sys.stderr)
+        return 2
     first = _first_eval(trainer.run_dir)
     if final:
         summary = ", ".join(f"{k.split('/', 1)[1]} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in final.items())

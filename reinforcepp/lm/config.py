@@ -41,6 +41,8 @@ class LMConfig(Config):
     reward_funcs: list[str] = option([], "reward sources: module:function, path/file.py:function, verl:..., openrlhf:..., rm:MODEL, http(s)://URL; empty = the built-in task's reward")
     reward_weights: list[float] = option([], "one weight per reward source (default: all 1)")
     reward_on_error: Literal["raise", "drop"] = option("raise", "a reward function that fails on a sample: stop with an error, or drop the sample and count it")
+    reward_timeout: Optional[float] = option(600.0, "seconds each reward call may take (sources run concurrently); a call past it stops the run with one line naming the source; None = no bound")
+    reward_step_delimiter: Optional[str] = option(None, "process rewards: a reward function returning a list per completion gives one reward per step, steps separated by this string, each placed on the step's last token; None = one reward per completion token")
     overlong_buffer: int = option(0, "DAPO soft overlong penalty: length of the ramp before max_new_tokens (0 = off)")
     overlong_penalty: float = option(1.0, "DAPO overlong penalty at max_new_tokens")
     truncation_penalty: float = option(0.0, "subtracted from the reward of responses cut at max_new_tokens without EOS")
@@ -193,6 +195,10 @@ class LMConfig(Config):
             raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ConfigError(f"reward_timeout must be > 0 seconds (or None), got {self.reward_timeout}")
+        if self.reward_step_delimiter == "":
+            raise ConfigError("reward_step_delimiter must be a non-empty string (or None)")
         if self.share_prompt and self.gradient_checkpointing:
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
         if not 0 <= self.sft_wrong_fraction <= 1:

@@ -48,6 +48,7 @@ from ..core import (
     truncation_penalty,
     value_loss,
 )
+from ..rewards import TrainerState
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from .batch import collate
 from .config import LMConfig
@@ -77,6 +78,9 @@ class Rollout:
     rewards: torch.Tensor
     per_source: dict[str, torch.Tensor]
     counts: dict[str, float]
+    token_rewards: Optional[list[list[float]]] = None
+    """process rewards: per response, one weighted reward per response token (``None``: no
+    process-reward source)"""
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
@@ -85,15 +89,17 @@ class Rollout:
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
             Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
             self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            None if self.token_rewards is None else [self.token_rewards[i] for i in index],
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
         gens = [p.generation for p in parts]
+        tokens = None if parts[0].token_rewards is None else [x for p in parts for x in (p.token_rewards or [])]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
             Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
-            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
+            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts, tokens,
         )
 
 
@@ -293,7 +299,7 @@ class Trainer:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
 
     def _load_rewards(self, reward_funcs):
-        from ..rewards import RewardScorer, RewardSource, load_reward_source
+        from ..rewards import RewardConfigError, RewardScorer, RewardSource, load_reward_source
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
@@ -314,7 +320,12 @@ class Trainer:
                 sources.append(fn)
             else:
                 sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
-        return RewardScorer(sources, on_error=cfg.reward_on_error)
+        scorer = RewardScorer(sources, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
+        try:  # a reward needing a column the data lacks fails now, not at the first step
+            scorer.check_columns([c for c in self.train_data.column_names if c != cfg.prompt_column])
+        except RewardConfigError as exc:
+            raise ConfigError(str(exc)) from exc
+        return scorer
 
     def _warm_start(self) -> None:
         """Supervised warm start on the built-in task's demonstrations (``sft_steps`` steps)."""
@@ -431,7 +442,9 @@ class Trainer:
             prompts = [text for text in rendered for _ in range(k)]
             completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             expanded = [r for r in rows for _ in range(k)]
-            result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)))
+            chat = [r[cfg.prompt_column] for r in expanded] if rows and not isinstance(rows[0][cfg.prompt_column], str) else None
+            state = TrainerState(global_step=max(0, self.step - 1), max_steps=cfg.total_steps, epoch=max(0, self.step - 1) / cfg.total_steps)
+            result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)), completion_ids=[list(r) for r in gen.response_ids], trainer_state=state, chat_prompts=chat)
         return gen, prompts, completions, expanded, result
 
     def rollout(self) -> Rollout:
@@ -446,8 +459,11 @@ class Trainer:
         mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
         for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):
             gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
-            scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {})
+            scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {}, self._process_rewards(result, gen, completions))
             counts["reward/dropped_samples"] += float(result.dropped.sum())
+            counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(result.unscored.sum() if result.unscored is not None else 0)
+            for key, value in result.extras.items():  # verl's extra keys, OpenRLHF's extra_logs (first round)
+                counts.setdefault(f"reward/{key}", value)
             for start in range(0, len(rows), k):
                 group = list(range(start, start + k))
                 if bool(result.dropped[group].any()):
@@ -462,6 +478,25 @@ class Trainer:
         if not kept:
             raise RuntimeError(f"step {self.step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
         return Rollout.concat(kept[: self.prompts_per_rank], counts)
+
+    def _process_rewards(self, result, gen: Generation, completions: list[str]) -> Optional[list[list[float]]]:
+        """Weighted per-token rewards of the process-reward sources, one list per response."""
+        if not result.token_rewards:
+            return None
+        from ..rewards.process import process_token_rewards
+
+        if not self.spec.kl_in_reward:
+            raise ConfigError(f"reward source(s) {sorted(result.token_rewards)} return per-token/per-step rewards, but estimator {self.config.estimator!r} broadcasts one advantage per response; use reinforce_pp, reinforce or gae")
+        weights = {s.name: s.weight for s in self.scorer.sources}
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        out = [[0.0] * len(ids) for ids in gen.response_ids]
+        for name, per_sample in result.token_rewards.items():
+            where = self.scorer.where(next(s for s in self.scorer.sources if s.name == name))
+            for i, values in enumerate(per_sample):
+                if values is not None and not bool(result.dropped[i]):
+                    tokens = process_token_rewards(values, completions[i], gen.response_ids[i], decode, self.config.reward_step_delimiter, where)
+                    out[i] = [a + weights[name] * b for a, b in zip(out[i], tokens)]
+        return out
 
     def _length_penalties(self, gen: Generation) -> torch.Tensor:
         cfg = self.config
@@ -490,7 +525,12 @@ class Trainer:
         ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
-        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
+        steps = None
+        if rollout.token_rewards is not None:
+            steps = torch.zeros_like(batch.response_mask)
+            for i, row in enumerate(rollout.token_rewards):
+                steps[i, : len(row)] = torch.tensor(row[: steps.shape[1]])
+        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
@@ -634,8 +674,8 @@ class Trainer:
             **advantage_stats(exp.advantages, mask),
             **rollout.counts,
         }
-        for name, values in rollout.per_source.items():
-            m[f"reward/{name}"] = float(values.mean())
+        for name, values in rollout.per_source.items():  # NaN where the source did not score
+            m[f"reward/{name}"] = float(values.nanmean())
         if exp.kl is not None:
             m["kl/mean_token"] = float(masked_mean(exp.kl, mask))
             m["kl/mean_sequence"] = float(exp.kl.sum() / mask.shape[0])
