@@ -193,7 +193,7 @@ class LMConfig(Config):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
+        if self.reward_weights and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):  # Python-API reward_funcs: checked by the Trainer
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         if self.reward_timeout is not None and not self.reward_timeout > 0:
             raise ConfigError(f"reward_timeout must be > 0 seconds (or None), got {self.reward_timeout}")
