@@ -43,8 +43,11 @@ from ..core import (
     kl_loss,
     kl_penalty,
     masked_mean,
+    mix_reference,
     overlong_penalty,
+    pass_at_k,
     policy_loss,
+    truncated_loss_mask,
     truncation_penalty,
     value_loss,
 )
@@ -350,6 +353,8 @@ class Trainer:
         if cfg.ref_model is not None:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
+        if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device))
         if resume_from is not None:
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
@@ -403,6 +408,9 @@ class Trainer:
         with self.timer("forward"):
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
+        if self.config.ref_update_every and self.step % self.config.ref_update_every == 0 and self.ref_model is not None:
+            mix_reference(self.ref_model.parameters(), self.policy.parameters(), self.config.ref_update_alpha)
+            update_metrics["kl/ref_updated"] = 1.0
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
@@ -531,9 +539,10 @@ class Trainer:
             for i, row in enumerate(rollout.token_rewards):
                 steps[i, : len(row)] = torch.tensor(row[: steps.shape[1]])
         inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
-        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
+        loss_mask = truncated_loss_mask(batch.response_mask, rollout.generation.truncated) if cfg.mask_truncated_completions else None
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask)
 
     # ------------------------------------------------------------------ update
     def update(self, exp: Experience) -> dict[str, float]:
@@ -565,9 +574,11 @@ class Trainer:
         if self.kl_placement == "loss":
             out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
             out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
-        for key in ("loss/kl", "loss/entropy", "loss/value", "critic/grad_norm"):
+        for key in ("loss/kl", "loss/entropy_bonus", "loss/value", "critic/grad_norm"):
             if scalars[key]:
                 out[key] = mean(key)
+        if scalars["loss/empty_windows"]:
+            out["loss/empty_windows"] = float(len(scalars["loss/empty_windows"]))
         return out
 
     def _shuffled_groups(self, n: int) -> torch.Tensor:
@@ -581,9 +592,14 @@ class Trainer:
         cfg = self.config
         if len(window) == 0 and not self.dist.enabled:
             return  # dynamic filtering left fewer responses than mini-batches
-        n_tokens = self.dist.sum(float(window.response_mask.sum()))  # the global window's counts
-        n_seqs = self.dist.sum(float(len(window)))
+        lm = window.loss_mask_or_response_mask
+        n_tokens = self.dist.sum(float(lm.sum()))  # the global window's counts
+        n_seqs = self.dist.sum(float((lm.sum(1) > 0).sum()))
+        if n_tokens == 0:  # mask_truncated_completions left no token of this window in the loss
+            scalars["loss/empty_windows"].append(1.0)
+            return
         total = torch.zeros(())
+        starts = {key: len(scalars[key]) for key in ("loss/kl", "loss/entropy_bonus")}
         for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
             part = window.select(micro)
             loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
@@ -591,6 +607,9 @@ class Trainer:
             total = total + loss.detach()
             if self.critic is not None:
                 self._critic_backward(part, n_tokens, n_seqs, scalars)
+        for key, on in (("loss/kl", self.kl_placement == "loss"), ("loss/entropy_bonus", bool(cfg.entropy_coef))):
+            if on:  # the micro-batch parts of a term (on every rank) add up to the window's term
+                scalars[key][starts[key]:] = [self.dist.sum(float(sum(scalars[key][starts[key]:])))]
         self.dist.sum_gradients(self.policy.parameters())
         if self.critic is not None:
             self.dist.sum_gradients(self.critic.parameters())
@@ -630,11 +649,13 @@ class Trainer:
         b = part.batch
         out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
-        mask = b.response_mask.to(logp.device)
+        real = b.response_mask.to(logp.device)
+        mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
-        pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+        pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip, response_mask=real, importance_sampling_level=cfg.importance_sampling_level)
         per_token = pl.loss
-        agg = lambda x: aggregate(x, mask, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
+        # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
+        agg = lambda x: aggregate(x * mask, real, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
             kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
             per_token = per_token + self.kl_controller.value * kl
@@ -642,7 +663,7 @@ class Trainer:
             seen["kl"].append(kl.detach().cpu())
         if cfg.entropy_coef:
             per_token = per_token - cfg.entropy_coef * out.entropy
-            scalars["loss/entropy"].append(float(agg(out.entropy.detach())))
+            scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))  # the term added to the loss
         for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low), ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask)):
             seen[name].append(value.detach().cpu())
         return agg(per_token)
@@ -706,14 +727,18 @@ class Trainer:
             inner = PhaseTimer()  # evaluation time is counted once, as time/eval
             _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True), inner)
             _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature), inner)
-        k = cfg.eval_samples
-        passed = (sampled.rewards >= 1.0).view(-1, k)
+        n = cfg.eval_samples
+        passed = (sampled.rewards >= 1.0).view(-1, n)
         metrics = {
             "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
             "eval/reward_mean": float(greedy.rewards.mean()),
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
-            f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
+            f"eval/any_correct_of_{n}": float(passed.any(dim=1).float().mean()),
         }
+        correct = passed.sum(dim=1)
+        for k in sorted({1, *(2**j for j in range(1, n.bit_length()) if 2**j < n)}):  # unbiased pass@k (Chen et al. 2021) from n samples
+            if k < n or n == 1:
+                metrics[f"eval/pass@{k}"] = float(pass_at_k(n, correct, k).mean())
         if self.logger is not None:
             self.logger.log(self.step, metrics, kind="eval")
         return metrics
@@ -735,6 +760,8 @@ class Trainer:
         with self.checkpoints.save(self.step) as d:
             self.policy.save_pretrained(d / "model", safe_serialization=True)
             self.tokenizer.save_pretrained(d / "model")
+            if self.config.ref_update_every and self.ref_model is not None:  # the refreshed reference moves with the run
+                self.ref_model.save_pretrained(d / "reference", safe_serialization=True)
             state = {
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),
