@@ -43,7 +43,7 @@ async def slow_async(completions, **kwargs):
 
 
 class SlowHandler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - the http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(DELAY)
         out = json.dumps({"rewards": [0.25] * len(body["completions"])}).encode()

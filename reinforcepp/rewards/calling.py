@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import numbers
 import threading
@@ -36,6 +37,8 @@ from .base import (
 )
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+logger = logging.getLogger(__name__)
 
 
 def _accepted_arguments(fn: Callable[..., Any]) -> tuple[set[str] | None, set[str]]:
@@ -175,18 +178,35 @@ def _run(fn: RewardFn, kwargs: dict[str, Any]) -> Any:
     return out
 
 
+_MAIN_THREAD_ONLY: set[int] = set()
+"""``id`` of the reward functions that failed in a worker thread because they install a signal
+handler (``signal.alarm`` timeouts, as math-verify's ``parse``/``verify`` use): called in the
+calling thread from then on, unbounded by ``timeout``."""
+
+
+def _needs_main_thread(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError) and "signal only works in main thread" in str(exc)
+
+
 class PendingCall:
     """One reward call started in a daemon thread: ``result()`` waits for it, at most until
     ``timeout`` seconds after the start, and re-raises what the function raised. A call that
-    never returns is left behind in its daemon thread (it cannot stop the process exiting)."""
+    never returns is left behind in its daemon thread (it cannot stop the process exiting).
+
+    A function that can only run in the main thread (it sets a signal handler) is called again
+    in the calling thread, with a warning, and there from then on: signals cannot be bounded by
+    ``timeout`` nor run concurrently."""
 
     def __init__(self, fn: RewardFn, kwargs: dict[str, Any], timeout: float | None, where: str) -> None:
         self.timeout = timeout
         self.where = where
+        self.fn, self.kwargs = fn, kwargs
         self._box: dict[str, Any] = {}
         self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._target, args=(fn, kwargs), daemon=True, name=f"reward {where}")
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if id(fn) not in _MAIN_THREAD_ONLY:
+            self._thread = threading.Thread(target=self._target, args=(fn, kwargs), daemon=True, name=f"reward {where}")
+            self._thread.start()
 
     def _target(self, fn: RewardFn, kwargs: dict[str, Any]) -> None:
         try:
@@ -195,6 +215,8 @@ class PendingCall:
             self._box["exc"] = exc
 
     def result(self) -> Any:
+        if self._thread is None:
+            return _run(self.fn, self.kwargs)
         left = None if self.timeout is None else max(0.0, self._started + self.timeout - time.monotonic())
         self._thread.join(left)
         if self._thread.is_alive():
@@ -203,6 +225,11 @@ class PendingCall:
                 "raise reward_timeout or make the reward faster"
             )
         if "exc" in self._box:
+            if _needs_main_thread(self._box["exc"]) and threading.current_thread() is threading.main_thread():
+                logger.warning("%s sets a signal handler, which works only in the main thread: it is called there, "
+                               "one call at a time and not bounded by reward_timeout", self.where)
+                _MAIN_THREAD_ONLY.add(id(self.fn))
+                return _run(self.fn, self.kwargs)
             raise self._box["exc"]
         return self._box["out"]
 

@@ -28,11 +28,10 @@ from reinforcepp.rewards import (
     from_verl,
 )
 from reinforcepp.rewards.process import process_token_rewards, step_end_tokens
-
 from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
 
 torch.set_num_threads(1)
-EXACT = dict(atol=1e-6, rtol=0)
+EXACT = {"atol": 1e-6, "rtol": 0}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -187,7 +186,7 @@ def test_reward_timeout_from_the_command_line_is_one_line(tmp_path):
     cmd = [sys.executable, "-m", "reinforcepp.cli", "train", f"output_dir={tmp_path / 'run'}", "total_steps=1", "sft_steps=0",
            "prompts_per_step=2", "samples_per_prompt=2", "eval_every=0", "progress=false", "tensorboard=false",
            f"reward_funcs={tmp_path / 'slow.py'}:forever", "reward_timeout=1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert "reward source 'forever'" in last and "reward_timeout=1 s" in last
@@ -250,7 +249,7 @@ def test_step_ends_map_to_tokens():
     # one character per token: "ab\n\ncd\n\ne" -> steps "ab\n\n" (tokens 0-3), "cd\n\n" (4-7), "e" (8)
     text = "ab\n\ncd\n\ne"
     ids = list(range(len(text)))
-    decode = lambda prefix: text[: len(prefix)]  # noqa: E731
+    decode = lambda prefix: text[: len(prefix)]
     assert step_end_tokens(text, ids, decode, "\n\n") == [3, 7, 8]
     assert process_token_rewards([1.0, -1.0, 0.5], text, ids, decode, "\n\n", "r") == [0, 0, 0, 1.0, 0, 0, 0, -1.0, 0.5]
     # a trailing delimiter does not open an empty step
@@ -286,3 +285,21 @@ def test_process_rewards_are_refused_by_broadcasting_estimators(tmp_path):
                       reward_funcs=[lambda completion_ids, **kw: [[0.0] * len(i) for i in completion_ids]], train_dataset=reverse_dataset(16))
     with pytest.raises(ConfigError, match="broadcasts one advantage per response"):
         trainer.rollout()
+
+
+def with_alarm(completions, **kwargs):
+    """A verifier with a signal-based timeout (as math-verify's parse/verify): main thread only."""
+    import signal
+
+    old = signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, old)
+    return [1.0] * len(completions)
+
+
+def test_a_reward_that_sets_a_signal_handler_runs_in_the_main_thread(caplog):
+    scorer = RewardScorer([RewardSource("alarm", with_alarm), RewardSource("other", lambda completions: [2.0] * len(completions))])
+    with caplog.at_level("WARNING"):
+        result = scorer(["p"], ["x"], {})
+    assert float(result.rewards[0]) == 3.0
+    assert "works only in the main thread" in caplog.text
+    assert float(scorer(["p"], ["x"], {}).rewards[0]) == 3.0  # from then on called there directly
