@@ -30,6 +30,9 @@ class Experience:
     values: Optional[Tensor] = None
     kl: Optional[Tensor] = None
     """``(N, T)`` KL(old || ref) per token when the KL goes in the reward (logged)."""
+    loss_mask: Optional[Tensor] = None
+    """``(N, T)`` the tokens that enter the loss when they are not all real response tokens
+    (``mask_truncated_completions``); ``None``: the response mask."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -37,6 +40,10 @@ class Experience:
     @property
     def response_mask(self) -> Tensor:
         return self.batch.response_mask
+
+    @property
+    def loss_mask_or_response_mask(self) -> Tensor:
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: Tensor) -> "Experience":
         picked: dict[str, Any] = {}

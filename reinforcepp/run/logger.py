@@ -110,12 +110,11 @@ class RunLogger:
             f.write(json.dumps(row, allow_nan=True) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, float) and k not in ("time",) and math.isfinite(v)}
         if self._tensorboard:
-            prefix = "" if kind == "train" else f"{kind}/"
             for k, v in scalars.items():
-                self.tensorboard.add_scalar(prefix + k, v, step)
+                self.tensorboard.add_scalar(_tag(k, kind), v, step)
             self.tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log({(k if kind == "train" else f"{kind}/{k}"): v for k, v in scalars.items()}, step=step)
+            self._wandb.log({_tag(k, kind): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -124,3 +123,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _tag(key: str, kind: str) -> str:
+    """TensorBoard / W&B tag: ``eval/accuracy`` stays ``eval/accuracy`` (never
+    ``eval/eval/accuracy``); a key of another kind without its prefix gets it."""
+    return key if kind == "train" or key.startswith(f"{kind}/") else f"{kind}/{key}"
