@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import InputError
+
 Prompt = str | list[dict[str, Any]]
 
 
-class EnvError(ValueError):
+class EnvError(InputError, ValueError):
     """An environment broke the protocol (non-string observation, non-finite reward, ...).
-    The message is one line naming the environment and the turn."""
+    The message is one line naming the environment and the turn (the command line prints it
+    and exits with code 2)."""
 
 
 @runtime_checkable

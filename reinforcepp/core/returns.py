@@ -121,5 +121,5 @@ def gae_loop(token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma
         v = [float(values[i, p]) for p in pos] + [0.0 if last_values is None else float(last_values[i])]
         deltas = [float(token_rewards[i, pos[a]]) + gamma * v[a + 1] - v[a] for a in range(length)]
         for a in range(length):
-            adv[i, pos[a]] = sum((gamma * lam) ** l * deltas[a + l] for l in range(length - a))
+            adv[i, pos[a]] = sum((gamma * lam) ** j * deltas[a + j] for j in range(length - a))
     return adv, (adv + values) * response_mask.to(values.dtype)
