@@ -15,6 +15,7 @@ from .advantages import (
     get_estimator,
     register_estimator,
 )
+from .importance import logprob_mismatch, truncated_importance_weights
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, check_kl_placement, kl_penalty
 from .kl_control import AdaptiveKLController, FixedKLController
 from .losses import LOSS_AGGS, LossAgg, PolicyLoss, aggregate, entropy_from_logits, kl_loss, policy_loss, value_loss

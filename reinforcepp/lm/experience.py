@@ -30,6 +30,8 @@ class Experience:
     values: Optional[Tensor] = None
     kl: Optional[Tensor] = None
     """``(N, T)`` KL(old || ref) per token when the KL goes in the reward (logged)."""
+    sampler_logprobs: Optional[Tensor] = None
+    """``(N, T)`` log-probs the engine sampled the tokens with (``None`` if it does not report them)."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]

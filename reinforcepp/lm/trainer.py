@@ -41,10 +41,12 @@ from ..core import (
     compute_advantages,
     get_estimator,
     kl_loss,
+    logprob_mismatch,
     kl_penalty,
     masked_mean,
     overlong_penalty,
     policy_loss,
+    truncated_importance_weights,
     truncation_penalty,
     value_loss,
 )
@@ -52,7 +54,7 @@ from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
-from .generation import Generation, SamplingParams, make_engine
+from .generation import Generation, SamplingParams, full_weights, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
 from .profile import update_flops
@@ -80,19 +82,16 @@ class Rollout:
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
-        g = self.generation
         return Rollout(
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
-            Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
-            self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            self.generation.take(index), self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
-        gens = [p.generation for p in parts]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
-            Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
+            Generation.concat([p.generation for p in parts]),
             torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
         )
 
@@ -211,7 +210,9 @@ class Trainer:
         self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
+        self.policy_weights = full_weights(self.policy)  # what the engine loads after each update
+        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device, config=config)
+        self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
 
         from .data import PromptLoader
 
@@ -389,9 +390,11 @@ class Trainer:
         """One RL step: rollout, experience, update, log."""
         self.step += 1
         rollout = self.rollout()
+        self.engine.sleep()
         with self.timer("forward"):
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
+        self.sync_engine()
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
@@ -404,6 +407,14 @@ class Trainer:
         if self.config.log_samples_every and self.step % self.config.log_samples_every == 0 and self.dist.is_main:
             self._log_samples(rollout)
         return metrics
+
+    def sync_engine(self) -> None:
+        """Give the engine the updated weights (once per step, after its last optimizer step:
+        nothing samples in between); skipped when every optimizer step was skipped."""
+        if self.weights_changed:
+            with self.timer("sync"):
+                self.engine.sync_weights(self.policy, self.policy_weights)
+            self.weights_changed = False
 
     # ------------------------------------------------------------------ rollout
     def _encode_prompt(self, text: str) -> list[int]:
@@ -493,7 +504,10 @@ class Trainer:
         inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
+        sampler = rollout.generation.sampler_logprob_tensor(batch.response_length)
+        if cfg.tis_cap is not None and sampler is None:
+            raise ConfigError(f"tis_cap needs the log-probs the engine sampled with, and engine {cfg.engine!r} does not return them; unset tis_cap")
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, sampler)
 
     # ------------------------------------------------------------------ update
     def update(self, exp: Experience) -> dict[str, float]:
@@ -522,6 +536,11 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
+        if seen["sampler_logprobs"]:  # sampler vs trainer: the same tokens, two sets of numerics
+            sampler = torch.cat(seen["sampler_logprobs"])
+            out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = logprob_mismatch(old, sampler, mask, self.dist.reduce)
+            if cfg.tis_cap is not None:
+                out["rollout/tis_weight_mean"] = float(masked_mean(truncated_importance_weights(old, sampler, cfg.tis_cap), mask))
         if self.kl_placement == "loss":
             out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
             out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
@@ -561,6 +580,7 @@ class Trainer:
             return
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
+        self.weights_changed = True
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
@@ -594,6 +614,11 @@ class Trainer:
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
         pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip)
         per_token = pl.loss
+        if part.sampler_logprobs is not None:
+            sampler = part.sampler_logprobs.to(logp.device)
+            seen["sampler_logprobs"].append(sampler.cpu())
+            if cfg.tis_cap is not None:  # truncated importance sampling: pi_old / mu, capped, no gradient
+                per_token = per_token * truncated_importance_weights(old, sampler, cfg.tis_cap)
         agg = lambda x: aggregate(x, mask, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
             kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
