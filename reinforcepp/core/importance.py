@@ -13,7 +13,6 @@ off-policy RL training"; OpenRLHF ``tis``, verl ``rollout_is``) corrects the rem
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +43,7 @@ def truncated_importance_weights(old_logprobs: Tensor, sampler_logprobs: Tensor,
     return torch.exp(log_ratio.clamp(max=math.log(cap)))
 
 
-def logprob_mismatch(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, reduce: Optional[Reduce] = None) -> tuple[float, float]:
+def logprob_mismatch(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, reduce: Reduce | None = None) -> tuple[float, float]:
     """Mean and max of ``|old_logprobs - sampler_logprobs|`` over real tokens.
 
     ``(N, T)`` each -> ``(mean, max)``; the mean is exact over the global batch with a

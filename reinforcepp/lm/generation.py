@@ -86,7 +86,7 @@ def full_weights(model: torch.nn.Module) -> WeightProvider:
 
     def provide() -> list[tuple[str, Tensor]]:
         persistent = set(model.state_dict().keys())
-        named = dict(model.named_parameters())
+        named: dict[str, Tensor] = dict(model.named_parameters())
         named.update((n, b) for n, b in model.named_buffers() if n in persistent)
         return [(n, t.detach()) for n, t in named.items()]
 

@@ -33,7 +33,8 @@ import importlib.util
 import json
 import os
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ class VLLMEngine:
         self.sync_weights(model)
 
     # ------------------------------------------------------------------ weights
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None) -> None:
+    def sync_weights(self, model: torch.nn.Module, weights: WeightProvider | None = None) -> None:
         """Load the provider's weights (default: ``model``'s own) into vLLM, in memory."""
         named = list((weights or full_weights(model))())
         if self.in_process:
@@ -170,7 +171,8 @@ def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_pr
     gpu_util = float(getattr(config, "vllm_gpu_memory_utilization", 0.3))
     sleep = bool(getattr(config, "vllm_sleep", False))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    hf_config = model.config
+    held: Any = model
+    hf_config = held.config
     key = json.dumps([hf_config.to_json_string(use_diff=False), dtype, device.type, gpu_util, sleep], sort_keys=True)
     if key in _LLMS:
         return _LLMS[key]
@@ -182,18 +184,18 @@ def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_pr
     hf_config.save_pretrained(folder)  # the architecture only: weights come from the policy
     name = getattr(hf_config, "_name_or_path", "") or "the policy"
     arch = ",".join(getattr(hf_config, "architectures", None) or [type(model).__name__])
-    kwargs: dict[str, Any] = dict(
-        model=folder,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype=dtype,
-        seed=int(getattr(config, "seed", 0)),
-        generation_config="vllm",  # no sampling defaults from the checkpoint: ours go through as given
-        logprobs_mode="processed_logprobs",
-        worker_extension_cls="reinforcepp.lm.vllm_worker.WeightSync",
-        trust_remote_code=bool(getattr(config, "trust_remote_code", False)),
-        enable_sleep_mode=sleep,
-    )
+    kwargs: dict[str, Any] = {
+        "model": folder,
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "dtype": dtype,
+        "seed": int(getattr(config, "seed", 0)),
+        "generation_config": "vllm",  # no sampling defaults from the checkpoint: ours go through as given
+        "logprobs_mode": "processed_logprobs",
+        "worker_extension_cls": "reinforcepp.lm.vllm_worker.WeightSync",
+        "trust_remote_code": bool(getattr(config, "trust_remote_code", False)),
+        "enable_sleep_mode": sleep,
+    }
     if device.type == "cuda":
         kwargs.update(gpu_memory_utilization=gpu_util)
     else:

@@ -25,7 +25,7 @@ def _keep_plain_cpu_weights() -> None:
     if not current_platform.is_cpu():
         return
 
-    def plain_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
+    def plain_linear(layer: Any, remove_weight: bool) -> None:
         layer.cpu_linear = torch.nn.functional.linear
 
     utils.dispatch_cpu_unquantized_gemm = plain_linear

@@ -12,7 +12,13 @@ import torch
 
 from reinforcepp.config import ConfigError
 from reinforcepp.lm.config import LMConfig
-from reinforcepp.lm.generation import ENGINES, Generation, SharedPromptSampler, full_weights, register_engine
+from reinforcepp.lm.generation import (
+    ENGINES,
+    Generation,
+    SharedPromptSampler,
+    full_weights,
+    register_engine,
+)
 from reinforcepp.lm.trainer import Trainer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
@@ -121,9 +127,13 @@ def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
 
 
 def test_hf_engines_report_the_sampled_distributions_logprobs():
-    from reinforcepp.lm.generation import HFGenerationEngine, SamplingParams, filter_logits
-    from reinforcepp.lm.logprobs import response_logprobs
     from reinforcepp.lm.batch import collate
+    from reinforcepp.lm.generation import (
+        HFGenerationEngine,
+        SamplingParams,
+        filter_logits,
+    )
+    from reinforcepp.lm.logprobs import response_logprobs
 
     tok, model = tiny_policy(seed=3)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("rev abc=", "sort 312=")]
