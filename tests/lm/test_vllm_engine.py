@@ -101,7 +101,8 @@ def test_every_sampling_option_goes_through(engine):
     a = engine.generate(_prompt_ids(tok), 4, SamplingParams(6, temperature=1.5))
     torch.manual_seed(7)
     b = engine.generate(_prompt_ids(tok), 4, SamplingParams(6, temperature=1.5))
-    assert a.response_ids == b.response_ids and a.sampler_logprobs == b.sampler_logprobs
+    assert a.response_ids == b.response_ids  # the log-probs agree to float32 rounding (batch order may differ)
+    assert max(abs(x - y) for ra, rb in zip(a.sampler_logprobs, b.sampler_logprobs) for x, y in zip(ra, rb)) < 1e-5
     # top-k / top-p log-probs are those of the truncated, renormalised distribution: >= the full one's
     k = engine.generate(_prompt_ids(tok), 2, SamplingParams(6, temperature=1.0, top_k=3))
     full_lp, k_lp, mask = _trainer_logprobs(model, tok, k)
