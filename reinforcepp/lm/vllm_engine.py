@@ -93,6 +93,8 @@ class VLLMEngine:
         self.llm = _shared_llm(model, self.device, config, self.in_process)
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        self.stop_ids = [e for e in self.eos_ids if not vocab or e < vocab]  # vLLM refuses ids it cannot sample
         self.sync_weights(model)
 
     # ------------------------------------------------------------------ weights
@@ -138,7 +140,7 @@ class VLLMEngine:
             top_k=0 if params.greedy else params.top_k,
             max_tokens=params.max_new_tokens,
             seed=int(torch.randint(0, 2**31 - 1, ())),
-            stop_token_ids=list(self.eos_ids),
+            stop_token_ids=list(self.stop_ids),
             logprobs=0,
             detokenize=False,
             skip_special_tokens=False,
