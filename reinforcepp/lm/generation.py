@@ -18,7 +18,7 @@ truncated importance sampling (``tis_cap``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -153,8 +153,8 @@ class HFGenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config,
-                                      output_scores=True, return_dict_in_generate=True)
+            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config,
+                                                 output_scores=True, return_dict_in_generate=True)
         finally:
             self.model.train(was_training)
         new = out.sequences[:, width:]
