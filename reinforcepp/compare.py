@@ -631,14 +631,15 @@ def _child(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     mode, overrides = spec["mode"], spec["overrides"]
+    trainer_cls: Any
     if mode == "lm":
-        from .lm.trainer import Trainer
+        from .lm.trainer import Trainer as trainer_cls
     else:
-        from .gym.trainer import GymTrainer as Trainer  # noqa: N814
+        from .gym.trainer import GymTrainer as trainer_cls
     base_rss = _proc_status_mb("VmRSS")
     t_import = time.perf_counter()
     cfg = _build_config(mode, overrides)
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     t_setup = time.perf_counter()
     reset = _reset_peak_rss()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan

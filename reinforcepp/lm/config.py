@@ -11,10 +11,10 @@ passes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 from ..config import Config, ConfigError, option
-from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, get_estimator
+from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
 
 
 @dataclasses.dataclass
@@ -38,7 +38,8 @@ class LMConfig(Config):
     eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
-    max_prompt_length: int = option(1024, "prompts longer than this many tokens are an error")
+    max_prompt_length: int = option(1024, "prompts longer than this many tokens (or than the model's context minus max_new_tokens) are an error")
+    truncate_prompts: bool = option(False, "cut prompts that are too long to their last allowed tokens instead of stopping (counted in data/truncated_prompts)")
     # --- rewards ----------------------------------------------------------------------------
     reward_funcs: list[str] = option([], "reward sources: module:function, path/file.py:function, verl:..., openrlhf:..., rm:MODEL, http(s)://URL; empty = the built-in task's reward")
     reward_weights: list[float] = option([], "one weight per reward source (default: all 1)")
@@ -108,6 +109,7 @@ class LMConfig(Config):
     save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = option(2, "checkpoints kept")
     resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = option(False, "output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) instead of refusing to start")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
     tensorboard: bool = option(True, "write TensorBoard event files")
@@ -151,14 +153,14 @@ class LMConfig(Config):
         return get_estimator(self.estimator).default_kl_placement
 
     @property
-    def resolved_kl_estimator(self) -> str:
+    def resolved_kl_estimator(self) -> KLEstimatorName:
         if self.kl_estimator is not None:
             return self.kl_estimator
         return "k1" if self.resolved_kl_placement == "reward" else "k3"
 
     @property
-    def resolved_loss_agg(self) -> str:
-        return self.loss_agg or get_estimator(self.estimator).default_loss_agg
+    def resolved_loss_agg(self) -> LossAgg:
+        return cast(LossAgg, self.loss_agg or get_estimator(self.estimator).default_loss_agg)
 
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""
@@ -175,6 +177,18 @@ class LMConfig(Config):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("save_every", "eval_every", "log_samples_every", "num_logged_samples", "warmup_steps", "sft_steps", "top_k",
+                        "torch_threads", "weight_decay", "entropy_coef", "overlong_penalty", "truncation_penalty")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "critic_lr", "sft_lr", "max_grad_norm", "reward_clip", "eval_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_prompt_length < 1 or self.sft_batch_size < 1 or self.kl_horizon < 1:
+            raise ConfigError("max_prompt_length, sft_batch_size and kl_horizon must be >= 1")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if spec.needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"estimator {self.estimator!r} compares samples of one prompt: it needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.rollout_size % self.mini_batch_responses:

@@ -7,7 +7,7 @@ ALGORITHM.md, "The training step", steps 3-4: forward passes without gradient (`
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class Experience:
         return self.response_mask if self.loss_mask is None else self.loss_mask
 
     def select(self, index: Tensor) -> "Experience":
-        picked = {}
+        picked: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             picked[f.name] = value.select(index) if isinstance(value, PromptResponseBatch) else (None if value is None else value[index])

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from ..config import ConfigError
+from ..errors import InputError, RunStopped
 from ..core import (
     AdaptiveKLController,
     AdvantageInputs,
@@ -53,6 +54,8 @@ from ..core import (
 )
 from ..rewards import TrainerState
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.folder import RunDirError, claim_run_dir
+from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
@@ -60,12 +63,13 @@ from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
 from .profile import update_flops
-from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
-STATE_FILE = "trainer_state.pt"
+STATE_NAME = "trainer_state"
+"""``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -194,10 +198,12 @@ class Trainer:
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
         self.run_dir = Path(config.output_dir or self._default_run_dir())
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the run folder
+            claim_run_dir(self.run_dir, resume=config.resume, overwrite=config.overwrite)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
-        resume_from = self.checkpoints.latest() if config.resume else None
+        resume_from = self.checkpoints.latest_intact() if config.resume else None
         if config.resume and resume_from is None:
-            raise FileNotFoundError(f"resume=true but {self.run_dir} holds no complete checkpoint")
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint")
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -237,6 +243,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.tokens_total = 0
         self._prompt_ids_cache: dict[str, list[int]] = {}
+        self.prompts_truncated = 0
         if resume_from is not None:
             self._load_state(resume_from)
         self.logger: Optional[RunLogger] = None  # rank 0 writes the run directory
@@ -267,7 +274,7 @@ class Trainer:
         cfg = self.config
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code, safetensors_only=True)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
@@ -341,7 +348,7 @@ class Trainer:
             raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
         bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress and self.dist.is_main)
-        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
+        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda _, loss: bar.update({"loss": loss}))
         bar.close()
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
@@ -354,11 +361,11 @@ class Trainer:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
         if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
-            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device))
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device, safetensors_only=True))
         if resume_from is not None:
             if not saved.exists():
-                raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
-            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
+                raise RunDirError(f"cannot resume: the reference copy {saved} is missing")
+            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
             self.policy.save_pretrained(saved, safe_serialization=True)
@@ -426,11 +433,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     def _encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a rendered prompt (cached: prompts recur every epoch)."""
+        """Token ids of a rendered prompt (cached: prompts recur every epoch). A prompt longer
+        than :func:`~.models.prompt_limit` is refused, or cut to its last tokens with
+        ``truncate_prompts`` (counted)."""
         if text not in self._prompt_ids_cache:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.config.max_prompt_length:
-                raise ValueError(f"a prompt has {len(ids)} tokens > max_prompt_length={self.config.max_prompt_length}: {text[:80]!r}...")
+            limit = prompt_limit(self.policy, self.config.max_prompt_length, self.config.max_new_tokens)
+            if len(ids) > limit:
+                if not self.config.truncate_prompts:
+                    raise InputError(f"a prompt has {len(ids)} tokens > {limit} allowed (max_prompt_length, or the model's context minus max_new_tokens); "
+                                     f"shorten it or set truncate_prompts=true: {text[:60]!r}")
+                ids = ids[len(ids) - limit :]
+                self.prompts_truncated += 1
             self._prompt_ids_cache[text] = ids
         return self._prompt_ids_cache[text]
 
@@ -465,7 +479,8 @@ class Trainer:
         kept: list[Rollout] = []  # one whole group each
         counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
         mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
-        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):
+        round_ = 0
+        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
             gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
             scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {}, self._process_rewards(result, gen, completions))
             counts["reward/dropped_samples"] += float(result.dropped.sum())
@@ -532,7 +547,10 @@ class Trainer:
         self.policy.train()
         ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
-        kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
+        kl = None
+        if self.kl_placement == "reward":
+            assert old is not None and ref is not None  # reward KL computes both
+            kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask
         steps = None
         if rollout.token_rewards is not None:
             steps = torch.zeros_like(batch.response_mask)
@@ -568,7 +586,7 @@ class Trainer:
             "approx_kl": approx_kl(logp, old, mask),
             "entropy": float(masked_mean(torch.cat(seen["entropy"]), mask)),
             "grad_norm": mean("grad_norm"),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
         if self.kl_placement == "loss":
@@ -624,7 +642,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
         scalars["grad_norm"].append(float(grad_norm))
-        if self.critic is not None:
+        if self.critic is not None and self.critic_optimizer is not None:
             scalars["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)))
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -648,6 +666,7 @@ class Trainer:
         dev = self.device
         b = part.batch
         out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        assert out.entropy is not None  # with_entropy=True
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
         real = b.response_mask.to(logp.device)
         mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
@@ -657,6 +676,7 @@ class Trainer:
         # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
         agg = lambda x: aggregate(x * mask, real, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
+            assert part.ref_logprobs is not None  # loss KL needs the reference
             kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
             per_token = per_token + self.kl_controller.value * kl
             scalars["loss/kl"].append(float(agg(kl.detach())))
@@ -671,6 +691,7 @@ class Trainer:
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
+        assert self.critic is not None and part.values is not None
         values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
@@ -704,6 +725,8 @@ class Trainer:
             m["critic/value_mean"] = float(masked_mean(exp.values, mask))
         self.tokens_total += int(self.dist.sum(float(lengths.sum())))
         m["response/tokens_total"] = float(self.tokens_total)
+        if self.config.truncate_prompts:
+            m["data/truncated_prompts"] = float(self.prompts_truncated)
         return m
 
     def _log_samples(self, rollout: Rollout) -> None:
@@ -745,9 +768,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N.
-        Rank 0 writes it, with every rank's RNG state."""
-        rng = rng_state()
+        """HF-format model (safetensors) + optimizer, scheduler, RNG, data position (safetensors +
+        JSON, no pickle); atomic, keep last N. Rank 0 writes it, with every rank's RNG state."""
+        rng: Any = rng_state()
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -771,16 +794,17 @@ class Trainer:
                 "kl_coef": self.kl_controller.value,
                 "nonfinite_total": self.nonfinite_total,
                 "tokens_total": self.tokens_total,
+                "prompts_truncated": self.prompts_truncated,
             }
-            if self.critic is not None:
+            if self.critic is not None and self.critic_optimizer is not None:
                 state["critic"] = self.critic.state_dict()
                 state["critic_optimizer"] = self.critic_optimizer.state_dict()
-            torch.save(state, d / STATE_FILE)
+            save_state(d, STATE_NAME, state)
         self.dist.barrier()
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = load_state(path, STATE_NAME)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -788,7 +812,8 @@ class Trainer:
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
-        if self.critic is not None:
+        self.prompts_truncated = int(state.get("prompts_truncated", 0))
+        if self.critic is not None and self.critic_optimizer is not None:
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         rng = state["rng"]

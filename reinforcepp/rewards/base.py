@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import InputError
+
 RewardFn = Callable[..., Sequence[float]]
 """``fn(prompts=list[str], completions=list[str], **columns) -> Sequence[float]`` (TRL convention)."""
 
@@ -19,7 +21,7 @@ RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state
 """Argument names the scorer fills itself (as TRL does); a dataset column may not use them."""
 
 
-class RewardError(ValueError):
+class RewardError(InputError, ValueError):
     """A reward source could not be loaded, or failed / returned bad values on a batch.
 
     Attributes:
