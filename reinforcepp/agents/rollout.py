@@ -154,6 +154,7 @@ class EpisodeRunner:
         responses: list[list[int]] = [[] for _ in range(n)]
         masks: list[list[int]] = [[] for _ in range(n)]
         truncated = torch.zeros(n, dtype=torch.bool)
+        sampler_lps: list[list[float]] | None = [[] for _ in range(n)]  # the engine's, when every turn reports them
         final = [""] * n
         turn_rewards: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         stats: dict[str, Tensor] = {"turns": torch.zeros(n), "turn_limit": torch.zeros(n)}
@@ -171,6 +172,10 @@ class EpisodeRunner:
                 result: StepResult = check_step(envs[i], turn, steps[j])
                 responses[i] += gen.response_ids[j]
                 masks[i] += [1] * len(gen.response_ids[j])
+                if sampler_lps is not None:
+                    sampler_lps = None if gen.sampler_logprobs is None else sampler_lps
+                if sampler_lps is not None and gen.sampler_logprobs is not None:
+                    sampler_lps[i] += list(gen.sampler_logprobs[j])
                 truncated[i] = gen.truncated[j]
                 final[i] = texts[j]
                 stats["turns"][i] += 1
@@ -187,6 +192,8 @@ class EpisodeRunner:
                     raise EnvError(f"environment {env_name(envs[i])}, turn {turn}: an empty observation on a turn that is not done")
                 responses[i] += obs
                 masks[i] += [0] * len(obs)
+                if sampler_lps is not None:
+                    sampler_lps[i] += [0.0] * len(obs)  # masked out: never used
                 still.append(i)
             active = still
             if not active:
@@ -194,7 +201,7 @@ class EpisodeRunner:
         transcripts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
         env_rewards = torch.tensor([sum(r for _, r in tr) for tr in turn_rewards], dtype=torch.float32)
         info = EpisodeInfo(final, transcripts, env_rewards, turn_rewards, stats)
-        return rendered, Generation(prompt_ids, responses, truncated, response_masks=masks, episodes=info)
+        return rendered, Generation(prompt_ids, responses, truncated, sampler_logprobs=sampler_lps, response_masks=masks, episodes=info)
 
 
 def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Tensor | None]:

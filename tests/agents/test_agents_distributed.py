@@ -97,5 +97,7 @@ def test_resume_equals_uninterrupted_with_episodes(tmp_path):
     resumed.train()
     for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    keep = lambda r: {k: v for k, v in r.items() if k.startswith(("env/", "reward/", "response/"))}
+    def keep(r):
+        return {k: v for k, v in r.items() if k.startswith(("env/", "reward/", "response/"))}
+
     assert [keep(r) for r in read_metrics(full.run_dir)] == [keep(r) for r in read_metrics(resumed.run_dir)]
