@@ -86,6 +86,7 @@ class LMConfig(Config):
     top_k: int = option(0, "top-k sampling; 0 = off")
     logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
     share_prompt: bool = option(True, "forward passes compute each distinct prompt of a micro-batch once for all its samples (same numbers, less work)")
+    fuse_old_logprobs: Optional[bool] = option(None, "when the rollout is used once (epochs=1, one mini-batch) and the KL is in the reward: take old_logprobs from the update's own forward instead of a separate pass (same results, one forward less); it holds every micro-batch's graph until the advantages are known; None = only when the rollout is one micro-batch (nothing extra held)")
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")

@@ -2,7 +2,13 @@ import math
 
 import torch
 
-from reinforcepp.lm.generation import HFGenerationEngine, SamplingParams, SharedPromptSampler, filter_logits, split_responses
+from reinforcepp.lm.generation import (
+    HFGenerationEngine,
+    SamplingParams,
+    SharedPromptSampler,
+    filter_logits,
+    split_responses,
+)
 from tests.lm.helpers import tiny_policy
 
 
