@@ -8,6 +8,10 @@
 ``--env``, ``--estimator``, ``--steps``, ``--seed`` and ``--run-dir`` are shorthands for the
 config keys ``env_id``, ``estimator``, ``total_env_steps``, ``seed`` and ``run_dir``; any
 config key can be set as ``key=value``.
+
+Where :data:`reinforcepp.gym.presets.PRESETS` has tuned settings for the (environment,
+estimator) pair, they are applied under the config file and the ``key=value`` overrides (which
+win), and the first line of output says so; ``--no-preset`` starts from the plain defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional
 
 from ..config import ConfigError
 from .config import GymConfig
@@ -30,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
     p.add_argument("--seed", default=None, help="seed")
     p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory")
+    p.add_argument("--no-preset", action="store_true", help="do not apply the tuned preset of the (environment, estimator) pair")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     p.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
     p.add_argument("--eval", dest="eval_dir", default=None, help="evaluate the latest checkpoint of this run directory instead of training")
@@ -38,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.list_options:
         print(GymConfig.describe())
@@ -51,13 +55,51 @@ def main(argv: Optional[list[str]] = None) -> int:
         shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
         if args.resume:
             shorthands.append("resume=true")
-        cfg = GymConfig.load(args.config, shorthands + list(args.overrides))
+        cfg = load_with_preset(args.config, shorthands + list(args.overrides), use_preset=not args.no_preset)
     except ConfigError as e:
         print(f"reinforcepp gym: {e}", file=sys.stderr)
         return 2
     final = train(cfg)
     print(json.dumps({"run_dir": cfg.run_dir, **final}))
     return 0
+
+
+def load_with_preset(path: str | None, overrides: list[str], *, use_preset: bool = True, announce: bool = True) -> GymConfig:
+    """The config of a training run: the tuned preset of its (environment, estimator) pair
+    where one exists, then the YAML file, then ``key=value`` overrides. Prints one line naming the
+    preset and its values (or saying that there is none)."""
+    from .presets import PRESETS
+
+    plain = GymConfig.load(path, overrides)
+    preset = PRESETS.get((plain.env_id, plain.estimator)) if use_preset else None
+    if preset is None:
+        if announce:
+            why = "--no-preset" if not use_preset else "no tuned preset for this pair"
+            print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: plain defaults ({why})", flush=True)
+        return plain
+    explicit = _explicit_keys(path, overrides)
+    values = {**preset, **{k: getattr(plain, k) for k in explicit}}
+    cfg = plain.replace(**values)
+    if announce:
+        shown = " ".join(f"{k}={v}" for k, v in preset.items() if k not in explicit)
+        kept = f"; yours kept: {', '.join(sorted(k for k in preset if k in explicit))}" if any(k in explicit for k in preset) else ""
+        print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: tuned preset applied ({shown}){kept}; --no-preset for plain defaults", flush=True)
+    return cfg
+
+
+def _explicit_keys(path: str | None, overrides: list[str]) -> set[str]:
+    """The config keys the user set, in the YAML file or as ``key=value``."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..config import parse_overrides
+
+    keys = set(parse_overrides(overrides))
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        keys |= set(loaded) if isinstance(loaded, dict) else set()
+    return keys
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -36,6 +36,30 @@ def test_cli_trains_and_evaluates(tmp_path, capsys):
     assert "lr_schedule" in capsys.readouterr().err
 
 
+def test_cli_applies_the_tuned_preset_and_says_so(tmp_path, capsys):
+    from reinforcepp.gym.cli import load_with_preset
+    from reinforcepp.gym.presets import PRESETS
+
+    preset = PRESETS[("CartPole-v1", "gae")]
+    cfg = load_with_preset(None, ["env_id=CartPole-v1", "estimator=gae", "lr=5e-4"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("reinforcepp gym: CartPole-v1 / gae: tuned preset applied") and "yours kept: lr" in first
+    assert cfg.normalize_reward is True and cfg.num_envs == preset["num_envs"] and cfg.lr_schedule == "linear"
+    assert cfg.lr == 5e-4  # key=value wins over the preset
+    # a YAML file wins over the preset too
+    (tmp_path / "c.yaml").write_text("estimator: gae\nnormalize_reward: false\n")
+    assert load_with_preset(str(tmp_path / "c.yaml"), []).normalize_reward is False
+    plain = load_with_preset(None, ["estimator=gae"], use_preset=False)
+    assert plain == GymConfig(estimator="gae") and "plain defaults (--no-preset)" in capsys.readouterr().out
+    assert load_with_preset(None, ["env_id=Acrobot-v1"]) == GymConfig(env_id="Acrobot-v1")
+    assert "no tuned preset" in capsys.readouterr().out
+    # the CLI's first line names the preset
+    run = str(tmp_path / "run")
+    assert main(["--env", "CartPole-v1", "--steps", "128", "--run-dir", run, "steps_per_env=16", "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("reinforcepp gym: CartPole-v1 / reinforce_pp: tuned preset applied") and json.loads(out[-1])["eval/episodes"] == 1.0
+
+
 def test_policy_logprobs_match_torch_distributions():
     obs = torch.randn(5, 3)
     box = spaces.Box(-1, 1, (3,))
