@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from gymnasium import spaces
 
 from reinforcepp.config import ConfigError
 from reinforcepp.gym import GymConfig
 from reinforcepp.gym.cli import main
 from reinforcepp.gym.policy import Policy, RunningMeanStd
-from gymnasium import spaces
 
 
 def test_unknown_key_suggests_nearest():
