@@ -27,6 +27,7 @@ class LMConfig(Config):
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- data and task --------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .fused import HeldForwards, fuse_old_logprobs
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import TokenLogprobs, response_logprobs
 from .distributed import init_distributed
+from .precision import autocast, autocast_dtype
 from .profile import update_flops, update_tokens
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
@@ -211,6 +212,7 @@ class Trainer:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
         self.timer = PhaseTimer()
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
@@ -401,7 +403,7 @@ class Trainer:
         from .profile import matmul_flops_per_s, summary
 
         rows = [r for r in read_metrics(self.run_dir) if r.get("kind") == "train"]
-        print(summary(rows, matmul_flops_per_s(dtype=self.dtype, device=self.device)))
+        print(summary(rows, matmul_flops_per_s(dtype=self.autocast_dtype or self.dtype, device=self.device)))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, log."""
@@ -443,7 +445,7 @@ class Trainer:
         cfg = self.config
         timer = timer or self.timer
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"):
+        with timer("generate"), self.precision():
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
@@ -507,10 +509,12 @@ class Trainer:
                 old = self.held.run(self._policy_forward, batch, mb)
         else:
             self.policy.eval()
-            old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
+            with self.precision():
+                old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
             self.policy.train()
-        ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
-        values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
+        with self.precision():
+            ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
+            values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
         inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
@@ -630,16 +634,22 @@ class Trainer:
             seen[name].append(value.detach().cpu())
         return agg(per_token)
 
+    def precision(self):
+        """bfloat16 autocast around the models' forwards when ``autocast`` is on (precision.py)."""
+        return autocast(self.device, self.autocast_dtype)
+
     def _policy_forward(self, b) -> TokenLogprobs:
         """The update's forward: log-probs and entropy of a micro-batch, with gradient."""
         cfg = self.config
         dev = self.device
-        return response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        with self.precision():
+            return response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
 
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
-        values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
+        with self.precision():
+            values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).float().cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
         loss.backward()
