@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
+def _inner(model: Any) -> Any:
     """The Hugging Face model under a PEFT wrapper or ``torch.compile``."""
     for _ in range(4):
         if hasattr(model, "_orig_mod"):  # torch.compile
@@ -33,8 +33,8 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=64)
-def _name_for(forward_type: type) -> str:
-    params = inspect.signature(forward_type.forward).parameters
+def _name_for(model_type: Any) -> str:
+    params = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
