@@ -41,7 +41,8 @@ def _name_for(model_type: Any) -> str:
 def cache_argument(model: torch.nn.Module) -> str:
     """``"cache"`` when the model's ``forward`` takes that argument (transformers >= 5.2x),
     otherwise ``"past_key_values"``."""
-    return _name_for(type(_inner(model)))
+    model_type: Any = type(_inner(model))
+    return _name_for(model_type)
 
 
 def new_cache() -> Any:
