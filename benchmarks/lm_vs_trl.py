@@ -87,7 +87,7 @@ def trl_settings(spec: dict) -> dict:
     """Every GRPOConfig argument we set (the rest are TRL's defaults)."""
     n = spec["prompts"] * spec["samples"]
     return dict(
-        use_cpu=True, report_to="none", bf16=False, fp16=False,
+        use_cpu=True, report_to="none", bf16=spec["bf16"], fp16=False,
         # the same memory-saving setting on both sides (TRL's default is True, ours False)
         gradient_checkpointing=spec["gradient_checkpointing"],
         # TRL counts per_device_train_batch_size in completions; generation_batch_size defaults to
@@ -109,6 +109,7 @@ def ours_settings(spec: dict, estimator: str) -> dict:
     common = dict(
         model=spec["model_dir"], dtype="float32", device="cpu", torch_threads=spec["threads"], estimator=estimator,
         gradient_checkpointing=spec["gradient_checkpointing"], share_prompt=not spec["gradient_checkpointing"],
+        autocast="bfloat16" if spec["bf16"] else "off",  # TRL's bf16=True on CPU is bfloat16 autocast over float32 weights too
         prompts_per_step=spec["prompts"], samples_per_prompt=spec["samples"], mini_batch_size=n, micro_batch_size=n, epochs=1,
         max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         lr=spec["lr"], lr_schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, eps_low=0.2, eps_high=0.2,
@@ -322,7 +323,7 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
     spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"], samples=cell["samples"],
                 max_new_tokens=cell["tokens"], lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
                 hidden_size=cell["hidden"], num_layers=cell["layers"], num_heads=cell["heads"], prompt_extra=cell["prompt_extra"],
-                gradient_checkpointing=args.gradient_checkpointing, train_size=5000)
+                gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, train_size=5000)
     prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
     print(f"[{cell_name(cell)}] warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
           f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
@@ -384,6 +385,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--rpp-kl-coef", type=float, default=0.01, help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on on both sides (default: off on both; ours then runs without share_prompt)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on both sides (TRL bf16=True, ours autocast=bfloat16); default float32 on both")
     p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--seed", type=int, default=0)
@@ -407,7 +409,7 @@ def main() -> None:
     load_start = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
           f"{len(cells)} cells x {args.rounds} rounds x {len(args.sides)} sides x {args.steps} steps; gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; float32 on both sides", flush=True)
+          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {'bfloat16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
     t_all = time.perf_counter()
     results = []
     for i, cell in enumerate(cells):
