@@ -1,9 +1,18 @@
-"""Step time, completion tokens per second, peak memory and reward: TRL's ``GRPOTrainer`` vs ours.
+"""Step time (wall and CPU), peak memory and reward: TRL's ``GRPOTrainer`` vs ours, over a grid.
 
     pip install -e '.[bench]'                    # trl, accelerate, psutil (once)
-    python benchmarks/lm_vs_trl.py               # defaults: 20 steps x 2 rounds, 16 prompts x 8 samples
-    python benchmarks/lm_vs_trl.py --quick       # 2-step smoke run
-    python benchmarks/lm_vs_trl.py --steps 40 --rounds 3 --out benchmarks/results/lm_vs_trl.json
+    python benchmarks/lm_vs_trl.py               # the default grid (GRID): 4 cells x 2 rounds x 8 steps
+    python benchmarks/lm_vs_trl.py --quick       # smoke run: first cell, 2 steps, 1 round
+    python benchmarks/lm_vs_trl.py --cell "hidden=512 layers=8 heads=8 prompts=64 samples=8 tokens=256 prompt_extra=0"
+    python benchmarks/lm_vs_trl.py --bf16        # bfloat16 autocast on both sides
+    python benchmarks/lm_vs_trl.py --gradient-checkpointing   # on on both sides
+
+Fair by construction: the same precision (float32, or ``--bf16`` autocast on both), the same
+memory setting (gradient checkpointing off on both unless ``--gradient-checkpointing``; TRL's own
+default is on, ours off), the same work per step, alternating rounds, and ratios reported per
+cell as the median and range over rounds of the same-round ratio, by wall clock and by CPU time
+(``time.process_time`` of the worker: on a shared machine the steadier one), then the median and
+range over the grid's cells. The load average is printed at the start, per run and at the end.
 
 What is compared (one script run, CPU, no Hub access):
 
