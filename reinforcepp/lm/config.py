@@ -29,6 +29,7 @@ class LMConfig(Config):
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- data and task --------------------------------------------------------------------
@@ -97,6 +98,7 @@ class LMConfig(Config):
     top_k: int = option(0, "top-k sampling; 0 = off")
     logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
     share_prompt: bool = option(True, "forward passes compute each distinct prompt of a micro-batch once for all its samples (same numbers, less work)")
+    fuse_old_logprobs: Optional[bool] = option(None, "when the rollout is used once (epochs=1, one mini-batch) and the KL is in the reward: take old_logprobs from the update's own forward instead of a separate pass (same results, one forward less); it holds every micro-batch's graph until the advantages are known; None = only when the rollout is one micro-batch (nothing extra held)")
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
