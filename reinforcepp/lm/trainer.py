@@ -49,6 +49,7 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..remote import RemoteReference, is_url, remote_reward, settings_from
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
@@ -308,7 +309,9 @@ class Trainer:
             raise ConfigError(f"{len(weights)} reward_weights for {len(funcs)} reward functions")
         sources = []
         for fn, w in zip(funcs, weights):
-            if isinstance(fn, str):
+            if is_url(fn):
+                sources.append(RewardSource(fn, remote_reward(fn, settings_from(cfg), cfg.remote_batch_size), w))
+            elif isinstance(fn, str):
                 sources.append(load_reward_source(fn, weight=w))
             elif isinstance(fn, RewardSource):
                 sources.append(fn)
@@ -336,6 +339,10 @@ class Trainer:
             return None
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
+        if is_url(cfg.ref_model):  # same interface: make_experience does not know
+            reference = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
+            reference.connect(self.policy, self.tokenizer)
+            return reference
         if cfg.ref_model is not None:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
@@ -346,6 +353,7 @@ class Trainer:
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
             self.policy.save_pretrained(saved, safe_serialization=True)
+            self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
         return frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
@@ -474,8 +482,12 @@ class Trainer:
         return penalty
 
     # ------------------------------------------------------------------ experience
-    def _logprob_fn(self, model: torch.nn.Module):
+    def _logprob_fn(self, model):
+        """``(input_ids, attention_mask, T) -> (B, T)`` log-probs under ``model``: a local causal
+        LM, or a reference that computes them itself (:class:`RemoteReference`)."""
         cfg = self.config
+        if isinstance(model, RemoteReference):
+            return model.response_logprobs
         return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
 
     def make_experience(self, rollout: Rollout) -> Experience:
