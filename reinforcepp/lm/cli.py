@@ -59,17 +59,28 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"reinforcepp train: {e}", file=sys.stderr)
         return 2
+    from ..remote import RemoteError
     from .trainer import Trainer
 
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    trainer = Trainer(config)
-    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
-        trainer.train()
-        return 0
-    print(f"run directory: {trainer.run_dir}", file=sys.stderr)
-    final = trainer.train()
+    try:
+        trainer = Trainer(config)
+    except RemoteError as e:  # a server that does not answer, refuses the token, or serves another vocabulary
+        print(f"reinforcepp train: {e}", file=sys.stderr)
+        return 2
+    try:
+        if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+            trainer.train()
+            return 0
+        print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+        final = trainer.train()
+    except RemoteError as e:
+        latest = trainer.checkpoints.latest()
+        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}`" if latest else ""
+        print(f"reinforcepp train: step {trainer.step}: {e}{kept}", file=sys.stderr)
+        return 1
     first = _first_eval(trainer.run_dir)
     if final:
         summary = ", ".join(f"{k.split('/', 1)[1]} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in final.items())
