@@ -3,6 +3,7 @@
 #   bash install.sh          the package
 #   bash install.sh test     the package and the test dependencies
 #   bash install.sh bench    the package and the benchmark anchors (TRL, Stable-Baselines3)
+#   bash install.sh serve    the package and FastAPI + uvicorn for `reinforcepp serve`
 # torch goes in first, pinned, so nothing can pull a multi-GB CUDA build by accident;
 # an existing torch is kept.
 set -euo pipefail
