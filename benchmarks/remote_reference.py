@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,7 +114,7 @@ def throughput(args, model_dir: str) -> dict:
     try:
         tok = build_char_tokenizer()
         rows = get_task("reverse").examples(args.batch * args.requests, seed=1)
-        payloads = []
+        payloads: list[dict[str, Any]] = []
         for i in range(args.requests):
             part = rows[i * args.batch : (i + 1) * args.batch]
             payloads.append({

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from reinforcepp.remote.client import wait_until_up
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 class ServeProcess:
     """``python -m reinforcepp.cli serve ARGS`` in a subprocess; ``url`` from its first line."""
 
-    def __init__(self, *args: str, env: Optional[dict] = None, timeout: float = 120.0) -> None:
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 120.0) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", *args, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -122,7 +123,7 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: Optional[dict] = None) -> None:
+def send_json(handler: BaseHTTPRequestHandler, status: int, payload: Any, headers: dict | None = None) -> None:
     body = json.dumps(payload).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")

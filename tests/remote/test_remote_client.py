@@ -8,11 +8,17 @@ import time
 
 import pytest
 
-from reinforcepp.remote import RemoteClient, RemoteError, RemoteRewardFunction, RemoteSettings, read_token
+from reinforcepp.remote import (
+    RemoteClient,
+    RemoteError,
+    RemoteRewardFunction,
+    RemoteSettings,
+    read_token,
+)
 from reinforcepp.remote.client import is_loopback
 from tests.remote.servers import ScriptedServer, free_port, send_json
 
-FAST = dict(backoff=0.01, timeout=10.0)
+FAST = {"backoff": 0.01, "timeout": 10.0}
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def served(ref_dir):
 
 def _random_batch(seed: int, prompts: int = 6, k: int = 3):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
     prompt_ids, response_ids = [], []
     for _ in range(prompts):
         p = torch.randint(4, 48, (rand(3, 10),), generator=g).tolist()

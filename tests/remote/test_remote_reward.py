@@ -10,12 +10,23 @@ import torch
 
 from reinforcepp.lm.rewards import RewardError, RewardScorer, RewardSource
 from reinforcepp.lm.trainer import Trainer
-from reinforcepp.remote import RemoteError, RemoteRewardFunction, RemoteSettings, remote_reward
+from reinforcepp.remote import (
+    RemoteError,
+    RemoteRewardFunction,
+    RemoteSettings,
+    remote_reward,
+)
 from reinforcepp.remote.cli import main as serve_main
 from reinforcepp.remote.server import reward_app
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
-from tests.remote.servers import ScriptedServer, ServeProcess, ThreadServer, free_port, send_json
+from tests.remote.servers import (
+    ScriptedServer,
+    ServeProcess,
+    ThreadServer,
+    free_port,
+    send_json,
+)
 
 torch.set_num_threads(1)
 FAST = RemoteSettings(timeout=10.0, backoff=0.01)
