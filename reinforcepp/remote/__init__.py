@@ -13,14 +13,14 @@ live on another machine behind a URL:
 The protocol is in :mod:`.protocol` and docs/remote.md.
 """
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from .client import RemoteClient, RemoteError, RemoteSettings, read_token
 from .reference import RemoteReference
 from .reward import RemoteRewardFunction, remote_reward
 
 
-def is_url(name: object) -> bool:
+def is_url(name: object) -> TypeGuard[str]:
     """``http://...`` or ``https://...``."""
     return isinstance(name, str) and name.startswith(("http://", "https://"))
 
