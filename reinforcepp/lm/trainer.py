@@ -164,7 +164,8 @@ class Trainer:
             strings (otherwise ``config.reward_funcs``, or the built-in task's reward).
         train_dataset, eval_dataset: ``datasets.Dataset`` objects (or paths) with a prompt
             column (otherwise ``config.train_data`` / ``eval_data``).
-        ref_model: an already-loaded reference model.
+        ref_model: an already-loaded reference model, or a
+            :class:`~reinforcepp.remote.RemoteReference` (otherwise ``config.ref_model``).
     """
 
     def __init__(
@@ -176,7 +177,7 @@ class Trainer:
         reward_funcs: Optional[Sequence[Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        ref_model: Optional[torch.nn.Module] = None,
+        ref_model: Optional[torch.nn.Module | RemoteReference] = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -337,12 +338,13 @@ class Trainer:
         cfg = self.config
         if self.kl_placement == "none":
             return None
+        if ref_model is None and is_url(cfg.ref_model):
+            ref_model = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
+        if isinstance(ref_model, RemoteReference):  # same interface: make_experience does not know
+            ref_model.connect(self.policy, self.tokenizer)
+            return ref_model
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
-        if is_url(cfg.ref_model):  # same interface: make_experience does not know
-            reference = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
-            reference.connect(self.policy, self.tokenizer)
-            return reference
         if cfg.ref_model is not None:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"

@@ -93,8 +93,10 @@ class RemoteReference:
             for values, ids in zip(got, payload["response_ids"]):
                 if not isinstance(values, list) or len(values) != len(ids):
                     raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} has {len(values) if isinstance(values, list) else values!r} log-probs for {len(ids)} tokens")
-                if values:
+                try:
                     out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+                except (TypeError, ValueError, RuntimeError):
+                    raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} is not a list of numbers: {str(values)[:80]}") from None
                 row += 1
         if not torch.isfinite(out).all():
             raise RemoteError(f"reference server {self.url} returned non-finite log-probs")

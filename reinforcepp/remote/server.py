@@ -17,6 +17,7 @@ response runs alone). Each forward is :func:`reinforcepp.lm.logprobs.response_lo
 import asyncio
 import hmac
 import json
+import logging
 import socket
 import sys
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from .protocol import (
     tokenizer_hash,
 )
 
+logger = logging.getLogger("reinforcepp.serve")
 MISSING_EXTRA = "reinforcepp serve needs FastAPI and uvicorn: run `bash install.sh serve` (or pip install 'reinforcepp[serve]')"
 
 
@@ -77,6 +79,9 @@ def _app(title: str, token: str | None, max_request_bytes: int, lifespan: Any = 
             return await call_next(request)
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except Exception as exc:
+            logger.exception("%s %s failed", request.method, request.url.path)
+            return JSONResponse({"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"}, status_code=500)
 
     @app.get(HEALTH)
     async def health() -> dict:
@@ -95,7 +100,7 @@ async def read_json(request: Any, max_request_bytes: int) -> dict:
         chunks.append(chunk)
     try:
         data = json.loads(b"".join(chunks))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest(400, "the request body is not JSON") from None
     if not isinstance(data, dict):
         raise BadRequest(422, "the request body must be a JSON object")
@@ -221,6 +226,9 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
         empty = [i for i, r in enumerate(responses) if not r]
         if empty:
             raise BadRequest(422, f"response_ids[{empty[0]}] is empty")
+        longest = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=0)
+        if longest > max_batch_tokens:
+            raise BadRequest(422, f"a prompt + response of {longest} tokens > --max-batch-tokens={max_batch_tokens}")
         temperature = data.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise BadRequest(422, f"temperature must be a number > 0, got {temperature!r}")
