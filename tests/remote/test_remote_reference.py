@@ -231,5 +231,8 @@ def test_server_refuses_bad_payloads(served):
     bad = httpx.post(url, json={"prompt_ids": [[1, 2]], "response_ids": [[99]]}, trust_env=False)
     assert bad.status_code == 422 and "not a token id in [0, 48)" in bad.json()["error"]
     assert httpx.post(url, content=b"not json", trust_env=False).status_code == 400
+    assert httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, trust_env=False).status_code == 400  # too deep for the parser
+    long = httpx.post(url, json={"prompt_ids": [[5] * 90], "response_ids": [[6] * 10]}, trust_env=False)
+    assert long.status_code == 422 and "100 tokens > --max-batch-tokens=96" in long.json()["error"]
     huge = json.dumps({"prompt_ids": [[1] * 1_000_000], "response_ids": [[1]]}).encode()  # > --max-request-mb 1
     assert httpx.post(url, content=huge, trust_env=False).status_code == 413
