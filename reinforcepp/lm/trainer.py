@@ -49,7 +49,7 @@ from ..core import (
     value_loss,
 )
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
-from ..remote import RemoteReference, is_url, remote_reward, settings_from
+from ..remote import RemoteReference, is_url, settings_from
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
@@ -296,6 +296,7 @@ class Trainer:
 
     def _load_rewards(self, reward_funcs):
         from ..rewards import RewardScorer, RewardSource, load_reward_source
+        from ..rewards.remote import connect_remote_reward
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
@@ -311,7 +312,7 @@ class Trainer:
         sources = []
         for fn, w in zip(funcs, weights):
             if is_url(fn):
-                sources.append(RewardSource(fn, remote_reward(fn, settings_from(cfg), cfg.remote_batch_size), w))
+                sources.append(RewardSource(fn, connect_remote_reward(fn, settings_from(cfg), cfg.remote_batch_size), w))
             elif isinstance(fn, str):
                 sources.append(load_reward_source(fn, weight=w))
             elif isinstance(fn, RewardSource):

@@ -17,7 +17,7 @@ from typing import Any, TypeGuard
 
 from .client import RemoteClient, RemoteError, RemoteSettings, read_token
 from .reference import RemoteReference
-from .reward import RemoteRewardFunction, remote_reward
+from .reward import RemoteRewardFunction
 
 
 def is_url(name: object) -> TypeGuard[str]:
@@ -25,7 +25,7 @@ def is_url(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and name.startswith(("http://", "https://"))
 
 
-__all__ = ["RemoteClient", "RemoteError", "RemoteReference", "RemoteRewardFunction", "RemoteSettings", "is_url", "read_token", "remote_reward"]
+__all__ = ["RemoteClient", "RemoteError", "RemoteReference", "RemoteRewardFunction", "RemoteSettings", "is_url", "read_token"]
 
 
 def settings_from(config: Any) -> RemoteSettings:

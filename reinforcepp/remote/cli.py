@@ -111,7 +111,7 @@ def _reference(args: argparse.Namespace, token: str | None, limit: int):
 
 
 def _reward(args: argparse.Namespace, token: str | None, limit: int):
-    from ..lm.rewards import load_reward_source
+    from ..rewards import load_reward_source
     from .server import reward_app
 
     if args.workers < 1:

@@ -104,13 +104,13 @@ def is_loopback(host: str) -> bool:
 
 
 def check_url(url: str, what: str) -> str:
-    """``url`` without a trailing slash; an error unless it is ``http(s)://host[:port][/path]``."""
+    """``url`` itself; an error unless it is ``http(s)://host[:port][/path]`` without credentials."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RemoteError(f"{what}: {url!r} is not an http:// or https:// URL")
     if parts.username or parts.password:
         raise RemoteError(f"{what}: {url!r} carries credentials in the URL; use remote_token_file or {TOKEN_ENV}")
-    return url.rstrip("/")
+    return url
 
 
 class RemoteClient:
@@ -177,7 +177,8 @@ class RemoteClient:
         return self._run(all_of())
 
     def url(self, path: str = "") -> str:
-        return self.base_url + path
+        """``base_url`` itself for ``""``, else ``base_url`` (without its trailing ``/``) + ``path``."""
+        return self.base_url.rstrip("/") + path if path else self.base_url
 
     def close(self) -> None:
         if self._closed:

@@ -46,7 +46,7 @@ class RemoteReference:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.client = RemoteClient(url, settings or RemoteSettings(), what="reference server")
-        self.url = self.client.base_url
+        self.url = self.client.base_url.rstrip("/")
         self.temperature = float(temperature)
         self.batch_size = batch_size
         self.info: dict[str, Any] = {}

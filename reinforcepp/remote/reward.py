@@ -32,6 +32,7 @@ class RemoteRewardFunction:
     """
 
     per_sample_retry = False  # a failed request is not re-sent one sample at a time
+    text_only = True  # gets the rendered prompt strings, never chat messages
 
     def __init__(self, url: str, settings: RemoteSettings | None = None, *, batch_size: int | None = None, label_column: str = "label") -> None:
         if batch_size is not None and batch_size < 1:
@@ -85,14 +86,3 @@ class RemoteRewardFunction:
     def close(self) -> None:
         self.client.close()
 
-
-def remote_reward(url: str, settings: RemoteSettings | None = None, batch_size: int | None = None, label_column: str = "label") -> RemoteRewardFunction:
-    """A :class:`RemoteRewardFunction` whose server was checked to answer (one-line error
-    naming the URL and the command that starts a server otherwise)."""
-    fn = RemoteRewardFunction(url, settings, batch_size=batch_size, label_column=label_column)
-    try:
-        fn.check_reachable()
-    except RemoteError:
-        fn.close()
-        raise
-    return fn

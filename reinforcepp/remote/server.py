@@ -246,7 +246,7 @@ def reward_app(fn: Callable[..., Any], *, spec: str, token: str | None = None, m
     completion is ``query[i]`` with ``prompts[i]`` removed from its start)."""
     from fastapi import Request
 
-    from ..lm.rewards import RewardError, RewardScorer, RewardSource
+    from ..rewards import RewardError, RewardScorer, RewardSource
 
     scorer = RewardScorer([RewardSource(getattr(fn, "__name__", "reward"), fn)], on_error="raise")
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reward")

@@ -8,16 +8,20 @@ import httpx
 import pytest
 import torch
 
-from reinforcepp.lm.rewards import RewardError, RewardScorer, RewardSource
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote import (
     RemoteError,
     RemoteRewardFunction,
     RemoteSettings,
-    remote_reward,
 )
 from reinforcepp.remote.cli import main as serve_main
 from reinforcepp.remote.server import reward_app
+from reinforcepp.rewards import (
+    RewardError,
+    RewardScorer,
+    RewardSource,
+)
+from reinforcepp.rewards.remote import connect_remote_reward
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.remote.servers import (
@@ -132,7 +136,7 @@ def test_run_continues_through_503(tmp_path):
 def test_unreachable_reward_url_names_the_serve_command():
     port = free_port()
     with pytest.raises(RemoteError, match=rf"^reward server http://127.0.0.1:{port}/rewards does not answer; start one with `reinforcepp serve reward --reward SPEC --port {port}`"):
-        remote_reward(f"http://127.0.0.1:{port}/rewards", FAST)
+        connect_remote_reward(f"http://127.0.0.1:{port}/rewards", FAST)
 
 
 def test_serve_refuses_public_host_without_token(capsys, monkeypatch):
@@ -142,3 +146,26 @@ def test_serve_refuses_public_host_without_token(capsys, monkeypatch):
     assert err == "reinforcepp serve reward: --host 0.0.0.0 is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN"
     assert serve_main(["reward", "--reward", "tests/missing.py:f"]) == 2
     assert "file 'tests/missing.py' not found" in capsys.readouterr().err
+
+
+def test_reward_spec_strings_use_the_shared_client():
+    def respond(h, n):
+        if n == 0:
+            send_json(h, 503, {"error": "busy"})
+        elif h.path == "/moved":
+            h.send_response(307)
+            h.send_header("Location", "/elsewhere")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+        else:
+            send_json(h, 200, {"rewards": [0.5] * len(h.body["completions"])})
+
+    server = ScriptedServer(respond)
+    try:
+        source = load_reward_source(server.url + "/score")
+        assert isinstance(source.fn, RemoteReward) and source.name == server.url + "/score"
+        assert RewardScorer([source])(["p", "q"], ["a", "b"], {}).rewards.tolist() == [0.5, 0.5]  # 503, retried
+        with pytest.raises(RewardError, match="HTTP 307 redirecting to /elsewhere; redirects are not followed"):
+            RemoteReward(server.url + "/moved")(["p"], ["a"])
+    finally:
+        server.stop()
