@@ -17,9 +17,11 @@ from reinforcepp.remote import (
 from reinforcepp.remote.cli import main as serve_main
 from reinforcepp.remote.server import reward_app
 from reinforcepp.rewards import (
+    RemoteReward,
     RewardError,
     RewardScorer,
     RewardSource,
+    load_reward_source,
 )
 from reinforcepp.rewards.remote import connect_remote_reward
 from reinforcepp.run import read_metrics
