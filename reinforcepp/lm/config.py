@@ -34,7 +34,7 @@ class LMConfig(Config):
     remote_retries: int = option(3, "retries (exponential backoff from 0.5 s) after a connection error or HTTP 502/503/504")
     remote_token_file: Optional[str] = option(None, "file holding the servers' bearer token (default: the REINFORCEPP_REMOTE_TOKEN environment variable)")
     remote_concurrency: int = option(4, "requests in flight at once to one remote server")
-    remote_batch_size: int = option(16, "responses per request to a remote server")
+    remote_batch_size: int = option(64, "responses per request to a remote server (a micro-batch larger than this is sent as concurrent requests)")
     # --- data and task --------------------------------------------------------------------
     task: Literal["sort", "reverse", "add"] = option("sort", "built-in verifiable task, used when train_data is None")
     train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")

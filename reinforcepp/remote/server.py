@@ -90,6 +90,13 @@ def _app(title: str, token: str | None, max_request_bytes: int, lifespan: Any = 
     return app
 
 
+def json_response(payload: Any) -> Any:
+    """Plain ``json.dumps`` (FastAPI's encoder walks every number of a large answer)."""
+    from fastapi.responses import Response
+
+    return Response(content=json.dumps(payload), media_type="application/json")
+
+
 async def read_json(request: Any, max_request_bytes: int) -> dict:
     """The request body as a JSON object, read in chunks up to ``max_request_bytes``."""
     chunks, size = [], 0
@@ -218,7 +225,7 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
         return {**info, "tokens_served": batcher.tokens_served}
 
     @app.post(LOGPROBS)
-    async def logprobs(request: Request) -> dict:
+    async def logprobs(request: Request) -> Any:
         data = await read_json(request, max_request_bytes)
         prompts, responses = _token_lists(data, "prompt_ids", vocab), _token_lists(data, "response_ids", vocab)
         if len(prompts) != len(responses):
@@ -233,8 +240,8 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise BadRequest(422, f"temperature must be a number > 0, got {temperature!r}")
         if not prompts:
-            return {"logprobs": []}
-        return {"logprobs": await batcher.submit(prompts, responses, float(temperature))}
+            return json_response({"logprobs": []})
+        return json_response({"logprobs": await batcher.submit(prompts, responses, float(temperature))})
 
     return app
 
@@ -257,7 +264,7 @@ def reward_app(fn: Callable[..., Any], *, spec: str, token: str | None = None, m
         return {"kind": "reward", "protocol": PROTOCOL_VERSION, "reward": spec}
 
     @app.post(REWARDS)
-    async def rewards(request: Request) -> dict:
+    async def rewards(request: Request) -> Any:
         data = await read_json(request, max_request_bytes)
         prompts, completions = data.get("prompts"), data.get("completions")
         if completions is None and isinstance(data.get("query"), list) and isinstance(prompts, list):
@@ -276,7 +283,7 @@ def reward_app(fn: Callable[..., Any], *, spec: str, token: str | None = None, m
             result = await asyncio.get_running_loop().run_in_executor(pool, scorer, prompts, completions, columns)
         except RewardError as exc:
             raise BadRequest(422, " ".join(str(exc).split())[:1000]) from None
-        return {"rewards": result.rewards.tolist()}
+        return json_response({"rewards": result.rewards.tolist()})
 
     return app
 
