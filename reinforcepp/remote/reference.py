@@ -42,7 +42,7 @@ class RemoteReference:
             requests sent concurrently.
     """
 
-    def __init__(self, url: str, settings: RemoteSettings | None = None, *, temperature: float = 1.0, batch_size: int = 16) -> None:
+    def __init__(self, url: str, settings: RemoteSettings | None = None, *, temperature: float = 1.0, batch_size: int = 64) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.client = RemoteClient(url, settings or RemoteSettings(), what="reference server")
