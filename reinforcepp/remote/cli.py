@@ -97,6 +97,10 @@ def _reference(args: argparse.Namespace, token: str | None, limit: int):
 
     if args.max_batch_tokens < 1:
         raise ValueError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
+    from pathlib import Path
+
+    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"--model {args.model}: no such model directory")
     device = resolve_device(args.device)
     model = frozen(load_causal_lm(args.model, dtype=resolve_dtype(args.dtype, device), device=device, trust_remote_code=args.trust_remote_code))
     try:
