@@ -96,6 +96,18 @@ def test_run_with_remote_reference_equals_local(served, tmp_path, estimator, pla
             assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-4), k
 
 
+def test_trainer_takes_a_remote_reference_object(served, tmp_path):
+    tok, model = tiny_policy()
+    reference = RemoteReference(served.url, temperature=0.9)
+    trainer = Trainer(small_config(tmp_path, temperature=0.9, kl_placement="loss"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16), ref_model=reference)
+    assert trainer.ref_model is reference and reference.info["kind"] == "reference"
+    exp = trainer.make_experience(trainer.rollout())
+    b = exp.batch
+    with torch.no_grad():
+        local = response_logprobs(tiny_policy()[1], b.input_ids, b.attention_mask, b.response_length, temperature=0.9).logprobs
+    torch.testing.assert_close(exp.ref_logprobs * b.response_mask, local * b.response_mask, atol=1e-6, rtol=0)
+
+
 def test_server_killed_mid_run_then_resume(ref_dir, tmp_path):
     server = ServeProcess("reference", "--model", ref_dir, "--port", "0")
     calls = []
