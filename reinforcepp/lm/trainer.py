@@ -342,6 +342,8 @@ class Trainer:
         if ref_model is None and is_url(cfg.ref_model):
             ref_model = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
         if isinstance(ref_model, RemoteReference):  # same interface: make_experience does not know
+            if ref_model.temperature != cfg.temperature:
+                raise ConfigError(f"RemoteReference(temperature={ref_model.temperature}) but temperature={cfg.temperature}: reference log-probs must use the sampling temperature")
             ref_model.connect(self.policy, self.tokenizer)
             return ref_model
         if ref_model is not None:
