@@ -48,8 +48,8 @@ from ..core import (
     truncation_penalty,
     value_loss,
 )
-from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from ..remote import RemoteReference, is_url, settings_from
+from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
