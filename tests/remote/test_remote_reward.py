@@ -78,6 +78,17 @@ def test_server_takes_openrlhf_requests():
         server.stop()
 
 
+def test_served_openrlhf_function_gets_the_requests_labels():
+    from reinforcepp.rewards import from_openrlhf
+
+    server = ThreadServer(reward_app(from_openrlhf(openrlhf_style), spec="openrlhf:openrlhf_style"))
+    try:
+        body = {"query": ["1+1=2", "2+2=5"], "prompts": ["1+1=", "2+2="], "labels": ["2", "4"]}
+        assert httpx.post(server.url + "/rewards", json=body, trust_env=False).json() == {"rewards": [1.0, 0.0]}
+    finally:
+        server.stop()
+
+
 def test_openrlhf_server_gets_labels_from_the_dataset():
     def respond(h, n):  # an OpenRLHF-style server: 500 without labels, as such servers do
         body = h.body
