@@ -145,7 +145,9 @@ def throughput(args, model_dir: str) -> dict:
 
 
 def table(result: dict) -> str:
-    fmt = lambda s, unit=1.0, digits=3: f"{s['median'] * unit:.{digits}f} [{s['min'] * unit:.{digits}f}, {s['max'] * unit:.{digits}f}]"
+    def fmt(s: dict, unit: float = 1.0, digits: int = 3) -> str:
+        return f"{s['median'] * unit:.{digits}f} [{s['min'] * unit:.{digits}f}, {s['max'] * unit:.{digits}f}]"
+
     p, srv = result["per_step"], result["server"]
     lines = [f"load average before/after: {result['load_average_before']} / {result['load_average_after']}  (cpu_count {result['cpu_count']})",
              "", "| | median [min, max] s |", "|---|---|"]

@@ -27,7 +27,6 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", default=None, help="file whose first line is the bearer token (default: $REINFORCEPP_REMOTE_TOKEN)")
         p.add_argument("--max-request-mb", type=float, default=32.0, help="larger request bodies are refused (HTTP 413)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     ref = sub.add_parser("reference", help="per-token log-probs of a causal LM for given prompt and response ids")
     ref.add_argument("--model", required=True, help="Hugging Face model directory or hub name (e.g. RUN/reference)")
@@ -46,25 +45,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (a missing file, a public host without a token) is an
+    :class:`~reinforcepp.errors.InputError`: ``reinforcepp`` prints its one line and exits with 2
+    (the traceback with ``--debug``)."""
+    from ..errors import InputError, one_line
+
     args = _parser().parse_args(argv)
     try:
         return _serve(args)
     except (RemoteError, ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"reinforcepp serve {args.kind}: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.kind}: {one_line(exc)}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from .server import MISSING_EXTRA, bind, run
 
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        print(MISSING_EXTRA, file=sys.stderr)
-        return 2
+        raise InputError(MISSING_EXTRA) from None
     token = read_token(args.token_file)
     if not is_loopback(args.host) and not token:
         raise ValueError(f"--host {args.host} is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN")

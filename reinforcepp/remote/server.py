@@ -39,7 +39,7 @@ from .protocol import (
 )
 
 logger = logging.getLogger("reinforcepp.serve")
-MISSING_EXTRA = "reinforcepp serve needs FastAPI and uvicorn: run `bash install.sh serve` (or pip install 'reinforcepp[serve]')"
+MISSING_EXTRA = "FastAPI and uvicorn are not installed: run `bash install.sh serve` (or pip install 'reinforcepp[serve]')"
 
 
 class BadRequest(ValueError):

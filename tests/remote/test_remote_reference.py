@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from reinforcepp.lm.batch import collate
-from reinforcepp.lm.cli import train_main
+from reinforcepp.cli import main as reinforcepp_main
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote import RemoteError, RemoteReference, RemoteSettings
@@ -47,7 +47,9 @@ def served(ref_dir):
 
 def _random_batch(seed: int, prompts: int = 6, k: int = 3):
     g = torch.Generator().manual_seed(seed)
-    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
     prompt_ids, response_ids = [], []
     for _ in range(prompts):
         p = torch.randint(4, 48, (rand(3, 10),), generator=g).tolist()
@@ -174,7 +176,7 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
 
 # ------------------------------------------------------------------ one-line errors at start
 def _cli(tmp_path, capsys, *items):
-    code = train_main([f"output_dir={tmp_path / 'run'}", "total_steps=1", "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
+    code = reinforcepp_main(["train", f"output_dir={tmp_path / 'run'}", "total_steps=1", "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1]
 

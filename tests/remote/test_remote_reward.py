@@ -14,7 +14,7 @@ from reinforcepp.remote import (
     RemoteRewardFunction,
     RemoteSettings,
 )
-from reinforcepp.remote.cli import main as serve_main
+from reinforcepp.cli import main as reinforcepp_main
 from reinforcepp.remote.server import reward_app
 from reinforcepp.rewards import (
     RemoteReward,
@@ -154,11 +154,13 @@ def test_unreachable_reward_url_names_the_serve_command():
 
 def test_serve_refuses_public_host_without_token(capsys, monkeypatch):
     monkeypatch.delenv("REINFORCEPP_REMOTE_TOKEN", raising=False)
-    assert serve_main(["reward", "--reward", "tests.lm.helpers:fraction_of_a", "--host", "0.0.0.0"]) == 2
+    assert reinforcepp_main(["serve", "reward", "--reward", "tests.lm.helpers:fraction_of_a", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "reinforcepp serve reward: --host 0.0.0.0 is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN"
-    assert serve_main(["reward", "--reward", "tests/missing.py:f"]) == 2
+    assert err == "reinforcepp serve: reward: --host 0.0.0.0 is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN"
+    assert reinforcepp_main(["serve", "reward", "--reward", "tests/missing.py:f"]) == 2
     assert "file 'tests/missing.py' not found" in capsys.readouterr().err
+    assert reinforcepp_main(["serve", "reference", "--model", "/no/such/dir"]) == 2
+    assert capsys.readouterr().err.strip() == "reinforcepp serve: reference: --model /no/such/dir: no such model directory"
 
 
 def test_reward_spec_strings_use_the_shared_client():
