@@ -176,7 +176,8 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
 
 # ------------------------------------------------------------------ one-line errors at start
 def _cli(tmp_path, capsys, *items):
-    code = reinforcepp_main(["train", f"output_dir={tmp_path / 'run'}", "total_steps=1", "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
+    run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"  # a fresh run folder per call
+    code = reinforcepp_main(["train", f"output_dir={run}", "total_steps=1", "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1]
 
