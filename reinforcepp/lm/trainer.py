@@ -375,10 +375,10 @@ class Trainer:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
         if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
-            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device))
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device, safetensors_only=True))
         if resume_from is not None:
             if not saved.exists():
-                raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
+                raise RunDirError(f"cannot resume: the reference copy {saved} is missing")
             return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
