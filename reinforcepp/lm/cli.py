@@ -84,7 +84,8 @@ def train_main(argv: list[str]) -> int:
         final = trainer.train()
     except RemoteError as e:
         latest = trainer.checkpoints.latest()
-        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}`" if latest else ""
+        again = "".join(f" {k}={v}" for k, v in (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs))) if v)  # never read back from a run folder
+        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}{again}`" if latest else ""
         raise RunStopped(f"step {trainer.step}: {e}{kept}") from e
     first = _first_eval(trainer.run_dir)
     if final:
