@@ -55,6 +55,7 @@ from ..core import (
     truncation_penalty,
     value_loss,
 )
+from ..remote import RemoteReference, is_url, settings_from
 from ..rewards import TrainerState
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from ..run.folder import RunDirError, claim_run_dir
@@ -189,7 +190,8 @@ class Trainer:
             strings (otherwise ``config.reward_funcs``, or the built-in task's reward).
         train_dataset, eval_dataset: ``datasets.Dataset`` objects (or paths) with a prompt
             column (otherwise ``config.train_data`` / ``eval_data``).
-        ref_model: an already-loaded reference model.
+        ref_model: an already-loaded reference model, or a
+            :class:`~reinforcepp.remote.RemoteReference` (otherwise ``config.ref_model``).
     """
 
     def __init__(
@@ -201,7 +203,7 @@ class Trainer:
         reward_funcs: Optional[Sequence[Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        ref_model: Optional[torch.nn.Module] = None,
+        ref_model: Optional[torch.nn.Module | RemoteReference] = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -329,6 +331,7 @@ class Trainer:
 
     def _load_rewards(self, reward_funcs):
         from ..rewards import RewardConfigError, RewardScorer, RewardSource, load_reward_source
+        from ..rewards.remote import connect_remote_reward
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
@@ -343,7 +346,9 @@ class Trainer:
             raise ConfigError(f"{len(weights)} reward_weights for {len(funcs)} reward functions")
         sources = []
         for fn, w in zip(funcs, weights):
-            if isinstance(fn, str):
+            if is_url(fn):
+                sources.append(RewardSource(fn, connect_remote_reward(fn, settings_from(cfg), cfg.remote_batch_size), w))
+            elif isinstance(fn, str):
                 sources.append(load_reward_source(fn, weight=w))
             elif isinstance(fn, RewardSource):
                 sources.append(fn)
@@ -376,6 +381,15 @@ class Trainer:
             if cfg.kl_coef == 0 and cfg.resolved_kl_placement != "none" and self.dist.is_main:
                 print(f"kl_coef=0: the KL term ({cfg.resolved_kl_placement}) is zero, so no reference model is loaded and no reference forward runs", file=sys.stderr)
             return None
+        if ref_model is None and is_url(cfg.ref_model):
+            ref_model = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
+        if isinstance(ref_model, RemoteReference):  # same interface: make_experience does not know
+            if cfg.ref_update_every:
+                raise ConfigError("ref_update_every refreshes a local reference from the policy; a served reference (ref_model=URL) cannot be refreshed")
+            if ref_model.temperature != cfg.temperature:
+                raise ConfigError(f"RemoteReference(temperature={ref_model.temperature}) but temperature={cfg.temperature}: reference log-probs must use the sampling temperature")
+            ref_model.connect(self.policy, self.tokenizer)
+            return ref_model
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
         if cfg.ref_model is not None:
@@ -390,6 +404,7 @@ class Trainer:
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
             self.policy.save_pretrained(saved, safe_serialization=True)
+            self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
         return frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
@@ -563,8 +578,12 @@ class Trainer:
         return penalty
 
     # ------------------------------------------------------------------ experience
-    def _logprob_fn(self, model: torch.nn.Module):
+    def _logprob_fn(self, model):
+        """``(input_ids, attention_mask, T) -> (B, T)`` log-probs under ``model``: a local causal
+        LM, or a reference that computes them itself (:class:`RemoteReference`)."""
         cfg = self.config
+        if isinstance(model, RemoteReference):
+            return model.response_logprobs
         return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
 
     def make_experience(self, rollout: Rollout) -> Experience:
