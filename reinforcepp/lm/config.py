@@ -22,15 +22,22 @@ class LMConfig(Config):
     # --- models -------------------------------------------------------------------------
     model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model for `task`")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
-    ref_model: Optional[str] = option(None, "reference model (default: a frozen copy of the initial policy); not loaded when kl_placement is 'none'")
+    ref_model: Optional[str] = option(None, "reference model: a path, hub name or http(s):// URL of `reinforcepp serve reference` (default: a frozen copy of the initial policy); not loaded when kl_placement is 'none'")
     ref_update_every: int = option(0, "refresh the reference every this many steps (TRL's sync_ref_model): ref <- ref_update_alpha * policy + (1 - ref_update_alpha) * ref; 0 = never")
     ref_update_alpha: float = option(1.0, "ref_update_every: weight of the policy in the refreshed reference (1 = copy the policy; TRL's ref_model_mixup_alpha default is 0.6)")
     critic_model: Optional[str] = option(None, "critic backbone for estimator 'gae' (default: a copy of the policy with a scalar value head)")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
+    # --- remote services (ref_model or reward_funcs given as http(s):// URLs) -------------------
+    remote_timeout: float = option(60.0, "seconds one request to a remote reference or reward server may take in total (connect to last byte)")
+    remote_retries: int = option(3, "retries (exponential backoff from 0.5 s) after a connection error or HTTP 502/503/504")
+    remote_token_file: Optional[str] = option(None, "file holding the servers' bearer token (default: the REINFORCEPP_REMOTE_TOKEN environment variable)")
+    remote_concurrency: int = option(4, "requests in flight at once to one remote server")
+    remote_batch_size: int = option(64, "responses per request to a remote server (a micro-batch larger than this is sent as concurrent requests)")
     # --- data and task --------------------------------------------------------------------
     task: Literal["sort", "reverse", "add", "tools"] = option("sort", "built-in verifiable task, used when train_data is None (tools: multi-turn, a calculator tool)")
     train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")
@@ -101,6 +108,7 @@ class LMConfig(Config):
     top_k: int = option(0, "top-k sampling; 0 = off")
     logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
     share_prompt: bool = option(True, "forward passes compute each distinct prompt of a micro-batch once for all its samples (same numbers, less work)")
+    fuse_old_logprobs: Optional[bool] = option(None, "when the rollout is used once (epochs=1, one mini-batch) and the KL is in the reward: take old_logprobs from the update's own forward instead of a separate pass (same results, one forward less); it holds every micro-batch's graph until the advantages are known; None = only when the rollout is one micro-batch (nothing extra held)")
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
@@ -182,6 +190,8 @@ class LMConfig(Config):
         spec = get_estimator(self.estimator) if self.estimator in ESTIMATORS else None
         if spec is None:
             raise ConfigError(f"unknown estimator {self.estimator!r}; valid: {', '.join(sorted(ESTIMATORS))}")
+        if not self.remote_timeout > 0 or self.remote_retries < 0 or self.remote_concurrency < 1 or self.remote_batch_size < 1:
+            raise ConfigError(f"need remote_timeout > 0, remote_retries >= 0, remote_concurrency >= 1 and remote_batch_size >= 1, got {self.remote_timeout}, {self.remote_retries}, {self.remote_concurrency}, {self.remote_batch_size}")
         positive = ("max_turns", "max_observation_tokens", "total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "keep_last", "max_nonfinite_steps", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -215,6 +225,8 @@ class LMConfig(Config):
             raise ConfigError(f"need ref_update_every >= 0 and 0 < ref_update_alpha <= 1, got {self.ref_update_every}, {self.ref_update_alpha}")
         if self.ref_update_every and placement == "none":
             raise ConfigError("ref_update_every refreshes the reference, but kl_placement=none loads none")
+        if self.ref_update_every and self.ref_model is not None and self.ref_model.startswith(("http://", "https://")):
+            raise ConfigError("ref_update_every refreshes a local reference from the policy; a served reference (ref_model=URL) cannot be refreshed")
         if placement == "reward" and not spec.kl_in_reward:
             raise ConfigError(f"estimator {self.estimator!r} broadcasts one advantage per response and cannot carry KL in the reward; use kl_placement=loss or none")
         if spec.needs_critic is False and self.critic_model is not None:

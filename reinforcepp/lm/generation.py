@@ -211,8 +211,7 @@ class SharedPromptSampler(HFGenerationEngine):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
-        from transformers import DynamicCache
-
+        from .kv_cache import new_cache, with_cache
         from .logprobs import position_ids_from_mask
 
         tok = self.tokenizer
@@ -224,8 +223,8 @@ class SharedPromptSampler(HFGenerationEngine):
         self.model.eval()
         try:
             positions = position_ids_from_mask(attn)
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = new_cache()
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **with_cache(self.model, cache))
             cache.batch_select_indices(rows)
             logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
@@ -245,7 +244,7 @@ class SharedPromptSampler(HFGenerationEngine):
                 if bool(finished.all()) or step + 1 == params.max_new_tokens:
                     break
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, **with_cache(self.model, cache))
                 logits, position = out.logits[:, -1], position + 1
         finally:
             self.model.train(was_training)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from ..core import (
     truncation_penalty,
     value_loss,
 )
+from ..remote import RemoteReference, is_url, settings_from
 from ..rewards import TrainerState
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from ..agents.rollout import episode_metrics, split_turn_rewards
@@ -62,10 +64,12 @@ from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
+from .fused import HeldForwards, fuse_old_logprobs
 from .generation import Generation, SamplingParams, full_weights, make_engine
-from .logprobs import response_logprobs
+from .logprobs import TokenLogprobs, response_logprobs
 from .distributed import init_distributed
-from .profile import update_flops
+from .precision import autocast, autocast_dtype
+from .profile import update_flops, update_tokens
 from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
 STATE_NAME = "trainer_state"
@@ -113,16 +117,27 @@ class Rollout:
 class PhaseTimer:
     """Wall time per phase of a step (generate, score, forward, update, eval, save)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.clock = clock
+        self._open: list[str] = []
+        self._since = 0.0
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        """Time ``phase``; a phase opened inside another pauses the outer one, so each
+        second is counted once (the update's forward run early counts as update, not forward)."""
+        now = self.clock()
+        if self._open:
+            self.totals[self._open[-1]] += now - self._since
+        self._open.append(phase)
+        self._since = now
         try:
             yield
         finally:
-            self.totals[phase] += time.perf_counter() - start
+            now = self.clock()
+            self.totals[self._open.pop()] += now - self._since
+            self._since = now
 
     def pop(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.totals.items()}
@@ -176,7 +191,8 @@ class Trainer:
             strings (otherwise ``config.reward_funcs``, or the built-in task's reward).
         train_dataset, eval_dataset: ``datasets.Dataset`` objects (or paths) with a prompt
             column (otherwise ``config.train_data`` / ``eval_data``).
-        ref_model: an already-loaded reference model.
+        ref_model: an already-loaded reference model, or a
+            :class:`~reinforcepp.remote.RemoteReference` (otherwise ``config.ref_model``).
         env: a factory of multi-turn environments, called once per episode (otherwise
             ``config.environment``, or the built-in task's); see docs/agents.md.
     """
@@ -190,13 +206,14 @@ class Trainer:
         reward_funcs: Optional[Sequence[Any]] = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        ref_model: Optional[torch.nn.Module] = None,
+        ref_model: Optional[torch.nn.Module | RemoteReference] = None,
         env: Optional[Callable[[], Any]] = None,
     ) -> None:
         config.validate()
         self.config = config
         self.spec = get_estimator(config.estimator)
-        self.kl_placement = config.resolved_kl_placement
+        # beta = 0 (fixed, or adaptive from 0: it stays 0) makes the KL term zero: no reference model, no reference forward
+        self.kl_placement = "none" if config.kl_coef == 0 else config.resolved_kl_placement
         self.kl_estimator = config.resolved_kl_estimator
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
@@ -215,6 +232,7 @@ class Trainer:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
         self.timer = PhaseTimer()
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
@@ -245,6 +263,8 @@ class Trainer:
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else FixedKLController(config.kl_coef)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
+        self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
+        self.fuse_old = fuse_old_logprobs(config.fuse_old_logprobs, config.on_policy, self.kl_placement == "reward", self.prompts_per_rank * config.samples_per_prompt, config.micro_batch_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -319,6 +339,7 @@ class Trainer:
 
     def _load_rewards(self, reward_funcs):
         from ..rewards import RewardConfigError, RewardScorer, RewardSource, load_reward_source
+        from ..rewards.remote import connect_remote_reward
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
@@ -335,7 +356,9 @@ class Trainer:
             raise ConfigError(f"{len(weights)} reward_weights for {len(funcs)} reward functions")
         sources = []
         for fn, w in zip(funcs, weights):
-            if isinstance(fn, str):
+            if is_url(fn):
+                sources.append(RewardSource(fn, connect_remote_reward(fn, settings_from(cfg), cfg.remote_batch_size), w))
+            elif isinstance(fn, str):
                 sources.append(load_reward_source(fn, weight=w))
             elif isinstance(fn, RewardSource):
                 sources.append(fn)
@@ -395,7 +418,18 @@ class Trainer:
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
         cfg = self.config
         if self.kl_placement == "none":
+            if cfg.kl_coef == 0 and cfg.resolved_kl_placement != "none" and self.dist.is_main:
+                print(f"kl_coef=0: the KL term ({cfg.resolved_kl_placement}) is zero, so no reference model is loaded and no reference forward runs", file=sys.stderr)
             return None
+        if ref_model is None and is_url(cfg.ref_model):
+            ref_model = RemoteReference(cfg.ref_model, settings_from(cfg), temperature=cfg.temperature, batch_size=cfg.remote_batch_size)
+        if isinstance(ref_model, RemoteReference):  # same interface: make_experience does not know
+            if cfg.ref_update_every:
+                raise ConfigError("ref_update_every refreshes a local reference from the policy; a served reference (ref_model=URL) cannot be refreshed")
+            if ref_model.temperature != cfg.temperature:
+                raise ConfigError(f"RemoteReference(temperature={ref_model.temperature}) but temperature={cfg.temperature}: reference log-probs must use the sampling temperature")
+            ref_model.connect(self.policy, self.tokenizer)
+            return ref_model
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
         if cfg.ref_model is not None:
@@ -410,6 +444,7 @@ class Trainer:
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main:
             self.policy.save_pretrained(saved, safe_serialization=True)
+            self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
         return frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
@@ -447,7 +482,7 @@ class Trainer:
         from .profile import matmul_flops_per_s, summary
 
         rows = [r for r in read_metrics(self.run_dir) if r.get("kind") == "train"]
-        print(summary(rows, matmul_flops_per_s(dtype=self.dtype, device=self.device)))
+        print(summary(rows, matmul_flops_per_s(dtype=self.autocast_dtype or self.dtype, device=self.device)))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, log."""
@@ -463,7 +498,7 @@ class Trainer:
         self.sync_engine()
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
-        metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
+        metrics["perf/update_flops_per_s"] = update_flops(self.n_params, update_tokens(experience.batch, self.config.micro_batch_size, self.config.share_prompt) * self.config.epochs) / max(1e-9, metrics["time/update"])
         metrics = self.dist.reduce_metrics(metrics)  # tokens summed over ranks, times of the slowest rank
         metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
         # beta follows the global KL, so every rank keeps the same coefficient
@@ -517,7 +552,7 @@ class Trainer:
                 expanded = [r for r in rows for _ in range(k)]
                 return gen, prompts, gen.episodes.final_texts, expanded, score_episodes(self.scorer, prompts, gen, columns_of(expanded, exclude=(cfg.prompt_column,)))
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"):
+        with timer("generate"), self.precision():
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
@@ -591,8 +626,12 @@ class Trainer:
         return penalty
 
     # ------------------------------------------------------------------ experience
-    def _logprob_fn(self, model: torch.nn.Module):
+    def _logprob_fn(self, model):
+        """``(input_ids, attention_mask, T) -> (B, T)`` log-probs under ``model``: a local causal
+        LM, or a reference that computes them itself (:class:`RemoteReference`)."""
         cfg = self.config
+        if isinstance(model, RemoteReference):
+            return model.response_logprobs
         return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
 
     def make_experience(self, rollout: Rollout) -> Experience:
@@ -602,11 +641,18 @@ class Trainer:
         batch = collate(gen.prompt_ids, gen.response_ids, self.tokenizer.pad_token_id, response_masks=gen.response_masks)
         mb = cfg.micro_batch_size
         need_old = not cfg.on_policy or self.kl_placement == "reward"
-        self.policy.eval()
-        old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
-        self.policy.train()
-        ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
-        values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
+        old: Optional[torch.Tensor] = None
+        if need_old and self.fuse_old:  # the update's own forward, run now (fused.py)
+            with self.timer("update"):
+                old = self.held.run(self._policy_forward, batch, mb)
+        else:
+            self.policy.eval()
+            with self.precision():
+                old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
+            self.policy.train()
+        with self.precision():
+            ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
+            values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = None
         if self.kl_placement == "reward":
             assert old is not None and ref is not None  # reward KL computes both
@@ -735,11 +781,12 @@ class Trainer:
 
     def _micro_loss(self, part: Experience, n_tokens: float, n_seqs: float, seen, scalars) -> torch.Tensor:
         cfg = self.config
-        dev = self.device
         b = part.batch
-        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        out = self.held.take(b.input_ids)
+        if out is None:
+            out = self._policy_forward(b)
         assert out.entropy is not None  # with_entropy=True
-        logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
+        logp = out.logprobs.cpu() if self.device.type == "cpu" else out.logprobs
         real = b.response_mask.to(logp.device)
         mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
@@ -765,11 +812,23 @@ class Trainer:
             seen[name].append(value.detach().cpu())
         return agg(per_token)
 
+    def precision(self):
+        """bfloat16 autocast around the models' forwards when ``autocast`` is on (precision.py)."""
+        return autocast(self.device, self.autocast_dtype)
+
+    def _policy_forward(self, b) -> TokenLogprobs:
+        """The update's forward: log-probs and entropy of a micro-batch, with gradient."""
+        cfg = self.config
+        dev = self.device
+        with self.precision():
+            return response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
         assert self.critic is not None and part.values is not None
-        values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
+        with self.precision():
+            values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).float().cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
         loss.backward()

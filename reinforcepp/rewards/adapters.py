@@ -126,6 +126,8 @@ class _OpenRLHFAdapter:
         queries = [p + c for p, c in zip(prompts, completions)]
         if self.label_column in columns:
             labels = list(columns[self.label_column])
+        elif "labels" in columns:  # OpenRLHF's own request field (`reinforcepp serve reward` passes it on)
+            labels = list(columns["labels"])
         elif "answer" in columns:
             labels = list(columns["answer"])
         else:
@@ -148,7 +150,7 @@ def from_openrlhf(reward_func: Callable[..., Any], label_column: str = "label") 
     OpenRLHF calls ``reward_func(queries, prompts, labels)`` on a batch, with ``queries[i] =
     prompts[i] + completions[i]``; it returns a tensor / list of rewards or a dict whose
     ``"rewards"`` holds them (``"extra_logs"``, a dict of per-sample values, is logged as
-    ``reward/<source>/<key>``; ``"scores"`` is ignored here). ``labels`` come
-    from the ``label`` column, else ``answer``, else a list of ``None``.
+    ``reward/<source>/<key>``; ``"scores"`` is ignored here). ``labels`` come from the ``label``
+    column, else ``labels`` (OpenRLHF's own request field), else ``answer``, else a list of ``None``.
     """
     return _OpenRLHFAdapter(reward_func, label_column)

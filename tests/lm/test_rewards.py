@@ -483,6 +483,7 @@ def test_remote_reward_protocol_and_both_response_shapes(rd_server: _Server):
         "prompts": PROMPTS,
         "completions": COMPLETIONS,
         "query": [p + c for p, c in zip(PROMPTS, COMPLETIONS)],
+        "labels": ANSWERS,  # OpenRLHF's ground truth, filled from the answer column
         "answer": ANSWERS,
     }
     rd_server.mode = "list"
