@@ -18,7 +18,7 @@ from .advantages import (
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, check_kl_placement, kl_penalty
 from .kl_control import AdaptiveKLController, FixedKLController
 from .losses import LOSS_AGGS, LossAgg, PolicyLoss, aggregate, entropy_from_logits, kl_loss, policy_loss, value_loss
-from .metrics import advantage_stats, approx_kl, clip_fractions
+from .metrics import advantage_stats, approx_kl, clip_fractions, kl_return_share
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,
