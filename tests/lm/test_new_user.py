@@ -252,3 +252,20 @@ def test_a_policy_passed_in_python_still_gets_its_reference_saved(tmp_path):
     tok, model = tiny_policy()
     Trainer(small_config(tmp_path, kl_placement="reward"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     assert (tmp_path / "run" / "reference" / "model.safetensors").exists() and not (tmp_path / "run" / REFERENCE_RECORD).exists()
+
+
+# ------------------------------------------------------- 7. compare with your model, data, reward
+def test_compare_runs_on_your_model_data_and_reward_without_task(user, tmp_path):
+    from reinforcepp import compare as C
+
+    out = tmp_path / "cmp"
+    argv = ["--estimators", "grpo", "--seeds", "1", "--steps", "2", "--out", str(out), f"model={user / 'model'}",
+            f"train_data={user / 'train.jsonl'}", f"eval_data={user / 'eval.jsonl'}", f"reward_funcs={user / 'rewards.py'}:fraction_of_a",
+            "prompts_per_step=4", "samples_per_prompt=2", "micro_batch_size=8", "max_new_tokens=4", "eval_every=2", "eval_samples=2", "lr=1e-2"]
+    assert C.main(argv) == 0
+    md = (out / "report.md").read_text()
+    assert md.startswith(f"# Estimator comparison: {user.name}/train (language model)") and "the given model" in md
+    run = out / "runs" / "grpo_s0"
+    assert "task: null" in (run / "config.yaml").read_text()
+    assert "reward/fraction_of_a" in read_metrics(run)[1]
+    assert C.main(["--task", "sort", f"train_data={user / 'train.jsonl'}"]) == 2  # two things to train on
