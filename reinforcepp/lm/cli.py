@@ -147,7 +147,13 @@ def run_sft(cfg: Any) -> int:
     """Load, fine-tune and save, as ``reinforcepp sft`` does with the :class:`SFTConfig` ``cfg``."""
     from ..run import Progress
     from .data import load_prompt_dataset, render_prompt
-    from .models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, set_torch_threads
+    from .models import (
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        set_torch_threads,
+    )
     from .sft import default_sft_lr, sft_train
 
     set_torch_threads(cfg.torch_threads)

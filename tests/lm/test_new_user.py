@@ -189,11 +189,11 @@ def test_sft_command_in_key_value_syntax_end_to_end(user, tmp_path):
     out = tmp_path / "sft"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}", f"model={user / 'model'}", f"output_dir={out}",
-                           "steps=3", "torch_threads=1"], capture_output=True, text=True, env=env, cwd=tmp_path)
+                           "steps=3", "torch_threads=1"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert "lr 0.001 (by model size" in proc.stderr and f"saved {out}" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "sft needs model=..., output_dir=..." in bad.stderr
 
 
