@@ -6,6 +6,11 @@
     reinforcepp compare --estimators reinforce_pp,grpo,rloo --seeds 2 --out runs/cmp-mine \
         model=PATH train_data=train.jsonl eval_data=eval.jsonl reward_funcs=my_rewards.py:correct lr=1e-5
     reinforcepp compare --report-only /tmp/cmp_cartpole                                  # rebuild the report
+    reinforcepp compare --task sort --estimators "grpo,grpo[kl_estimator=k3+;kl_placement=loss]"  # variants
+
+An entry of ``--estimators`` may carry its own ``key=value`` settings in brackets, separated by
+``;`` (``grpo[importance_sampling_level=sequence;eps_low=3e-4]``): a variant of that estimator,
+labelled by the whole entry, so that one report shows an option's effect.
 
 Your own model, data and reward: no ``--task``; the ``key=value`` items that every run gets name
 them, exactly as for ``reinforcepp train`` (the report is titled by the data's name). Without
@@ -36,6 +41,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -569,7 +575,19 @@ def _resolved_summary(mode: str, cfg) -> str:
 
 
 def _run_name(estimator: str, seed: int) -> str:
-    return f"{estimator}_s{seed}"
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", estimator) + f"_s{seed}"
+
+
+def parse_variant(entry: str) -> tuple[str, list[str]]:
+    """``"grpo[a=1;b=2]"`` -> ``("grpo", ["a=1", "b=2"])``; ``"grpo"`` -> ``("grpo", [])``."""
+    m = re.fullmatch(r"([^\[\]]+)(?:\[([^\[\]]*)\])?", entry)
+    if m is None:
+        raise ValueError(f"--estimators entry {entry!r}: expected NAME or NAME[key=value;key=value]")
+    extra = [kv.strip() for kv in (m.group(2) or "").split(";") if kv.strip()]
+    for kv in extra:
+        if "=" not in kv:
+            raise ValueError(f"--estimators entry {entry!r}: {kv!r} is not key=value")
+    return m.group(1), extra
 
 
 def load_runs(out: Path, spec: dict) -> tuple[list[RunData], list[dict]]:
@@ -636,14 +654,15 @@ def _child(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     mode, overrides = spec["mode"], spec["overrides"]
+    trainer_cls: Any
     if mode == "lm":
-        from .lm.trainer import Trainer
+        from .lm.trainer import Trainer as trainer_cls
     else:
-        from .gym.trainer import GymTrainer as Trainer  # noqa: N814
+        from .gym.trainer import GymTrainer as trainer_cls
     base_rss = _proc_status_mb("VmRSS")
     t_import = time.perf_counter()
     cfg = _build_config(mode, overrides)
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     t_setup = time.perf_counter()
     reset = _reset_peak_rss()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
@@ -767,7 +786,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for est in estimators:
             for seed in seeds:
-                ov = _run_overrides(mode, target, est, seed, args.steps, out / "runs" / _run_name(est, seed), args.overrides, not args.no_presets)
+                name, extra = parse_variant(est)
+                ov = _run_overrides(mode, target, name, seed, args.steps, out / "runs" / _run_name(est, seed), list(args.overrides) + extra, not args.no_presets)
                 cfg = _build_config(mode, ov)  # validate every run before the first one starts
                 # pin the whole resolved config: an edit of a preset while the comparison runs
                 # (they take an hour) must not change the later runs

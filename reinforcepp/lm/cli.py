@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config, ConfigError, cli_items, parse_overrides
+from ..errors import setup_phase
 
 TRAIN_USAGE = """\
   reinforcepp train                                # built-in task, tiny model, no download
@@ -43,8 +44,9 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml, then key=value items")
     if resume:
         parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+        parser.add_argument("--overwrite", action="store_true", help="output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) and start a new one")
     parser.add_argument("--list-options", action="store_true", help="print every key with its default and meaning")
-    flags = ("-h", "--help", "--list-options") + (("--resume",) if resume else ())
+    flags = ("-h", "--help", "--list-options") + (("--resume", "--overwrite") if resume else ())
     try:
         words = cli_items(argv, cls, flags)
     except ConfigError as e:
@@ -57,19 +59,25 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
     return args, [a for a in args.items if a not in config_file]
 
 
-def build_config(config_file: str | None, overrides: list[str], resume: bool = False):
-    """Preset (the built-in tiny job when no model is named), YAML file, then overrides."""
+def build_config(config_file: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False):
+    """Preset (the built-in tiny job when no model is named), YAML file, then overrides. On
+    resume the run's saved config comes first, except its security settings (reported)."""
     import yaml
 
+    from ..run.folder import merge_resumed_config
     from .config import LMConfig
 
     values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
     values.update(parse_overrides(overrides))
+    if overwrite:
+        values["overwrite"] = True
     if resume:
         values["resume"] = True
         saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
         if saved is not None and saved.exists():
-            values = {**yaml.safe_load(saved.read_text()), **values}
+            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, values)
+            for note in notes:
+                print(f"resume: {note}", file=sys.stderr)
     if values.get("model") in (None, "None", "none", ""):
         return LMConfig.tiny(**values)
     return LMConfig.from_dict(values)
@@ -82,18 +90,15 @@ def train_main(argv: list[str]) -> int:
     if args.list_options:
         print(LMConfig.describe())
         return 0
-    try:
-        config = build_config(args.config_file, overrides, args.resume)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"reinforcepp train: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
     from .trainer import Trainer
 
     if config.model is None:
         what = f"task {config.builtin_task!r}" if config.builtin_task else "your data"
         print(f"reinforcepp train: no model given, so training the built-in tiny model on {what} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    trainer = Trainer(config)
+    with setup_phase("setting up the run"):
+        trainer = Trainer(config)
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         trainer.train()
         return 0
@@ -116,8 +121,10 @@ def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -
 
     lines = [f"held-out reward (greedy) {change('eval/reward_mean')}, reward (sampled) {change('eval/sampled_reward_mean')}"]
     if pass_fail:
-        pass_k = next(k for k in final if k.startswith("eval/pass@"))
-        lines.append(f"held-out accuracy (greedy, reward >= 1) {change('eval/accuracy')}, {pass_k.split('/', 1)[1]} {change(pass_k)}")
+        any_of = next((k for k in final if k.startswith("eval/any_correct_of_")), None)  # = unbiased pass@n for k = n
+        pass_k = any_of or max((k for k in final if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
+        label = f"pass@{any_of.rsplit('_', 1)[1]}" if any_of else pass_k.split("/", 1)[1]
+        lines.append(f"held-out accuracy (greedy, reward >= 1) {change('eval/accuracy')}, {label} {change(pass_k)}")
     return "\n".join(lines)
 
 
@@ -135,12 +142,7 @@ def sft_main(argv: list[str]) -> int:
     if args.list_options:
         print(SFTConfig.describe())
         return 0
-    try:
-        cfg = SFTConfig.load(args.config_file, items)
-    except ConfigError as e:
-        print(f"reinforcepp sft: {e}", file=sys.stderr)
-        return 2
-    return run_sft(cfg)
+    return run_sft(SFTConfig.load(args.config_file, items))  # bad input: reinforcepp.cli prints one line
 
 
 def run_sft(cfg: Any) -> int:
@@ -158,12 +160,13 @@ def run_sft(cfg: Any) -> int:
 
     set_torch_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)
-    data = load_prompt_dataset(cfg.data, prompt_column=cfg.prompt_column)
+    with setup_phase(f"loading model {cfg.model!r} and data {cfg.data!r}"):
+        data = load_prompt_dataset(cfg.data, prompt_column=cfg.prompt_column)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+        model: Any = load_causal_lm(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device, trust_remote_code=cfg.trust_remote_code)
     if cfg.completion_column not in data.column_names:
         print(f"reinforcepp sft: {cfg.data} has no column {cfg.completion_column!r} (columns: {', '.join(data.column_names)})", file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-    model: Any = load_causal_lm(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device, trust_remote_code=cfg.trust_remote_code)
     n_params = sum(p.numel() for p in model.parameters())
     lr = cfg.lr if cfg.lr is not None else default_sft_lr(n_params)
     print(f"reinforcepp sft: {n_params / 1e6:.2f}M parameters, lr {lr:g}{'' if cfg.lr is not None else ' (by model size; set lr= to change)'}, "
@@ -193,15 +196,12 @@ def eval_main(argv: list[str]) -> int:
     if not any(o.split("=", 1)[0] == "output_dir" for o in overrides):
         scratch = tempfile.TemporaryDirectory(prefix="reinforcepp-eval-")  # nothing left behind
         fixed.append(f"output_dir={scratch.name}")
-    try:
-        config = build_config(args.config_file, overrides + fixed, False)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"reinforcepp eval: {e}", file=sys.stderr)
-        return 2
     from .trainer import Trainer
 
     try:
-        trainer = Trainer(config)
+        config = build_config(args.config_file, overrides + fixed, False)
+        with setup_phase("setting up the evaluation"):
+            trainer = Trainer(config)
         if trainer.eval_data is None:
             print("reinforcepp eval: no held-out prompts: set eval_data (or train_data with eval_fraction > 0)", file=sys.stderr)
             return 2
