@@ -352,7 +352,8 @@ class Trainer:
                 sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
         scorer = RewardScorer(sources, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
         try:  # a reward needing a column the data lacks fails now, not at the first step
-            scorer.check_columns([c for c in self.train_data.column_names if c != cfg.prompt_column])
+            data = self.train_data if self.train_data is not None else self.eval_data  # eval_data alone: `reinforcepp eval`
+            scorer.check_columns([c for c in data.column_names if c != cfg.prompt_column])
         except RewardConfigError as exc:
             raise ConfigError(str(exc)) from exc
         return scorer
