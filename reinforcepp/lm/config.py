@@ -68,6 +68,7 @@ class LMConfig(Config):
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
+    tis_cap: Optional[float] = option(None, "truncated importance sampling: each token's policy-gradient loss is multiplied by min(exp(old_logprobs - sampler_logprobs), tis_cap), correcting for the engine sampling with other numerics than the trainer; None = off")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
     value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
@@ -87,7 +88,9 @@ class LMConfig(Config):
     max_grad_norm: float = option(1.0, "gradient-norm clipping")
     max_nonfinite_steps: int = option(3, "this many consecutive non-finite losses/gradients stop the run")
     # --- generation -------------------------------------------------------------------------
-    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate)")
+    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate), vllm (vLLM's offline engine in this process, weights synced after every update; `bash install.sh vllm`)")
+    vllm_gpu_memory_utilization: float = option(0.3, "engine=vllm on a GPU: fraction of GPU memory vLLM takes for its weights and KV cache (the rest is the trainer's)")
+    vllm_sleep: bool = option(False, "engine=vllm on a GPU: put vLLM to sleep (KV cache freed, weights offloaded) while the trainer computes log-probs and updates, wake it for the next rollout")
     max_new_tokens: int = option(256, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
@@ -229,6 +232,8 @@ class LMConfig(Config):
             raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"tis_cap must be > 0 (OpenRLHF and verl use 2 to 10), got {self.tis_cap}")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -256,3 +261,6 @@ class LMConfig(Config):
 
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown generation engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        from .vllm_engine import check_vllm_config
+
+        check_vllm_config(self)

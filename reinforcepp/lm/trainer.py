@@ -44,12 +44,14 @@ from ..core import (
     get_estimator,
     kl_loss,
     kl_return_share,
+    logprob_mismatch,
     kl_penalty,
     masked_mean,
     mix_reference,
     overlong_penalty,
     pass_at_k,
     policy_loss,
+    truncated_importance_weights,
     truncated_loss_mask,
     truncation_penalty,
     value_loss,
@@ -61,7 +63,7 @@ from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
 from .experience import Experience, batched_forward
-from .generation import Generation, SamplingParams, make_engine
+from .generation import Generation, SamplingParams, full_weights, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
 from .profile import update_flops
@@ -96,21 +98,18 @@ class Rollout:
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
-        g = self.generation
         return Rollout(
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
-            Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
-            self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            self.generation.take(index), self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
             None if self.token_rewards is None else [self.token_rewards[i] for i in index],
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
-        gens = [p.generation for p in parts]
         tokens = None if parts[0].token_rewards is None else [x for p in parts for x in (p.token_rewards or [])]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
-            Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
+            Generation.concat([p.generation for p in parts]),
             torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts, tokens,
         )
 
@@ -236,7 +235,9 @@ class Trainer:
         self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
+        self.policy_weights = full_weights(self.policy)  # what the engine loads after each update
+        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device, config=config)
+        self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
 
         from .data import PromptLoader
 
@@ -382,7 +383,7 @@ class Trainer:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved, record = self.run_dir / "reference", self.run_dir / REFERENCE_RECORD
         if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
-            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device))
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device, safetensors_only=True))
         if resume_from is not None:
             return frozen(self._reload_reference(saved, record))
         # The reference is the initial policy (after any warm start). A resumed run must use the
@@ -402,11 +403,11 @@ class Trainer:
         if saved.exists():
             return load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True)
         if not record.exists():
-            raise FileNotFoundError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
+            raise RunDirError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
         info = json.loads(record.read_text())
         path = info["path"]
         if not Path(path).is_dir() or weights_fingerprint(path) != info["sha256"]:
-            raise FileNotFoundError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run started "
+            raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run started "
                                     f"(sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
         return load_causal_lm(path, dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code)
 
@@ -452,12 +453,14 @@ class Trainer:
         """One RL step: rollout, experience, update, log."""
         self.step += 1
         rollout = self.rollout()
+        self.engine.sleep()
         with self.timer("forward"):
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
         if self.config.ref_update_every and self.step % self.config.ref_update_every == 0 and self.ref_model is not None:
             mix_reference(self.ref_model.parameters(), self.policy.parameters(), self.config.ref_update_alpha)
             update_metrics["kl/ref_updated"] = 1.0
+        self.sync_engine()
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
@@ -481,6 +484,14 @@ class Trainer:
         print(f"reinforcepp: warning: at step {self.step} the KL penalty is {share:.0%} of the return (kl/return_share), more than the task reward: "
               f"the policy gains more by staying near the reference than by solving the task. Lower kl_coef (now {cfg.kl_coef}), "
               f"or move the KL out of the reward (kl_placement=loss or none); see docs/lm.md, 'Choosing the KL'.", file=sys.stderr)
+
+    def sync_engine(self) -> None:
+        """Give the engine the updated weights (once per step, after its last optimizer step:
+        nothing samples in between); skipped when every optimizer step was skipped."""
+        if self.weights_changed:
+            with self.timer("sync"):
+                self.engine.sync_weights(self.policy, self.policy_weights)
+            self.weights_changed = False
 
     # ------------------------------------------------------------------ rollout
     def _train_loader(self):
@@ -616,7 +627,10 @@ class Trainer:
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         loss_mask = truncated_loss_mask(batch.response_mask, rollout.generation.truncated) if cfg.mask_truncated_completions else None
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask)
+        sampler = rollout.generation.sampler_logprob_tensor(batch.response_length)
+        if cfg.tis_cap is not None and sampler is None:
+            raise ConfigError(f"tis_cap needs the log-probs the engine sampled with, and engine {cfg.engine!r} does not return them; unset tis_cap")
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask, sampler_logprobs=sampler)
 
     # ------------------------------------------------------------------ update
     def update(self, exp: Experience) -> dict[str, float]:
@@ -645,6 +659,11 @@ class Trainer:
             "lr": float(self.scheduler.get_last_lr()[0]),
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
+        if seen["sampler_logprobs"]:  # sampler vs trainer: the same tokens, two sets of numerics
+            sampler = torch.cat(seen["sampler_logprobs"])
+            out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = logprob_mismatch(old, sampler, mask, self.dist.reduce)
+            if cfg.tis_cap is not None:
+                out["rollout/tis_weight_mean"] = float(masked_mean(truncated_importance_weights(old, sampler, cfg.tis_cap), mask))
         if self.kl_placement == "loss":
             out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
             out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
@@ -694,6 +713,7 @@ class Trainer:
             return
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
+        self.weights_changed = True
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
@@ -729,6 +749,11 @@ class Trainer:
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
         pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip, response_mask=real, importance_sampling_level=cfg.importance_sampling_level)
         per_token = pl.loss
+        if part.sampler_logprobs is not None:
+            sampler = part.sampler_logprobs.to(logp.device)
+            seen["sampler_logprobs"].append(sampler.cpu())
+            if cfg.tis_cap is not None:  # truncated importance sampling: pi_old / mu, capped, no gradient
+                per_token = per_token * truncated_importance_weights(old, sampler, cfg.tis_cap)
         # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
         agg = lambda x: aggregate(x * mask, real, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
