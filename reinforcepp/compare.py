@@ -3,12 +3,18 @@
     reinforcepp compare --task reverse --estimators reinforce_pp,reinforce_pp_baseline,grpo,rloo,gae --seeds 3
     reinforcepp compare --env CartPole-v1 --estimators reinforce_pp,gae --seeds 3 --out /tmp/cmp_cartpole
     reinforcepp compare --task sort --estimators reinforce_pp,grpo --steps 100 lr=1e-4    # key=value: every run
+    reinforcepp compare --estimators reinforce_pp,grpo,rloo --seeds 2 --out runs/cmp-mine \
+        model=PATH train_data=train.jsonl eval_data=eval.jsonl reward_funcs=my_rewards.py:correct lr=1e-5
     reinforcepp compare --report-only /tmp/cmp_cartpole                                  # rebuild the report
     reinforcepp compare --task sort --estimators "grpo,grpo[kl_estimator=k3+;kl_placement=loss]"  # variants
 
 An entry of ``--estimators`` may carry its own ``key=value`` settings in brackets, separated by
 ``;`` (``grpo[importance_sampling_level=sequence;eps_low=3e-4]``): a variant of that estimator,
 labelled by the whole entry, so that one report shows an option's effect.
+
+Your own model, data and reward: no ``--task``; the ``key=value`` items that every run gets name
+them, exactly as for ``reinforcepp train`` (the report is titled by the data's name). Without
+``model=`` the runs use the built-in tiny model (no warm start on your data).
 
 Every (estimator, seed) run is a fresh subprocess, started one after the other (never two at
 once), seeds in the outer loop so that a drift in machine load hits every estimator alike. The
@@ -510,7 +516,9 @@ def _machine() -> str:
 
 def _run_overrides(mode: str, target: str, estimator: str, seed: int, steps: Optional[int], run_dir: Path, overrides: list[str], presets: bool) -> list[str]:
     if mode == "lm":
-        base = {**LM_DEFAULTS, "task": target, "estimator": estimator, "seed": seed, "output_dir": str(run_dir)}
+        base = {**LM_DEFAULTS, "estimator": estimator, "seed": seed, "output_dir": str(run_dir)}
+        if not _own_data(overrides):
+            base["task"] = target
         if steps is not None:
             base["total_steps"] = steps
     else:
@@ -518,6 +526,21 @@ def _run_overrides(mode: str, target: str, estimator: str, seed: int, steps: Opt
         if steps is not None:
             base["total_env_steps"] = steps
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in base.items()] + list(overrides)
+
+
+OWN_DATA_KEYS = ("train_data", "eval_data")
+
+
+def _own_data(overrides: Sequence[str]) -> Optional[str]:
+    """The data a comparison runs on when the overrides name it (train_data, else eval_data)."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    return next((given[k] for k in OWN_DATA_KEYS if given.get(k) not in (None, "", "None", "none")), None)
+
+
+def _data_name(path: str) -> str:
+    """``/tmp/dbl/train.jsonl`` -> ``dbl/train``: the report's title for a comparison on your data."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
 
 
 def _pinned(cfg) -> list[str]:
@@ -712,7 +735,8 @@ def _reset_peak_rss() -> bool:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reinforcepp compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--task", default=None, help="built-in language-model task (reverse, sort, add); the tiny-model preset")
+    g.add_argument("--task", default=None, help="built-in language-model task (reverse, sort, add); the tiny-model preset. "
+                   "Not needed with your own data: give train_data=... (and model=, reward_funcs=, ...) as key=value items")
     g.add_argument("--env", default=None, help="Gymnasium environment id")
     g.add_argument("--report-only", default=None, metavar="OUT", help="rebuild OUT's report from its finished runs; trains nothing")
     p.add_argument("--estimators", default="reinforce_pp,gae", help="comma-separated estimator names")
@@ -721,7 +745,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory: runs/, logs/, compare.json (default runs/compare-<task or env>)")
     p.add_argument("--report-dir", default=None, help="where report.md and compare.png go (default: OUT)")
     p.add_argument("--no-presets", action="store_true", help="Gymnasium: do not apply the tuned per-(env, estimator) settings of docs/gym.md")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    p.add_argument("overrides", nargs="*", help="key=value config items for every run (the keys of `reinforcepp train --list-options` "
+                   "or `reinforcepp gym --list-options`): model=, train_data=, eval_data=, reward_funcs=, lr=, ...")
     return p
 
 
@@ -739,10 +764,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs, failed = load_runs(out, spec)
         print(build_report(spec, runs, failed, Path(args.report_dir or spec.get("report_dir") or out)))
         return 0
-    if not args.task and not args.env:
-        print("reinforcepp compare: give --task (language model) or --env (Gymnasium), or --report-only OUT", file=sys.stderr)
+    own = _own_data(args.overrides)
+    if own and (args.task or args.env):
+        print(f"reinforcepp compare: --{'task' if args.task else 'env'} and train_data/eval_data both name what to train on; give one", file=sys.stderr)
         return 2
-    mode, target = ("lm", args.task) if args.task else ("gym", args.env)
+    if not args.task and not args.env and not own:
+        print("reinforcepp compare: give --task (a built-in language-model task), --env (Gymnasium), train_data=... (your own data), or --report-only OUT", file=sys.stderr)
+        return 2
+    mode, target = ("gym", args.env) if args.env else ("lm", args.task or _data_name(str(own)))
     estimators = [e for e in args.estimators.split(",") if e]
     if len(set(estimators)) != len(estimators) or not estimators:
         print(f"reinforcepp compare: --estimators must name distinct estimators, got {args.estimators!r}", file=sys.stderr)
@@ -750,7 +779,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seeds < 1:
         print("reinforcepp compare: --seeds must be >= 1", file=sys.stderr)
         return 2
-    out = Path(args.out or f"runs/compare-{target}")
+    out = Path(args.out or f"runs/compare-{target.replace('/', '-')}")
     report_dir = Path(args.report_dir) if args.report_dir else out
     seeds = list(range(args.seeds))
     run_overrides, resolved = {}, {}

@@ -194,3 +194,41 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.strip().lstrip("-").replace("-", "_")] = value
     return out
+
+
+_TRUE_FALSE = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def cli_items(argv: list[str], cls: type[Config], flags: tuple[str, ...] = ("-h", "--help")) -> list[str]:
+    """Command-line words in either spelling -> ``key=value`` items for ``cls``.
+
+    Every command takes ``key=value`` (the canonical form, as in ``reinforcepp train``) and the
+    argparse/TRL spellings of the same keys: ``--key value``, ``--key=value``, with ``-`` or
+    ``_`` in the name (``--output-dir out`` = ``output_dir=out``); a bare ``--flag`` of a bool
+    field means true. Words in ``flags`` and positional words without ``=`` (a CONFIG.yaml)
+    pass through unchanged. An unknown ``--key`` is a :class:`ConfigError` naming the nearest key.
+    """
+    types_ = cls.field_types()
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word in flags or not word.startswith("--"):
+            out.append(word)
+            continue
+        key, eq, value = word[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types_:
+            raise ConfigError(f"unknown option {word.split('=')[0]!r}" + _suggest(key, list(types_)))
+        if not eq:
+            nxt = argv[i] if i < len(argv) else None
+            if types_[key] is bool and (nxt is None or nxt.lower() not in _TRUE_FALSE):
+                value = "true"
+            elif nxt is None or (nxt.startswith("--") and nxt not in ("--",)):
+                raise ConfigError(f"option {word!r} needs a value: {word} VALUE or {key}=VALUE")
+            else:
+                value = nxt
+                i += 1
+        out.append(f"{key}={value}")
+    return out

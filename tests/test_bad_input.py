@@ -66,7 +66,7 @@ def test_prompts_longer_than_the_context_are_refused_or_truncated(capsys, files)
 
 def test_sft_eval_gym_compare_errors(capsys, files):
     refused(capsys, ["sft", "--data", str(files / "missing.jsonl"), "--model", str(files / "nomodel"), "--output-dir", str(files / "o")], "nomodel")
-    refused(capsys, ["sft", "--data", str(files / "x.jsonl"), "--model", "m", "--output-dir", str(files / "o"), "--lr", "-1"], "--lr > 0")
+    refused(capsys, ["sft", "--data", str(files / "x.jsonl"), "--model", "m", "--output-dir", str(files / "o"), "--lr", "-1"], "lr must be > 0")
     refused(capsys, ["eval", "learning_rate=1"], "did you mean 'lr'")
     refused(capsys, ["gym", "--run-dir", str(files / "g"), "lr=-1"], "lr must be > 0")
     refused(capsys, ["gym", "--run-dir", str(files / "g"), "--env", "NoSuchEnv-v9"], "NoSuchEnv")

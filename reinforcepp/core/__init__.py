@@ -34,7 +34,7 @@ from .losses import (
     truncated_loss_mask,
     value_loss,
 )
-from .metrics import advantage_stats, approx_kl, clip_fractions, pass_at_k
+from .metrics import advantage_stats, approx_kl, clip_fractions, kl_return_share, pass_at_k
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,

@@ -42,6 +42,21 @@ def advantage_stats(advantages: Tensor, mask: Tensor, reduce: Optional[Reduce] =
     }
 
 
+def kl_return_share(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> float:
+    """How much of the return the KL penalty makes up, with the KL in the reward (gamma = 1):
+
+        share = |beta * mean_i sum_t kl[i,t]| / (|beta * mean_i sum_t kl[i,t]| + mean_i |r_i|)
+
+    ``rewards`` ``(N,)`` the task rewards, ``kl`` ``(N, T)`` per-token KL estimates, ``mask``
+    ``(N, T)``. 0 with no KL; above 0.5 the penalty outweighs the task reward, and the policy
+    gains more by staying near the reference than by solving the task. The KL is averaged over
+    the batch before its magnitude is taken: k1 is negative on some samples, positive in mean."""
+    kl_part = abs(kl_coef * float((kl.float() * mask.float()).sum(-1).mean()))
+    reward_part = float(rewards.float().abs().mean())
+    total = kl_part + reward_part
+    return kl_part / total if total > 0 else 0.0
+
+
 def pass_at_k(num_samples: int, num_correct: Tensor, k: int) -> Tensor:
     """Unbiased pass@k (Chen et al. 2021, arXiv 2107.03374, eq. 1) per problem:
     ``1 - C(n - c, k) / C(n, k)`` for ``n`` samples of which ``c`` are correct, computed as

@@ -20,7 +20,7 @@ from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAg
 @dataclasses.dataclass
 class LMConfig(Config):
     # --- models -------------------------------------------------------------------------
-    model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model for `task`")
+    model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
     ref_model: Optional[str] = option(None, "reference model: a path, hub name or http(s):// URL of `reinforcepp serve reference` (default: a frozen copy of the initial policy); not loaded when kl_placement is 'none'")
     ref_update_every: int = option(0, "refresh the reference every this many steps (TRL's sync_ref_model): ref <- ref_update_alpha * policy + (1 - ref_update_alpha) * ref; 0 = never")
@@ -39,9 +39,9 @@ class LMConfig(Config):
     remote_concurrency: int = option(4, "requests in flight at once to one remote server")
     remote_batch_size: int = option(64, "responses per request to a remote server (a micro-batch larger than this is sent as concurrent requests)")
     # --- data and task --------------------------------------------------------------------
-    task: Literal["sort", "reverse", "add", "tools"] = option("sort", "built-in verifiable task, used when train_data is None (tools: multi-turn, a calculator tool)")
+    task: Optional[Literal["sort", "reverse", "add", "tools"]] = option(None, "built-in verifiable task (generated data and its reward; tools: multi-turn, a calculator tool); None = sort when neither train_data nor eval_data is given, no built-in task otherwise (setting both is an error)")
     train_data: Optional[str] = option(None, "prompt dataset: .jsonl, .parquet, a save_to_disk directory or a hub dataset name")
-    eval_data: Optional[str] = option(None, "held-out prompt dataset (same formats)")
+    eval_data: Optional[str] = option(None, "held-out prompt dataset (same formats); enough on its own for `reinforcepp eval`")
     eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
@@ -145,6 +145,9 @@ class LMConfig(Config):
         )
         if overrides.get("task") == "tools":  # two turns (a 21-token call, then the answer): longer episodes, fewer prompts
             preset.update(max_new_tokens=24, prompts_per_step=16, total_steps=40, max_turns=3, eval_max_prompts=100, sft_steps=1500, sft_wrong_fraction=0.6)
+        if overrides.get("train_data") not in (None, "None", "none", "") or overrides.get("eval_data") not in (None, "None", "none", ""):
+            # your data on the tiny model: its warm start imitates the built-in tasks' demonstrations only
+            preset.update(sft_steps=0, sft_wrong_fraction=0.0)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------
@@ -179,10 +182,18 @@ class LMConfig(Config):
     def resolved_loss_agg(self) -> LossAgg:
         return cast(LossAgg, self.loss_agg or get_estimator(self.estimator).default_loss_agg)
 
+    @property
+    def builtin_task(self) -> Optional[str]:
+        """The built-in task this config runs: ``task``, or ``sort`` when no data is given;
+        None for your own data. (A ``Trainer`` given datasets in Python runs no built-in task.)"""
+        if self.task is not None:
+            return self.task
+        return "sort" if self.train_data is None and self.eval_data is None else None
+
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""
         d = self.to_dict()
-        d.update(kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator, loss_agg=self.resolved_loss_agg)
+        d.update(task=self.builtin_task, kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator, loss_agg=self.resolved_loss_agg)
         return d
 
     def validate(self) -> None:
@@ -255,6 +266,9 @@ class LMConfig(Config):
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
         if not 0 <= self.sft_wrong_fraction <= 1:
             raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")
+        if self.task is not None and (self.train_data is not None or self.eval_data is not None):
+            given = ", ".join(f"{k}={getattr(self, k)}" for k in ("train_data", "eval_data") if getattr(self, k) is not None)
+            raise ConfigError(f"task={self.task} is a built-in task with its own generated data; it cannot be combined with {given}: drop task, or the data")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.overlong_buffer < 0 or self.overlong_buffer > self.max_new_tokens:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -15,6 +17,14 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def set_torch_threads(threads: int) -> int:
+    """``torch.set_num_threads``: ``threads``, or for 0 one per physical core (half the logical
+    CPUs; more threads than cores make small models slower, not faster). Returns the number."""
+    n = threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(n)
+    return n
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -134,3 +144,23 @@ def load_critic(name_or_path: Optional[str], policy: torch.nn.Module, *, dtype: 
         return ValueModel.from_causal_lm(policy)
     lm = load_causal_lm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return ValueModel.from_causal_lm(lm)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def weights_fingerprint(directory: str) -> dict[str, str]:
+    """sha256 of every weight and config file of a model directory (``*.safetensors``,
+    ``*.bin``, ``*.pt``, ``*.pth``, ``*.json``), by file name: what must not change for the
+    directory to load into the same model."""
+    import hashlib
+
+    out = {}
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            out[path.name] = h.hexdigest()
+    return out

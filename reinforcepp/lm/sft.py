@@ -7,14 +7,59 @@ the prompt masked out: ``L = -sum_{i,t} m[i,t] log p(y_{i,t}) / sum m``, the sam
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
+from ..config import Config, ConfigError, option
 from ..core import aggregate
 from .batch import collate
 from .logprobs import response_logprobs
+
+# (fewer parameters than this, lr): the default learning rate by model size, smallest first
+SFT_LR_BY_SIZE: tuple[tuple[float, float], ...] = ((10e6, 1e-3), (200e6, 1e-4), (float("inf"), 2e-5))
+
+
+def default_sft_lr(n_params: int) -> float:
+    """The warm start's default learning rate for a model of ``n_params`` parameters:
+    1e-3 below 10M (the tiny models of the examples: 1e-5 barely moves them), 1e-4 below 200M
+    (GPT-2 small), 2e-5 above (TRL's ``SFTConfig`` default, for 0.5B models and up)."""
+    return next(lr for limit, lr in SFT_LR_BY_SIZE if n_params < limit)
+
+
+@dataclasses.dataclass
+class SFTConfig(Config):
+    """``reinforcepp sft``: supervised warm start on prompt/completion pairs."""
+
+    model: Optional[str] = option(None, "model to fine-tune: a Hugging Face hub name or local path (required)")
+    data: Optional[str] = option(None, "pairs: .jsonl, .parquet, a save_to_disk directory or a hub dataset name, with prompt and completion columns (required)")
+    output_dir: Optional[str] = option(None, "where the fine-tuned model and its tokenizer are saved, a Hugging Face model directory (required)")
+    tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the model's)")
+    prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
+    completion_column: str = option("completion", "column holding the completion the model learns to produce (EOS is appended)")
+    use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
+    steps: int = option(200, "optimizer steps, each on batch_size pairs drawn at random")
+    batch_size: int = option(16, "pairs per optimizer step")
+    lr: Optional[float] = option(None, "AdamW learning rate; None = by model size: 1e-3 below 10M parameters, 1e-4 below 200M, 2e-5 above")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
+    device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core (as in train)")
+    trust_remote_code: bool = option(False, "allow model repositories to run their own code")
+    seed: int = option(0, "seed of the batch order")
+
+    def validate(self) -> None:
+        super().validate()
+        missing = [k for k in ("model", "data", "output_dir") if getattr(self, k) is None]
+        if missing:
+            raise ConfigError(f"sft needs {', '.join(k + '=...' for k in missing)} (usage: reinforcepp sft model=PATH data=pairs.jsonl output_dir=OUT)")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:

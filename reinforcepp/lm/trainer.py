@@ -43,6 +43,7 @@ from ..core import (
     compute_advantages,
     get_estimator,
     kl_loss,
+    kl_return_share,
     logprob_mismatch,
     kl_penalty,
     masked_mean,
@@ -70,10 +71,13 @@ from .logprobs import TokenLogprobs, response_logprobs
 from .distributed import init_distributed
 from .precision import autocast, autocast_dtype
 from .profile import update_flops, update_tokens
-from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype, set_torch_threads, weights_fingerprint
 
 STATE_NAME = "trainer_state"
 """``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
+REFERENCE_RECORD = "reference.json"
+"""RUN_DIR/reference.json: the initial model's directory and the sha256 of its files, kept
+instead of a copy when the reference is that directory unchanged."""
 
 
 class NonFiniteError(RunStopped):
@@ -217,6 +221,10 @@ class Trainer:
         self.kl_estimator = config.resolved_kl_estimator
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
+        given_data = train_dataset is not None or eval_dataset is not None
+        if given_data and config.task is not None:
+            raise ConfigError(f"task={config.task} is a built-in task with its own data; it cannot be combined with train_dataset/eval_dataset")
+        self.builtin_task = None if given_data else config.builtin_task
         self.run_dir = Path(config.output_dir or self._default_run_dir())
         if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the run folder
             claim_run_dir(self.run_dir, resume=config.resume, overwrite=config.overwrite)
@@ -235,14 +243,15 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
         self.timer = PhaseTimer()
 
-        self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
         self.env_factory = self._load_env_factory(env)
         self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
+        self.eval_source = ""  # where the held-out prompts come from, said by `reinforcepp eval`
+        self.eval_pass_fail = False  # every reward of the last evaluation was 0 or 1
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.scorer = self._load_rewards(reward_funcs)
         if config.sft_steps and resume_from is None and model is None and config.model is None:
             self._warm_start()
-        self.ref_model = self._load_reference(ref_model, resume_from)
+        self.ref_model = self._load_reference(ref_model, resume_from, model)
         if self.dist.enabled:  # identical initial weights on every rank, then different samples
             set_seed(config.seed + 100_003 * self.dist.rank)
         self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
@@ -255,7 +264,8 @@ class Trainer:
 
         from .data import PromptLoader
 
-        self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
+        # None: evaluation only (eval_data without train_data); train() then says what is missing
+        self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed) if self.train_data is not None else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.num_mini_batches = config.rollout_size // config.mini_batch_responses
         total_opt_steps = config.total_steps * config.epochs * self.num_mini_batches
@@ -267,6 +277,7 @@ class Trainer:
         self.fuse_old = fuse_old_logprobs(config.fuse_old_logprobs, config.on_policy, self.kl_placement == "reward", self.prompts_per_rank * config.samples_per_prompt, config.micro_batch_size)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self._warned_kl_share = False
         self.nonfinite_total = 0
         self.tokens_total = 0
         self._prompt_ids_cache: dict[str, list[int]] = {}
@@ -275,10 +286,11 @@ class Trainer:
             self._load_state(resume_from)
         self.logger: Optional[RunLogger] = None  # rank 0 writes the run directory
         if self.dist.is_main:
-            self.logger = RunLogger(self.run_dir, config.resolved(), tensorboard=config.tensorboard, wandb_project=config.wandb_project)
+            resolved = {**config.resolved(), "task": self.builtin_task}
+            self.logger = RunLogger(self.run_dir, resolved, tensorboard=config.tensorboard, wandb_project=config.wandb_project)
             if resume_from is not None:
                 self.logger.truncate(self.step)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved(), sort_keys=False))
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     # ------------------------------------------------------------------ setup
     def _setup_torch(self) -> None:
@@ -287,14 +299,15 @@ class Trainer:
 
         datasets.disable_progress_bars()  # our own bar shows progress; theirs only adds noise
         transformers.utils.logging.disable_progress_bar()
-        threads = self.config.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-        torch.set_num_threads(threads)
+        set_torch_threads(self.config.torch_threads)
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True)
         set_seed(self.config.seed)
 
     def _default_run_dir(self) -> str:
-        what = Path(self.config.train_data).stem if self.config.train_data else self.config.task
+        cfg = self.config
+        data = cfg.train_data or cfg.eval_data
+        what = self.builtin_task or (Path(data).stem if data else "custom")
         return f"runs/{what}-{self.config.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
@@ -312,11 +325,9 @@ class Trainer:
         if cfg.model is not None:
             tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
             return tok, load_causal_lm(cfg.model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
-        from .tasks import build_char_tokenizer, build_tiny_model
+        from .tasks import ALPHABET, build_char_tokenizer, build_tiny_model, get_task
 
-        from .tasks import get_task
-
-        tok = tokenizer or build_char_tokenizer(get_task(cfg.task).alphabet)
+        tok = tokenizer or build_char_tokenizer(get_task(self.builtin_task).alphabet if self.builtin_task else ALPHABET)
         return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=self.dtype)
 
     def _load_data(self, train_dataset, eval_dataset):
@@ -330,11 +341,17 @@ class Trainer:
             if self.dist.is_main:
                 write_task_files(get_task(self.builtin_task), self.run_dir / "data", n_train=5000, n_eval=cfg.eval_max_prompts, seed=cfg.seed, wrong_fraction=cfg.sft_wrong_fraction)
             self.dist.barrier()
-            train_dataset, eval_dataset = str(train_path), eval_dataset or str(eval_path)
-        train = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.train_data, prompt_column=cfg.prompt_column)
+            train_dataset, eval_dataset = str(train_path), str(eval_path)
+        trains = train_dataset if train_dataset is not None else cfg.train_data
         evals = eval_dataset if eval_dataset is not None else cfg.eval_data
+        train = load_prompt_dataset(trains, prompt_column=cfg.prompt_column) if trains is not None else None
         if evals is not None:
-            return train, load_prompt_dataset(evals, prompt_column=cfg.prompt_column)
+            held_out = load_prompt_dataset(evals, prompt_column=cfg.prompt_column)
+            self.eval_source = f"the built-in task {self.builtin_task!r}" if self.builtin_task else (str(evals) if isinstance(evals, (str, Path)) else "eval_dataset")
+            return train, held_out
+        if train is None:
+            raise ConfigError("no data: set train_data (and eval_data), or pass train_dataset=...")
+        self.eval_source = f"eval_fraction={cfg.eval_fraction} of {trains if isinstance(trains, (str, Path)) else 'train_dataset'}"
         return split_eval(train, cfg.eval_fraction, cfg.seed)
 
     def _load_rewards(self, reward_funcs):
@@ -366,7 +383,8 @@ class Trainer:
                 sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
         scorer = RewardScorer(sources, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
         try:  # a reward needing a column the data lacks fails now, not at the first step
-            scorer.check_columns([c for c in self.train_data.column_names if c != cfg.prompt_column])
+            data = self.train_data if self.train_data is not None else self.eval_data  # eval_data alone: `reinforcepp eval`
+            scorer.check_columns([c for c in data.column_names if c != cfg.prompt_column])
         except RewardConfigError as exc:
             raise ConfigError(str(exc)) from exc
         return scorer
@@ -415,7 +433,7 @@ class Trainer:
         return EpisodeRunner(self.env_factory, self.engine, self.tokenizer, render=lambda p: render_prompt(self.tokenizer, p, cfg.use_chat_template),
                              encode=self._encode_prompt, max_turns=cfg.max_turns, max_observation_tokens=cfg.max_observation_tokens, chat=chat, prompt_column=cfg.prompt_column)
 
-    def _load_reference(self, ref_model, resume_from: Optional[Path]):
+    def _load_reference(self, ref_model, resume_from: Optional[Path], model: Optional[torch.nn.Module] = None):
         cfg = self.config
         if self.kl_placement == "none":
             if cfg.kl_coef == 0 and cfg.resolved_kl_placement != "none" and self.dist.is_main:
@@ -434,23 +452,42 @@ class Trainer:
             return frozen(ref_model.to(self.device))
         if cfg.ref_model is not None:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
-        saved = self.run_dir / "reference"
+        saved, record = self.run_dir / "reference", self.run_dir / REFERENCE_RECORD
         if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
             return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device, safetensors_only=True))
         if resume_from is not None:
-            if not saved.exists():
-                raise RunDirError(f"cannot resume: the reference copy {saved} is missing")
-            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True))
-        # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
+            return frozen(self._reload_reference(saved, record))
+        # The reference is the initial policy (after any warm start). A resumed run must use the
+        # same one: when the policy came unchanged from a local directory, a record of that
+        # directory (path and sha256 of its files) is enough; otherwise a copy is saved.
         if self.dist.is_main:
-            self.policy.save_pretrained(saved, safe_serialization=True)
-            self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
+            if model is None and cfg.model is not None and Path(cfg.model).is_dir():
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps({"path": str(Path(cfg.model).resolve()), "sha256": weights_fingerprint(cfg.model)}, indent=1))
+            else:
+                self.policy.save_pretrained(saved, safe_serialization=True)
+                self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
         return frozen_copy(self.policy)
+
+    def _reload_reference(self, saved: Path, record: Path) -> torch.nn.Module:
+        """The reference of a resumed run: its saved copy, or the recorded initial directory
+        when its files are unchanged."""
+        if saved.exists():
+            return load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True)
+        if not record.exists():
+            raise RunDirError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
+        info = json.loads(record.read_text())
+        path = info["path"]
+        if not Path(path).is_dir() or weights_fingerprint(path) != info["sha256"]:
+            raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run started "
+                                    f"(sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
+        return load_causal_lm(path, dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         """Run until ``total_steps``; returns the last evaluation's metrics."""
         cfg = self.config
+        self._train_loader()
         last_eval: dict[str, float] = {}
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
@@ -505,9 +542,20 @@ class Trainer:
         metrics["kl/beta_next"] = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), int(self.dist.sum(float(len(experience)))))
         if self.logger is not None:
             self.logger.log(self.step, metrics)
+            self._warn_kl_share(metrics.get("kl/return_share", 0.0))
         if self.config.log_samples_every and self.step % self.config.log_samples_every == 0 and self.dist.is_main:
             self._log_samples(rollout)
         return metrics
+
+    def _warn_kl_share(self, share: float) -> None:
+        """Once per run: the KL penalty makes up more of the return than the task reward."""
+        if share <= 0.5 or self._warned_kl_share:
+            return
+        self._warned_kl_share = True
+        cfg = self.config
+        print(f"reinforcepp: warning: at step {self.step} the KL penalty is {share:.0%} of the return (kl/return_share), more than the task reward: "
+              f"the policy gains more by staying near the reference than by solving the task. Lower kl_coef (now {cfg.kl_coef}), "
+              f"or move the KL out of the reward (kl_placement=loss or none); see docs/lm.md, 'Choosing the KL'.", file=sys.stderr)
 
     def sync_engine(self) -> None:
         """Give the engine the updated weights (once per step, after its last optimizer step:
@@ -518,6 +566,11 @@ class Trainer:
             self.weights_changed = False
 
     # ------------------------------------------------------------------ rollout
+    def _train_loader(self):
+        if self.loader is None:
+            raise ConfigError("no training data: train_data is not set (eval_data alone is enough for evaluate(), not for train())")
+        return self.loader
+
     def _encode_prompt(self, text: str) -> list[int]:
         """Token ids of a rendered prompt (cached: prompts recur every epoch). A prompt longer
         than :func:`~.models.prompt_limit` is refused, or cut to its last tokens with
@@ -575,7 +628,7 @@ class Trainer:
         mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
         round_ = 0
         for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
-            gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
+            gen, prompts, completions, rows, result = self._generate_and_score(self._train_loader().next_batch()[mine], k, self._sampling())
             scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {}, self._process_rewards(result, gen, completions))
             counts["reward/dropped_samples"] += float(result.dropped.sum())
             counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(result.unscored.sum() if result.unscored is not None else 0)
@@ -858,6 +911,7 @@ class Trainer:
         if exp.kl is not None:
             m["kl/mean_token"] = float(masked_mean(exp.kl, mask))
             m["kl/mean_sequence"] = float(exp.kl.sum() / mask.shape[0])
+            m["kl/return_share"] = kl_return_share(rollout.rewards, exp.kl, mask, self.kl_controller.value)
         if exp.values is not None:
             m["critic/value_mean"] = float(masked_mean(exp.values, mask))
         self.tokens_total += int(self.dist.sum(float(lengths.sum())))
@@ -892,9 +946,9 @@ class Trainer:
         n = cfg.eval_samples
         passed = (sampled.rewards >= 1.0).view(-1, n)
         metrics = {
-            "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
             "eval/reward_mean": float(greedy.rewards.mean()),
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
+            "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
             f"eval/any_correct_of_{n}": float(passed.any(dim=1).float().mean()),
             **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy_gen).items() if key in ("env/tool_call_rate", "env/turns")},
         }
@@ -902,6 +956,8 @@ class Trainer:
         for k in sorted({1, *(2**j for j in range(1, n.bit_length()) if 2**j < n)}):  # unbiased pass@k (Chen et al. 2021) from n samples
             if k < n or n == 1:
                 metrics[f"eval/pass@{k}"] = float(pass_at_k(n, correct, k).mean())
+        every = torch.cat([greedy.rewards, sampled.rewards])
+        self.eval_pass_fail = bool(((every == 0) | (every == 1)).all())
         if self.logger is not None:
             self.logger.log(self.step, metrics, kind="eval")
         return metrics
@@ -929,7 +985,7 @@ class Trainer:
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "loader": self.loader.state_dict(),
+                "loader": self._train_loader().state_dict(),
                 "rng": rng,
                 "kl_coef": self.kl_controller.value,
                 "nonfinite_total": self.nonfinite_total,
@@ -948,7 +1004,7 @@ class Trainer:
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
+        self._train_loader().load_state_dict(state["loader"])
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
