@@ -28,6 +28,12 @@ class LMConfig(Config):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    fsdp: bool = option(False, "under torchrun: shard policy, critic and reference over the ranks with FSDP2 (fully_shard per decoder layer, then the root; float32 master weights, compute in dtype); false = every rank holds a whole copy (DDP)")
+    ref_offload: bool = option(False, "fsdp: keep the reference's shards in CPU memory (FSDP2 CPUOffloadPolicy)")
+    lora_rank: int = option(0, "LoRA adapter rank r (PEFT, the lora extra); 0 = full fine-tuning. The reference is then the base with adapters disabled")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: adapters add (lora_alpha / lora_rank) B A x")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: list[str] = option([], "names of the linear layers that get adapters (q_proj, v_proj, ...); empty = every linear layer of attention and MLP")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- data and task --------------------------------------------------------------------
     task: Literal["sort", "reverse", "add"] = option("sort", "built-in verifiable task, used when train_data is None")
@@ -109,6 +115,26 @@ class LMConfig(Config):
     profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")
     seed: int = option(0, "seed of data order, sampling and initialisation")
     deterministic: bool = option(False, "torch deterministic algorithms (bit-exact resume on CPU)")
+
+    def _validate_scale(self) -> None:
+        """LoRA and sharding options: refused in combinations that cannot work, naming both keys."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("lora_") and f.name != "lora_rank"}
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank == 0:
+            changed = [k for k in ("lora_alpha", "lora_dropout") if getattr(self, k) != defaults[k]] + (["lora_target_modules"] if self.lora_target_modules else [])
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set but lora_rank=0 (LoRA off); set lora_rank > 0 to train adapters")
+        else:
+            if self.estimator == "gae":
+                raise ConfigError("lora_rank > 0 with estimator=gae: the critic would need its own adapter, which is not supported; use full fine-tuning (lora_rank=0) or a critic-free estimator")
+            if self.ref_model is not None:
+                raise ConfigError("lora_rank > 0 with ref_model set: with LoRA the reference is the base model with adapters disabled; unset ref_model")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.fsdp and (self.dynamic_filtering or self.reward_on_error == "drop"):
+            key = "dynamic_filtering=true" if self.dynamic_filtering else "reward_on_error=drop"
+            raise ConfigError(f"fsdp=true with {key}: sharded forwards need the same number of responses on every rank, which dropping groups breaks")
 
     @classmethod
     def tiny(cls, **overrides) -> "LMConfig":
@@ -195,6 +221,7 @@ class LMConfig(Config):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         if self.share_prompt and self.gradient_checkpointing:
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
+        self._validate_scale()
         if not 0 <= self.sft_wrong_fraction <= 1:
             raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")
         if not 0 <= self.eval_fraction < 1:

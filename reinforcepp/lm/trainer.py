@@ -55,6 +55,9 @@ from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
 from .distributed import init_distributed
+from .lora import AdaptersOff, add_lora, load_lora
+from .parallel import Parallel, check_launch
+from .sharded_checkpoint import rank_directory, write_policy
 from .profile import update_flops
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 
@@ -193,10 +196,12 @@ class Trainer:
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.dist.rank)))
+        check_launch(config.fsdp, config.ref_offload, self.dist.world_size)
         if config.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compute_dtype=self.dtype, ref_offload=config.ref_offload)
         self.timer = PhaseTimer()
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
@@ -206,17 +211,25 @@ class Trainer:
         if config.sft_steps and resume_from is None and model is None and config.model is None:
             self._warm_start()
         self.ref_model = self._load_reference(ref_model, resume_from)
+        if config.lora_rank:  # adapters on the (warm-started) base; the reference is the base with them off
+            if resume_from is None:
+                self.policy = add_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+            self.ref_model = AdaptersOff(self.policy) if self.kl_placement != "none" else None
         if self.dist.enabled:  # identical initial weights on every rank, then different samples
             set_seed(config.seed + 100_003 * self.dist.rank)
         self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # How the models are held (one process, DDP, FSDP2): the train_* modules run the training forwards.
+        self.train_policy = self.parallel.trained(self.policy)
+        self.train_critic = self.parallel.trained(self.critic) if self.critic is not None else None
+        self.ref_model = self.parallel.frozen(self.ref_model)
         self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
 
         from .data import PromptLoader
 
         self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
         self.num_mini_batches = config.rollout_size // config.mini_batch_responses
         total_opt_steps = config.total_steps * config.epochs * self.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_opt_steps))
@@ -256,9 +269,14 @@ class Trainer:
 
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
         cfg = self.config
+        dtype = self.parallel.master_dtype
+        if resume_from is not None and cfg.lora_rank:  # the base the adapters were trained on, then the adapter
+            base = cfg.model or str(self.run_dir / "reference")
+            tok = tokenizer or load_tokenizer(cfg.tokenizer or base, cfg.trust_remote_code)
+            return tok, load_lora(load_causal_lm(base, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
@@ -268,11 +286,11 @@ class Trainer:
             return tokenizer, model.to(self.device)
         if cfg.model is not None:
             tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-            return tok, load_causal_lm(cfg.model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(cfg.model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
         from .tasks import build_char_tokenizer, build_tiny_model
 
         tok = tokenizer or build_char_tokenizer()
-        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=self.dtype)
+        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=dtype)
 
     def _load_data(self, train_dataset, eval_dataset):
         from .data import load_prompt_dataset, split_eval
@@ -332,7 +350,7 @@ class Trainer:
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
         cfg = self.config
-        if self.kl_placement == "none":
+        if self.kl_placement == "none" and not cfg.lora_rank:
             return None
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
@@ -340,13 +358,15 @@ class Trainer:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
         if resume_from is not None:
+            if cfg.lora_rank:
+                return None
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
             return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
-        if self.dist.is_main:
+        if self.dist.is_main and not (cfg.lora_rank and cfg.model):  # LoRA: the base its adapters are resumed on
             self.policy.save_pretrained(saved, safe_serialization=True)
-        return frozen_copy(self.policy)
+        return None if cfg.lora_rank else frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
@@ -356,11 +376,11 @@ class Trainer:
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
         try:
-            if self.step == 0 and cfg.eval_every and self.eval_data is not None and self.dist.is_main:
+            if self.step == 0 and cfg.eval_every and self.eval_data is not None:  # every rank evaluates (sharded weights), rank 0 logs
                 last_eval = self.evaluate()
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
-                if cfg.eval_every and self.eval_data is not None and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
+                if cfg.eval_every and self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                 bar.update(metrics)
@@ -425,7 +445,7 @@ class Trainer:
         cfg = self.config
         timer = timer or self.timer
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"):
+        with timer("generate"), self.parallel.full_weights():
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
@@ -544,18 +564,16 @@ class Trainer:
         n_tokens = self.dist.sum(float(window.response_mask.sum()))  # the global window's counts
         n_seqs = self.dist.sum(float(len(window)))
         total = torch.zeros(())
-        for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
-            part = window.select(micro)
-            loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
-            loss.backward()
-            total = total + loss.detach()
-            if self.critic is not None:
-                self._critic_backward(part, n_tokens, n_seqs, scalars)
-        self.dist.sum_gradients(self.policy.parameters())
-        if self.critic is not None:
-            self.dist.sum_gradients(self.critic.parameters())
+        with self.parallel.accumulate(self.train_policy, self.train_critic):  # DDP/FSDP2 reduce the gradients in backward
+            for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
+                part = window.select(micro)
+                loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
+                (loss * self.parallel.loss_scale).backward()
+                total = total + loss.detach()
+                if self.critic is not None:
+                    self._critic_backward(part, n_tokens, n_seqs, scalars)
         total = torch.tensor(self.dist.sum(float(total)))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        grad_norm = self.parallel.clip_grad_norm(self.policy.parameters(), cfg.max_grad_norm)
         if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
             self._skip_nonfinite(float(total), float(grad_norm))
             return
@@ -566,7 +584,7 @@ class Trainer:
         scalars["loss/policy"].append(float(total))
         scalars["grad_norm"].append(float(grad_norm))
         if self.critic is not None:
-            scalars["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)))
+            scalars["critic/grad_norm"].append(float(self.parallel.clip_grad_norm(self.critic.parameters(), cfg.max_grad_norm)))
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
 
@@ -588,7 +606,7 @@ class Trainer:
         cfg = self.config
         dev = self.device
         b = part.batch
-        out = response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        out = response_logprobs(self.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
         mask = b.response_mask.to(logp.device)
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
@@ -610,10 +628,10 @@ class Trainer:
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
-        values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
+        values = self.train_critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
-        loss.backward()
+        (loss * self.parallel.loss_scale).backward()
         scalars["loss/value"].append(float(loss.detach()))
 
     # ------------------------------------------------------------------ metrics
@@ -689,15 +707,17 @@ class Trainer:
             every = [None] * self.dist.world_size
             dist.all_gather_object(every, rng)
             rng = every
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return self.checkpoints.path(self.step)
-        with self.checkpoints.save(self.step) as d:
-            self.policy.save_pretrained(d / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(d / "model")
+        policy_state = self.parallel.gather_state(self.policy)  # collectives: every rank takes part
+        critic_state = self.parallel.gather_state(self.critic) if self.critic is not None else None
+        with rank_directory(self.checkpoints, self.step, self.dist) as d:
+            optimizer_state = self.parallel.save_optimizer(self.policy, self.optimizer, d / "optimizer")
+            critic_optimizer_state = self.parallel.save_optimizer(self.critic, self.critic_optimizer, d / "critic_optimizer") if self.critic is not None else None
+            if not self.dist.is_main:
+                return self.checkpoints.path(self.step)
+            write_policy(self.policy, policy_state, d, self.tokenizer, merged=self.step == self.config.total_steps)
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(),
                 "rng": rng,
@@ -706,27 +726,27 @@ class Trainer:
                 "tokens_total": self.tokens_total,
             }
             if self.critic is not None:
-                state["critic"] = self.critic.state_dict()
-                state["critic_optimizer"] = self.critic_optimizer.state_dict()
+                state["critic"] = critic_state
+                state["critic_optimizer"] = critic_optimizer_state
             torch.save(state, d / STATE_FILE)
-        self.dist.barrier()
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
         state = torch.load(path / STATE_FILE, weights_only=False)
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer(self.policy, self.optimizer, path / "optimizer", state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
         if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            self.parallel.load_full_state_dict(self.critic, state["critic"])
+            self.parallel.load_optimizer(self.critic, self.critic_optimizer, path / "critic_optimizer", state["critic_optimizer"])
         rng = state["rng"]
         if isinstance(rng, list):
-            if len(rng) != self.dist.world_size:
-                raise ValueError(f"the checkpoint was written by {len(rng)} ranks; resume it with as many (now {self.dist.world_size})")
+            if len(rng) != self.dist.world_size:  # another number of ranks: fresh, distinct sampling seeds
+                set_seed(self.config.seed + 100_003 * self.dist.rank + 7 * self.step)
+                return
             rng = rng[self.dist.rank]
         set_rng_state(rng)
