@@ -124,6 +124,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    load_metadata((Path(path) / ".metadata").read_bytes())  # refuse a planted payload with a plain error, before DCP reads it
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the template (initialises AdamW's state)
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
