@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..config import ConfigError
+
 MISSING = "LoRA needs PEFT: bash install.sh lora  (or pip install 'reinforcepp[lora]')"
 
 
@@ -54,7 +56,7 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float,
     targets = list(target_modules) or available
     unknown = [t for t in targets if t not in available]
     if unknown:
-        raise ValueError(f"lora_target_modules: {', '.join(unknown)} is not a linear layer of this model; its linear layers are {', '.join(available)}")
+        raise ConfigError(f"lora_target_modules: {', '.join(unknown)} is not a linear layer of this model; its linear layers are {', '.join(available)}")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
