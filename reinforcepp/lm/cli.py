@@ -64,7 +64,11 @@ def train_main(argv: list[str]) -> int:
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except ConfigError as e:  # refused before any model loads (launch, LoRA and sharding combinations)
+        print(f"reinforcepp train: {e}", file=sys.stderr)
+        return 2
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         trainer.train()
         return 0

@@ -139,12 +139,14 @@ class LMConfig(Config):
     @classmethod
     def tiny(cls, **overrides) -> "LMConfig":
         """The built-in job's preset: the tiny model on a built-in task, sized to learn in
-        minutes on a laptop CPU."""
+        minutes on a laptop CPU (with ``lora_rank > 0``: ``lr=2e-3``)."""
         preset = dict(
             total_steps=60, prompts_per_step=32, samples_per_prompt=8, micro_batch_size=64,
             lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, eval_samples=8, torch_threads=1,
             sft_steps=1000, sft_lr=3e-3, sft_wrong_fraction=0.75,
         )
+        if int(overrides.get("lora_rank", 0) or 0) > 0:
+            preset["lr"] = 2e-3  # adapters want a larger step than full fine-tuning (docs/lm.md, LoRA)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------

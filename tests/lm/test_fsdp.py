@@ -152,3 +152,16 @@ def test_fsdp_without_torchrun_is_refused(tmp_path):
         _trainer(tmp_path, fsdp=True)
     with pytest.raises(ConfigError, match="ref_offload=true .* needs fsdp=true"):
         _trainer(tmp_path, ref_offload=True)
+
+
+def test_cli_fsdp_without_torchrun_says_how_to_launch(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "train", "fsdp=true", f"output_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("reinforcepp train: fsdp=true shards the models over torchrun's ranks")
+    assert "torchrun --nproc_per_node N -m reinforcepp.cli train fsdp=true" in proc.stderr
