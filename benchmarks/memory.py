@@ -67,7 +67,7 @@ def worker(args) -> dict:
     from reinforcepp.lm.parallel import Parallel
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = torch.device(args.device if args.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist = init_distributed(device.type)
@@ -102,7 +102,7 @@ def worker(args) -> dict:
         logp = response_logprobs(train, ids, mask, t).logprobs
         (logp.mean() * par.loss_scale).backward()
         par.clip_grad_norm(params, 1.0)
-        if train_critic is not None:
+        if critic is not None and train_critic is not None and copt is not None:
             values = train_critic(ids, mask, t)
             ((values**2).mean() * par.loss_scale).backward()
             par.clip_grad_norm(critic.parameters(), 1.0)

@@ -16,7 +16,7 @@ Only the adapters train: each targeted linear layer computes ``W x + (alpha / r)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ def is_lora(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
+def linear_module_names(model: Any) -> list[str]:
     """Short names of the model's linear layers (``q_proj``, ``up_proj``...), the LM head excluded."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
@@ -85,7 +85,8 @@ class AdaptersOff(torch.nn.Module):
             return policy(*args, **kwargs)
 
 
-def scaling(model: torch.nn.Module) -> float:
+def scaling(model: Any) -> float:
+    """``alpha / r`` of the PEFT model's adapter (``alpha / sqrt(r)`` with rsLoRA)."""
     cfg = model.peft_config["default"]
     return cfg.lora_alpha / (cfg.r**0.5 if cfg.use_rslora else cfg.r)
 

@@ -140,8 +140,9 @@ class Parallel:
         (validated) and one process needs nothing."""
         if self.kind == "ddp":
             from torch.distributed.algorithms.join import Join
+            from torch.nn.parallel import DistributedDataParallel
 
-            return Join([m for m in train_modules if m is not None])
+            return Join([m for m in train_modules if isinstance(m, DistributedDataParallel)])
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
@@ -173,7 +174,8 @@ class Parallel:
             return {k: v.detach().cpu() for k, v in model.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     def full_state_dict(self, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The policy's full weights under the Hugging Face names of its base model, LoRA
@@ -190,7 +192,7 @@ class Parallel:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
 
     def save_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Optional[dict[str, Any]]:
         """Sharded: every rank writes its shard under ``path`` (DCP) and ``None`` is returned.

@@ -68,9 +68,9 @@ class SafeReader(FileSystemReader):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             metadata = load_metadata(f.read())
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 
@@ -130,7 +130,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def write_policy(policy: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path, tokenizer, *, merged: bool) -> None:
+def write_policy(policy: Any, state: dict[str, torch.Tensor], directory: Path, tokenizer, *, merged: bool) -> None:
     """The policy's files in a checkpoint, from its gathered ``state`` (rank 0).
 
     Full fine-tuning: ``model/`` (safetensors, loads with ``from_pretrained``). LoRA:

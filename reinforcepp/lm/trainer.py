@@ -51,15 +51,15 @@ from ..core import (
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
 from .batch import collate
 from .config import LMConfig
+from .distributed import init_distributed
 from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
-from .distributed import init_distributed
 from .lora import AdaptersOff, add_lora, load_lora
-from .parallel import Parallel, check_launch
-from .sharded_checkpoint import rank_directory, write_policy
-from .profile import update_flops
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .parallel import Parallel, check_launch
+from .profile import update_flops
+from .sharded_checkpoint import rank_directory, write_policy
 
 STATE_FILE = "trainer_state.pt"
 

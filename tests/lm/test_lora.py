@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -48,7 +48,7 @@ def _adapter(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def test_only_adapters_train_and_the_reference_is_the_base(run):
-    tmp, trainer, base = run
+    _, trainer, base = run
     trained = _adapter(trainer)
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert any(float(v.abs().max()) > 0 for n, v in trained.items() if ".lora_B." in n)  # B starts at 0: it learned
