@@ -3,6 +3,7 @@
 #   bash install.sh          the package
 #   bash install.sh test     the package and the test dependencies
 #   bash install.sh bench    the package and the benchmark anchors (TRL, Stable-Baselines3)
+#   bash install.sh lora     the package and PEFT (lora_rank > 0)
 # torch goes in first, pinned, so nothing can pull a multi-GB CUDA build by accident;
 # an existing torch is kept.
 set -euo pipefail
