@@ -85,6 +85,15 @@ class AdaptersOff(torch.nn.Module):
             return policy(*args, **kwargs)
 
 
+def save_base(policy: Any, directory: str | Path) -> None:
+    """The base weights as a Hugging Face model directory (a LoRA policy's adapters left out)."""
+    if not is_lora(policy):
+        policy.save_pretrained(directory, safe_serialization=True)
+        return
+    state = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+    policy.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(state, 0.0), safe_serialization=True)
+
+
 def scaling(model: Any) -> float:
     """``alpha / r`` of the PEFT model's adapter (``alpha / sqrt(r)`` with rsLoRA)."""
     cfg = model.peft_config["default"]

@@ -55,7 +55,7 @@ from .distributed import init_distributed
 from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
-from .lora import AdaptersOff, add_lora, load_lora
+from .lora import AdaptersOff, add_lora, is_lora, load_lora, save_base
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
 from .parallel import Parallel, check_launch
 from .profile import update_flops
@@ -206,13 +206,14 @@ class Trainer:
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
         self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
+        self.lora = bool(config.lora_rank) or is_lora(self.policy)  # a PEFT model passed in trains as LoRA too
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.scorer = self._load_rewards(reward_funcs)
         if config.sft_steps and resume_from is None and model is None and config.model is None:
             self._warm_start()
         self.ref_model = self._load_reference(ref_model, resume_from)
-        if config.lora_rank:  # adapters on the (warm-started) base; the reference is the base with them off
-            if resume_from is None:
+        if self.lora:  # adapters on the (warm-started) base; the reference is the base with them off
+            if not is_lora(self.policy):
                 self.policy = add_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
             self.ref_model = AdaptersOff(self.policy) if self.kl_placement != "none" else None
         if self.dist.enabled:  # identical initial weights on every rank, then different samples
@@ -270,7 +271,7 @@ class Trainer:
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
         cfg = self.config
         dtype = self.parallel.master_dtype
-        if resume_from is not None and cfg.lora_rank:  # the base the adapters were trained on, then the adapter
+        if resume_from is not None and (resume_from / "adapter").exists():  # the base the adapters were trained on, then the adapter
             base = cfg.model or str(self.run_dir / "reference")
             tok = tokenizer or load_tokenizer(cfg.tokenizer or base, cfg.trust_remote_code)
             return tok, load_lora(load_causal_lm(base, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
@@ -350,7 +351,7 @@ class Trainer:
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
         cfg = self.config
-        if self.kl_placement == "none" and not cfg.lora_rank:
+        if self.kl_placement == "none" and not self.lora:
             return None
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
@@ -358,15 +359,15 @@ class Trainer:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
         if resume_from is not None:
-            if cfg.lora_rank:
+            if self.lora:
                 return None
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
             return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
-        if self.dist.is_main and not (cfg.lora_rank and cfg.model):  # LoRA: the base its adapters are resumed on
-            self.policy.save_pretrained(saved, safe_serialization=True)
-        return None if cfg.lora_rank else frozen_copy(self.policy)
+        if self.dist.is_main and not (self.lora and cfg.model):  # LoRA: the base its adapters are resumed on
+            save_base(self.policy, saved)
+        return None if self.lora else frozen_copy(self.policy)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:

@@ -142,3 +142,21 @@ def test_impossible_combinations_are_refused(tmp_path, overrides, message):
 def test_unknown_target_module_lists_the_linear_layers(tmp_path):
     with pytest.raises(ConfigError, match="qproj is not a linear layer of this model; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
         _trainer(tmp_path, lora_target_modules=["qproj"])
+
+
+def test_a_peft_model_passed_from_python_resumes_and_trains(tmp_path):
+    """The reported crash: a PEFT model given to Trainer(model=...) trained, but resuming gave a
+    policy with 0 trainable parameters ("element 0 of tensors does not require grad")."""
+    from peft import LoraConfig, get_peft_model
+
+    _, base = tiny_policy()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    settings = dict(lora_rank=0, lora_alpha=32.0, total_steps=1, output_dir=str(tmp_path))
+    first = _trainer(tmp_path, model=peft_model, **settings)
+    assert first.lora and type(first.ref_model).__name__ == "AdaptersOff"
+    first.train()
+    resumed = _trainer(tmp_path, resume=True, **{**settings, "total_steps": 2})
+    trainable = [n for n, p in resumed.policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    resumed.train()
+    assert resumed.step == 2
