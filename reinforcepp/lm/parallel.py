@@ -71,6 +71,14 @@ class Parallel:
         self.compute_dtype = compute_dtype
         self.ref_offload = ref_offload
         self._sharded: list[torch.nn.Module] = []
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # NCCL and FSDP2 use the current device
+
+    @property
+    def load_device(self) -> torch.device:
+        """Where models are loaded before they are wrapped: the CPU under FSDP (``fully_shard``
+        moves each rank's shard to the device, so no rank ever holds the whole model there)."""
+        return torch.device("cpu") if self.sharded else self.device
 
     @property
     def sharded(self) -> bool:

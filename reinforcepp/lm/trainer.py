@@ -218,7 +218,7 @@ class Trainer:
             self.ref_model = AdaptersOff(self.policy) if self.kl_placement != "none" else None
         if self.dist.enabled:  # identical initial weights on every rank, then different samples
             set_seed(config.seed + 100_003 * self.dist.rank)
-        self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
+        self.critic = load_critic(config.critic_model, self.policy, dtype=self.parallel.master_dtype, device=self.parallel.load_device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # How the models are held (one process, DDP, FSDP2): the train_* modules run the training forwards.
@@ -270,28 +270,28 @@ class Trainer:
 
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
         cfg = self.config
-        dtype = self.parallel.master_dtype
+        dtype, device = self.parallel.master_dtype, self.parallel.load_device
         if resume_from is not None and (resume_from / "adapter").exists():  # the base the adapters were trained on, then the adapter
             base = cfg.model or str(self.run_dir / "reference")
             tok = tokenizer or load_tokenizer(cfg.tokenizer or base, cfg.trust_remote_code)
-            return tok, load_lora(load_causal_lm(base, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
+            return tok, load_lora(load_causal_lm(base, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            return tokenizer, model.to(self.device)
+            return tokenizer, model.to(device)
         if cfg.model is not None:
             tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-            return tok, load_causal_lm(cfg.model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         from .tasks import build_char_tokenizer, build_tiny_model
 
         tok = tokenizer or build_char_tokenizer()
-        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=dtype)
+        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=device, dtype=dtype)
 
     def _load_data(self, train_dataset, eval_dataset):
         from .data import load_prompt_dataset, split_eval
@@ -356,14 +356,14 @@ class Trainer:
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
         if cfg.ref_model is not None:
-            return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
+            return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.parallel.load_device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
         if resume_from is not None:
             if self.lora:
                 return None
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
-            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.device))
+            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.parallel.load_device))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main and not (self.lora and cfg.model):  # LoRA: the base its adapters are resumed on
             save_base(self.policy, saved)
