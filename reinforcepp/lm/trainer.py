@@ -312,7 +312,7 @@ class Trainer:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
 
     def _load_rewards(self, reward_funcs):
-        from .rewards import RewardScorer, RewardSource, load_reward_source
+        from ..rewards import RewardScorer, RewardSource, load_reward_source
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)

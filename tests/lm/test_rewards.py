@@ -1,4 +1,4 @@
-"""Reward sources (reinforcepp.lm.rewards): spec loading, the TRL calling convention, weights,
+"""Reward sources (reinforcepp.rewards): spec loading, the TRL calling convention, weights,
 verl / OpenRLHF adapters, a reward model, a remote reward server, and every error path."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from reinforcepp.lm.rewards import (
+from reinforcepp.rewards import (
     RemoteReward,
     RewardConfigError,
     RewardError,
@@ -184,7 +184,7 @@ def test_drop_mode_marks_counts_and_zeroes(caplog: pytest.LogCaptureFixture):
         RewardSource("len", length, 10.0),
     ]
     scorer = RewardScorer(sources, on_error="drop")
-    with caplog.at_level(logging.WARNING, logger="reinforcepp.lm.rewards"):
+    with caplog.at_level(logging.WARNING, logger="reinforcepp.rewards.scoring"):
         result = score(scorer)
     assert result.dropped.tolist() == [True, True, False]
     assert result.dropped_per_source == {"picky": 1, "nan": 1}

@@ -272,3 +272,16 @@ def test_python_api_config_is_typed_on_validation():
     assert cfg.lr == 1e-5 and cfg.total_steps == 20 and cfg.reward_funcs == ["a.py:f", "b:g"]
     with pytest.raises(ConfigError, match="kl_placement='both'"):
         LMConfig(kl_placement="both").validate()
+
+
+def test_models_loaded_from_disk_sit_in_aligned_memory(tmp_path):
+    # from_pretrained memory-maps safetensors (tensors at file offsets); unaligned inputs make CPU
+    # matmuls round differently, which is what made a resumed run drift from an uninterrupted one.
+    from reinforcepp.lm.models import ALIGNMENT, load_causal_lm
+
+    tok, model = tiny_policy()
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_causal_lm(str(tmp_path / "m"), dtype=torch.float32, device=torch.device("cpu"))
+    assert all(t.data_ptr() % ALIGNMENT == 0 for t in [*loaded.parameters(), *loaded.buffers()] if t.numel())
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
