@@ -64,8 +64,10 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float,
 def load_lora(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
     """The base with a saved adapter, trainable (``is_trainable=True``: PEFT loads adapters
     frozen by default, which is what made resumed runs train nothing)."""
+    from .models import realign
+
     peft = _peft()
-    return peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return realign(peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True))
 
 
 class AdaptersOff(torch.nn.Module):

@@ -84,9 +84,7 @@ def test_lora_resume_equals_uninterrupted(run, tmp_path):
     final, expected = _adapter(resumed), _adapter(trainer)
     assert final.keys() == expected.keys()
     for name, value in expected.items():
-        # main's full fine-tuning resume shows ~1e-8 float differences (being fixed separately); through
-        # lr=5e-2 and Adam they reach ~2e-6 here. A wrong restore (fresh adapter, fresh Adam) is off by >1e-2.
-        torch.testing.assert_close(final[name], value, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(final[name], value, atol=0, rtol=0, msg=name)  # bit-exact
 
 
 def test_merged_final_model_loads_and_generates_like_the_adapter_model(run):
