@@ -61,6 +61,31 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def gather_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters and persistent buffers under its own names, whole, on the CPU.
+    A model sharded by ``fully_shard`` is gathered (a collective: every rank calls it; rank 0
+    gets the tensors, the others an empty dict)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def full_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's full weights under the Hugging Face names of its base model, gathered from
+    FSDP shards and with LoRA adapters merged in (``W + (alpha/r) B A``): what a generation
+    engine loads to sample from the current policy (weight sync). Collective when the policy
+    is sharded: every rank calls it, rank 0 gets the tensors."""
+    from .lora import is_lora, merged_state_dict, scaling
+
+    state = gather_state(policy)
+    return merged_state_dict(state, scaling(policy)) if is_lora(policy) and state else state
+
+
 class Parallel:
     """The parallelism of one run. ``kind`` is decided once, from the launch and ``fsdp``."""
 
@@ -178,21 +203,11 @@ class Parallel:
         """Every parameter and persistent buffer of ``model`` under its own names, whole, on
         the CPU (collective under FSDP: every rank calls it; rank 0 gets the tensors, the
         others an empty dict)."""
-        if self.kind != "fsdp":
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return gather_state(model)
 
     def full_state_dict(self, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The policy's full weights under the Hugging Face names of its base model, LoRA
-        adapters merged in: what a generation engine loads to sample from the current policy
-        (collective under FSDP; rank 0 gets the tensors)."""
-        from .lora import is_lora, merged_state_dict, scaling
-
-        state = self.gather_state(policy)
-        return merged_state_dict(state, scaling(policy)) if is_lora(policy) and state else state
+        """See :func:`full_state_dict`."""
+        return full_state_dict(policy)
 
     def load_full_state_dict(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         if self.kind != "fsdp":

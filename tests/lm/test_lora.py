@@ -98,7 +98,9 @@ def test_merged_final_model_loads_and_generates_like_the_adapter_model(run):
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=trainer.tokenizer.pad_token_id)
     trainer.policy.eval()
     torch.testing.assert_close(merged.generate(ids, **kwargs), trainer.policy.generate(input_ids=ids, **kwargs), atol=0, rtol=0)
-    synced = trainer.parallel.full_state_dict(trainer.policy)  # what an engine's weight sync receives
+    from reinforcepp.lm.parallel import full_state_dict
+
+    synced = full_state_dict(trainer.policy)  # what a generation engine's weight sync receives
     for name, value in merged.state_dict().items():
         torch.testing.assert_close(synced[name], value, atol=1e-6, rtol=0, msg=name)
 
