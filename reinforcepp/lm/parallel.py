@@ -95,7 +95,6 @@ class Parallel:
         self.kind: Kind = "fsdp" if fsdp else ("ddp" if dist.enabled else "single")
         self.compute_dtype = compute_dtype
         self.ref_offload = ref_offload
-        self._sharded: list[torch.nn.Module] = []
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # NCCL and FSDP2 use the current device
 
@@ -136,7 +135,6 @@ class Parallel:
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
-        self._sharded.append(model)
         return model
 
     def trained(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -179,15 +177,16 @@ class Parallel:
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
-        """Hold every sharded model's full weights for the duration (generation, evaluation):
-        forwards then run without collectives, so ranks may run different numbers of them."""
-        if not self._sharded:
-            yield
-            return
+    def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        """Hold ``model``'s full weights for the duration (generation, evaluation) when it is
+        sharded: its forwards then run without collectives, so ranks may run different numbers
+        of them. The other sharded models (reference, critic) stay sharded."""
         from torch.distributed.fsdp import FSDPModule
 
-        modules = [m for root in self._sharded for m in root.modules() if isinstance(m, FSDPModule)]
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if not modules:
+            yield
+            return
         for m in modules:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
@@ -196,7 +195,7 @@ class Parallel:
         finally:
             for m in modules:
                 m.reshard()
-                m.set_reshard_after_forward(m not in self._sharded, recurse=False)  # FSDP2's default: the root keeps its weights
+                m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: the root keeps its weights
 
     # ------------------------------------------------------------------ state
     def gather_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

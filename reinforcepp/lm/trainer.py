@@ -446,7 +446,7 @@ class Trainer:
         cfg = self.config
         timer = timer or self.timer
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"), self.parallel.full_weights():
+        with timer("generate"), self.parallel.full_weights(self.policy):
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
