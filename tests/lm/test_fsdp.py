@@ -2,6 +2,7 @@
 
 * 1 rank = 2 FSDP ranks: the same rollout trained on one process, or split over two ranks that
   shard the policy, gives the same loss and the same updated float32 weights;
+* the reference offloaded to the CPU (`ref_offload`) gives the same step;
 * a sharded checkpoint resumed on two ranks ends where the uninterrupted run ends;
 * the same checkpoint resumed on ONE process restores the optimizer state exactly (the DCP
   shards are resharded) and trains on;
@@ -52,6 +53,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     assert trainer.parallel.kind == "fsdp"
     _, metrics, _ = _train_once(trainer, rank, world)
     state = trainer.parallel.gather_state(trainer.policy)
+    # the same with the reference's shards held on the CPU (FSDP2 CPUOffloadPolicy)
+    offload = _trainer(root / "offload", fsdp=True, ref_offload=True, **_settings(root / "offload"))
+    _, offload_metrics, _ = _train_once(offload, rank, world)
+    offload_state = offload.parallel.gather_state(offload.policy)
     # an uninterrupted 2-step run with a checkpoint after each step
     run = _trainer(root / "run", fsdp=True, **_run_settings(root / "run"))
     run.train()
@@ -68,7 +73,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     resumed.train()
     resumed_final = resumed.parallel.gather_state(resumed.policy)
     if rank == 0:
-        torch.save({"loss": metrics["loss/policy"], "params": state, "final": final, "resumed_final": resumed_final, "step1_optimizer": step1_optimizer}, root / "result.pt")
+        torch.save({"loss": metrics["loss/policy"], "params": state, "offload_loss": offload_metrics["loss/policy"], "offload_params": offload_state, "final": final, "resumed_final": resumed_final, "step1_optimizer": step1_optimizer}, root / "result.pt")
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -91,6 +96,13 @@ def test_one_rank_equals_two_fsdp_ranks(tmp_path, two_ranks):
     for name, value in result["params"].items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_reference_offload_changes_nothing(two_ranks):
+    _, result = two_ranks
+    assert result["offload_loss"] == result["loss"]
+    for name, value in result["params"].items():
+        torch.testing.assert_close(result["offload_params"][name], value, atol=0, rtol=0, msg=name)
 
 
 def test_fsdp_resume_equals_uninterrupted(two_ranks):
