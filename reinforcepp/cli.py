@@ -45,7 +45,11 @@ def _usage() -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run one subcommand. Bad input (:class:`~reinforcepp.errors.InputError`) prints one line
+    and exits with code 2; ``--debug`` (anywhere in the arguments) shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -58,7 +62,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"reinforcepp: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    from .errors import InputError, RunStopped, one_line
+
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (InputError, RunStopped) as e:
+        if debug:
+            raise
+        print(f"reinforcepp {name}: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, InputError) else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@
     reinforcepp compare --env CartPole-v1 --estimators reinforce_pp,gae --seeds 3 --out /tmp/cmp_cartpole
     reinforcepp compare --task sort --estimators reinforce_pp,grpo --steps 100 lr=1e-4    # key=value: every run
     reinforcepp compare --report-only /tmp/cmp_cartpole                                  # rebuild the report
+    reinforcepp compare --task sort --estimators "grpo,grpo[kl_estimator=k3+;kl_placement=loss]"  # variants
+
+An entry of ``--estimators`` may carry its own ``key=value`` settings in brackets, separated by
+``;`` (``grpo[importance_sampling_level=sequence;eps_low=3e-4]``): a variant of that estimator,
+labelled by the whole entry, so that one report shows an option's effect.
 
 Every (estimator, seed) run is a fresh subprocess, started one after the other (never two at
 once), seeds in the outer loop so that a drift in machine load hits every estimator alike. The
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -546,7 +552,19 @@ def _resolved_summary(mode: str, cfg) -> str:
 
 
 def _run_name(estimator: str, seed: int) -> str:
-    return f"{estimator}_s{seed}"
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", estimator) + f"_s{seed}"
+
+
+def parse_variant(entry: str) -> tuple[str, list[str]]:
+    """``"grpo[a=1;b=2]"`` -> ``("grpo", ["a=1", "b=2"])``; ``"grpo"`` -> ``("grpo", [])``."""
+    m = re.fullmatch(r"([^\[\]]+)(?:\[([^\[\]]*)\])?", entry)
+    if m is None:
+        raise ValueError(f"--estimators entry {entry!r}: expected NAME or NAME[key=value;key=value]")
+    extra = [kv.strip() for kv in (m.group(2) or "").split(";") if kv.strip()]
+    for kv in extra:
+        if "=" not in kv:
+            raise ValueError(f"--estimators entry {entry!r}: {kv!r} is not key=value")
+    return m.group(1), extra
 
 
 def load_runs(out: Path, spec: dict) -> tuple[list[RunData], list[dict]]:
@@ -613,14 +631,15 @@ def _child(spec_path: str) -> int:
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     mode, overrides = spec["mode"], spec["overrides"]
+    trainer_cls: Any
     if mode == "lm":
-        from .lm.trainer import Trainer
+        from .lm.trainer import Trainer as trainer_cls
     else:
-        from .gym.trainer import GymTrainer as Trainer  # noqa: N814
+        from .gym.trainer import GymTrainer as trainer_cls
     base_rss = _proc_status_mb("VmRSS")
     t_import = time.perf_counter()
     cfg = _build_config(mode, overrides)
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     t_setup = time.perf_counter()
     reset = _reset_peak_rss()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
@@ -738,7 +757,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for est in estimators:
             for seed in seeds:
-                ov = _run_overrides(mode, target, est, seed, args.steps, out / "runs" / _run_name(est, seed), args.overrides, not args.no_presets)
+                name, extra = parse_variant(est)
+                ov = _run_overrides(mode, target, name, seed, args.steps, out / "runs" / _run_name(est, seed), list(args.overrides) + extra, not args.no_presets)
                 cfg = _build_config(mode, ov)  # validate every run before the first one starts
                 # pin the whole resolved config: an edit of a preset while the comparison runs
                 # (they take an hour) must not change the later runs

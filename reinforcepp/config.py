@@ -18,8 +18,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A configuration that cannot run, with a message saying why and how to fix it."""
 
 
@@ -33,9 +35,31 @@ def option(default: Any, help: str) -> Any:
 C = TypeVar("C", bound="Config")
 
 
+HINTS = {
+    "learning_rate": "lr", "beta": "kl_coef", "num_generations": "samples_per_prompt", "max_steps": "total_steps",
+    "max_completion_length": "max_new_tokens", "num_train_epochs": "epochs", "ppo_epochs": "epochs", "output": "output_dir",
+    "model_name_or_path": "model", "n_envs": "num_envs", "n_steps": "steps_per_env", "total_timesteps": "total_env_steps",
+    "ent_coef": "entropy_coef", "vf_coef": "value_coef", "clip_range": "eps_low", "gae_lambda": "lam", "env": "env_id",
+}
+"""Names other tools use for a key, and ours (checked against the config's keys)."""
+
+
+def _initials(key: str) -> str:
+    return "".join(word[0] for word in key.split("_") if word)
+
+
 def _suggest(key: str, valid: list[str]) -> str:
+    """The key a user most likely meant: a known name from another tool (``total_timesteps`` ->
+    ``total_env_steps``), the initials of the words (``learning_rate`` -> ``lr``), then the
+    closest spelling."""
+    meant = HINTS.get(key.lower())
+    if meant in valid:
+        return f"; did you mean {meant!r}?"
+    by_initials = [v for v in valid if "_" in key and v == _initials(key.lower())]
+    if by_initials:
+        return f"; did you mean {by_initials[0]!r}?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"; did you mean {close[0]!r}?" if close else "; --list-options prints the valid keys"
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -154,7 +178,7 @@ class Config:
         """Every field with its type, default and help, as a Markdown table."""
         rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
         for f, (name, tp) in zip(dataclasses.fields(cls), cls.field_types().items()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else typing.cast(typing.Callable[[], Any], f.default_factory)()
             tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             rows.append(f"| `{name}` | {tname.replace('|', 'or')} | `{default!r}` | {f.metadata.get('help', '')} |")
         return "\n".join(rows)

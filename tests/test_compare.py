@@ -169,3 +169,13 @@ def test_gym_comparison_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert C.main(argv) == 0  # finished runs are kept, not re-run
     assert capsys.readouterr().err.count("already done, kept") == 4
+
+
+def test_estimator_variants_carry_their_own_settings():
+    from reinforcepp.compare import _run_name, parse_variant
+
+    assert parse_variant("grpo[kl_estimator=k3+;kl_placement=loss]") == ("grpo", ["kl_estimator=k3+", "kl_placement=loss"])
+    assert parse_variant("reinforce_pp") == ("reinforce_pp", [])
+    assert _run_name("grpo[kl_estimator=k3+;kl_placement=loss]", 1) == "grpo_kl_estimator=k3+_kl_placement=loss__s1"
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_variant("grpo[oops]")

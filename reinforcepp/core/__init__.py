@@ -10,15 +10,30 @@ from .advantages import (
     AdvantageInputs,
     AdvantageParams,
     Advantages,
+    SCALE_REWARDS,
     EstimatorSpec,
     compute_advantages,
     get_estimator,
     register_estimator,
+    scaled_group_advantages,
 )
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, check_kl_placement, kl_penalty
-from .kl_control import AdaptiveKLController, FixedKLController
-from .losses import LOSS_AGGS, LossAgg, PolicyLoss, aggregate, entropy_from_logits, kl_loss, policy_loss, value_loss
-from .metrics import advantage_stats, approx_kl, clip_fractions
+from .kl_control import AdaptiveKLController, FixedKLController, mix_reference
+from .losses import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_AGGS,
+    ImportanceSamplingLevel,
+    LossAgg,
+    PolicyLoss,
+    aggregate,
+    entropy_from_logits,
+    importance_log_ratio,
+    kl_loss,
+    policy_loss,
+    truncated_loss_mask,
+    value_loss,
+)
+from .metrics import advantage_stats, approx_kl, clip_fractions, pass_at_k
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from .returns import discounted_returns, gae as gae_returns
@@ -67,6 +68,10 @@ class AdvantageParams:
         reward_clip: scalar rewards are clipped to ``[-reward_clip, reward_clip]``.
         whiten: global whitening of advantages for ``rloo`` (the others have a fixed rule).
         group_std_eps: epsilon added to the group std by ``grpo``.
+        scale_rewards: ``grpo``'s division of ``R_i - mean_g`` (TRL's choices): by the group's
+            std (``group``, the GRPO paper), by the std of every reward of the batch
+            (``batch``, "Tricks or Traps" arXiv 2508.08221), or by nothing (``none``, Dr. GRPO's
+            advantage).
         whiten_eps: floor of the variance in whitening.
         reduce: the reduction hook that makes statistics global (all-reduce of sums), or
             ``None`` on one process.
@@ -78,6 +83,7 @@ class AdvantageParams:
     reward_clip: float = 10.0
     whiten: bool = False
     group_std_eps: float = 1e-6
+    scale_rewards: str = "group"
     whiten_eps: float = 1e-8
     reduce: Optional[Reduce] = None
 
@@ -198,13 +204,40 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> A
     return Advantages(a, g)
 
 
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def scaled_group_advantages(rewards: Tensor, samples_per_prompt: int, scale: str = "group", eps: float = 1e-6, reduce: Optional[Reduce] = None) -> Tensor:
+    """``(R_i - mean_g) / s``, ``(N,)`` -> ``(N,)``, with TRL's ``scale_rewards`` choices:
+
+    * ``group``: ``s = std_g + eps`` (sample std of the group, :func:`group_normalize`);
+    * ``batch``: ``s = std_B + eps``, the sample std of every reward of the global batch
+      (all ranks, through ``reduce``);
+    * ``none``: ``s = 1`` (Dr. GRPO).
+    """
+    if scale == "group":
+        return group_normalize(rewards, samples_per_prompt, eps)
+    centred = group_mean_baseline(rewards, samples_per_prompt)
+    if scale == "none":
+        return centred
+    if scale != "batch":
+        raise ValueError(f"unknown scale_rewards {scale!r}; valid: {', '.join(SCALE_REWARDS)}")
+    r = rewards.double()
+    n, s, s2 = float(r.numel()), float(r.sum()), float(r.square().sum())
+    if reduce is not None:
+        n, s, s2 = (float(x) for x in reduce(torch.tensor([n, s, s2], dtype=torch.float64)))
+    var = max(0.0, (s2 - s * s / n) / max(n - 1.0, 1.0))
+    return centred / (var**0.5 + eps)
+
+
 @register_estimator("grpo", needs_groups=True, kl_in_reward=False)
 def grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """GRPO (arXiv 2402.03300): ``A_i = (R_i - mean_g) / (std_g + eps)`` broadcast over the
-    response's tokens; no global whitening."""
+    response's tokens; no global whitening. ``params.scale_rewards`` picks the divisor
+    (:func:`scaled_group_advantages`)."""
     r = inputs.rewards.float()
     # Shaping order (ALGORITHM.md): group baseline first, then the clip to [-c, c].
-    a = clip_rewards(group_normalize(r, inputs.samples_per_prompt, params.group_std_eps), params.reward_clip)
+    a = clip_rewards(scaled_group_advantages(r, inputs.samples_per_prompt, params.scale_rewards, params.group_std_eps, params.reduce), params.reward_clip)
     return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 
 @dataclass
@@ -38,3 +42,20 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_samples / self.horizon
         return self.value
+
+
+@torch.no_grad()
+def mix_reference(ref_params: Iterable[Tensor], policy_params: Iterable[Tensor], alpha: float = 1.0) -> None:
+    """Reference refresh (TRL's ``sync_ref_model``, TR-DPO arXiv 2404.09656), in place:
+    ``theta_ref <- alpha * theta + (1 - alpha) * theta_ref`` for each parameter pair.
+    ``alpha = 1`` copies the policy (a hard reset of the KL anchor); TRL's default mixup is 0.6.
+    """
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    ref, pol = list(ref_params), list(policy_params)
+    if len(ref) != len(pol):
+        raise ValueError(f"the reference has {len(ref)} parameters, the policy {len(pol)}")
+    for r, p in zip(ref, pol):
+        if r.shape != p.shape:
+            raise ValueError(f"parameter shapes differ: {tuple(r.shape)} vs {tuple(p.shape)}")
+        r.lerp_(p.to(r.dtype), alpha)

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from .kl import KLEstimatorName, kl_penalty
 
+ImportanceSamplingLevel = Literal["token", "sequence"]
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
+
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 LOSS_AGGS: tuple[str, ...] = get_args(LossAgg)
 
@@ -30,6 +33,40 @@ class PolicyLoss(NamedTuple):
     """bool: the upper clip binds (``A > 0`` and ``ratio > 1 + eps_high``)."""
 
 
+def importance_log_ratio(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    response_mask: Optional[Tensor] = None,
+    level: ImportanceSamplingLevel = "token",
+) -> Tensor:
+    """Log of the importance ratio of each token, ``(N, T)``.
+
+    * ``token`` (PPO): ``log r[i,t] = logp[i,t] - old_logp[i,t]``.
+    * ``sequence`` (GSPO, arXiv 2507.18071, "GSPO-token" form, eq. 13):
+      ``log s_i = (1 / |y_i|) sum_t m[i,t] (logp[i,t] - old_logp[i,t])`` (the length-normalised
+      sequence ratio) and ``log r[i,t] = sg(log s_i) + logp[i,t] - sg(logp[i,t])``: every token
+      of response ``i`` carries the value ``s_i``, its gradient is ``s_i grad logp[i,t]``. With
+      one advantage per response this is exactly GSPO's sequence objective (and TRL's
+      ``importance_sampling_level="sequence"``, which lets the gradient flow through the mean:
+      the summed gradient is the same).
+
+    Args:
+        logprobs: ``(N, T)`` (grad).
+        old_logprobs: ``(N, T)`` (no grad).
+        response_mask: ``(N, T)``; required for ``sequence``.
+    """
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio
+    if level != "sequence":
+        raise ValueError(f"unknown importance_sampling_level {level!r}; valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}")
+    if response_mask is None:
+        raise ValueError("importance_sampling_level='sequence' needs the response_mask")
+    m = response_mask.to(log_ratio.dtype)
+    seq = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)
+    return seq + logprobs - logprobs.detach()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -37,22 +74,29 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip: Optional[float] = None,
+    *,
+    response_mask: Optional[Tensor] = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
 ) -> PolicyLoss:
     """PPO clipped surrogate with asymmetric clip and optional dual clip, per token.
 
-    ``ratio = exp(clamp(logp - old_logp, -20, 20))``,
+    ``ratio = exp(clamp(log r, -20, 20))`` with ``log r`` from :func:`importance_log_ratio`
+    (``logp - old_logp`` per token, or GSPO's sequence ratio),
     ``L = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))``, and where ``A < 0`` with
     dual clip ``c > 1``: ``L = min(L, -c A)`` (Ye et al. 2020, arXiv 1912.09729).
-    Clip-higher (``eps_high > eps_low``) is DAPO's (arXiv 2503.14476).
+    Clip-higher (``eps_high > eps_low``) is DAPO's (arXiv 2503.14476). GSPO clips the sequence
+    ratio with much smaller ranges (the paper: ``eps_low = 3e-4``, ``eps_high = 4e-4``).
 
     Args:
         logprobs: ``(N, T)`` log-probs of the sampled tokens under the current policy (grad).
         old_logprobs: ``(N, T)`` under the policy that generated the batch (no grad).
         advantages: ``(N, T)``.
+        response_mask: ``(N, T)``, needed by ``importance_sampling_level="sequence"``.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    log_ratio = importance_log_ratio(logprobs, old_logprobs, response_mask, importance_sampling_level)
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(unclipped, clipped)
@@ -68,6 +112,16 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimatorName =
     """Per-token KL term of the loss (placement ``loss``), with gradient through ``logprobs``.
     Multiply by beta and aggregate like the policy loss."""
     return kl_penalty(logprobs, ref_logprobs, estimator)
+
+
+def truncated_loss_mask(response_mask: Tensor, truncated: Tensor) -> Tensor:
+    """TRL's ``mask_truncated_completions``: the loss mask that leaves out every response cut
+    at the length limit without EOS, ``m'[i,t] = m[i,t] (1 - truncated_i)``.
+    ``(N, T)``, ``(N,)`` bool -> ``(N, T)``. Advantages are computed before this mask (the
+    truncated responses still count in group and batch statistics, as in TRL)."""
+    if truncated.shape != response_mask.shape[:1]:
+        raise ValueError(f"truncated {tuple(truncated.shape)} does not match response_mask {tuple(response_mask.shape)}")
+    return response_mask * (~truncated.bool()).to(response_mask.dtype)[:, None]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

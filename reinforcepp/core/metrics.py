@@ -40,3 +40,23 @@ def advantage_stats(advantages: Tensor, mask: Tensor, reduce: Optional[Reduce] =
         "advantage/mean_sample": float(seq_mu),
         "advantage/std_sample": float(seq_var.sqrt()),
     }
+
+
+def pass_at_k(num_samples: int, num_correct: Tensor, k: int) -> Tensor:
+    """Unbiased pass@k (Chen et al. 2021, arXiv 2107.03374, eq. 1) per problem:
+    ``1 - C(n - c, k) / C(n, k)`` for ``n`` samples of which ``c`` are correct, computed as
+    ``1 - prod_{j = n - c + 1}^{n} (1 - k / j)`` (no large binomials). It is 1 when
+    ``n - c < k``. With ``k = n`` it equals "any of the n samples is correct"; with ``k = 1``
+    it is ``c / n``. ``num_correct``: ``(P,)`` integers -> ``(P,)`` float64.
+    """
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k needs 1 <= k <= n = {num_samples}, got k={k}")
+    c = num_correct.to(torch.int64)
+    if bool(((c < 0) | (c > num_samples)).any()):
+        raise ValueError(f"num_correct must be in [0, {num_samples}]")
+    out = torch.ones(c.shape, dtype=torch.float64)
+    for p, cp in enumerate(c.flatten().tolist()):
+        if num_samples - cp >= k:
+            j = torch.arange(num_samples - cp + 1, num_samples + 1, dtype=torch.float64)
+            out.view(-1)[p] = 1.0 - torch.prod(1.0 - k / j)
+    return out

@@ -114,5 +114,5 @@ def gae_loop(token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma
         v = [float(values[i, t]) for t in range(length)] + [0.0 if last_values is None else float(last_values[i])]
         deltas = [float(token_rewards[i, t]) + gamma * v[t + 1] - v[t] for t in range(length)]
         for t in range(length):
-            adv[i, t] = sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t))
+            adv[i, t] = sum((gamma * lam) ** j * deltas[t + j] for j in range(length - t))
     return adv, (adv + values) * response_mask.to(values.dtype)

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Optional
 
-from ..config import ConfigError
+from ..errors import setup_phase
 from .config import GymConfig
 
 
@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
     p.add_argument("--seed", default=None, help="seed")
     p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory, with the run's saved config (overrides given here apply on top)")
+    p.add_argument("--overwrite", action="store_true", help="the run directory holds an old run: move it aside (to RUN_DIR.old-<time>) and start a new one")
     p.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
     p.add_argument("--eval", dest="eval_dir", default=None, help="evaluate the latest checkpoint of this run directory instead of training")
     p.add_argument("--episodes", type=int, default=None, help="with --eval: episodes (default: the run's eval_episodes)")
@@ -39,25 +40,53 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.list_options:
         print(GymConfig.describe())
         return 0
-    from .trainer import train
+    from .trainer import GymTrainer
 
+    if args.eval_dir:
+        return _evaluate(args)
+    # bad input raises InputError: reinforcepp.cli prints one line and exits with code 2
+    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
+    if args.resume:
+        shorthands.append("resume=true")
+    if args.overwrite:
+        shorthands.append("overwrite=true")
+    cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else GymConfig.load(args.config, shorthands + list(args.overrides))
+    with setup_phase(f"setting up {cfg.env_id}"):
+        trainer = GymTrainer(cfg)
     try:
-        if args.eval_dir:
-            return _evaluate(args)
-        shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
-        if args.resume:
-            shorthands.append("resume=true")
-        cfg = GymConfig.load(args.config, shorthands + list(args.overrides))
-    except ConfigError as e:
-        print(f"reinforcepp gym: {e}", file=sys.stderr)
-        return 2
-    final = train(cfg)
+        final = trainer.train()
+    finally:
+        trainer.close()
     print(json.dumps({"run_dir": cfg.run_dir, **final}))
     return 0
+
+
+def _resumed_config(config_file: Optional[str], overrides: list[str]) -> GymConfig:
+    """The run's saved config.yaml, then the user's config file and overrides on top (each
+    change reported); security settings never come from the folder. A run folder without a
+    complete checkpoint is refused."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..config import parse_overrides
+    from ..run import CheckpointManager
+    from ..run.folder import RunDirError, merge_resumed_config
+
+    given = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
+    given.update(parse_overrides(overrides))
+    run_dir = Path(str(given.get("run_dir", GymConfig.run_dir)))
+    saved = run_dir / "config.yaml"
+    if CheckpointManager(run_dir).latest() is None or not saved.exists():
+        raise RunDirError(f"--resume: {run_dir} holds no complete checkpoint (and config.yaml) to resume; drop --resume to start a new run")
+    values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, given)
+    for note in notes:
+        print(f"resume: {note}", file=sys.stderr)
+    return GymConfig.from_dict(values)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -67,12 +96,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .trainer import GymTrainer
 
     run_dir = Path(args.eval_dir)
-    latest = CheckpointManager(run_dir).latest()
+    latest = CheckpointManager(run_dir).latest_intact()
     if latest is None:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2
-    cfg = GymConfig.load(run_dir / "config.yaml", list(args.overrides))
-    trainer = GymTrainer(cfg)
+    import yaml
+
+    from ..config import parse_overrides
+    from ..run.folder import merge_resumed_config
+
+    given = parse_overrides(list(args.overrides))
+    values, notes = merge_resumed_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, given)
+    for note in notes:
+        print(f"eval: {note}", file=sys.stderr)
+    cfg = GymConfig.from_dict(values)
+    with setup_phase(f"setting up {cfg.env_id}"):
+        trainer = GymTrainer(cfg)
     try:
         trainer.load(latest)
         result = trainer.evaluate(args.episodes or cfg.eval_episodes, video_dir=run_dir / "videos" if args.video else None)

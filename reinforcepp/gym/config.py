@@ -40,6 +40,7 @@ class GymConfig(Config):
     value_coef: float = option(0.5, "weight of the value loss (gae only)")
     value_clip: Optional[float] = option(None, "clip range of the value loss around the rollout's values, or None for the plain squared error (gae only)")
     max_grad_norm: float = option(0.5, "gradient-norm clip per optimizer step (0 = no clipping)")
+    max_nonfinite_steps: int = option(3, "optimizer steps with a non-finite loss or gradient are skipped (counted in nonfinite/skipped_steps); this many in a row stop the run")
     # model
     hidden_sizes: list[int] = option([64, 64], "hidden layer widths of the policy MLP (and of the critic's)")
     activation: Literal["tanh", "relu"] = option("tanh", "hidden activation")
@@ -52,6 +53,7 @@ class GymConfig(Config):
     torch_threads: int = option(1, "torch intra-op threads; 1 is fastest for small MLPs (0 = leave torch's default)")
     run_dir: str = option("runs/gym", "run directory: config.yaml, metrics.jsonl, tensorboard/, plots.png, checkpoints/, videos/")
     resume: bool = option(False, "continue from the latest complete checkpoint in run_dir")
+    overwrite: bool = option(False, "run_dir holds an old run: move it aside (to RUN_DIR.old-<time>) instead of refusing to start")
     eval_every: int = option(10_000, "evaluate every this many environment steps (0 = only at the end)")
     eval_episodes: int = option(10, "episodes per deterministic evaluation")
     save_every: int = option(0, "checkpoint every this many environment steps (0 = only at the end)")
@@ -85,7 +87,8 @@ class GymConfig(Config):
                 "prompt to repeat (each reset draws a new start state). Use reinforce_pp, reinforce or gae."
             )
         positive = {"num_envs": self.num_envs, "steps_per_env": self.steps_per_env, "total_env_steps": self.total_env_steps,
-                    "epochs": self.epochs, "mini_batch_size": self.mini_batch_size, "eval_episodes": self.eval_episodes}
+                    "epochs": self.epochs, "mini_batch_size": self.mini_batch_size, "eval_episodes": self.eval_episodes,
+                    "max_nonfinite_steps": self.max_nonfinite_steps}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")

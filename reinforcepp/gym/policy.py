@@ -164,9 +164,17 @@ class RunningMeanStd:
         self.mean = np.zeros(shape, np.float64)
         self.var = np.ones(shape, np.float64)
         self.count = 1e-4
+        self.rejected = 0
 
     def update(self, batch: np.ndarray) -> None:
-        """``batch``: ``(B, *shape)``."""
+        """``batch``: ``(B, *shape)``. Samples holding inf or NaN are left out (counted in
+        ``rejected``): one bad observation or reward must not poison the statistics forever."""
+        finite = np.isfinite(batch).reshape(batch.shape[0], -1).all(1)
+        if not finite.all():
+            self.rejected += int((~finite).sum())
+            batch = batch[finite]
+            if batch.shape[0] == 0:
+                return
         b_mean, b_var, b_count = batch.mean(0), batch.var(0), batch.shape[0]
         delta = b_mean - self.mean
         total = self.count + b_count
@@ -213,7 +221,7 @@ class RewardNormalizer:
             return rewards.astype(np.float32)
         self.ret = self.ret * self.gamma + rewards
         self.rms.update(self.ret)
-        self.ret[dones] = 0.0
+        self.ret[dones | ~np.isfinite(self.ret)] = 0.0
         return np.clip(rewards / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
     def state_dict(self) -> dict:

@@ -149,11 +149,12 @@ class Collector:
         self.steps_per_env, self.time_limit, self.generator = steps_per_env, time_limit, generator
         self.num_envs = envs.num_envs
         space = envs.single_action_space
-        self.box = isinstance(space, spaces.Box)
-        self.low = space.low if self.box else None
-        self.high = space.high if self.box else None
-        obs_dim = int(np.prod(envs.single_observation_space.shape))
-        act_shape = space.shape if self.box else ()
+        box = space if isinstance(space, spaces.Box) else None
+        self.box = box is not None
+        self.low = box.low if box is not None else None
+        self.high = box.high if box is not None else None
+        obs_dim = int(np.prod(envs.single_observation_space.shape or ()))
+        act_shape: tuple[int, ...] = box.shape if box is not None else ()
         t, e = steps_per_env, self.num_envs
         self.buf = {
             "obs": np.zeros((t, e, obs_dim), np.float32),
@@ -176,7 +177,7 @@ class Collector:
 
     def reset(self, seed: int) -> None:
         """Start fresh episodes in every environment (seeds ``seed, seed + 1, ...``)."""
-        self.raw_obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])
+        self.raw_obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])  # type: ignore[arg-type]  # vector envs take one seed per env
         self.pending = [self._empty(k) for k in range(self.num_envs)]
         self.ep_return[:] = 0
         self.ep_length[:] = 0
@@ -204,6 +205,7 @@ class Collector:
         """Act in every environment once and record the step at row ``t`` of the buffers."""
         b = self.buf
         # stored before stepping: without normalisation ``obs`` is the vector env's buffer (copy=False)
+        assert self.raw_obs is not None
         b["obs"][t] = self.obs_norm(self.raw_obs, update=True)
         obs_t = torch.from_numpy(b["obs"][t])  # a view of the rollout buffer, no copy
         actions, logprobs = self.policy.act(obs_t, self.generator)

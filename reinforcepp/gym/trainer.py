@@ -14,8 +14,6 @@ One iteration, as in ALGORITHM.md ("The training step"):
 
 from __future__ import annotations
 
-import copy
-import pickle
 import time
 import warnings
 from pathlib import Path
@@ -27,12 +25,22 @@ import torch
 from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
+from ..errors import RunStopped
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.folder import RunDirError, claim_run_dir
+from ..run.state import load_state, save_state
+from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
 
-STATE_FILE = "state.pt"
+
+class NonFiniteError(RunStopped):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
+
+
+STATE_NAME = "state"
+"""``state.safetensors`` + ``state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
 def set_torch_threads(n: int) -> None:
@@ -40,12 +48,6 @@ def set_torch_threads(n: int) -> None:
     threads than one, and on a shared machine extra threads fight other processes for cores."""
     if n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-def envs_restorable(envs: gym.vector.VectorEnv) -> bool:
-    """Whether the environments' full state survives pickling (sync envs whose unwrapped env
-    is not an ``EzPickle``, which pickles only constructor arguments: Box2D and MuJoCo are)."""
-    return hasattr(envs, "envs") and not any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.envs)
 
 
 class GymTrainer:
@@ -70,12 +72,14 @@ class GymTrainer:
         self.params = params
         # fused: one kernel updates every parameter (the same Adam; per-tensor loops cost more than the math here)
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
-        self.obs_norm = ObsNormalizer(obs_space.shape, cfg.normalize_obs, cfg.obs_clip)
+        self.obs_norm = ObsNormalizer(obs_space.shape or (), cfg.normalize_obs, cfg.obs_clip)
         self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
         self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
         self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
         self.iteration = 0
         self.env_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
 
@@ -83,9 +87,13 @@ class GymTrainer:
     def train(self) -> dict[str, float]:
         """Run to ``total_env_steps``; returns the final evaluation's metrics."""
         cfg = self.cfg
+        latest = self.checkpoints.latest_intact() if cfg.resume else None
+        if cfg.resume and latest is None:
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; drop resume to start a new run")
+        claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite, option="run_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and self.checkpoints.latest() is not None:
-            self.load(self.checkpoints.latest())
+        if latest is not None and cfg.resume:
+            self.load(latest)
         else:
             self.collector.reset(cfg.seed)
         cfg.save(self.run_dir / "config.yaml")
@@ -165,7 +173,7 @@ class GymTrainer:
         entropy_grad = cfg.entropy_coef != 0.0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         sums: dict[str, list[Tensor]] = {"loss/policy": [], "loss/value": [], "entropy": [], "grad_norm": []}
-        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "low": [], "high": []}
+        last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "old": [], "low": [], "high": []}
         ones = torch.ones(min(n, cfg.mini_batch_size))
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator)
@@ -187,22 +195,41 @@ class GymTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+                if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                    self._skip_nonfinite(float(loss), float(norm))
+                    continue
+                self.nonfinite_in_a_row = 0
                 self.optimizer.step()
                 sums["loss/policy"].append(loss_pi.detach())
                 sums["entropy"].append(loss_ent.detach())
                 sums["grad_norm"].append(norm.detach())
                 if epoch == cfg.epochs - 1:
                     last_epoch["logprobs"].append(logprobs.detach())
+                    last_epoch["old"].append(mb["old"])
                     last_epoch["low"].append(pl.clipped_low)
                     last_epoch["high"].append(pl.clipped_high)
         out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
-        cat = {k: torch.cat(v) for k, v in last_epoch.items()}
-        ones = torch.ones(n)
-        out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
-        out["approx_kl"] = approx_kl(cat["logprobs"], shuffled["old"], ones)
+        out["nonfinite/skipped_steps"] = float(self.nonfinite_total)
+        if last_epoch["logprobs"]:
+            cat = {k: torch.cat(v) for k, v in last_epoch.items()}
+            ones = torch.ones(cat["logprobs"].shape[0])
+            out["clip/frac_low"], out["clip/frac_high"] = clip_fractions(cat["low"], cat["high"], ones)
+            out["approx_kl"] = approx_kl(cat["logprobs"], cat["old"], ones)
         if self.policy.log_std is not None:
             out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
         return out
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient never reaches the weights: drop the gradients, count
+        the skip, stop after ``max_nonfinite_steps`` in a row (as the language-model trainer)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"env step {self.env_steps}: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or gradient norm "
+                f"({grad_norm}); the weights were left untouched. Lower lr, check the rewards (normalize_reward=true), or the observations."
+            )
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}
@@ -268,9 +295,9 @@ class GymTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.pt``: weights, optimizer,
-        normalisers, RNG states, the collector's carried segments and (when their state pickles
-        exactly) the environments themselves."""
+        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.{safetensors,json}``
+        (no pickle): weights, optimizer, normalisers, RNG states, the collector's carried
+        segments and (classic-control and other plain-data envs) the environments' state."""
         state: dict[str, Any] = {
             "iteration": self.iteration,
             "env_steps": self.env_steps,
@@ -281,19 +308,21 @@ class GymTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
-            "envs": pickle.dumps(self.envs.envs) if envs_restorable(self.envs) else None,
+            "nonfinite_total": self.nonfinite_total,
+            "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
         with self.checkpoints.save(self.env_steps) as d:
-            torch.save(state, d / STATE_FILE)
+            save_state(d, STATE_NAME, state)
         return self.checkpoints.path(self.env_steps)
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save`. Resume is exact when the environments
         were saved; otherwise (async or Box2D/MuJoCo envs) they restart fresh episodes, seeded
         by the iteration, and the carried segments are dropped."""
-        state = torch.load(Path(path) / STATE_FILE, weights_only=False)
+        state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
@@ -301,11 +330,11 @@ class GymTrainer:
         self.obs_norm.rms.load_state_dict(state["obs_norm"])
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.generator.set_state(state["generator"])
-        if state["envs"] is not None and envs_restorable(self.envs):
-            self.envs.envs = pickle.loads(state["envs"])
-            self.collector.load_state_dict(copy.deepcopy(state["collector"]))
+        if state["envs"] is not None and restorable(self.envs):
+            set_vector_env_state(self.envs, state["envs"])
+            self.collector.load_state_dict(state["collector"])
         else:
-            warnings.warn("environment state was not saved (not picklable exactly): resuming with fresh episodes", stacklevel=2)
+            warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh episodes", stacklevel=2)
             self.collector.reset(self.cfg.seed + 7919 * self.iteration)
 
     def close(self) -> None:

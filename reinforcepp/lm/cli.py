@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, cast
 
-from ..config import ConfigError, parse_overrides
+from ..config import parse_overrides
+from ..errors import setup_phase
 
 
 def _split_args(argv: list[str], prog: str, description: str) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml, then key=value overrides")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) and start a new one")
     parser.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
     args = parser.parse_args(argv)
     config_file = [a for a in args.items if "=" not in a and a.endswith((".yaml", ".yml"))]
@@ -29,19 +32,25 @@ def _split_args(argv: list[str], prog: str, description: str) -> tuple[argparse.
     return args, overrides
 
 
-def build_config(config_file: str | None, overrides: list[str], resume: bool = False):
-    """Preset (the built-in tiny job when no model is named), YAML file, then overrides."""
+def build_config(config_file: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False):
+    """Preset (the built-in tiny job when no model is named), YAML file, then overrides. On
+    resume the run's saved config comes first, except its security settings (reported)."""
     import yaml
 
+    from ..run.folder import merge_resumed_config
     from .config import LMConfig
 
     values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
     values.update(parse_overrides(overrides))
+    if overwrite:
+        values["overwrite"] = True
     if resume:
         values["resume"] = True
         saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
         if saved is not None and saved.exists():
-            values = {**yaml.safe_load(saved.read_text()), **values}
+            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, values)
+            for note in notes:
+                print(f"resume: {note}", file=sys.stderr)
     if values.get("model") in (None, "None", "none", ""):
         return LMConfig.tiny(**values)
     return LMConfig.from_dict(values)
@@ -54,21 +63,14 @@ def train_main(argv: list[str]) -> int:
     if args.list_options:
         print(LMConfig.describe())
         return 0
-    try:
-        config = build_config(args.config_file, overrides, args.resume)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"reinforcepp train: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
     from .trainer import Trainer
 
     if config.model is None:
         print(f"reinforcepp train: no model given, so training the built-in tiny model on task {config.task!r} "
               f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
-    try:
+    with setup_phase("setting up the run"):
         trainer = Trainer(config)
-    except ConfigError as e:  # refused before any model loads (launch, LoRA and sharding combinations)
-        print(f"reinforcepp train: {e}", file=sys.stderr)
-        return 2
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         trainer.train()
         return 0
@@ -108,18 +110,22 @@ def sft_main(argv: list[str]) -> int:
     from .models import load_causal_lm, load_tokenizer, resolve_device
     from .sft import sft_train
 
+    if args.steps < 1 or args.batch_size < 1 or args.lr <= 0:
+        print(f"reinforcepp sft: need --steps >= 1, --batch-size >= 1 and --lr > 0, got {args.steps}, {args.batch_size}, {args.lr}", file=sys.stderr)
+        return 2
     device = resolve_device("auto")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, dtype=torch.float32, device=device)
-    data = load_prompt_dataset(args.data)
+    with setup_phase(f"loading model {args.model!r} and data {args.data!r}"):
+        tokenizer = load_tokenizer(args.model)
+        model = load_causal_lm(args.model, dtype=torch.float32, device=device)
+        data = load_prompt_dataset(args.data)
     if args.completion_column not in data.column_names:
         print(f"reinforcepp sft: {args.data} has no column {args.completion_column!r} (columns: {', '.join(data.column_names)})", file=sys.stderr)
         return 2
     prompts = [render_prompt(tokenizer, p, not args.no_chat_template) for p in data["prompt"]]
     bar = Progress(args.steps, desc="sft", keys={"loss": "loss"})
-    sft_train(model, tokenizer, prompts, list(data[args.completion_column]), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, on_step=lambda s, l: bar.update({"loss": l}))
+    sft_train(model, tokenizer, prompts, list(data[args.completion_column]), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, on_step=lambda _, loss: bar.update({"loss": loss}))
     bar.close()
-    model.save_pretrained(args.output_dir, safe_serialization=True)
+    cast(Any, model).save_pretrained(args.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved {args.output_dir}")
     return 0
@@ -127,15 +133,13 @@ def sft_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     args, overrides = _split_args(argv, "reinforcepp eval", "Evaluate a model on the eval split: greedy accuracy, reward, pass@k.")
-    try:
-        config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none"], False)
-    except ConfigError as e:
-        print(f"reinforcepp eval: {e}", file=sys.stderr)
-        return 2
+    config = build_config(args.config_file, overrides + ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none"], False)
     from .trainer import Trainer
 
-    trainer = Trainer(config)
+    with setup_phase("setting up the evaluation"):
+        trainer = Trainer(config)
     for k, v in trainer.evaluate().items():
         print(f"{k}: {v:.4f}")
-    trainer.logger.close()
+    if trainer.logger is not None:
+        trainer.logger.close()
     return 0

@@ -11,10 +11,10 @@ passes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, cast
 
 from ..config import Config, ConfigError, option
-from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, get_estimator
+from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
 
 
 @dataclasses.dataclass
@@ -23,6 +23,8 @@ class LMConfig(Config):
     model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model for `task`")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
     ref_model: Optional[str] = option(None, "reference model (default: a frozen copy of the initial policy); not loaded when kl_placement is 'none'")
+    ref_update_every: int = option(0, "refresh the reference every this many steps (TRL's sync_ref_model): ref <- ref_update_alpha * policy + (1 - ref_update_alpha) * ref; 0 = never")
+    ref_update_alpha: float = option(1.0, "ref_update_every: weight of the policy in the refreshed reference (1 = copy the policy; TRL's ref_model_mixup_alpha default is 0.6)")
     critic_model: Optional[str] = option(None, "critic backbone for estimator 'gae' (default: a copy of the policy with a scalar value head)")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
@@ -42,14 +44,18 @@ class LMConfig(Config):
     eval_fraction: float = option(0.0, "when eval_data is None: fraction of train_data split off (seeded) for evaluation")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
-    max_prompt_length: int = option(1024, "prompts longer than this many tokens are an error")
+    max_prompt_length: int = option(1024, "prompts longer than this many tokens (or than the model's context minus max_new_tokens) are an error")
+    truncate_prompts: bool = option(False, "cut prompts that are too long to their last allowed tokens instead of stopping (counted in data/truncated_prompts)")
     # --- rewards ----------------------------------------------------------------------------
     reward_funcs: list[str] = option([], "reward sources: module:function, path/file.py:function, verl:..., openrlhf:..., rm:MODEL, http(s)://URL; empty = the built-in task's reward")
     reward_weights: list[float] = option([], "one weight per reward source (default: all 1)")
     reward_on_error: Literal["raise", "drop"] = option("raise", "a reward function that fails on a sample: stop with an error, or drop the sample and count it")
+    reward_timeout: Optional[float] = option(600.0, "seconds each reward call may take (sources run concurrently); a call past it stops the run with one line naming the source; None = no bound")
+    reward_step_delimiter: Optional[str] = option(None, "process rewards: a reward function returning a list per completion gives one reward per step, steps separated by this string, each placed on the step's last token; None = one reward per completion token")
     overlong_buffer: int = option(0, "DAPO soft overlong penalty: length of the ramp before max_new_tokens (0 = off)")
     overlong_penalty: float = option(1.0, "DAPO overlong penalty at max_new_tokens")
     truncation_penalty: float = option(0.0, "subtracted from the reward of responses cut at max_new_tokens without EOS")
+    mask_truncated_completions: bool = option(False, "leave responses cut at max_new_tokens without EOS out of the loss (TRL's mask_truncated_completions); they still count in the advantage statistics")
     dynamic_filtering: bool = option(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill")
     max_filter_rounds: int = option(4, "dynamic_filtering: at most this many generation rounds per step")
     # --- algorithm --------------------------------------------------------------------------
@@ -57,15 +63,17 @@ class LMConfig(Config):
     gamma: float = option(1.0, "discount of token rewards")
     lam: float = option(0.95, "GAE lambda (gae only)")
     kl_placement: Optional[Literal["reward", "loss", "none"]] = option(None, "where the KL to the reference goes; None = the estimator's choice (reward for reinforce_pp, gae, reinforce; loss for reinforce_pp_baseline and the group estimators)")
-    kl_estimator: Optional[Literal["k1", "k2", "k3", "abs"]] = option(None, "KL estimator; None = k1 in the reward, k3 in the loss")
+    kl_estimator: Optional[Literal["k1", "k2", "k3", "abs", "k3+"]] = option(None, "KL estimator; None = k1 in the reward, k3 in the loss; k3+ = the value of k3 with the gradient of k2 (verl), in the loss only")
     kl_coef: float = option(0.01, "beta, the KL coefficient (initial value when kl_target is set)")
     kl_target: Optional[float] = option(None, "adaptive KL controller target (per-sequence KL); None = fixed kl_coef")
     kl_horizon: int = option(10000, "adaptive KL controller horizon (responses)")
     reward_clip: float = option(10.0, "scalar rewards (after the group baseline, for estimators that have one) are clipped to [-reward_clip, reward_clip]")
     rloo_whiten: bool = option(False, "rloo: globally whiten the leave-one-out advantages")
+    scale_rewards: Literal["group", "batch", "none"] = option("group", "grpo: divide R - group mean by the group's std, the batch's std, or nothing (TRL's scale_rewards)")
     eps_low: float = option(0.2, "lower clip of the importance ratio: 1 - eps_low")
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
+    importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
     value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
@@ -95,7 +103,7 @@ class LMConfig(Config):
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
-    eval_samples: int = option(4, "k for pass@k (sampled at eval_temperature); greedy pass@1 is always reported")
+    eval_samples: int = option(4, "n samples per held-out prompt (at eval_temperature): eval/any_correct_of_n and the unbiased eval/pass@k for k = 1, 2, 4, ... < n; greedy accuracy is always reported")
     eval_temperature: float = option(1.0, "sampling temperature for pass@k")
     # --- warm start (built-in tasks) ----------------------------------------------------------
     sft_steps: int = option(0, "supervised warm-start steps on the task's answers before RL (built-in tasks; `reinforcepp sft` for your data)")
@@ -107,6 +115,7 @@ class LMConfig(Config):
     save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
     keep_last: int = option(2, "checkpoints kept")
     resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = option(False, "output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) instead of refusing to start")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
     tensorboard: bool = option(True, "write TensorBoard event files")
@@ -132,6 +141,9 @@ class LMConfig(Config):
                 raise ConfigError("lora_rank > 0 with ref_model set: with LoRA the reference is the base model with adapters disabled; unset ref_model")
             if not 0 <= self.lora_dropout < 1:
                 raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.ref_update_every and (self.lora_rank or self.fsdp):
+            key = "lora_rank > 0" if self.lora_rank else "fsdp=true"
+            raise ConfigError(f"ref_update_every with {key}: refreshing the reference is supported for full fine-tuning without sharding only")
         if self.fsdp and (self.dynamic_filtering or self.reward_on_error == "drop"):
             key = "dynamic_filtering=true" if self.dynamic_filtering else "reward_on_error=drop"
             raise ConfigError(f"fsdp=true with {key}: sharded forwards need the same number of responses on every rank, which dropping groups breaks")
@@ -172,14 +184,14 @@ class LMConfig(Config):
         return get_estimator(self.estimator).default_kl_placement
 
     @property
-    def resolved_kl_estimator(self) -> str:
+    def resolved_kl_estimator(self) -> KLEstimatorName:
         if self.kl_estimator is not None:
             return self.kl_estimator
         return "k1" if self.resolved_kl_placement == "reward" else "k3"
 
     @property
-    def resolved_loss_agg(self) -> str:
-        return self.loss_agg or get_estimator(self.estimator).default_loss_agg
+    def resolved_loss_agg(self) -> LossAgg:
+        return cast(LossAgg, self.loss_agg or get_estimator(self.estimator).default_loss_agg)
 
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""
@@ -196,6 +208,18 @@ class LMConfig(Config):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("save_every", "eval_every", "log_samples_every", "num_logged_samples", "warmup_steps", "sft_steps", "top_k",
+                        "torch_threads", "weight_decay", "entropy_coef", "overlong_penalty", "truncation_penalty")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "critic_lr", "sft_lr", "max_grad_norm", "reward_clip", "eval_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_prompt_length < 1 or self.sft_batch_size < 1 or self.kl_horizon < 1:
+            raise ConfigError("max_prompt_length, sft_batch_size and kl_horizon must be >= 1")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if spec.needs_groups and self.samples_per_prompt < 2:
             raise ConfigError(f"estimator {self.estimator!r} compares samples of one prompt: it needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.rollout_size % self.mini_batch_responses:
@@ -203,6 +227,16 @@ class LMConfig(Config):
         if self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} does not divide mini_batch_size={self.mini_batch_responses}")
         placement = self.resolved_kl_placement
+        if self.dynamic_filtering and self.samples_per_prompt < 2:
+            raise ConfigError("dynamic_filtering drops groups whose samples all have the same reward; with samples_per_prompt=1 every group would be dropped: set samples_per_prompt >= 2 or dynamic_filtering=false")
+        if self.kl_estimator == "k3+" and placement != "loss":
+            raise ConfigError(f"kl_estimator=k3+ differs from k3 only in its gradient, which exists only with kl_placement=loss (here {placement})")
+        if self.scale_rewards != "group" and self.estimator != "grpo":
+            raise ConfigError(f"scale_rewards={self.scale_rewards} applies to estimator grpo only (here {self.estimator!r}, whose normalisation is fixed)")
+        if self.ref_update_every < 0 or not 0 < self.ref_update_alpha <= 1:
+            raise ConfigError(f"need ref_update_every >= 0 and 0 < ref_update_alpha <= 1, got {self.ref_update_every}, {self.ref_update_alpha}")
+        if self.ref_update_every and placement == "none":
+            raise ConfigError("ref_update_every refreshes the reference, but kl_placement=none loads none")
         if placement == "reward" and not spec.kl_in_reward:
             raise ConfigError(f"estimator {self.estimator!r} broadcasts one advantage per response and cannot carry KL in the reward; use kl_placement=loss or none")
         if spec.needs_critic is False and self.critic_model is not None:
@@ -219,8 +253,12 @@ class LMConfig(Config):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.reward_weights and len(self.reward_weights) != max(1, len(self.reward_funcs)):
+        if self.reward_weights and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):  # Python-API reward_funcs: checked by the Trainer
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            raise ConfigError(f"reward_timeout must be > 0 seconds (or None), got {self.reward_timeout}")
+        if self.reward_step_delimiter == "":
+            raise ConfigError("reward_step_delimiter must be a non-empty string (or None)")
         if self.share_prompt and self.gradient_checkpointing:
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
         self._validate_scale()

@@ -34,6 +34,30 @@ def _from_dict(dd: datasets.DatasetDict, split: Optional[str], what: str) -> dat
     return dd[name]
 
 
+def check_jsonl(path: Path) -> None:
+    """Every non-empty line of a ``.jsonl`` file is a JSON object, and there is one at least:
+    a bad file is an :class:`~reinforcepp.errors.InputError` naming the file and line (the
+    ``datasets`` reader buries the line in chained tracebacks)."""
+    import json
+
+    from ..errors import InputError
+
+    rows = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:60]!r}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{lineno}: each line must be a JSON object with a prompt, got {type(row).__name__}")
+            rows += 1
+    if rows == 0:
+        raise InputError(f"{path}: the file holds no rows")
+
+
 def _load_path(path: Path, split: Optional[str], config_name: Optional[str]) -> datasets.Dataset:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -45,6 +69,8 @@ def _load_path(path: Path, split: Optional[str], config_name: Optional[str]) -> 
             return loaded
         return datasets.load_dataset(str(path), config_name, split=split or "train")  # a folder of data files
     builder = FILE_BUILDERS.get(path.suffix.lower())
+    if path.suffix.lower() == ".jsonl":
+        check_jsonl(path)
     if builder is None:
         raise ValueError(
             f"cannot read {str(path)!r}: supported files are {sorted(FILE_BUILDERS)}, or a directory "

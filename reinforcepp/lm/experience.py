@@ -7,7 +7,7 @@ ALGORITHM.md, "The training step", steps 3-4: forward passes without gradient (`
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ class Experience:
     values: Optional[Tensor] = None
     kl: Optional[Tensor] = None
     """``(N, T)`` KL(old || ref) per token when the KL goes in the reward (logged)."""
+    loss_mask: Optional[Tensor] = None
+    """``(N, T)`` the tokens that enter the loss when they are not all real response tokens
+    (``mask_truncated_completions``); ``None``: the response mask."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -38,8 +41,12 @@ class Experience:
     def response_mask(self) -> Tensor:
         return self.batch.response_mask
 
+    @property
+    def loss_mask_or_response_mask(self) -> Tensor:
+        return self.response_mask if self.loss_mask is None else self.loss_mask
+
     def select(self, index: Tensor) -> "Experience":
-        picked = {}
+        picked: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             picked[f.name] = value.select(index) if isinstance(value, PromptResponseBatch) else (None if value is None else value[index])

@@ -11,7 +11,7 @@ the same interface and :func:`register_engine`, without touching the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -93,7 +93,7 @@ class HFGenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config)
+            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config)
         finally:
             self.model.train(was_training)
         responses, truncated = split_responses(out[:, width:].cpu(), tok.eos_token_id, params.max_new_tokens)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -38,11 +38,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, safetensors_only: bool = False) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``; ``safetensors_only`` (models in a run directory,
+    which reinforcepp always writes as safetensors) refuses pickle weight files."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return realign(model.to(device))
+    extra = {"use_safetensors": True} if safetensors_only else {}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    return realign(torch.nn.Module.to(model, device))
 
 
 ALIGNMENT = 64
@@ -62,6 +65,29 @@ def realign(model: torch.nn.Module) -> torch.nn.Module:
             if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % ALIGNMENT:
                 tensor.data = tensor.data.clone()
     return model
+
+
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The model's context in tokens (``max_position_embeddings`` or the like), if it says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_limit(model: torch.nn.Module, max_prompt_length: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may have: ``max_prompt_length``, and no more than the model's context
+    leaves after ``max_new_tokens`` (a longer one would run past the position embeddings)."""
+    context = context_length(model)
+    if context is None:
+        return max_prompt_length
+    if max_new_tokens >= context:
+        from ..config import ConfigError
+
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+    return min(max_prompt_length, context - max_new_tokens)
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,7 +116,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: torch.nn.Module) -> "ValueModel":
+    def from_causal_lm(cls, lm: Any) -> "ValueModel":
         """A critic on a deep copy of ``lm``'s backbone (the LM head is dropped)."""
         backbone = copy.deepcopy(lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model)
         backbone.requires_grad_(True)

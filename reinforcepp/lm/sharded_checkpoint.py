@@ -7,9 +7,9 @@
 * :func:`save_optimizer` / :func:`load_optimizer`: each rank writes its shard of the AdamW state
   (DCP ``.distcp`` files plus a ``.metadata`` index). Loading reshards, so a run saved by two
   ranks resumes on one (tested) or on four.
-* **No pickle from a checkpoint.** DCP's ``FileSystemReader.read_metadata`` would ``pickle.load``
-  the ``.metadata`` file, and its planner ``torch.load(weights_only=False)`` the non-tensor
-  entries: a received checkpoint could run code. :class:`SafeReader` reads ``.metadata`` with
+* **No pickle from a checkpoint.** DCP's ``FileSystemReader.read_metadata`` would unpickle the
+  ``.metadata`` file with no restriction, and its planner would read the non-tensor entries
+  with ``weights_only=False``: a received checkpoint could run code. :class:`SafeReader` reads ``.metadata`` with
   an unpickler that admits only DCP's metadata classes, ``torch.Size``, dtypes, layouts, paths
   and plain containers (anything else is refused before it is constructed), and
   :class:`SafeLoadPlanner` reads the other entries with ``weights_only=True``.

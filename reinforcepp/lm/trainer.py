@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from ..config import ConfigError
+from ..errors import InputError, RunStopped
 from ..core import (
     AdaptiveKLController,
     AdvantageInputs,
@@ -43,12 +44,18 @@ from ..core import (
     kl_loss,
     kl_penalty,
     masked_mean,
+    mix_reference,
     overlong_penalty,
+    pass_at_k,
     policy_loss,
+    truncated_loss_mask,
     truncation_penalty,
     value_loss,
 )
+from ..rewards import TrainerState
 from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run.folder import RunDirError, claim_run_dir
+from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
 from .distributed import init_distributed
@@ -56,15 +63,16 @@ from .experience import Experience, batched_forward
 from .generation import Generation, SamplingParams, make_engine
 from .logprobs import response_logprobs
 from .lora import AdaptersOff, add_lora, is_lora, load_lora, save_base
-from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype
+from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, prompt_limit, resolve_device, resolve_dtype
 from .parallel import Parallel, check_launch
 from .profile import update_flops
 from .sharded_checkpoint import rank_directory, write_policy
 
-STATE_FILE = "trainer_state.pt"
+STATE_NAME = "trainer_state"
+"""``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -80,6 +88,9 @@ class Rollout:
     rewards: torch.Tensor
     per_source: dict[str, torch.Tensor]
     counts: dict[str, float]
+    token_rewards: Optional[list[list[float]]] = None
+    """process rewards: per response, one weighted reward per response token (``None``: no
+    process-reward source)"""
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
@@ -88,15 +99,17 @@ class Rollout:
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
             Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
             self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            None if self.token_rewards is None else [self.token_rewards[i] for i in index],
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
         gens = [p.generation for p in parts]
+        tokens = None if parts[0].token_rewards is None else [x for p in parts for x in (p.token_rewards or [])]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
             Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
-            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts,
+            torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts, tokens,
         )
 
 
@@ -188,10 +201,12 @@ class Trainer:
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
         self.run_dir = Path(config.output_dir or self._default_run_dir())
+        if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the run folder
+            claim_run_dir(self.run_dir, resume=config.resume, overwrite=config.overwrite)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=config.keep_last)
-        resume_from = self.checkpoints.latest() if config.resume else None
+        resume_from = self.checkpoints.latest_intact() if config.resume else None
         if config.resume and resume_from is None:
-            raise FileNotFoundError(f"resume=true but {self.run_dir} holds no complete checkpoint")
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint")
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -242,6 +257,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.tokens_total = 0
         self._prompt_ids_cache: dict[str, list[int]] = {}
+        self.prompts_truncated = 0
         if resume_from is not None:
             self._load_state(resume_from)
         self.logger: Optional[RunLogger] = None  # rank 0 writes the run directory
@@ -277,7 +293,7 @@ class Trainer:
             return tok, load_lora(load_causal_lm(base, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, safetensors_only=True)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
@@ -312,7 +328,7 @@ class Trainer:
         return split_eval(train, cfg.eval_fraction, cfg.seed)
 
     def _load_rewards(self, reward_funcs):
-        from ..rewards import RewardScorer, RewardSource, load_reward_source
+        from ..rewards import RewardConfigError, RewardScorer, RewardSource, load_reward_source
 
         cfg = self.config
         funcs = list(reward_funcs) if reward_funcs is not None else list(cfg.reward_funcs)
@@ -333,7 +349,12 @@ class Trainer:
                 sources.append(fn)
             else:
                 sources.append(RewardSource(getattr(fn, "__name__", type(fn).__name__), fn, w))
-        return RewardScorer(sources, on_error=cfg.reward_on_error)
+        scorer = RewardScorer(sources, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
+        try:  # a reward needing a column the data lacks fails now, not at the first step
+            scorer.check_columns([c for c in self.train_data.column_names if c != cfg.prompt_column])
+        except RewardConfigError as exc:
+            raise ConfigError(str(exc)) from exc
+        return scorer
 
     def _warm_start(self) -> None:
         """Supervised warm start on the built-in task's demonstrations (``sft_steps`` steps)."""
@@ -346,7 +367,7 @@ class Trainer:
             raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first and set sft_steps=0")
         prompts = [render_prompt(self.tokenizer, p, cfg.use_chat_template) for p in rows[cfg.prompt_column]]
         bar = Progress(cfg.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=cfg.progress and self.dist.is_main)
-        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda s, l: bar.update({"loss": l}))
+        sft_train(self.policy, self.tokenizer, prompts, list(rows["demonstration"]), steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.seed, on_step=lambda _, loss: bar.update({"loss": loss}))
         bar.close()
 
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
@@ -358,12 +379,14 @@ class Trainer:
         if cfg.ref_model is not None:
             return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.parallel.load_device, trust_remote_code=cfg.trust_remote_code))
         saved = self.run_dir / "reference"
+        if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.parallel.load_device, safetensors_only=True))
         if resume_from is not None:
             if self.lora:
                 return None
             if not saved.exists():
                 raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
-            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.parallel.load_device))
+            return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.parallel.load_device, safetensors_only=True))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main and not (self.lora and cfg.model):  # LoRA: the base its adapters are resumed on
             save_base(self.policy, saved)
@@ -413,6 +436,9 @@ class Trainer:
         with self.timer("forward"):
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
+        if self.config.ref_update_every and self.step % self.config.ref_update_every == 0 and self.ref_model is not None:
+            mix_reference(self.ref_model.parameters(), self.policy.parameters(), self.config.ref_update_alpha)
+            update_metrics["kl/ref_updated"] = 1.0
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
         metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
@@ -428,11 +454,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     def _encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a rendered prompt (cached: prompts recur every epoch)."""
+        """Token ids of a rendered prompt (cached: prompts recur every epoch). A prompt longer
+        than :func:`~.models.prompt_limit` is refused, or cut to its last tokens with
+        ``truncate_prompts`` (counted)."""
         if text not in self._prompt_ids_cache:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.config.max_prompt_length:
-                raise ValueError(f"a prompt has {len(ids)} tokens > max_prompt_length={self.config.max_prompt_length}: {text[:80]!r}...")
+            limit = prompt_limit(self.policy, self.config.max_prompt_length, self.config.max_new_tokens)
+            if len(ids) > limit:
+                if not self.config.truncate_prompts:
+                    raise InputError(f"a prompt has {len(ids)} tokens > {limit} allowed (max_prompt_length, or the model's context minus max_new_tokens); "
+                                     f"shorten it or set truncate_prompts=true: {text[:60]!r}")
+                ids = ids[len(ids) - limit :]
+                self.prompts_truncated += 1
             self._prompt_ids_cache[text] = ids
         return self._prompt_ids_cache[text]
 
@@ -452,7 +485,9 @@ class Trainer:
             prompts = [text for text in rendered for _ in range(k)]
             completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             expanded = [r for r in rows for _ in range(k)]
-            result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)))
+            chat = [r[cfg.prompt_column] for r in expanded] if rows and not isinstance(rows[0][cfg.prompt_column], str) else None
+            state = TrainerState(global_step=max(0, self.step - 1), max_steps=cfg.total_steps, epoch=max(0, self.step - 1) / cfg.total_steps)
+            result = self.scorer(prompts, completions, columns_of(expanded, exclude=(cfg.prompt_column,)), completion_ids=[list(r) for r in gen.response_ids], trainer_state=state, chat_prompts=chat)
         return gen, prompts, completions, expanded, result
 
     def rollout(self) -> Rollout:
@@ -465,10 +500,14 @@ class Trainer:
         kept: list[Rollout] = []  # one whole group each
         counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
         mine = slice(self.dist.rank * self.prompts_per_rank, (self.dist.rank + 1) * self.prompts_per_rank)
-        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):
+        round_ = 0
+        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
             gen, prompts, completions, rows, result = self._generate_and_score(self.loader.next_batch()[mine], k, self._sampling())
-            scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {})
+            scored = Rollout(rows, prompts, completions, gen, result.rewards + self._length_penalties(gen), result.per_source, {}, self._process_rewards(result, gen, completions))
             counts["reward/dropped_samples"] += float(result.dropped.sum())
+            counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(result.unscored.sum() if result.unscored is not None else 0)
+            for key, value in result.extras.items():  # verl's extra keys, OpenRLHF's extra_logs (first round)
+                counts.setdefault(f"reward/{key}", value)
             for start in range(0, len(rows), k):
                 group = list(range(start, start + k))
                 if bool(result.dropped[group].any()):
@@ -483,6 +522,25 @@ class Trainer:
         if not kept:
             raise RuntimeError(f"step {self.step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
         return Rollout.concat(kept[: self.prompts_per_rank], counts)
+
+    def _process_rewards(self, result, gen: Generation, completions: list[str]) -> Optional[list[list[float]]]:
+        """Weighted per-token rewards of the process-reward sources, one list per response."""
+        if not result.token_rewards:
+            return None
+        from ..rewards.process import process_token_rewards
+
+        if not self.spec.kl_in_reward:
+            raise ConfigError(f"reward source(s) {sorted(result.token_rewards)} return per-token/per-step rewards, but estimator {self.config.estimator!r} broadcasts one advantage per response; use reinforce_pp, reinforce or gae")
+        weights = {s.name: s.weight for s in self.scorer.sources}
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        out = [[0.0] * len(ids) for ids in gen.response_ids]
+        for name, per_sample in result.token_rewards.items():
+            where = self.scorer.where(next(s for s in self.scorer.sources if s.name == name))
+            for i, values in enumerate(per_sample):
+                if values is not None and not bool(result.dropped[i]):
+                    tokens = process_token_rewards(values, completions[i], gen.response_ids[i], decode, self.config.reward_step_delimiter, where)
+                    out[i] = [a + weights[name] * b for a, b in zip(out[i], tokens)]
+        return out
 
     def _length_penalties(self, gen: Generation) -> torch.Tensor:
         cfg = self.config
@@ -510,11 +568,20 @@ class Trainer:
         self.policy.train()
         ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
         values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
-        kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask if self.kl_placement == "reward" else None
-        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values)
-        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, reduce=self.dist.reduce)
+        kl = None
+        if self.kl_placement == "reward":
+            assert old is not None and ref is not None  # reward KL computes both
+            kl = kl_penalty(old, ref, self.kl_estimator) * batch.response_mask
+        steps = None
+        if rollout.token_rewards is not None:
+            steps = torch.zeros_like(batch.response_mask)
+            for i, row in enumerate(rollout.token_rewards):
+                steps[i, : len(row)] = torch.tensor(row[: steps.shape[1]])
+        inputs = AdvantageInputs(rollout.rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl)
+        loss_mask = truncated_loss_mask(batch.response_mask, rollout.generation.truncated) if cfg.mask_truncated_completions else None
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask)
 
     # ------------------------------------------------------------------ update
     def update(self, exp: Experience) -> dict[str, float]:
@@ -540,15 +607,17 @@ class Trainer:
             "approx_kl": approx_kl(logp, old, mask),
             "entropy": float(masked_mean(torch.cat(seen["entropy"]), mask)),
             "grad_norm": mean("grad_norm"),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
         if self.kl_placement == "loss":
             out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
             out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
-        for key in ("loss/kl", "loss/entropy", "loss/value", "critic/grad_norm"):
+        for key in ("loss/kl", "loss/entropy_bonus", "loss/value", "critic/grad_norm"):
             if scalars[key]:
                 out[key] = mean(key)
+        if scalars["loss/empty_windows"]:
+            out["loss/empty_windows"] = float(len(scalars["loss/empty_windows"]))
         return out
 
     def _shuffled_groups(self, n: int) -> torch.Tensor:
@@ -562,9 +631,14 @@ class Trainer:
         cfg = self.config
         if len(window) == 0 and not self.dist.enabled:
             return  # dynamic filtering left fewer responses than mini-batches
-        n_tokens = self.dist.sum(float(window.response_mask.sum()))  # the global window's counts
-        n_seqs = self.dist.sum(float(len(window)))
+        lm = window.loss_mask_or_response_mask
+        n_tokens = self.dist.sum(float(lm.sum()))  # the global window's counts
+        n_seqs = self.dist.sum(float((lm.sum(1) > 0).sum()))
+        if n_tokens == 0:  # mask_truncated_completions left no token of this window in the loss
+            scalars["loss/empty_windows"].append(1.0)
+            return
         total = torch.zeros(())
+        starts = {key: len(scalars[key]) for key in ("loss/kl", "loss/entropy_bonus")}
         with self.parallel.accumulate(self.train_policy, self.train_critic):  # DDP/FSDP2 reduce the gradients in backward
             for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
                 part = window.select(micro)
@@ -573,6 +647,9 @@ class Trainer:
                 total = total + loss.detach()
                 if self.critic is not None:
                     self._critic_backward(part, n_tokens, n_seqs, scalars)
+        for key, on in (("loss/kl", self.kl_placement == "loss"), ("loss/entropy_bonus", bool(cfg.entropy_coef))):
+            if on:  # the micro-batch parts of a term (on every rank) add up to the window's term
+                scalars[key][starts[key]:] = [self.dist.sum(float(sum(scalars[key][starts[key]:])))]
         total = torch.tensor(self.dist.sum(float(total)))
         grad_norm = self.parallel.clip_grad_norm(self.policy.parameters(), cfg.max_grad_norm)
         if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
@@ -584,7 +661,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
         scalars["grad_norm"].append(float(grad_norm))
-        if self.critic is not None:
+        if self.critic is not None and self.critic_optimizer is not None:
             scalars["critic/grad_norm"].append(float(self.parallel.clip_grad_norm(self.critic.parameters(), cfg.max_grad_norm)))
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
@@ -608,20 +685,24 @@ class Trainer:
         dev = self.device
         b = part.batch
         out = response_logprobs(self.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        assert out.entropy is not None  # with_entropy=True
         logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
-        mask = b.response_mask.to(logp.device)
+        real = b.response_mask.to(logp.device)
+        mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
-        pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+        pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip, response_mask=real, importance_sampling_level=cfg.importance_sampling_level)
         per_token = pl.loss
-        agg = lambda x: aggregate(x, mask, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
+        # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
+        agg = lambda x: aggregate(x * mask, real, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
+            assert part.ref_logprobs is not None  # loss KL needs the reference
             kl = kl_loss(logp, part.ref_logprobs.to(logp.device), self.kl_estimator)
             per_token = per_token + self.kl_controller.value * kl
             scalars["loss/kl"].append(float(agg(kl.detach())))
             seen["kl"].append(kl.detach().cpu())
         if cfg.entropy_coef:
             per_token = per_token - cfg.entropy_coef * out.entropy
-            scalars["loss/entropy"].append(float(agg(out.entropy.detach())))
+            scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))  # the term added to the loss
         for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low), ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask)):
             seen[name].append(value.detach().cpu())
         return agg(per_token)
@@ -629,6 +710,7 @@ class Trainer:
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
+        assert self.train_critic is not None and part.values is not None
         values = self.train_critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
@@ -653,8 +735,8 @@ class Trainer:
             **advantage_stats(exp.advantages, mask),
             **rollout.counts,
         }
-        for name, values in rollout.per_source.items():
-            m[f"reward/{name}"] = float(values.mean())
+        for name, values in rollout.per_source.items():  # NaN where the source did not score
+            m[f"reward/{name}"] = float(values.nanmean())
         if exp.kl is not None:
             m["kl/mean_token"] = float(masked_mean(exp.kl, mask))
             m["kl/mean_sequence"] = float(exp.kl.sum() / mask.shape[0])
@@ -662,6 +744,8 @@ class Trainer:
             m["critic/value_mean"] = float(masked_mean(exp.values, mask))
         self.tokens_total += int(self.dist.sum(float(lengths.sum())))
         m["response/tokens_total"] = float(self.tokens_total)
+        if self.config.truncate_prompts:
+            m["data/truncated_prompts"] = float(self.prompts_truncated)
         return m
 
     def _log_samples(self, rollout: Rollout) -> None:
@@ -685,23 +769,27 @@ class Trainer:
             inner = PhaseTimer()  # evaluation time is counted once, as time/eval
             _, _, _, _, greedy = self._generate_and_score(rows, 1, self._sampling(greedy=True), inner)
             _, _, _, _, sampled = self._generate_and_score(rows, cfg.eval_samples, self._sampling(temperature=cfg.eval_temperature), inner)
-        k = cfg.eval_samples
-        passed = (sampled.rewards >= 1.0).view(-1, k)
+        n = cfg.eval_samples
+        passed = (sampled.rewards >= 1.0).view(-1, n)
         metrics = {
             "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
             "eval/reward_mean": float(greedy.rewards.mean()),
             "eval/sampled_reward_mean": float(sampled.rewards.mean()),
-            f"eval/pass@{k}": float(passed.any(dim=1).float().mean()),
+            f"eval/any_correct_of_{n}": float(passed.any(dim=1).float().mean()),
         }
+        correct = passed.sum(dim=1)
+        for k in sorted({1, *(2**j for j in range(1, n.bit_length()) if 2**j < n)}):  # unbiased pass@k (Chen et al. 2021) from n samples
+            if k < n or n == 1:
+                metrics[f"eval/pass@{k}"] = float(pass_at_k(n, correct, k).mean())
         if self.logger is not None:
             self.logger.log(self.step, metrics, kind="eval")
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """HF-format model + optimizer, scheduler, RNG, data position; atomic, keep last N.
-        Rank 0 writes it, with every rank's RNG state."""
-        rng = rng_state()
+        """HF-format model (safetensors) + optimizer, scheduler, RNG, data position (safetensors +
+        JSON, no pickle); atomic, keep last N. Rank 0 writes it, with every rank's RNG state."""
+        rng: Any = rng_state()
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -712,10 +800,12 @@ class Trainer:
         critic_state = self.parallel.gather_state(self.critic) if self.critic is not None else None
         with rank_directory(self.checkpoints, self.step, self.dist) as d:
             optimizer_state = self.parallel.save_optimizer(self.policy, self.optimizer, d / "optimizer")
-            critic_optimizer_state = self.parallel.save_optimizer(self.critic, self.critic_optimizer, d / "critic_optimizer") if self.critic is not None else None
+            critic_optimizer_state = self.parallel.save_optimizer(self.critic, self.critic_optimizer, d / "critic_optimizer") if self.critic is not None and self.critic_optimizer is not None else None
             if not self.dist.is_main:
                 return self.checkpoints.path(self.step)
             write_policy(self.policy, policy_state, d, self.tokenizer, merged=self.step == self.config.total_steps)
+            if self.config.ref_update_every and self.ref_model is not None:  # the refreshed reference moves with the run
+                self.ref_model.save_pretrained(d / "reference", safe_serialization=True)
             state = {
                 "step": self.step,
                 "optimizer": optimizer_state,
@@ -725,15 +815,16 @@ class Trainer:
                 "kl_coef": self.kl_controller.value,
                 "nonfinite_total": self.nonfinite_total,
                 "tokens_total": self.tokens_total,
+                "prompts_truncated": self.prompts_truncated,
             }
             if self.critic is not None:
                 state["critic"] = critic_state
                 state["critic_optimizer"] = critic_optimizer_state
-            torch.save(state, d / STATE_FILE)
+            save_state(d, STATE_NAME, state)
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = load_state(path, STATE_NAME)
         self.step = state["step"]
         self.parallel.load_optimizer(self.policy, self.optimizer, path / "optimizer", state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -741,7 +832,8 @@ class Trainer:
         self.kl_controller.value = state["kl_coef"]
         self.nonfinite_total = state["nonfinite_total"]
         self.tokens_total = state["tokens_total"]
-        if self.critic is not None:
+        self.prompts_truncated = int(state.get("prompts_truncated", 0))
+        if self.critic is not None and self.critic_optimizer is not None:
             self.parallel.load_full_state_dict(self.critic, state["critic"])
             self.parallel.load_optimizer(self.critic, self.critic_optimizer, path / "critic_optimizer", state["critic_optimizer"])
         rng = state["rng"]

@@ -35,8 +35,10 @@ from .base import (
     RewardFn,
     RewardResult,
     RewardSource,
+    RewardTimeoutError,
+    TrainerState,
 )
-from .calling import call_reward_function, reward_kwargs
+from .calling import RewardBatch, call_reward_function, check_columns, reward_kwargs
 from .loading import load_reward_function, load_reward_source
 from .remote import RemoteReward
 from .reward_model import RewardModel
@@ -46,6 +48,7 @@ __all__ = [
     "RESERVED_ARGUMENTS",
     "OnError",
     "RemoteReward",
+    "RewardBatch",
     "RewardConfigError",
     "RewardError",
     "RewardFn",
@@ -53,7 +56,10 @@ __all__ = [
     "RewardResult",
     "RewardScorer",
     "RewardSource",
+    "RewardTimeoutError",
+    "TrainerState",
     "call_reward_function",
+    "check_columns",
     "from_openrlhf",
     "from_verl",
     "load_reward_function",

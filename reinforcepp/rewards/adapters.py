@@ -12,6 +12,8 @@ from .base import RewardConfigError, RewardError, RewardFn, function_name, short
 class _VerlAdapter:
     """verl's per-sample ``compute_score`` as a TRL-convention reward function."""
 
+    text_only = True
+
     def __init__(
         self, compute_score: Callable[..., Any], data_source_column: str, ground_truth_column: str, extra_info_column: str
     ) -> None:
@@ -21,6 +23,15 @@ class _VerlAdapter:
         self.extra_info_column = extra_info_column
         self.__name__ = short_name(compute_score, "compute_score")
         self.display_name = f"from_verl({function_name(compute_score)})"
+
+    def check_columns(self, columns: list[str], where: str) -> None:
+        """At start: a ground-truth column exists (the ``reward_model`` column is checked for
+        its ``ground_truth`` key on the first batch)."""
+        if not {self.ground_truth_column, "reward_model", "answer"} & set(columns):
+            raise RewardConfigError(
+                f"{where} needs argument 'ground_truth', read from column {self.ground_truth_column!r} "
+                f"(or 'reward_model', or 'answer'), none of which the dataset has (columns: {', '.join(sorted(columns))})"
+            )
 
     def _ground_truths(self, n: int, columns: dict[str, list]) -> list[Any]:
         if self.ground_truth_column in columns:
@@ -37,12 +48,13 @@ class _VerlAdapter:
             f"columns: {sorted(columns)}"
         )
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> list[Any]:
+    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> Any:
         n = len(completions)
         ground_truths = self._ground_truths(n, columns)
         data_sources = columns.get(self.data_source_column, [""] * n)
         extra_infos = columns.get(self.extra_info_column, [None] * n)
         values: list[Any] = []
+        extras: dict[str, list[Any]] = {}
         failed: list[int] = []
         first: BaseException | None = None
         for i in range(n):
@@ -56,6 +68,9 @@ class _VerlAdapter:
                 if isinstance(out, dict):
                     if "score" not in out:
                         raise KeyError(f"compute_score returned a dict without 'score' (keys {sorted(out)})")
+                    for key, value in out.items():  # verl logs the other keys (say "acc") too
+                        if key != "score" and isinstance(value, (bool, int, float)):
+                            extras.setdefault(key, []).append(float(value))
                     out = out["score"]
             except Exception as exc:  # noqa: BLE001 - user code may raise anything; reported by index
                 values.append(None)
@@ -69,6 +84,8 @@ class _VerlAdapter:
                 indices=failed,
                 values=values,
             ) from first
+        if extras:
+            return {"rewards": values, "extra_logs": extras}
         return values
 
 
@@ -82,7 +99,8 @@ def from_verl(
 
     verl calls ``compute_score(data_source=..., solution_str=..., ground_truth=..., extra_info=...)``
     once per response and accepts a number or a dict with key ``"score"``; the wrapper does the
-    same, unchanged (keyword arguments, as verl's reward managers pass them).
+    same, unchanged (keyword arguments, as verl's reward managers pass them). The other numeric
+    keys of a dict (say ``"acc"``) are logged as ``reward/<source>/<key>``, as verl logs them.
 
     Columns: ``data_source`` (missing: ``""``), ``ground_truth`` (missing: ``reward_model[i]
     ["ground_truth"]`` as in verl's parquet files, else ``answer``, else :class:`RewardError`),
@@ -94,6 +112,8 @@ def from_verl(
 
 class _OpenRLHFAdapter:
     """OpenRLHF's batched ``reward_func(queries, prompts, labels)`` as a TRL-convention function."""
+
+    text_only = True
 
     def __init__(self, reward_func: Callable[..., Any], label_column: str) -> None:
         self.reward_func = reward_func
@@ -117,7 +137,8 @@ class _OpenRLHFAdapter:
                     f"OpenRLHF reward_func {function_name(self.reward_func)} returned a dict without "
                     f"'rewards' (keys {sorted(out)})"
                 )
-            out = out["rewards"]
+            extra = out.get("extra_logs")
+            return {"rewards": out["rewards"], "extra_logs": extra if isinstance(extra, dict) else {}}
         return out
 
 
@@ -126,7 +147,8 @@ def from_openrlhf(reward_func: Callable[..., Any], label_column: str = "label") 
 
     OpenRLHF calls ``reward_func(queries, prompts, labels)`` on a batch, with ``queries[i] =
     prompts[i] + completions[i]``; it returns a tensor / list of rewards or a dict whose
-    ``"rewards"`` holds them (``"scores"`` and ``"extra_logs"`` are ignored here). ``labels`` come
+    ``"rewards"`` holds them (``"extra_logs"``, a dict of per-sample values, is logged as
+    ``reward/<source>/<key>``; ``"scores"`` is ignored here). ``labels`` come
     from the ``label`` column, else ``answer``, else a list of ``None``.
     """
     return _OpenRLHFAdapter(reward_func, label_column)

@@ -10,16 +10,18 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import InputError
+
 RewardFn = Callable[..., Sequence[float]]
 """``fn(prompts=list[str], completions=list[str], **columns) -> Sequence[float]`` (TRL convention)."""
 
 OnError = Literal["raise", "drop"]
 
-RESERVED_ARGUMENTS = ("prompts", "completions")
-"""Argument names the scorer fills itself; a dataset column may not use them."""
+RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+"""Argument names the scorer fills itself (as TRL does); a dataset column may not use them."""
 
 
-class RewardError(ValueError):
+class RewardError(InputError, ValueError):
     """A reward source could not be loaded, or failed / returned bad values on a batch.
 
     Attributes:
@@ -48,6 +50,11 @@ class RewardConfigError(RewardError):
     ground-truth column is missing)."""
 
 
+class RewardTimeoutError(RewardError):
+    """A reward call did not return within ``reward_timeout`` seconds. Raised in both
+    ``on_error`` modes: a source that hangs once would hang on every retry."""
+
+
 @dataclass
 class RewardSource:
     """One named, weighted reward function.
@@ -64,22 +71,50 @@ class RewardSource:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward function taking ``trainer_state`` receives (TRL passes its ``TrainerState``;
+    the fields a reward reads, such as ``global_step`` for a curriculum, have the same names).
+
+    Attributes:
+        global_step: RL steps completed before this one (0 on the first step).
+        max_steps: the run's ``total_steps``.
+        epoch: ``global_step / max_steps``, as a float (TRL counts epochs over the data; here one
+            "epoch" is the whole run).
+    """
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+
 @dataclass
 class RewardResult:
     """The scores of one batch of ``N`` completions.
 
     Attributes:
         rewards: ``(N,)`` float32, ``sum_s weight_s * r_s``; exactly 0 where ``dropped``.
-        per_source: name -> ``(N,)`` float32 unweighted ``r_s``; 0 where that source failed.
-        dropped: ``(N,)`` bool, samples on which any source failed (``on_error="drop"`` only;
-            all False in raise mode). The trainer must mask them out of the loss.
+        per_source: name -> ``(N,)`` float32 unweighted ``r_s``; 0 where that source failed,
+            NaN where it returned ``None`` (did not score the sample; log with ``nanmean``).
+        dropped: ``(N,)`` bool, samples on which any source failed (``on_error="drop"`` only)
+            or that no source scored (every source returned ``None``). The trainer must mask
+            them out of the loss.
         dropped_per_source: name -> number of samples that source failed on in this batch.
+        unscored: ``(N,)`` bool, samples that no source scored (a subset of ``dropped``).
+        extras: ``"<source>/<key>"`` -> mean over the batch of an extra metric a source
+            reported (verl's dict keys besides ``score``, OpenRLHF's ``extra_logs``), logged as
+            ``reward/<source>/<key>``.
+        token_rewards: name -> per sample, ``None`` or one unweighted reward per completion
+            token, for the process-reward sources (those that return a list per sample).
     """
 
     rewards: torch.Tensor
     per_source: dict[str, torch.Tensor]
     dropped: torch.Tensor
     dropped_per_source: dict[str, int] = field(default_factory=dict)
+    unscored: torch.Tensor | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+    token_rewards: dict[str, list[list[float] | None]] = field(default_factory=dict)
 
     @property
     def num_dropped(self) -> int:

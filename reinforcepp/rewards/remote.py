@@ -25,6 +25,7 @@ class RemoteReward:
     """
 
     per_sample_retry = False
+    text_only = True
 
     def __init__(self, url: str, timeout: float = 60.0, batch_size: int | None = None) -> None:
         if not url.startswith(("http://", "https://")):

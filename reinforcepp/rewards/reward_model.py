@@ -35,6 +35,8 @@ class RewardModel:
         trust_remote_code: passed to ``from_pretrained``.
     """
 
+    text_only = True
+
     def __init__(
         self,
         name_or_path: str,

@@ -4,9 +4,36 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from ..errors import InputError
+
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")
+"""The row files of a run; each row has a ``step``."""
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON rows of a ``.jsonl`` file. A last line cut short (a full disk, a kill while
+    writing) is dropped with a warning naming the file; a bad line elsewhere is an error
+    naming the file and line."""
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                warnings.warn(f"{path}: dropped a truncated last line ({len(line)} characters)", stacklevel=2)
+                break
+            raise InputError(f"{path}:{i + 1}: not a JSON row: {line[:60]!r}") from None
+    return rows
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -14,7 +41,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
 
 
 class RunLogger:
@@ -37,11 +64,9 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._tb: Any = None
+        self._tensorboard = tensorboard
+        self._purge_step: Optional[int] = None
         self._wandb = None
         if wandb_project:
             try:
@@ -51,10 +76,31 @@ class RunLogger:
             self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=str(self.run_dir), config=dict(config or {}))
 
     def truncate(self, last_step: int) -> None:
-        """Drop rows after ``last_step`` (used on resume, so that history matches the weights)."""
-        if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+        """On resume from the checkpoint of ``last_step``: drop the rows of metrics.jsonl and
+        samples.jsonl logged after it (a crash between the checkpoint and the kill) and purge
+        TensorBoard's events from ``last_step + 1`` on, so that the run's history is exactly an
+        uninterrupted run's. Each file is rewritten atomically."""
+        for name in LOG_FILES:
+            path = self.run_dir / name
+            if path.exists():
+                rows = [r for r in read_rows(path) if r["step"] <= last_step]
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
+                os.replace(tmp, path)
+        if last_step > 0 and self._tensorboard:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            self._purge_step = last_step + 1
+
+    @property
+    def tensorboard(self) -> Any:
+        """The TensorBoard writer, opened on first use (with the resume's purge step)."""
+        if self._tb is None and self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
+        return self._tb
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
         row: dict[str, Any] = {"step": step, "kind": kind, "time": round(time.time(), 3)}
@@ -63,13 +109,12 @@ class RunLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=True) + "\n")
         scalars = {k: v for k, v in row.items() if isinstance(v, float) and k not in ("time",) and math.isfinite(v)}
-        if self._tb is not None:
-            prefix = "" if kind == "train" else f"{kind}/"
+        if self._tensorboard:
             for k, v in scalars.items():
-                self._tb.add_scalar(prefix + k, v, step)
-            self._tb.flush()
+                self.tensorboard.add_scalar(_tag(k, kind), v, step)
+            self.tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log({(k if kind == "train" else f"{kind}/{k}"): v for k, v in scalars.items()}, step=step)
+            self._wandb.log({_tag(k, kind): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -78,3 +123,9 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _tag(key: str, kind: str) -> str:
+    """TensorBoard / W&B tag: ``eval/accuracy`` stays ``eval/accuracy`` (never
+    ``eval/eval/accuracy``); a key of another kind without its prefix gets it."""
+    return key if kind == "train" or key.startswith(f"{kind}/") else f"{kind}/{key}"

@@ -28,8 +28,8 @@ HAND = {
 }
 
 
-def test_the_four_estimators_are_registered():
-    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs"}
+def test_the_five_estimators_are_registered():
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3", "abs", "k3+"}
     assert set(KL_PLACEMENTS) == {"reward", "loss", "none"}
 
 

@@ -32,7 +32,9 @@ def test_cli_trains_and_evaluates(tmp_path, capsys):
     assert out["eval/episodes"] == 1.0
     assert main(["--eval", run, "--episodes", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval/episodes"] == 2.0
-    assert main(["--env", "CartPole-v1", "lr_shedule=linear"]) == 2
+    from reinforcepp.cli import main as cli_main
+
+    assert cli_main(["gym", "--env", "CartPole-v1", "lr_shedule=linear"]) == 2
     assert "lr_schedule" in capsys.readouterr().err
 
 

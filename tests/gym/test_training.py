@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reinforcepp.gym import GymConfig, GymTrainer, train
+from reinforcepp.run.state import load_state
 from reinforcepp.run import CheckpointManager, read_metrics
 
 RANDOM_CARTPOLE = 22.0  # mean return of the uniform random policy
@@ -47,7 +48,7 @@ def test_cartpole_learns_with_gae(tmp_path):
 
 
 def _final_weights(run_dir):
-    state = torch.load(CheckpointManager(run_dir).latest() / "state.pt", weights_only=False)
+    state = load_state(CheckpointManager(run_dir).latest(), "state")
     return state["policy"], state["critic"]
 
 
@@ -115,3 +116,33 @@ def test_video_recording_or_clear_error(tmp_path):
         assert list((tmp_path / "videos").glob("*.mp4"))
     finally:
         tr.close()
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
+    from reinforcepp.gym.trainer import NonFiniteError
+
+    trainer = GymTrainer(GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=64, total_env_steps=1024, lr=1e30,
+                                   eval_every=0, progress=False, tensorboard=False, run_dir=str(tmp_path), max_nonfinite_steps=3))
+    try:
+        with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+            trainer.train()
+        assert trainer.nonfinite_total == 3
+        assert all(bool(torch.isfinite(p).all()) for p in trainer.params)  # a NaN never reaches the weights
+    finally:
+        trainer.close()
+
+
+def test_normalisers_never_absorb_inf_or_nan():
+    from reinforcepp.gym.policy import RewardNormalizer, RunningMeanStd
+
+    rms = RunningMeanStd((2,))
+    rms.update(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    mean, var, count = rms.mean.copy(), rms.var.copy(), rms.count
+    rms.update(np.array([[np.inf, 0.0], [np.nan, 1.0]]))
+    assert np.array_equal(rms.mean, mean) and np.array_equal(rms.var, var) and rms.count == count and rms.rejected == 2
+    rms.update(np.array([[5.0, 6.0], [np.inf, 1.0]]))  # the finite row counts, the other does not
+    assert rms.count == count + 1 and np.isfinite(rms.mean).all()
+    norm = RewardNormalizer(2, 0.99, True, 10.0)
+    norm(np.array([1.0, 2.0]), np.array([False, False]))
+    out = norm(np.array([1e39, 1.0]), np.array([False, False]))
+    assert np.isfinite(norm.rms.var) and np.isfinite(norm.ret).all() and np.isfinite(out[1])

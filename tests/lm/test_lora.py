@@ -75,7 +75,7 @@ def test_only_adapters_train_and_the_reference_is_the_base(run):
 def test_lora_resume_equals_uninterrupted(run, tmp_path):
     tmp, trainer, _ = run
     ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "adapter", "trainer_state.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "adapter", "trainer_state.json", "trainer_state.safetensors"]
     shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name)
     shutil.copytree(tmp / "run" / "reference", tmp_path / "reference")
     resumed = _trainer(tmp_path, resume=True)

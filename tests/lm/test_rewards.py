@@ -168,7 +168,7 @@ def test_wrong_length_names_source_expected_and_got():
 
 @pytest.mark.parametrize(
     ("bad", "pattern"),
-    [(None, r"sample 1: None"), (math.nan, r"sample 1: NaN"), (math.inf, r"sample 1: inf"), ("x", "sample 1: a str")],
+    [(1e39, r"sample 1: 1e\+39, beyond the float32 range"), (math.nan, r"sample 1: NaN"), (math.inf, r"sample 1: inf"), ("x", "sample 1: a str")],
 )
 def test_invalid_values_name_source_and_index(bad: Any, pattern: str):
     scorer = RewardScorer([RewardSource("bad", lambda completions: [1.0, bad, 2.0])])
