@@ -1,9 +1,18 @@
-"""Step time, completion tokens per second, peak memory and reward: TRL's ``GRPOTrainer`` vs ours.
+"""Step time (wall and CPU), peak memory and reward: TRL's ``GRPOTrainer`` vs ours, over a grid.
 
     pip install -e '.[bench]'                    # trl, accelerate, psutil (once)
-    python benchmarks/lm_vs_trl.py               # defaults: 20 steps x 2 rounds, 16 prompts x 8 samples
-    python benchmarks/lm_vs_trl.py --quick       # 2-step smoke run
-    python benchmarks/lm_vs_trl.py --steps 40 --rounds 3 --out benchmarks/results/lm_vs_trl.json
+    python benchmarks/lm_vs_trl.py               # the default grid (GRID): 4 cells x 2 rounds x 8 steps
+    python benchmarks/lm_vs_trl.py --quick       # smoke run: first cell, 2 steps, 1 round
+    python benchmarks/lm_vs_trl.py --cell "hidden=512 layers=8 heads=8 prompts=64 samples=8 tokens=256 prompt_extra=0"
+    python benchmarks/lm_vs_trl.py --bf16        # bfloat16 autocast on both sides
+    python benchmarks/lm_vs_trl.py --gradient-checkpointing   # on on both sides
+
+Fair by construction: the same precision (float32, or ``--bf16`` autocast on both), the same
+memory setting (gradient checkpointing off on both unless ``--gradient-checkpointing``; TRL's own
+default is on, ours off), the same work per step, alternating rounds, and ratios reported per
+cell as the median and range over rounds of the same-round ratio, by wall clock and by CPU time
+(``time.process_time`` of the worker: on a shared machine the steadier one), then the median and
+range over the grid's cells. The load average is printed at the start, per run and at the end.
 
 What is compared (one script run, CPU, no Hub access):
 
@@ -68,17 +77,28 @@ def limit_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def task_rows(n: int, seed: int) -> list[dict]:
+def task_rows(n: int, seed: int, prompt_extra: int = 0) -> list[dict]:
+    """The ``reverse`` task; ``prompt_extra > 0`` puts that many characters of (seeded, random)
+    context before each prompt: a long prompt that the answer does not depend on."""
+    import random
+
     from reinforcepp.lm.tasks import get_task
 
-    return get_task("reverse").examples(n, seed)
+    rows = get_task("reverse").examples(n, seed)
+    if prompt_extra:
+        rng = random.Random(seed + 1)
+        for r in rows:
+            r["prompt"] = "note " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_extra)) + ". " + r["prompt"]
+    return rows
 
 
 def trl_settings(spec: dict) -> dict:
     """Every GRPOConfig argument we set (the rest are TRL's defaults)."""
     n = spec["prompts"] * spec["samples"]
     return dict(
-        use_cpu=True, report_to="none", bf16=False, fp16=False,
+        use_cpu=True, report_to="none", bf16=spec["bf16"], fp16=False,
+        # the same memory-saving setting on both sides (TRL's default is True, ours False)
+        gradient_checkpointing=spec["gradient_checkpointing"],
         # TRL counts per_device_train_batch_size in completions; generation_batch_size defaults to
         # per_device_train_batch_size * num_processes * steps_per_generation (= gradient_accumulation_steps),
         # so one generation of prompts x samples completions feeds exactly one optimizer step.
@@ -97,6 +117,8 @@ def ours_settings(spec: dict, estimator: str) -> dict:
     n = spec["prompts"] * spec["samples"]
     common = dict(
         model=spec["model_dir"], dtype="float32", device="cpu", torch_threads=spec["threads"], estimator=estimator,
+        gradient_checkpointing=spec["gradient_checkpointing"], share_prompt=not spec["gradient_checkpointing"],
+        autocast="bfloat16" if spec["bf16"] else "off",  # TRL's bf16=True on CPU is bfloat16 autocast over float32 weights too
         prompts_per_step=spec["prompts"], samples_per_prompt=spec["samples"], mini_batch_size=n, micro_batch_size=n, epochs=1,
         max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         lr=spec["lr"], lr_schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, eps_low=0.2, eps_high=0.2,
@@ -122,7 +144,7 @@ def worker_prepare(spec: dict) -> dict:
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"])
-    rows = task_rows(spec["train_size"], spec["seed"])
+    rows = task_rows(spec["train_size"], spec["seed"], spec["prompt_extra"])
     t0 = time.perf_counter()
     losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"]) if spec["sft_steps"] else []
     model.save_pretrained(spec["model_dir"], safe_serialization=True)
@@ -141,14 +163,14 @@ def worker_trl(spec: dict) -> dict:
 
     class StepLog(TrainerCallback):
         def __init__(self) -> None:
-            self.times: list[float] = []
+            self.times: list[tuple[float, float]] = []
             self.logs: list[dict] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.t0)
+            self.times.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
@@ -158,14 +180,14 @@ def worker_trl(spec: dict) -> dict:
     tok.padding_side = "left"
     args = GRPOConfig(output_dir=spec["run_dir"], **trl_settings(spec))
     callback = StepLog()
-    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[char_match], args=args, train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"])),
+    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[char_match], args=args, train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"])),
                           processing_class=tok, callbacks=[callback])
     rss_setup = proc_status_kib("VmRSS")
     trainer.train()
     n = spec["prompts"] * spec["samples"]
     steps = []
-    for dt, logs in zip(callback.times, callback.logs):
-        steps.append({"time": dt, "reward": logs["reward"], "tokens": logs["completions/mean_length"] * n, "length_mean": logs["completions/mean_length"],
+    for (dt, cpu), logs in zip(callback.times, callback.logs):
+        steps.append({"time": dt, "cpu": cpu, "reward": logs["reward"], "tokens": logs["completions/mean_length"] * n, "length_mean": logs["completions/mean_length"],
                       "trl/step_time": logs.get("step_time")})  # TRL's own timer, a cross-check
     return {"steps": steps, "rss_setup_kib": rss_setup, "logged_keys": sorted(callback.logs[0]) if callback.logs else []}
 
@@ -178,14 +200,14 @@ def worker_ours(spec: dict, estimator: str) -> dict:
     from reinforcepp.lm.tasks import char_match
 
     config = LMConfig.from_dict({**ours_settings(spec, estimator), "output_dir": spec["run_dir"]})
-    trainer = Trainer(config, reward_funcs=[char_match], train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"])))
+    trainer = Trainer(config, reward_funcs=[char_match], train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"])))
     rss_setup = proc_status_kib("VmRSS")
     steps = []
     for _ in range(config.total_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = trainer.train_step()
-        dt = time.perf_counter() - t0
-        steps.append({"time": dt, "reward": m["reward/mean"], "tokens": m["response/tokens"], "length_mean": m["response/length_mean"],
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        steps.append({"time": dt, "cpu": cpu, "reward": m["reward/mean"], "tokens": m["response/tokens"], "length_mean": m["response/length_mean"],
                       **{k: v for k, v in m.items() if k.startswith("time/")}})
     trainer.logger.close()
     return {"steps": steps, "rss_setup_kib": rss_setup}
@@ -233,6 +255,8 @@ def summarise(runs: list[dict], final_window: int) -> dict:
     out = {
         "median_step_s": statistics.median(times),
         "median_step_s_per_round": [statistics.median(s["time"] for s in r["steps"]) for r in runs],
+        "median_step_cpu_s": statistics.median(s["cpu"] for r in runs for s in r["steps"]),
+        "median_step_cpu_s_per_round": [statistics.median(s["cpu"] for s in r["steps"]) for r in runs],
         "tokens_per_s": tokens / sum(times),
         "peak_rss_mib": max(r["peak_rss_kib"] for r in runs) / 1024,
         "peak_rss_mib_per_round": [r["peak_rss_kib"] / 1024 for r in runs],
@@ -251,156 +275,181 @@ def summarise(runs: list[dict], final_window: int) -> dict:
     return out
 
 
-def print_table(summary: dict, args) -> list[str]:
-    trl = summary["trl"]
-    rows = [
-        ("median step time (s)", "median_step_s", "{:.3f}", "lower"),
-        ("completion tokens / s", "tokens_per_s", "{:.0f}", "higher"),
-        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}", "lower"),
-        ("RSS after setup (MiB)", "rss_after_setup_mib", "{:.0f}", "lower"),
-        ("peak RSS - RSS after setup (MiB)", "rss_training_increase_mib", "{:.0f}", "lower"),
-        ("reward, step 1", "reward_first", "{:.3f}", "higher"),
-        (f"reward, last {min(args.final_window, args.steps)} steps", "reward_final", "{:.3f}", "higher"),
-    ]
-    sides = [s for s in SIDES if s in summary]
-    header = f"| metric | {' | '.join(LABELS[s] for s in sides)} | " + " | ".join(f"{LABELS[s]} / TRL" for s in sides if s != "trl") + " |"
-    lines = [header, "|" + "---|" * (1 + len(sides) + len(sides) - 1)]
-    for name, key, fmt, _better in rows:
-        vals = " | ".join(fmt.format(summary[s][key]) for s in sides)
-        ratios = " | ".join(f"{summary[s][key] / trl[key]:.2f}x" if trl[key] else "n/a" for s in sides if s != "trl")
-        lines.append(f"| {name} | {vals} | {ratios} |")
-    per_round = " | ".join("{:.2f}x".format(statistics.median(summary[s]["step_time_ratio_per_round"])) for s in sides if s != "trl")
-    lines.append(f"| median over rounds of (median step time / TRL's, same round) | {' | '.join('' for _ in sides)} | {per_round} |")
-    for s in sides:
-        if "median_phase_s" in summary[s]:
-            lines.append("")
-            what = "TRL's own logged step_time" if s == "trl" else "seconds per phase (time/*)"
-            lines.append(f"{LABELS[s]}, median {what}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[s]["median_phase_s"].items()))
-    return lines
-
-
-def plot(summary: dict, runs: dict, path: Path) -> None:
+def plot(cells: list[dict], path: Path) -> None:
+    """Reward per step, one panel per cell: each run thin, the mean over rounds thick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
     colors = {"trl": "tab:orange", "grpo": "tab:blue", "reinforce_pp": "tab:green"}
-    for side, rs in runs.items():
-        for r in rs:
-            ax.plot(range(1, len(r["steps"]) + 1), [s["reward"] for s in r["steps"]], color=colors[side], alpha=0.25, lw=0.8)
-        curve = summary[side]["reward_curve"]
-        ax.plot(range(1, len(curve) + 1), curve, color=colors[side], lw=2, label=f"{LABELS[side]} (mean of {len(rs)} runs)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean char_match reward of the rollout")
-    ax.set_title("reverse task, tiny Llama: reward per step")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, c in zip(axes[0], cells):
+        for side, rs in c["runs"].items():
+            for r in rs:
+                ax.plot(range(1, len(r["steps"]) + 1), [s["reward"] for s in r["steps"]], color=colors[side], alpha=0.25, lw=0.8)
+            curve = c["summary"][side]["reward_curve"]
+            ax.plot(range(1, len(curve) + 1), curve, color=colors[side], lw=2, label=f"{LABELS[side]} ({len(rs)} runs)")
+        ax.set_xlabel("step")
+        ax.set_title(c["name"], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean char_match reward of the rollout")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# The default grid: cells that differ in model size, answer length, batch and prompt length. Every
+# cell runs the same alternating rounds of all sides; the summary quotes the median and range of
+# the per-cell ratios. Sized to finish on a small shared CPU; pass --cell to run others.
+GRID = [
+    dict(hidden=128, layers=2, heads=4, prompts=16, samples=8, tokens=8, prompt_extra=0),     # 0.33M, the old headline cell
+    dict(hidden=256, layers=4, heads=4, prompts=16, samples=4, tokens=32, prompt_extra=0),    # 2.1M, longer answers
+    dict(hidden=256, layers=4, heads=4, prompts=16, samples=8, tokens=16, prompt_extra=64),   # 2.1M, long shared prompts
+    dict(hidden=512, layers=4, heads=8, prompts=16, samples=4, tokens=16, prompt_extra=0),    # 8.4M
+]
+CELL_KEYS = ("hidden", "layers", "heads", "prompts", "samples", "tokens", "prompt_extra")
+
+
+def parse_cell(text: str) -> dict:
+    """``"hidden=256 layers=4 heads=4 prompts=16 samples=4 tokens=32 prompt_extra=0"`` -> dict."""
+    cell = dict(GRID[0])
+    for item in text.replace(",", " ").split():
+        key, value = item.split("=", 1)
+        if key not in CELL_KEYS:
+            raise SystemExit(f"--cell: unknown key {key!r}; valid: {', '.join(CELL_KEYS)}")
+        cell[key] = int(value)
+    return cell
+
+
+def cell_name(cell: dict) -> str:
+    return f"h{cell['hidden']}xL{cell['layers']} {cell['prompts']}x{cell['samples']} t{cell['tokens']}" + (f" +{cell['prompt_extra']}ch prompt" if cell["prompt_extra"] else "")
+
+
+def run_cell(args, cell: dict, tmp: Path) -> dict:
+    """Prepare one starting model, then ``args.rounds`` alternating rounds of every side."""
+    spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"], samples=cell["samples"],
+                max_new_tokens=cell["tokens"], lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
+                hidden_size=cell["hidden"], num_layers=cell["layers"], num_heads=cell["heads"], prompt_extra=cell["prompt_extra"],
+                gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, train_size=5000)
+    prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
+    print(f"[{cell_name(cell)}] warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
+          f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
+    runs: dict[str, list[dict]] = {s: [] for s in args.sides}
+    for rnd in range(args.rounds):
+        order = args.sides[rnd % len(args.sides):] + args.sides[: rnd % len(args.sides)]
+        for side in order:
+            # Same sampling seed for every side within a round; a new one each round.
+            run_spec = {**spec, "seed": args.seed + rnd, "data_seed": args.seed, "run_dir": str(tmp / f"{side}-{rnd}")}
+            r = launch(side, run_spec, tmp, f"{side}-{rnd}")
+            runs[side].append(r)
+            med = statistics.median(s["time"] for s in r["steps"])
+            print(f"[{cell_name(cell)}] round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s (CPU {statistics.median(s['cpu'] for s in r['steps']):.3f}s), "
+                  f"reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, load {r['load_at_start'][0]:.2f}", flush=True)
+    summary = {s: summarise(rs, args.final_window) for s, rs in runs.items()}
+    for side in args.sides:  # paired within a round (same machine load window): the fairer ratio under a drifting load
+        for key in ("median_step_s", "median_step_cpu_s"):
+            summary[side][key.replace("median_", "ratio_") + "_per_round"] = [a / b for a, b in zip(summary[side][key + "_per_round"], summary["trl"][key + "_per_round"])]
+    spec_public = {k: v for k, v in spec.items() if k != "model_dir"}
+    return {"cell": cell, "name": cell_name(cell), "parameters": prep["parameters"], "spec": spec_public, "warm_start": prep, "summary": summary, "runs": runs,
+            "settings": {"trl": trl_settings({**spec, "seed": args.seed}), "grpo": ours_settings(spec, "grpo"), "reinforce_pp": ours_settings(spec, "reinforce_pp")}}
+
+
+def grid_table(cells: list[dict], sides: list[str]) -> list[str]:
+    """One row per cell: paired (same round) step-time ratios against TRL, wall and CPU clock,
+    median over rounds with the range; peak memory and final reward ratios; then the grid's median and range."""
+    ours = [s for s in sides if s != "trl"]
+    head = "| cell | params | TRL step (s) | " + " | ".join(f"{LABELS[s]} / TRL wall [range] | CPU [range]" for s in ours) + " | " + " | ".join(f"{LABELS[s]} peak RSS / TRL | reward last / TRL's" for s in ours)
+    if "grpo" in ours and "reinforce_pp" in ours:
+        head += " | reinforce_pp / grpo (CPU)"
+    lines = [head + " |", "|" + "---|" * (head.count("|") - 1 + 1)]
+    per_side: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": []} for s in ours}
+    for c in cells:
+        sm = c["summary"]
+        row = f"| {c['name']} | {c['parameters'] / 1e6:.2f}M | {sm['trl']['median_step_s']:.3f} | "
+        parts = []
+        for s in ours:
+            w, u = sm[s]["ratio_step_s_per_round"], sm[s]["ratio_step_cpu_s_per_round"]
+            per_side[s]["wall"].append(statistics.median(w))
+            per_side[s]["cpu"].append(statistics.median(u))
+            parts.append(f"{statistics.median(w):.2f}x [{min(w):.2f}-{max(w):.2f}] | {statistics.median(u):.2f}x [{min(u):.2f}-{max(u):.2f}]")
+        row += " | ".join(parts) + " | " + " | ".join(f"{sm[s]['peak_rss_mib'] / sm['trl']['peak_rss_mib']:.2f}x | {sm[s]['reward_final']:.3f} / {sm['trl']['reward_final']:.3f}" for s in ours)
+        if "grpo" in ours and "reinforce_pp" in ours:
+            row += f" | {sm['reinforce_pp']['median_step_cpu_s'] / sm['grpo']['median_step_cpu_s']:.2f}x"
+        lines.append(row + " |")
+    lines.append("")
+    for s in ours:
+        for clock in ("wall", "cpu"):
+            v = per_side[s][clock]
+            lines.append(f"{LABELS[s]} / TRL, {clock} clock, over {len(v)} cells: median {statistics.median(v):.2f}x, range {min(v):.2f}x-{max(v):.2f}x")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="RL steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="each trainer runs this many times, alternating")
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt (TRL num_generations)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="RL steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="each trainer runs this many times per cell, alternating")
+    p.add_argument("--cell", action="append", default=None, help="run this cell instead of the default grid (repeatable): " + " ".join(f"{k}=N" for k in CELL_KEYS))
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--rpp-kl-coef", type=float, default=0.01, help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on on both sides (default: off on both; ours then runs without share_prompt)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on both sides (TRL bf16=True, ours autocast=bfloat16); default float32 on both")
     p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--final-window", type=int, default=5, help="final reward = mean over this many last steps")
+    p.add_argument("--final-window", type=int, default=3, help="final reward = mean over this many last steps")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     p.add_argument("--out", default="benchmarks/results/lm_vs_trl.json")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 1 round, 10 SFT steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: first grid cell, 2 steps, 1 round, 10 SFT steps")
     p.add_argument("--worker", nargs=3, metavar=("ROLE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker_main(*args.worker)
         return
+    cells = [parse_cell(c) for c in args.cell] if args.cell else list(GRID)
     if args.quick:
-        args.steps, args.rounds, args.sft_steps = 2, 1, 10
+        args.steps, args.rounds, args.sft_steps, cells = 2, 1, 10, cells[:1]
     if "trl" not in args.sides:
         p.error("--sides must include trl (ratios are against it)")
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+          f"{len(cells)} cells x {args.rounds} rounds x {len(args.sides)} sides x {args.steps} steps; gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {'bfloat16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
-        tmp = Path(tmp)
-        spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=args.prompts, samples=args.samples,
-                    max_new_tokens=args.max_new_tokens, lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
-                    hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads, train_size=5000)
-        prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
-        print(f"warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
-              f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
-        runs: dict[str, list[dict]] = {s: [] for s in args.sides}
-        for rnd in range(args.rounds):
-            order = args.sides[rnd % len(args.sides):] + args.sides[: rnd % len(args.sides)]
-            for side in order:
-                # Same sampling seed for every side within a round; a new one each round.
-                run_spec = {**spec, "seed": args.seed + rnd, "data_seed": args.seed, "run_dir": str(tmp / f"{side}-{rnd}")}
-                r = launch(side, run_spec, tmp, f"{side}-{rnd}")
-                runs[side].append(r)
-                med = statistics.median(s["time"] for s in r["steps"])
-                print(f"round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s, reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, "
-                      f"peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, process wall {r['wall_s']:.0f}s, load {r['load_at_start'][0]:.2f}", flush=True)
+    results = []
+    for i, cell in enumerate(cells):
+        with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
+            results.append(run_cell(args, cell, Path(tmp)))
+        print(f"[{cell_name(cell)}] done, cell {i + 1}/{len(cells)}, load {os.getloadavg()[0]:.2f}, {time.perf_counter() - t_all:.0f}s so far", flush=True)
     load_end = os.getloadavg()
-    summary = {s: summarise(rs, args.final_window) for s, rs in runs.items()}
-    for side in args.sides:  # paired within a round (same machine load window): the fairer ratio under a drifting load
-        summary[side]["step_time_ratio_per_round"] = [a / b for a, b in zip(summary[side]["median_step_s_per_round"], summary["trl"]["median_step_s_per_round"])]
-    lines = print_table(summary, args)
+    lines = grid_table(results, args.sides)
     print()
-    print(f"{args.prompts} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, lr {args.lr}, {args.steps} steps x {args.rounds} rounds, "
-          f"{args.threads} torch thread(s)")
+    print(f"{args.steps} steps x {args.rounds} rounds per cell, lr {args.lr}, reinforce_pp KL coef {args.rpp_kl_coef}, {args.threads} torch thread(s); "
+          "ratios = ours / TRL's median step time, paired within each round (median over rounds [range])")
     print("\n".join(lines))
-    print(f"\nload average at end (1/5/15 min): {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; total {time.perf_counter() - t_all:.0f}s")
-
-    targets = {}
-    for side in args.sides:
-        if side == "trl":
-            continue
-        s, t = summary[side], summary["trl"]
-        targets[side] = {
-            "step_time_ratio": s["median_step_s"] / t["median_step_s"], "step_time_target_met": s["median_step_s"] <= 0.5 * t["median_step_s"],
-            "reward_final_ratio": s["reward_final"] / t["reward_final"] if t["reward_final"] else None, "reward_target_met": s["reward_final"] >= t["reward_final"],
-            "peak_rss_ratio": s["peak_rss_mib"] / t["peak_rss_mib"], "peak_rss_target_met": s["peak_rss_mib"] <= t["peak_rss_mib"],
-        }
-        print(f"targets, {LABELS[side]}: step time {targets[side]['step_time_ratio']:.2f}x TRL (target <= 0.5x: {'met' if targets[side]['step_time_target_met'] else 'NOT met'}); "
-              f"final reward {s['reward_final']:.3f} vs {t['reward_final']:.3f} ({'met' if targets[side]['reward_target_met'] else 'NOT met'}); "
-              f"peak RSS {targets[side]['peak_rss_ratio']:.2f}x ({'met' if targets[side]['peak_rss_target_met'] else 'NOT met'})")
+    print(f"\nload average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, at end (1/5/15 min): {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
+          f"total {time.perf_counter() - t_all:.0f}s")
 
     import importlib.metadata as md
 
     versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "reinforcepp")}
-    spec_public = {k: v for k, v in spec.items() if k != "model_dir"}
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "load_start": load_start, "load_end": load_end},
         "versions": versions,
-        "spec": spec_public,
-        "warm_start": prep,
-        "settings": {"trl": trl_settings({**spec, "seed": args.seed}), "grpo": ours_settings(spec, "grpo"), "reinforce_pp": ours_settings(spec, "reinforce_pp")},
-        "summary": summary,
-        "targets": targets,
-        "runs": runs,
+        "cells": results,
         "table": lines,
     }
-    for side in ("grpo", "reinforce_pp"):
-        result["settings"][side].pop("model", None)
+    for c in results:
+        for side in ("grpo", "reinforce_pp"):
+            c["settings"][side].pop("model", None)
     out_path.write_text(json.dumps(result, indent=1))
     png = out_path.with_suffix(".png")
-    plot(summary, runs, png)
+    plot(results, png)
     print(f"wrote {out_path} and {png}")
 
 

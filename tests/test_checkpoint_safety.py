@@ -65,18 +65,19 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
     from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
     tok, model = tiny_policy()
-    Trainer(small_config(tmp_path / "base", total_steps=1), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
+    # ref_update_every: the checkpoint also holds the refreshed reference model
+    Trainer(small_config(tmp_path / "base", total_steps=1, ref_update_every=1), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
     marker = tmp_path / "PWNED"
     tried = 0
     for rel, copy in planted_copies(tmp_path / "base" / "run", tmp_path, marker):
-        cfg = small_config(tmp_path, output_dir=str(copy), total_steps=1, resume=True)
+        cfg = small_config(tmp_path, output_dir=str(copy), total_steps=1, resume=True, ref_update_every=1)
         try:
             Trainer(cfg, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
         except Exception:  # noqa: BLE001 -- refusing is fine; running the payload is not
             pass
         tried += 1
         assert not marker.exists(), f"payload in {rel} ran"
-    assert tried >= 8
+    assert tried >= 12
 
 
 def _gym_cfg(run: Path, **kw) -> GymConfig:

@@ -39,11 +39,17 @@ def test_lm_run_folder_guard_overwrite_and_resume_security(tmp_path, capsys):
     (out / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
     saved["reward_funcs"] = [f"{out / 'evil.py'}:f"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert main(["train", "--resume", f"output_dir={out}", "total_steps=2"]) == 0
+    # Code named in the folder is not taken, and resuming without it is refused (it would
+    # silently train on another reward): the user must give the reward again.
+    assert main(["train", "--resume", f"output_dir={out}", "total_steps=2"]) == 2
+    msg = one_line(capsys.readouterr().err)
+    assert "reward_funcs=" in msg and "evil.py:f" in msg and "never taken from a run folder" in msg
+    assert not marker.exists()
+    assert main(["train", "--resume", f"output_dir={out}", "total_steps=2", "reward_funcs=[]"]) == 0
     err = capsys.readouterr().err
     assert not marker.exists()  # the reward file shipped in the folder was never imported
     assert "trust_remote_code=True in the run folder is not used" in err
-    assert "evil.py:f'] in the run folder is not used (it names code to import" in err
+    assert "reward_funcs: the run folder had" in err
     assert "total_steps: saved 1, now 2" in err
     assert yaml.safe_load((out / "config.yaml").read_text())["trust_remote_code"] is False
     assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2]

@@ -8,6 +8,10 @@
 ``--env``, ``--estimator``, ``--steps``, ``--seed`` and ``--run-dir`` are shorthands for the
 config keys ``env_id``, ``estimator``, ``total_env_steps``, ``seed`` and ``run_dir``; any
 config key can be set as ``key=value``.
+
+Where :data:`reinforcepp.gym.presets.PRESETS` has tuned settings for the (environment,
+estimator) pair, they are applied under the config file and the ``key=value`` overrides (which
+win), and the first line of output says so; ``--no-preset`` starts from the plain defaults.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
     p.add_argument("--seed", default=None, help="seed")
     p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory")
+    p.add_argument("--no-preset", action="store_true", help="do not apply the tuned preset of the (environment, estimator) pair")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory, with the run's saved config (overrides given here apply on top)")
     p.add_argument("--overwrite", action="store_true", help="the run directory holds an old run: move it aside (to RUN_DIR.old-<time>) and start a new one")
     p.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
@@ -54,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shorthands.append("resume=true")
     if args.overwrite:
         shorthands.append("overwrite=true")
-    cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else GymConfig.load(args.config, shorthands + list(args.overrides))
+    cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else load_with_preset(args.config, shorthands + list(args.overrides), use_preset=not args.no_preset)
     with setup_phase(f"setting up {cfg.env_id}"):
         trainer = GymTrainer(cfg)
     try:
@@ -63,6 +68,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer.close()
     print(json.dumps({"run_dir": cfg.run_dir, **final}))
     return 0
+
+
+def load_with_preset(path: Optional[str], overrides: list[str], *, use_preset: bool = True, announce: bool = True) -> GymConfig:
+    """The config of a training run: the tuned preset of its (environment, estimator) pair
+    where one exists, then the YAML file, then ``key=value`` overrides. Prints one line naming the
+    preset and its values (or saying that there is none)."""
+    from .presets import PRESETS
+
+    plain = GymConfig.load(path, overrides)
+    preset = PRESETS.get((plain.env_id, plain.estimator)) if use_preset else None
+    if preset is None:
+        if announce:
+            why = "--no-preset" if not use_preset else "no tuned preset for this pair"
+            print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: plain defaults ({why})", flush=True)
+        return plain
+    explicit = _explicit_keys(path, overrides)
+    values = {**preset, **{k: getattr(plain, k) for k in explicit}}
+    cfg = plain.replace(**values)
+    if announce:
+        shown = " ".join(f"{k}={v}" for k, v in preset.items() if k not in explicit)
+        kept = f"; yours kept: {', '.join(sorted(k for k in preset if k in explicit))}" if any(k in explicit for k in preset) else ""
+        print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: tuned preset applied ({shown}){kept}; --no-preset for plain defaults", flush=True)
+    return cfg
+
+
+def _explicit_keys(path: Optional[str], overrides: list[str]) -> set[str]:
+    """The config keys the user set, in the YAML file or as ``key=value``."""
+    from pathlib import Path
+
+    import yaml
+
+    from ..config import parse_overrides
+
+    keys = set(parse_overrides(overrides))
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        keys |= set(loaded) if isinstance(loaded, dict) else set()
+    return keys
 
 
 def _resumed_config(config_file: Optional[str], overrides: list[str]) -> GymConfig:

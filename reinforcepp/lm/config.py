@@ -29,6 +29,7 @@ class LMConfig(Config):
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
+    autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     fsdp: bool = option(False, "under torchrun: shard policy, critic and reference over the ranks with FSDP2 (fully_shard per decoder layer, then the root; float32 master weights, compute in dtype); false = every rank holds a whole copy (DDP)")
     ref_offload: bool = option(False, "fsdp: keep the reference's shards in CPU memory (FSDP2 CPUOffloadPolicy)")
@@ -74,6 +75,7 @@ class LMConfig(Config):
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
+    tis_cap: Optional[float] = option(None, "truncated importance sampling: each token's policy-gradient loss is multiplied by min(exp(old_logprobs - sampler_logprobs), tis_cap), correcting for the engine sampling with other numerics than the trainer; None = off")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
     value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
@@ -93,13 +95,16 @@ class LMConfig(Config):
     max_grad_norm: float = option(1.0, "gradient-norm clipping")
     max_nonfinite_steps: int = option(3, "this many consecutive non-finite losses/gradients stop the run")
     # --- generation -------------------------------------------------------------------------
-    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate)")
+    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate), vllm (vLLM's offline engine in this process, weights synced after every update; `bash install.sh vllm`)")
+    vllm_gpu_memory_utilization: float = option(0.3, "engine=vllm on a GPU: fraction of GPU memory vLLM takes for its weights and KV cache (the rest is the trainer's)")
+    vllm_sleep: bool = option(False, "engine=vllm on a GPU: put vLLM to sleep (KV cache freed, weights offloaded) while the trainer computes log-probs and updates, wake it for the next rollout")
     max_new_tokens: int = option(256, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
     top_k: int = option(0, "top-k sampling; 0 = off")
     logprob_chunk_size: int = option(64, "time steps per chunk when computing float32 log-probs")
     share_prompt: bool = option(True, "forward passes compute each distinct prompt of a micro-batch once for all its samples (same numbers, less work)")
+    fuse_old_logprobs: Optional[bool] = option(None, "when the rollout is used once (epochs=1, one mini-batch) and the KL is in the reward: take old_logprobs from the update's own forward instead of a separate pass (same results, one forward less); it holds every micro-batch's graph until the advantages are known; None = only when the rollout is one micro-batch (nothing extra held)")
     # --- evaluation -------------------------------------------------------------------------
     eval_every: int = option(10, "evaluate every this many steps (and at start and end); 0 = never")
     eval_max_prompts: int = option(200, "at most this many held-out prompts per evaluation")
@@ -249,6 +254,8 @@ class LMConfig(Config):
             raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"tis_cap must be > 0 (OpenRLHF and verl use 2 to 10), got {self.tis_cap}")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -274,3 +281,6 @@ class LMConfig(Config):
 
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown generation engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        from .vllm_engine import check_vllm_config
+
+        check_vllm_config(self)

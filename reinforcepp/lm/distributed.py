@@ -67,7 +67,7 @@ class DistContext:
         for i, k in enumerate(keys):
             if k.endswith("/min"):
                 out[k] = float(low[i])
-            elif k.endswith(("/max", "length_max")) or k.startswith("time/"):
+            elif k.endswith(("/max", "_max")) or k.startswith("time/"):
                 out[k] = float(high[i])  # the slowest rank sets the step time
             elif k in ("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups", "response/tokens"):
                 out[k] = float(total[i])

@@ -33,6 +33,8 @@ class Experience:
     loss_mask: Optional[Tensor] = None
     """``(N, T)`` the tokens that enter the loss when they are not all real response tokens
     (``mask_truncated_completions``); ``None``: the response mask."""
+    sampler_logprobs: Optional[Tensor] = None
+    """``(N, T)`` log-probs the engine sampled the tokens with (``None`` if it does not report them)."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]

@@ -4,14 +4,21 @@ An engine implements :class:`GenerationEngine`. Two ship, both sampling from the
 trained (KV cache, left-padded prompts, temperature / top-p / top-k, stop at EOS, truncation
 flagged): ``hf`` (:class:`SharedPromptSampler`, the default), a decoding loop over the model's
 cached forward that runs each prompt once for all its samples, and ``hf_generate``
-(:class:`HFGenerationEngine`), ``transformers``' own ``generate``. A vLLM engine plugs in through
-the same interface and :func:`register_engine`, without touching the trainer.
+(:class:`HFGenerationEngine`), ``transformers``' own ``generate``. ``vllm``
+(:mod:`reinforcepp.lm.vllm_engine`) samples with vLLM and holds its own copy of the weights,
+which the trainer refreshes with :meth:`GenerationEngine.sync_weights` after every update.
+Other engines plug in through the same interface and :func:`register_engine`.
+
+Every engine returns the log-probs it sampled each token with (``sampler_logprobs``, under the
+distribution actually sampled from: temperature, top-k and top-p applied), which the trainer
+compares with its own recomputed ``old_logprobs`` (``rollout/logprob_abs_diff_*``) and uses for
+truncated importance sampling (``tis_cap``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, cast
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -36,18 +43,68 @@ class Generation:
         prompt_ids: ``N`` token lists (each prompt repeated ``k`` times).
         response_ids: ``N`` token lists, up to and including EOS when one was generated.
         truncated: ``(N,)`` bool, True where ``max_new_tokens`` was reached without EOS.
+        sampler_logprobs: ``N`` float lists aligned with ``response_ids``: the log-prob the
+            engine sampled each token with; ``None`` when the engine does not report them.
     """
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     truncated: Tensor
+    sampler_logprobs: Optional[list[list[float]]] = None
+
+    def take(self, index: Sequence[int]) -> "Generation":
+        """The responses at ``index``, in that order."""
+        lp = self.sampler_logprobs
+        return Generation([self.prompt_ids[i] for i in index], [self.response_ids[i] for i in index], self.truncated[list(index)],
+                          None if lp is None else [lp[i] for i in index])
+
+    @staticmethod
+    def concat(parts: Sequence["Generation"]) -> "Generation":
+        has_lp = all(g.sampler_logprobs is not None for g in parts)
+        return Generation([x for g in parts for x in g.prompt_ids], [x for g in parts for x in g.response_ids], torch.cat([g.truncated for g in parts]),
+                          [x for g in parts for x in g.sampler_logprobs or []] if has_lp else None)
+
+    def sampler_logprob_tensor(self, response_length: int) -> Optional[Tensor]:
+        """``(N, response_length)`` float32, right-padded with 0 (like the response tokens)."""
+        if self.sampler_logprobs is None:
+            return None
+        out = torch.zeros(len(self.sampler_logprobs), response_length)
+        for i, row in enumerate(self.sampler_logprobs):
+            row = row[:response_length]
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out
+
+
+WeightProvider = Callable[[], Iterable[tuple[str, Tensor]]]
+"""Returns the policy's full weights as ``(name, tensor)`` pairs, named as in its Hugging Face
+checkpoint. The default is :func:`full_weights`; a sharded policy gathers its shards, a LoRA
+policy merges its adapters, and hands that function to :meth:`GenerationEngine.sync_weights`."""
+
+
+def full_weights(model: torch.nn.Module) -> WeightProvider:
+    """The provider of an unsharded model: its parameters (tied ones once) and persistent buffers."""
+
+    def provide() -> list[tuple[str, Tensor]]:
+        persistent = set(model.state_dict().keys())
+        named: dict[str, Tensor] = dict(model.named_parameters())
+        named.update((n, b) for n, b in model.named_buffers() if n in persistent)
+        return [(n, t.detach()) for n, t in named.items()]
+
+    return provide
 
 
 class GenerationEngine(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation: ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the engine sample from ``model``'s current weights (a no-op when it shares them)."""
+    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None) -> None:
+        """Make the engine sample from the policy's current weights: ``weights()`` when given
+        (a sharded or LoRA policy's full weights), else ``model``'s own. A no-op for engines
+        that share the model. The trainer calls it after every update that changed them."""
+        ...
+
+    def sleep(self) -> None:
+        """Free memory the engine does not need until its next ``sync_weights`` or
+        ``generate`` (the trainer calls it after each rollout; a no-op for most engines)."""
         ...
 
 
@@ -65,13 +122,16 @@ def split_responses(sequences: Tensor, eos_token_id: int | Sequence[int], max_ne
 class HFGenerationEngine:
     """Sampling with ``model.generate`` on the training model itself (weights always in sync)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu", config=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None) -> None:
+        self.model = model  # the engine samples from the training model itself: nothing to copy
+
+    def sleep(self) -> None:
+        pass
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
@@ -93,12 +153,16 @@ class HFGenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config)
+            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config,
+                                                 output_scores=True, return_dict_in_generate=True)
         finally:
             self.model.train(was_training)
-        responses, truncated = split_responses(out[:, width:].cpu(), tok.eos_token_id, params.max_new_tokens)
+        new = out.sequences[:, width:]
+        # scores are the processed logits (temperature, top-k, top-p applied): the sampled distribution
+        logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1) for t, s in enumerate(out.scores)], 1)
+        responses, truncated = split_responses(new.cpu(), tok.eos_token_id, params.max_new_tokens)
         prompts = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
-        return Generation(prompts, responses, truncated)
+        return Generation(prompts, responses, truncated, [logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)])
 
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -131,8 +195,7 @@ class SharedPromptSampler(HFGenerationEngine):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
-        from transformers import DynamicCache
-
+        from .kv_cache import new_cache, with_cache
         from .logprobs import position_ids_from_mask
 
         tok = self.tokenizer
@@ -144,41 +207,52 @@ class SharedPromptSampler(HFGenerationEngine):
         self.model.eval()
         try:
             positions = position_ids_from_mask(attn)
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = new_cache()
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **with_cache(self.model, cache))
             cache.batch_select_indices(rows)
             logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-            new_tokens = []
+            new_tokens, logprobs = [], []
             for step in range(params.max_new_tokens):
                 if params.greedy:
+                    logp = torch.log_softmax(logits.float(), dim=-1)
                     token = logits.argmax(-1)
                 else:
-                    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
-                    token = torch.multinomial(probs, 1).squeeze(-1)
+                    z = filter_logits(logits, params.temperature, params.top_k, params.top_p)
+                    token = torch.multinomial(torch.softmax(z, dim=-1), 1).squeeze(-1)
+                    logp = torch.log_softmax(z, dim=-1)
+                logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
                 token = token.masked_fill(finished, tok.pad_token_id)
                 new_tokens.append(token)
                 finished |= torch.isin(token, eos)
                 if bool(finished.all()) or step + 1 == params.max_new_tokens:
                     break
                 attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, **with_cache(self.model, cache))
                 logits, position = out.logits[:, -1], position + 1
         finally:
             self.model.train(was_training)
         responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id, params.max_new_tokens)
-        return Generation([list(prompt_ids[int(r)]) for r in rows], responses, truncated)
+        sampled = torch.stack(logprobs, 1).cpu()
+        return Generation([list(prompt_ids[int(r)]) for r in rows], responses, truncated, [sampled[i, : len(r)].tolist() for i, r in enumerate(responses)])
 
 
-ENGINES: dict[str, Callable[..., GenerationEngine]] = {"hf": SharedPromptSampler, "hf_generate": HFGenerationEngine}
+def _vllm_engine(model: torch.nn.Module, tokenizer, *, device, config=None) -> GenerationEngine:
+    from .vllm_engine import VLLMEngine  # imports vLLM only when asked for
+
+    return VLLMEngine(model, tokenizer, device=device, config=config)
+
+
+ENGINES: dict[str, Callable[..., GenerationEngine]] = {"hf": SharedPromptSampler, "hf_generate": HFGenerationEngine, "vllm": _vllm_engine}
 
 
 def register_engine(name: str, factory: Callable[..., GenerationEngine]) -> None:
-    """Register an engine factory ``factory(model, tokenizer, device=...)`` under ``name``."""
+    """Register an engine factory ``factory(model, tokenizer, device=..., config=...)`` under
+    ``name`` (``config`` is the trainer's :class:`~reinforcepp.lm.config.LMConfig`)."""
     ENGINES[name] = factory
 
 
-def make_engine(name: str, model: torch.nn.Module, tokenizer, device) -> GenerationEngine:
+def make_engine(name: str, model: torch.nn.Module, tokenizer, device, config=None) -> GenerationEngine:
     if name not in ENGINES:
         raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(ENGINES)}")
-    return ENGINES[name](model, tokenizer, device=device)
+    return ENGINES[name](model, tokenizer, device=device, config=config)

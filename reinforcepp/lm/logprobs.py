@@ -98,7 +98,7 @@ def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_ma
     Returns:
         ``(B, T, V)`` logits; position ``t`` predicts response token ``t``.
     """
-    from transformers import DynamicCache
+    from .kv_cache import new_cache, with_cache
 
     n, width = input_ids.shape
     p = width - response_length
@@ -109,11 +109,11 @@ def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_ma
     first = torch.full((unique.shape[0],), n, dtype=torch.long, device=input_ids.device).scatter_reduce(0, inverse, torch.arange(n, device=input_ids.device), "amin")
     prompt_mask = attention_mask[first, :p]
     positions = position_ids_from_mask(prompt_mask)
-    head = model(input_ids=prompts[first], attention_mask=prompt_mask, position_ids=positions, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    cache = head.past_key_values
+    cache = new_cache()
+    head = model(input_ids=prompts[first], attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1, **with_cache(model, cache))
     cache.batch_select_indices(inverse)
     response_positions = positions[inverse, -1:] + 1 + torch.arange(response_length, device=input_ids.device)
-    tail = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=response_positions, past_key_values=cache, use_cache=True)
+    tail = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=response_positions, **with_cache(model, cache))
     return torch.cat([head.logits[inverse, -1:], tail.logits[:, :-1]], dim=1)
 
 

@@ -61,28 +61,29 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def gather_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_state(model: torch.nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """``model``'s parameters and persistent buffers under its own names, whole, on the CPU.
     A model sharded by ``fully_shard`` is gathered (a collective: every rank calls it; rank 0
-    gets the tensors, the others an empty dict)."""
+    gets the tensors, the others an empty dict; with ``all_ranks`` every rank gets them, on
+    its device)."""
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def full_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(policy: torch.nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """The policy's full weights under the Hugging Face names of its base model, gathered from
     FSDP shards and with LoRA adapters merged in (``W + (alpha/r) B A``): what a generation
     engine loads to sample from the current policy (weight sync). Collective when the policy
-    is sharded: every rank calls it, rank 0 gets the tensors."""
+    is sharded: every rank calls it, rank 0 gets the tensors (every rank with ``all_ranks``)."""
     from .lora import is_lora, merged_state_dict, scaling
 
-    state = gather_state(policy)
+    state = gather_state(policy, all_ranks)
     return merged_state_dict(state, scaling(policy)) if is_lora(policy) and state else state
 
 
@@ -157,6 +158,22 @@ class Parallel:
         if model is None or self.kind != "fsdp" or not any(True for _ in model.parameters()):
             return model
         return self._shard(model.to(self.compute_dtype), frozen=True)
+
+    def weights(self, policy: torch.nn.Module):
+        """The generation engine's weight provider (``generation.WeightProvider``): the model's
+        own parameters when it is plain, else :func:`full_state_dict` gathered on every rank
+        (sharded) and with LoRA merged, under the base model's names."""
+        from .generation import full_weights
+        from .lora import is_lora
+
+        if not self.sharded and not is_lora(policy):
+            return full_weights(policy)
+        return lambda: list(full_state_dict(policy, all_ranks=True).items())
+
+    def can_hold_forwards(self, forwards: int) -> bool:
+        """Whether ``forwards`` training forwards may run before their backward passes (fused
+        old log-probs): DDP and FSDP2 pair each forward with its backward, so one at most."""
+        return self.kind == "single" or forwards <= 1
 
     # ------------------------------------------------------------------ the step
     def clip_grad_norm(self, params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

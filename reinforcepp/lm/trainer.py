@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,12 +43,14 @@ from ..core import (
     compute_advantages,
     get_estimator,
     kl_loss,
+    logprob_mismatch,
     kl_penalty,
     masked_mean,
     mix_reference,
     overlong_penalty,
     pass_at_k,
     policy_loss,
+    truncated_importance_weights,
     truncated_loss_mask,
     truncation_penalty,
     value_loss,
@@ -60,12 +63,14 @@ from .batch import collate
 from .config import LMConfig
 from .distributed import init_distributed
 from .experience import Experience, batched_forward
+from .fused import HeldForwards, fuse_old_logprobs
 from .generation import Generation, SamplingParams, make_engine
-from .logprobs import response_logprobs
+from .logprobs import TokenLogprobs, response_logprobs
 from .lora import AdaptersOff, add_lora, is_lora, load_lora, save_base
 from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, prompt_limit, resolve_device, resolve_dtype
 from .parallel import Parallel, check_launch
-from .profile import update_flops
+from .precision import autocast, autocast_dtype
+from .profile import update_flops, update_tokens
 from .sharded_checkpoint import rank_directory, write_policy
 
 STATE_NAME = "trainer_state"
@@ -94,21 +99,18 @@ class Rollout:
 
     def take(self, index: list[int]) -> "Rollout":
         """The responses at ``index``, in that order."""
-        g = self.generation
         return Rollout(
             [self.rows[i] for i in index], [self.prompts[i] for i in index], [self.completions[i] for i in index],
-            Generation([g.prompt_ids[i] for i in index], [g.response_ids[i] for i in index], g.truncated[index]),
-            self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
+            self.generation.take(index), self.rewards[index], {n: v[index] for n, v in self.per_source.items()}, dict(self.counts),
             None if self.token_rewards is None else [self.token_rewards[i] for i in index],
         )
 
     @staticmethod
     def concat(parts: list["Rollout"], counts: dict[str, float]) -> "Rollout":
-        gens = [p.generation for p in parts]
         tokens = None if parts[0].token_rewards is None else [x for p in parts for x in (p.token_rewards or [])]
         return Rollout(
             [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
-            Generation([x for g in gens for x in g.prompt_ids], [x for g in gens for x in g.response_ids], torch.cat([g.truncated for g in gens])),
+            Generation.concat([p.generation for p in parts]),
             torch.cat([p.rewards for p in parts]), {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts, tokens,
         )
 
@@ -116,16 +118,27 @@ class Rollout:
 class PhaseTimer:
     """Wall time per phase of a step (generate, score, forward, update, eval, save)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.clock = clock
+        self._open: list[str] = []
+        self._since = 0.0
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        """Time ``phase``; a phase opened inside another pauses the outer one, so each
+        second is counted once (the update's forward run early counts as update, not forward)."""
+        now = self.clock()
+        if self._open:
+            self.totals[self._open[-1]] += now - self._since
+        self._open.append(phase)
+        self._since = now
         try:
             yield
         finally:
-            self.totals[phase] += time.perf_counter() - start
+            now = self.clock()
+            self.totals[self._open.pop()] += now - self._since
+            self._since = now
 
     def pop(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.totals.items()}
@@ -196,7 +209,8 @@ class Trainer:
         config.validate()
         self.config = config
         self.spec = get_estimator(config.estimator)
-        self.kl_placement = config.resolved_kl_placement
+        # beta = 0 (fixed, or adaptive from 0: it stays 0) makes the KL term zero: no reference model, no reference forward
+        self.kl_placement = "none" if config.kl_coef == 0 else config.resolved_kl_placement
         self.kl_estimator = config.resolved_kl_estimator
         self.loss_agg = config.resolved_loss_agg
         self._setup_torch()
@@ -217,6 +231,7 @@ class Trainer:
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compute_dtype=self.dtype, ref_offload=config.ref_offload)
+        self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
         self.timer = PhaseTimer()
 
         self.builtin_task = config.task if train_dataset is None and config.train_data is None else None
@@ -240,7 +255,9 @@ class Trainer:
         self.train_policy = self.parallel.trained(self.policy)
         self.train_critic = self.parallel.trained(self.critic) if self.critic is not None else None
         self.ref_model = self.parallel.frozen(self.ref_model)
-        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device)
+        self.policy_weights = self.parallel.weights(self.policy)  # what the engine loads after each update (gathered, LoRA merged)
+        self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device, config=config)
+        self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
 
         from .data import PromptLoader
 
@@ -252,6 +269,9 @@ class Trainer:
         self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target else FixedKLController(config.kl_coef)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
+        self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
+        self.fuse_old = fuse_old_logprobs(config.fuse_old_logprobs, config.on_policy, self.kl_placement == "reward", self.prompts_per_rank * config.samples_per_prompt, config.micro_batch_size)
+        self.fuse_old = self.fuse_old and self.parallel.can_hold_forwards(math.ceil(self.prompts_per_rank * config.samples_per_prompt / config.micro_batch_size))
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -373,6 +393,8 @@ class Trainer:
     def _load_reference(self, ref_model, resume_from: Optional[Path]):
         cfg = self.config
         if self.kl_placement == "none" and not self.lora:
+            if cfg.kl_coef == 0 and cfg.resolved_kl_placement != "none" and self.dist.is_main:
+                print(f"kl_coef=0: the KL term ({cfg.resolved_kl_placement}) is zero, so no reference model is loaded and no reference forward runs", file=sys.stderr)
             return None
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
@@ -385,7 +407,7 @@ class Trainer:
             if self.lora:
                 return None
             if not saved.exists():
-                raise FileNotFoundError(f"cannot resume: the reference copy {saved} is missing")
+                raise RunDirError(f"cannot resume: the reference copy {saved} is missing")
             return frozen(load_causal_lm(str(saved), dtype=self.dtype, device=self.parallel.load_device, safetensors_only=True))
         # The reference is the initial policy (after any warm start); keep it on disk so a resumed run uses the same one.
         if self.dist.is_main and not (self.lora and cfg.model):  # LoRA: the base its adapters are resumed on
@@ -427,21 +449,23 @@ class Trainer:
         from .profile import matmul_flops_per_s, summary
 
         rows = [r for r in read_metrics(self.run_dir) if r.get("kind") == "train"]
-        print(summary(rows, matmul_flops_per_s(dtype=self.dtype, device=self.device)))
+        print(summary(rows, matmul_flops_per_s(dtype=self.autocast_dtype or self.dtype, device=self.device)))
 
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, log."""
         self.step += 1
         rollout = self.rollout()
+        self.engine.sleep()
         with self.timer("forward"):
             experience = self.make_experience(rollout)
         update_metrics = self.update(experience)
         if self.config.ref_update_every and self.step % self.config.ref_update_every == 0 and self.ref_model is not None:
             mix_reference(self.ref_model.parameters(), self.policy.parameters(), self.config.ref_update_alpha)
             update_metrics["kl/ref_updated"] = 1.0
+        self.sync_engine()
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics}
         metrics.update(self.timer.pop())
-        metrics["perf/update_flops_per_s"] = update_flops(self.n_params, int(experience.batch.attention_mask.sum()) * self.config.epochs) / max(1e-9, metrics["time/update"])
+        metrics["perf/update_flops_per_s"] = update_flops(self.n_params, update_tokens(experience.batch, self.config.micro_batch_size, self.config.share_prompt) * self.config.epochs) / max(1e-9, metrics["time/update"])
         metrics = self.dist.reduce_metrics(metrics)  # tokens summed over ranks, times of the slowest rank
         metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
         # beta follows the global KL, so every rank keeps the same coefficient
@@ -451,6 +475,14 @@ class Trainer:
         if self.config.log_samples_every and self.step % self.config.log_samples_every == 0 and self.dist.is_main:
             self._log_samples(rollout)
         return metrics
+
+    def sync_engine(self) -> None:
+        """Give the engine the updated weights (once per step, after its last optimizer step:
+        nothing samples in between); skipped when every optimizer step was skipped."""
+        if self.weights_changed:
+            with self.timer("sync"):
+                self.engine.sync_weights(self.policy, self.policy_weights)
+            self.weights_changed = False
 
     # ------------------------------------------------------------------ rollout
     def _encode_prompt(self, text: str) -> list[int]:
@@ -479,7 +511,7 @@ class Trainer:
         cfg = self.config
         timer = timer or self.timer
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"), self.parallel.full_weights(self.policy):
+        with timer("generate"), self.precision(), self.parallel.full_weights(self.policy):
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
@@ -563,11 +595,18 @@ class Trainer:
         batch = collate(rollout.generation.prompt_ids, rollout.generation.response_ids, self.tokenizer.pad_token_id)
         mb = cfg.micro_batch_size
         need_old = not cfg.on_policy or self.kl_placement == "reward"
-        self.policy.eval()
-        old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
-        self.policy.train()
-        ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
-        values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
+        old: Optional[torch.Tensor] = None
+        if need_old and self.fuse_old:  # the update's own forward, run now (fused.py)
+            with self.timer("update"):
+                old = self.held.run(self._policy_forward, batch, mb)
+        else:
+            self.policy.eval()
+            with self.precision():
+                old = batched_forward(self._logprob_fn(self.policy), batch, mb, self.device) if need_old else None
+            self.policy.train()
+        with self.precision():
+            ref = batched_forward(self._logprob_fn(self.ref_model), batch, mb, self.device) if self.ref_model is not None else None
+            values = batched_forward(lambda i, a, t: self.critic(i, a, t), batch, mb, self.device) * batch.response_mask if self.critic is not None else None
         kl = None
         if self.kl_placement == "reward":
             assert old is not None and ref is not None  # reward KL computes both
@@ -581,7 +620,10 @@ class Trainer:
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.dist.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         loss_mask = truncated_loss_mask(batch.response_mask, rollout.generation.truncated) if cfg.mask_truncated_completions else None
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask)
+        sampler = rollout.generation.sampler_logprob_tensor(batch.response_length)
+        if cfg.tis_cap is not None and sampler is None:
+            raise ConfigError(f"tis_cap needs the log-probs the engine sampled with, and engine {cfg.engine!r} does not return them; unset tis_cap")
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask, sampler_logprobs=sampler)
 
     # ------------------------------------------------------------------ update
     def update(self, exp: Experience) -> dict[str, float]:
@@ -610,6 +652,11 @@ class Trainer:
             "lr": float(self.scheduler.get_last_lr()[0]),
             "nonfinite/skipped_steps": float(self.nonfinite_total),
         }
+        if seen["sampler_logprobs"]:  # sampler vs trainer: the same tokens, two sets of numerics
+            sampler = torch.cat(seen["sampler_logprobs"])
+            out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = logprob_mismatch(old, sampler, mask, self.dist.reduce)
+            if cfg.tis_cap is not None:
+                out["rollout/tis_weight_mean"] = float(masked_mean(truncated_importance_weights(old, sampler, cfg.tis_cap), mask))
         if self.kl_placement == "loss":
             out["kl/mean_token"] = float(masked_mean(torch.cat(seen["kl"]), mask))
             out["kl/mean_sequence"] = float((torch.cat(seen["kl"]) * mask).sum() / mask.shape[0])
@@ -657,6 +704,7 @@ class Trainer:
             return
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
+        self.weights_changed = True
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         scalars["loss/policy"].append(float(total))
@@ -682,16 +730,22 @@ class Trainer:
 
     def _micro_loss(self, part: Experience, n_tokens: float, n_seqs: float, seen, scalars) -> torch.Tensor:
         cfg = self.config
-        dev = self.device
         b = part.batch
-        out = response_logprobs(self.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+        out = self.held.take(b.input_ids)
+        if out is None:
+            out = self._policy_forward(b)
         assert out.entropy is not None  # with_entropy=True
-        logp = out.logprobs.cpu() if dev.type == "cpu" else out.logprobs
+        logp = out.logprobs.cpu() if self.device.type == "cpu" else out.logprobs
         real = b.response_mask.to(logp.device)
         mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
         pl = policy_loss(logp, old, part.advantages.to(logp.device), cfg.eps_low, cfg.eps_high, cfg.dual_clip, response_mask=real, importance_sampling_level=cfg.importance_sampling_level)
         per_token = pl.loss
+        if part.sampler_logprobs is not None:
+            sampler = part.sampler_logprobs.to(logp.device)
+            seen["sampler_logprobs"].append(sampler.cpu())
+            if cfg.tis_cap is not None:  # truncated importance sampling: pi_old / mu, capped, no gradient
+                per_token = per_token * truncated_importance_weights(old, sampler, cfg.tis_cap)
         # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
         agg = lambda x: aggregate(x * mask, real, self.loss_agg, num_tokens=n_tokens, num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)  # noqa: E731
         if self.kl_placement == "loss":
@@ -707,11 +761,23 @@ class Trainer:
             seen[name].append(value.detach().cpu())
         return agg(per_token)
 
+    def precision(self):
+        """bfloat16 autocast around the models' forwards when ``autocast`` is on (precision.py)."""
+        return autocast(self.device, self.autocast_dtype)
+
+    def _policy_forward(self, b) -> TokenLogprobs:
+        """The update's forward: log-probs and entropy of a micro-batch, with gradient."""
+        cfg = self.config
+        dev = self.device
+        with self.precision():
+            return response_logprobs(self.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
         assert self.train_critic is not None and part.values is not None
-        values = self.train_critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).cpu()
+        with self.precision():
+            values = self.train_critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).float().cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
         (loss * self.parallel.loss_scale).backward()

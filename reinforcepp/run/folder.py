@@ -97,10 +97,17 @@ def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], sec
     """``saved`` (the run's config.yaml) overridden by ``given`` (the user's file and command
     line), security-relevant saved values dropped. Returns the merged values and one note per
     decision worth telling the user: each saved security value not used, each override of a
-    saved value."""
+    saved value. A saved value naming code or a URL that the user does not give again is an
+    error (:class:`RunDirError`): resuming without it would train on another reward or reference."""
     security = set(security_keys)
     merged: dict[str, Any] = {}
     notes: list[str] = []
+    missing = [f"{k}={v!r}" for k, v in saved.items() if k not in security and k not in given and (is_remote(v) or names_code(v))]
+    if missing:  # training on without them would silently change the reward or the reference
+        raise RunDirError(
+            f"resume: the run folder's config.yaml names code or a URL ({', '.join(missing)}), which is never taken "
+            "from a run folder: give it again on the command line (key=value) or in your config file if you trust it"
+        )
     for key, value in saved.items():
         if key in security or is_remote(value) or names_code(value):
             if key not in given and value not in (None, False, [], ""):

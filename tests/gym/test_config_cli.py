@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from gymnasium import spaces
 
 from reinforcepp.config import ConfigError
 from reinforcepp.gym import GymConfig
 from reinforcepp.gym.cli import main
 from reinforcepp.gym.policy import Policy, RunningMeanStd
-from gymnasium import spaces
 
 
 def test_unknown_key_suggests_nearest():
@@ -36,6 +36,30 @@ def test_cli_trains_and_evaluates(tmp_path, capsys):
 
     assert cli_main(["gym", "--env", "CartPole-v1", "lr_shedule=linear"]) == 2
     assert "lr_schedule" in capsys.readouterr().err
+
+
+def test_cli_applies_the_tuned_preset_and_says_so(tmp_path, capsys):
+    from reinforcepp.gym.cli import load_with_preset
+    from reinforcepp.gym.presets import PRESETS
+
+    preset = PRESETS[("CartPole-v1", "gae")]
+    cfg = load_with_preset(None, ["env_id=CartPole-v1", "estimator=gae", "lr=5e-4"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("reinforcepp gym: CartPole-v1 / gae: tuned preset applied") and "yours kept: lr" in first
+    assert cfg.normalize_reward is True and cfg.num_envs == preset["num_envs"] and cfg.lr_schedule == "linear"
+    assert cfg.lr == 5e-4  # key=value wins over the preset
+    # a YAML file wins over the preset too
+    (tmp_path / "c.yaml").write_text("estimator: gae\nnormalize_reward: false\n")
+    assert load_with_preset(str(tmp_path / "c.yaml"), []).normalize_reward is False
+    plain = load_with_preset(None, ["estimator=gae"], use_preset=False)
+    assert plain == GymConfig(estimator="gae") and "plain defaults (--no-preset)" in capsys.readouterr().out
+    assert load_with_preset(None, ["env_id=Acrobot-v1"]) == GymConfig(env_id="Acrobot-v1")
+    assert "no tuned preset" in capsys.readouterr().out
+    # the CLI's first line names the preset
+    run = str(tmp_path / "run")
+    assert main(["--env", "CartPole-v1", "--steps", "128", "--run-dir", run, "steps_per_env=16", "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("reinforcepp gym: CartPole-v1 / reinforce_pp: tuned preset applied") and json.loads(out[-1])["eval/episodes"] == 1.0
 
 
 def test_policy_logprobs_match_torch_distributions():

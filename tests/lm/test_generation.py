@@ -2,7 +2,13 @@ import math
 
 import torch
 
-from reinforcepp.lm.generation import HFGenerationEngine, SamplingParams, SharedPromptSampler, filter_logits, split_responses
+from reinforcepp.lm.generation import (
+    HFGenerationEngine,
+    SamplingParams,
+    SharedPromptSampler,
+    filter_logits,
+    split_responses,
+)
 from tests.lm.helpers import tiny_policy
 
 
@@ -47,3 +53,41 @@ def test_split_responses_cuts_after_eos_and_flags_truncation():
     assert rows == [[5, 6, eos], [5, 6, 7, 8], [eos]]
     assert truncated.tolist() == [False, True, False]
     assert math.isclose(float(truncated.float().mean()), 1 / 3, rel_tol=1e-6)
+
+
+def test_sampler_and_shared_forward_use_the_current_cache_argument():
+    # transformers 5.x deprecates `past_key_values=` ("removed in 5.40"); the sampler and the
+    # shared-prompt forward pass the cache under the name the model's forward declares, so no
+    # deprecation warning is raised, and the greedy output still equals `generate`'s.
+    import inspect
+    import warnings
+
+    from reinforcepp.lm.kv_cache import cache_argument
+    from reinforcepp.lm.logprobs import response_logprobs
+
+    tok, model = tiny_policy(seed=2)
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert cache_argument(model) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        gen = SharedPromptSampler(model, tok).generate(_prompts(tok), 2, SamplingParams(4, greedy=True))
+        from reinforcepp.lm.batch import collate
+
+        b = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
+        shared = response_logprobs(model, b.input_ids, b.attention_mask, b.response_length, share_prompt=True).logprobs
+    plain = response_logprobs(model, b.input_ids, b.attention_mask, b.response_length, share_prompt=False).logprobs
+    torch.testing.assert_close(shared * b.response_mask, plain * b.response_mask, atol=1e-5, rtol=0)
+
+
+def test_cache_argument_follows_the_forward_signature():
+    from reinforcepp.lm.kv_cache import cache_argument
+
+    class Old(torch.nn.Module):  # transformers 4.x signature
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class New(torch.nn.Module):  # transformers 5.x signature
+        def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
+            return input_ids
+
+    assert cache_argument(Old()) == "past_key_values" and cache_argument(New()) == "cache"

@@ -249,7 +249,10 @@ def test_step_ends_map_to_tokens():
     # one character per token: "ab\n\ncd\n\ne" -> steps "ab\n\n" (tokens 0-3), "cd\n\n" (4-7), "e" (8)
     text = "ab\n\ncd\n\ne"
     ids = list(range(len(text)))
-    decode = lambda prefix: text[: len(prefix)]
+
+    def decode(prefix):
+        return text[: len(prefix)]
+
     assert step_end_tokens(text, ids, decode, "\n\n") == [3, 7, 8]
     assert process_token_rewards([1.0, -1.0, 0.5], text, ids, decode, "\n\n", "r") == [0, 0, 0, 1.0, 0, 0, 0, -1.0, 0.5]
     # a trailing delimiter does not open an empty step
