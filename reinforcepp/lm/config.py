@@ -31,6 +31,12 @@ class LMConfig(Config):
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    fsdp: bool = option(False, "under torchrun: shard policy, critic and reference over the ranks with FSDP2 (fully_shard per decoder layer, then the root; float32 master weights, compute in dtype); false = every rank holds a whole copy (DDP)")
+    ref_offload: bool = option(False, "fsdp: keep the reference's shards in CPU memory (FSDP2 CPUOffloadPolicy)")
+    lora_rank: int = option(0, "LoRA adapter rank r (PEFT, the lora extra); 0 = full fine-tuning. The reference is then the base with adapters disabled")
+    lora_alpha: float = option(32.0, "LoRA scale numerator: adapters add (lora_alpha / lora_rank) B A x")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: list[str] = option([], "names of the linear layers that get adapters (q_proj, v_proj, ...); empty = every linear layer of attention and MLP")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core")
     # --- remote services (ref_model or reward_funcs given as http(s):// URLs) -------------------
     remote_timeout: float = option(60.0, "seconds one request to a remote reference or reward server may take in total (connect to last byte)")
@@ -134,10 +140,33 @@ class LMConfig(Config):
     seed: int = option(0, "seed of data order, sampling and initialisation")
     deterministic: bool = option(False, "torch deterministic algorithms (bit-exact resume on CPU)")
 
+    def _validate_scale(self) -> None:
+        """LoRA and sharding options: refused in combinations that cannot work, naming both keys."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("lora_") and f.name != "lora_rank"}
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        if self.lora_rank == 0:
+            changed = [k for k in ("lora_alpha", "lora_dropout") if getattr(self, k) != defaults[k]] + (["lora_target_modules"] if self.lora_target_modules else [])
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set but lora_rank=0 (LoRA off); set lora_rank > 0 to train adapters")
+        else:
+            if self.estimator == "gae":
+                raise ConfigError("lora_rank > 0 with estimator=gae: the critic would need its own adapter, which is not supported; use full fine-tuning (lora_rank=0) or a critic-free estimator")
+            if self.ref_model is not None:
+                raise ConfigError("lora_rank > 0 with ref_model set: with LoRA the reference is the base model with adapters disabled; unset ref_model")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.ref_update_every and (self.lora_rank or self.fsdp):
+            key = "lora_rank > 0" if self.lora_rank else "fsdp=true"
+            raise ConfigError(f"ref_update_every with {key}: refreshing the reference is supported for full fine-tuning without sharding only")
+        if self.fsdp and (self.dynamic_filtering or self.reward_on_error == "drop"):
+            key = "dynamic_filtering=true" if self.dynamic_filtering else "reward_on_error=drop"
+            raise ConfigError(f"fsdp=true with {key}: sharded forwards need the same number of responses on every rank, which dropping groups breaks")
+
     @classmethod
     def tiny(cls, **overrides) -> "LMConfig":
         """The built-in job's preset: the tiny model on a built-in task, sized to learn in
-        minutes on a laptop CPU."""
+        minutes on a laptop CPU (with ``lora_rank > 0``: ``lr=2e-3``)."""
         preset = dict(
             total_steps=60, prompts_per_step=32, samples_per_prompt=8, micro_batch_size=64,
             lr=3e-4, max_new_tokens=8, kl_coef=0.01, eval_every=10, eval_samples=8, torch_threads=1,
@@ -148,6 +177,8 @@ class LMConfig(Config):
         if overrides.get("train_data") not in (None, "None", "none", "") or overrides.get("eval_data") not in (None, "None", "none", ""):
             # your data on the tiny model: its warm start imitates the built-in tasks' demonstrations only
             preset.update(sft_steps=0, sft_wrong_fraction=0.0)
+        if int(overrides.get("lora_rank", 0) or 0) > 0:
+            preset["lr"] = 2e-3  # adapters want a larger step than full fine-tuning (docs/lm.md, LoRA)
         return cls.from_dict({**preset, **overrides})
 
     # --- derived sizes (computed in one place) ---------------------------------------------------
@@ -264,6 +295,7 @@ class LMConfig(Config):
             raise ConfigError("reward_step_delimiter must be a non-empty string (or None)")
         if self.share_prompt and self.gradient_checkpointing:
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
+        self._validate_scale()
         if not 0 <= self.sft_wrong_fraction <= 1:
             raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")
         if self.task is not None and (self.train_data is not None or self.eval_data is not None):

@@ -1,15 +1,15 @@
 """Data parallelism over ``torch.distributed`` ranks (launched with ``torchrun``).
 
-Every rank holds a full copy of the policy and handles ``prompts_per_step / world_size``
-prompts of each step: it generates and scores them, and keeps its groups whole (group baselines
+Every rank handles ``prompts_per_step / world_size`` prompts of each step: it generates and scores them, and keeps its groups whole (group baselines
 need no communication). What must be global is made global by summing, never by averaging
 per-rank means (ALGORITHM.md):
 
 * whitening statistics: the core's ``reduce`` hook all-reduces the partial sums;
 * the loss normaliser: each optimizer window's token (and sequence) count is all-reduced, so
   each rank's loss is its share of the global ``token-mean``;
-* gradients: summed over ranks before clipping, so every rank takes the same step, exactly the
-  step one process would take on the whole batch (tested: 1 rank = 2 ranks).
+* gradients: reduced in the backward pass by DDP or FSDP2 (``parallel.py``, which also says
+  how the models are held), scaled so that every rank takes exactly the step one process would
+  take on the whole batch (tested: 1 rank = 2 ranks, DDP and FSDP2).
 
 Logging, evaluation and checkpoints happen on rank 0; metrics are reduced first.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -47,18 +47,6 @@ class DistContext:
         if not self.enabled:
             return value
         return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))[0])
-
-    def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Sum ``.grad`` over ranks in one flat all-reduce (a missing grad counts as zero)."""
-        if not self.enabled:
-            return
-        params = [p for p in params if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean over ranks (every rank holds the same number of responses), min/max for keys

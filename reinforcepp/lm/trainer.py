@@ -64,14 +64,17 @@ from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
 from .batch import collate
 from .config import LMConfig
+from .distributed import init_distributed
 from .experience import Experience, batched_forward
 from .fused import HeldForwards, fuse_old_logprobs
-from .generation import Generation, SamplingParams, full_weights, make_engine
+from .generation import Generation, SamplingParams, make_engine
 from .logprobs import TokenLogprobs, response_logprobs
-from .distributed import init_distributed
+from .lora import AdaptersOff, add_lora, is_lora, load_lora, save_base
+from .models import frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, prompt_limit, resolve_device, resolve_dtype, set_torch_threads, weights_fingerprint
+from .parallel import Parallel, check_launch
 from .precision import autocast, autocast_dtype
 from .profile import update_flops, update_tokens
-from .models import prompt_limit, frozen, frozen_copy, load_causal_lm, load_critic, load_tokenizer, resolve_device, resolve_dtype, set_torch_threads, weights_fingerprint
+from .sharded_checkpoint import rank_directory, write_policy
 
 STATE_NAME = "trainer_state"
 """``trainer_state.safetensors`` + ``trainer_state.json`` in each checkpoint (:mod:`reinforcepp.run.state`)."""
@@ -236,10 +239,12 @@ class Trainer:
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.dist.rank)))
+        check_launch(config.fsdp, config.ref_offload, self.dist.world_size)
         if config.prompts_per_step % self.dist.world_size:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compute_dtype=self.dtype, ref_offload=config.ref_offload)
         self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
         self.timer = PhaseTimer()
 
@@ -247,17 +252,26 @@ class Trainer:
         self.tokenizer, self.policy = self._load_policy(model, tokenizer, resume_from)
         self.eval_source = ""  # where the held-out prompts come from, said by `reinforcepp eval`
         self.eval_pass_fail = False  # every reward of the last evaluation was 0 or 1
+        self.lora = bool(config.lora_rank) or is_lora(self.policy)  # a PEFT model passed in trains as LoRA too
         self.train_data, self.eval_data = self._load_data(train_dataset, eval_dataset)
         self.scorer = self._load_rewards(reward_funcs)
         if config.sft_steps and resume_from is None and model is None and config.model is None:
             self._warm_start()
         self.ref_model = self._load_reference(ref_model, resume_from, model)
+        if self.lora:  # adapters on the (warm-started) base; the reference is the base with them off
+            if not is_lora(self.policy):
+                self.policy = add_lora(self.policy, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+            self.ref_model = AdaptersOff(self.policy) if self.kl_placement != "none" else None
         if self.dist.enabled:  # identical initial weights on every rank, then different samples
             set_seed(config.seed + 100_003 * self.dist.rank)
-        self.critic = load_critic(config.critic_model, self.policy, dtype=self.dtype, device=self.device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
+        self.critic = load_critic(config.critic_model, self.policy, dtype=self.parallel.master_dtype, device=self.parallel.load_device, trust_remote_code=config.trust_remote_code) if self.spec.needs_critic else None
         if config.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.policy_weights = full_weights(self.policy)  # what the engine loads after each update
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # How the models are held (one process, DDP, FSDP2): the train_* modules run the training forwards.
+        self.train_policy = self.parallel.trained(self.policy)
+        self.train_critic = self.parallel.trained(self.critic) if self.critic is not None else None
+        self.ref_model = self.parallel.frozen(self.ref_model)
+        self.policy_weights = self.parallel.weights(self.policy)  # what the engine loads after each update (gathered, LoRA merged)
         self.engine = make_engine(config.engine, self.policy, self.tokenizer, self.device, config=config)
         self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
         self.episodes = self._episode_runner()
@@ -266,7 +280,7 @@ class Trainer:
 
         # None: evaluation only (eval_data without train_data); train() then says what is missing
         self.loader = PromptLoader(self.train_data, config.prompts_per_step, seed=config.seed) if self.train_data is not None else None
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
         self.num_mini_batches = config.rollout_size // config.mini_batch_responses
         total_opt_steps = config.total_steps * config.epochs * self.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_opt_steps))
@@ -275,6 +289,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.policy.parameters())
         self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
         self.fuse_old = fuse_old_logprobs(config.fuse_old_logprobs, config.on_policy, self.kl_placement == "reward", self.prompts_per_rank * config.samples_per_prompt, config.micro_batch_size)
+        self.fuse_old = self.fuse_old and self.parallel.can_hold_forwards(math.ceil(self.prompts_per_rank * config.samples_per_prompt / config.micro_batch_size))
         self.step = 0
         self.nonfinite_in_a_row = 0
         self._warned_kl_share = False
@@ -312,23 +327,28 @@ class Trainer:
 
     def _load_policy(self, model, tokenizer, resume_from: Optional[Path]):
         cfg = self.config
+        dtype, device = self.parallel.master_dtype, self.parallel.load_device
+        if resume_from is not None and (resume_from / "adapter").exists():  # the base the adapters were trained on, then the adapter
+            base = cfg.model or str(self.run_dir / "reference")
+            tok = tokenizer or load_tokenizer(cfg.tokenizer or base, cfg.trust_remote_code)
+            return tok, load_lora(load_causal_lm(base, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code), resume_from / "adapter")
         if resume_from is not None:
             tok = tokenizer or load_tokenizer(str(resume_from / "model"), cfg.trust_remote_code)
-            return tok, load_causal_lm(str(resume_from / "model"), dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code, safetensors_only=True)
+            return tok, load_causal_lm(str(resume_from / "model"), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, safetensors_only=True)
         if model is not None:
             if tokenizer is None:
                 raise ValueError("Trainer(model=...) needs tokenizer=... as well")
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            return tokenizer, model.to(self.device)
+            return tokenizer, model.to(device)
         if cfg.model is not None:
             tok = tokenizer or load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-            return tok, load_causal_lm(cfg.model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+            return tok, load_causal_lm(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         from .tasks import ALPHABET, build_char_tokenizer, build_tiny_model, get_task
 
         tok = tokenizer or build_char_tokenizer(get_task(self.builtin_task).alphabet if self.builtin_task else ALPHABET)
-        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=self.device, dtype=self.dtype)
+        return tok, build_tiny_model(tok, seed=cfg.seed).to(device=device, dtype=dtype)
 
     def _load_data(self, train_dataset, eval_dataset):
         from .data import load_prompt_dataset, split_eval
@@ -435,7 +455,7 @@ class Trainer:
 
     def _load_reference(self, ref_model, resume_from: Optional[Path], model: Optional[torch.nn.Module] = None):
         cfg = self.config
-        if self.kl_placement == "none":
+        if self.kl_placement == "none" and not self.lora:
             if cfg.kl_coef == 0 and cfg.resolved_kl_placement != "none" and self.dist.is_main:
                 print(f"kl_coef=0: the KL term ({cfg.resolved_kl_placement}) is zero, so no reference model is loaded and no reference forward runs", file=sys.stderr)
             return None
@@ -451,29 +471,32 @@ class Trainer:
         if ref_model is not None:
             return frozen(ref_model.to(self.device))
         if cfg.ref_model is not None:
-            return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.device, trust_remote_code=cfg.trust_remote_code))
+            return frozen(load_causal_lm(cfg.ref_model, dtype=self.dtype, device=self.parallel.load_device, trust_remote_code=cfg.trust_remote_code))
         saved, record = self.run_dir / "reference", self.run_dir / REFERENCE_RECORD
         if resume_from is not None and (resume_from / "reference").exists():  # refreshed by ref_update_every
-            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.device, safetensors_only=True))
+            return frozen(load_causal_lm(str(resume_from / "reference"), dtype=self.dtype, device=self.parallel.load_device, safetensors_only=True))
         if resume_from is not None:
+            if self.lora:  # the base the adapters resume on is loaded in _load_policy
+                return None
             return frozen(self._reload_reference(saved, record))
         # The reference is the initial policy (after any warm start). A resumed run must use the
         # same one: when the policy came unchanged from a local directory, a record of that
-        # directory (path and sha256 of its files) is enough; otherwise a copy is saved.
+        # directory (path and sha256 of its files) is enough; otherwise a copy is saved
+        # (under LoRA: the base its adapters are resumed on).
         if self.dist.is_main:
             if model is None and cfg.model is not None and Path(cfg.model).is_dir():
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps({"path": str(Path(cfg.model).resolve()), "sha256": weights_fingerprint(cfg.model)}, indent=1))
-            else:
-                self.policy.save_pretrained(saved, safe_serialization=True)
+            elif not (self.lora and cfg.model):
+                save_base(self.policy, saved)
                 self.tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
-        return frozen_copy(self.policy)
+        return None if self.lora else frozen_copy(self.policy)
 
     def _reload_reference(self, saved: Path, record: Path) -> torch.nn.Module:
         """The reference of a resumed run: its saved copy, or the recorded initial directory
         when its files are unchanged."""
         if saved.exists():
-            return load_causal_lm(str(saved), dtype=self.dtype, device=self.device, safetensors_only=True)
+            return load_causal_lm(str(saved), dtype=self.dtype, device=self.parallel.load_device, safetensors_only=True)
         if not record.exists():
             raise RunDirError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
         info = json.loads(record.read_text())
@@ -481,7 +504,7 @@ class Trainer:
         if not Path(path).is_dir() or weights_fingerprint(path) != info["sha256"]:
             raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run started "
                                     f"(sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
-        return load_causal_lm(path, dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code)
+        return load_causal_lm(path, dtype=self.dtype, device=self.parallel.load_device, trust_remote_code=self.config.trust_remote_code)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
@@ -492,11 +515,11 @@ class Trainer:
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
         try:
-            if self.step == 0 and cfg.eval_every and self.eval_data is not None and self.dist.is_main:
+            if self.step == 0 and cfg.eval_every and self.eval_data is not None:  # every rank evaluates (sharded weights), rank 0 logs
                 last_eval = self.evaluate()
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
-                if cfg.eval_every and self.eval_data is not None and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
+                if cfg.eval_every and self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                 bar.update(metrics)
@@ -605,7 +628,7 @@ class Trainer:
                 expanded = [r for r in rows for _ in range(k)]
                 return gen, prompts, gen.episodes.final_texts, expanded, score_episodes(self.scorer, prompts, gen, columns_of(expanded, exclude=(cfg.prompt_column,)))
         rendered = [render_prompt(self.tokenizer, r[cfg.prompt_column], cfg.use_chat_template) for r in rows]
-        with timer("generate"), self.precision():
+        with timer("generate"), self.precision(), self.parallel.full_weights(self.policy):
             gen = self.engine.generate([self._encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
@@ -788,21 +811,19 @@ class Trainer:
             return
         total = torch.zeros(())
         starts = {key: len(scalars[key]) for key in ("loss/kl", "loss/entropy_bonus")}
-        for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
-            part = window.select(micro)
-            loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
-            loss.backward()
-            total = total + loss.detach()
-            if self.critic is not None:
-                self._critic_backward(part, n_tokens, n_seqs, scalars)
+        with self.parallel.accumulate(self.train_policy, self.train_critic):  # DDP/FSDP2 reduce the gradients in backward
+            for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
+                part = window.select(micro)
+                loss = self._micro_loss(part, n_tokens, n_seqs, seen, scalars)
+                (loss * self.parallel.loss_scale).backward()
+                total = total + loss.detach()
+                if self.critic is not None:
+                    self._critic_backward(part, n_tokens, n_seqs, scalars)
         for key, on in (("loss/kl", self.kl_placement == "loss"), ("loss/entropy_bonus", bool(cfg.entropy_coef))):
             if on:  # the micro-batch parts of a term (on every rank) add up to the window's term
                 scalars[key][starts[key]:] = [self.dist.sum(float(sum(scalars[key][starts[key]:])))]
-        self.dist.sum_gradients(self.policy.parameters())
-        if self.critic is not None:
-            self.dist.sum_gradients(self.critic.parameters())
         total = torch.tensor(self.dist.sum(float(total)))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        grad_norm = self.parallel.clip_grad_norm(self.policy.parameters(), cfg.max_grad_norm)
         if not (torch.isfinite(total) and torch.isfinite(grad_norm)):
             self._skip_nonfinite(float(total), float(grad_norm))
             return
@@ -814,7 +835,7 @@ class Trainer:
         scalars["loss/policy"].append(float(total))
         scalars["grad_norm"].append(float(grad_norm))
         if self.critic is not None and self.critic_optimizer is not None:
-            scalars["critic/grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)))
+            scalars["critic/grad_norm"].append(float(self.parallel.clip_grad_norm(self.critic.parameters(), cfg.max_grad_norm)))
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
 
@@ -874,17 +895,17 @@ class Trainer:
         cfg = self.config
         dev = self.device
         with self.precision():
-            return response_logprobs(self.policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+            return response_logprobs(self.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
 
     def _critic_backward(self, part: Experience, n_tokens: float, n_seqs: float, scalars) -> None:
         cfg = self.config
         b = part.batch
-        assert self.critic is not None and part.values is not None
+        assert self.train_critic is not None and part.values is not None
         with self.precision():
-            values = self.critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).float().cpu()
+            values = self.train_critic(b.input_ids.to(self.device), b.attention_mask.to(self.device), b.response_length).float().cpu()
         vl = value_loss(values, part.values, part.returns, cfg.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
-        loss.backward()
+        (loss * self.parallel.loss_scale).backward()
         scalars["loss/value"].append(float(loss.detach()))
 
     # ------------------------------------------------------------------ metrics
@@ -973,17 +994,19 @@ class Trainer:
             every = [None] * self.dist.world_size
             dist.all_gather_object(every, rng)
             rng = every
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return self.checkpoints.path(self.step)
-        with self.checkpoints.save(self.step) as d:
-            self.policy.save_pretrained(d / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(d / "model")
+        policy_state = self.parallel.gather_state(self.policy)  # collectives: every rank takes part
+        critic_state = self.parallel.gather_state(self.critic) if self.critic is not None else None
+        with rank_directory(self.checkpoints, self.step, self.dist) as d:
+            optimizer_state = self.parallel.save_optimizer(self.policy, self.optimizer, d / "optimizer")
+            critic_optimizer_state = self.parallel.save_optimizer(self.critic, self.critic_optimizer, d / "critic_optimizer") if self.critic is not None and self.critic_optimizer is not None else None
+            if not self.dist.is_main:
+                return self.checkpoints.path(self.step)
+            write_policy(self.policy, policy_state, d, self.tokenizer, merged=self.step == self.config.total_steps)
             if self.config.ref_update_every and self.ref_model is not None:  # the refreshed reference moves with the run
                 self.ref_model.save_pretrained(d / "reference", safe_serialization=True)
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "loader": self._train_loader().state_dict(),
                 "rng": rng,
@@ -992,17 +1015,16 @@ class Trainer:
                 "tokens_total": self.tokens_total,
                 "prompts_truncated": self.prompts_truncated,
             }
-            if self.critic is not None and self.critic_optimizer is not None:
-                state["critic"] = self.critic.state_dict()
-                state["critic_optimizer"] = self.critic_optimizer.state_dict()
+            if self.critic is not None:
+                state["critic"] = critic_state
+                state["critic_optimizer"] = critic_optimizer_state
             save_state(d, STATE_NAME, state)
-        self.dist.barrier()
         return self.checkpoints.path(self.step)
 
     def _load_state(self, path: Path) -> None:
         state = load_state(path, STATE_NAME)
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer(self.policy, self.optimizer, path / "optimizer", state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._train_loader().load_state_dict(state["loader"])
         self.kl_controller.value = state["kl_coef"]
@@ -1010,11 +1032,12 @@ class Trainer:
         self.tokens_total = state["tokens_total"]
         self.prompts_truncated = int(state.get("prompts_truncated", 0))
         if self.critic is not None and self.critic_optimizer is not None:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            self.parallel.load_full_state_dict(self.critic, state["critic"])
+            self.parallel.load_optimizer(self.critic, self.critic_optimizer, path / "critic_optimizer", state["critic_optimizer"])
         rng = state["rng"]
         if isinstance(rng, list):
-            if len(rng) != self.dist.world_size:
-                raise ValueError(f"the checkpoint was written by {len(rng)} ranks; resume it with as many (now {self.dist.world_size})")
+            if len(rng) != self.dist.world_size:  # another number of ranks: fresh, distinct sampling seeds
+                set_seed(self.config.seed + 100_003 * self.dist.rank + 7 * self.step)
+                return
             rng = rng[self.dist.rank]
         set_rng_state(rng)

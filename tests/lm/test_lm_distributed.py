@@ -1,6 +1,6 @@
 """1 rank = 2 ranks: the same rollout trained on one process, or split over two gloo ranks,
 gives the same advantages, loss and weights (global whitening by all-reduced sums, the loss
-normalised by the global token count, gradients summed over ranks)."""
+normalised by the global token count and scaled by the world size, gradients averaged by DDP)."""
 
 import os
 import socket
