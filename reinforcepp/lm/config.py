@@ -27,7 +27,7 @@ class LMConfig(Config):
     ref_update_alpha: float = option(1.0, "ref_update_every: weight of the policy in the refreshed reference (1 = copy the policy; TRL's ref_model_mixup_alpha default is 0.6)")
     critic_model: Optional[str] = option(None, "critic backbone for estimator 'gae' (default: a copy of the policy with a scalar value head)")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "compute dtype of the models (trained weights and AdamW state stay float32: autocast without FSDP, MixedPrecisionPolicy with it; reference and LoRA base are held in it); auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")

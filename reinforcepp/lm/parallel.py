@@ -90,12 +90,13 @@ def full_state_dict(policy: torch.nn.Module, all_ranks: bool = False) -> dict[st
 class Parallel:
     """The parallelism of one run. ``kind`` is decided once, from the launch and ``fsdp``."""
 
-    def __init__(self, dist: DistContext, device: torch.device, *, fsdp: bool = False, compute_dtype: torch.dtype = torch.float32, ref_offload: bool = False) -> None:
+    def __init__(self, dist: DistContext, device: torch.device, *, fsdp: bool = False, compute_dtype: torch.dtype = torch.float32, ref_offload: bool = False, full_finetune: bool = True) -> None:
         self.dist = dist
         self.device = device
         self.kind: Kind = "fsdp" if fsdp else ("ddp" if dist.enabled else "single")
         self.compute_dtype = compute_dtype
         self.ref_offload = ref_offload
+        self.full_finetune = full_finetune  # LoRA: the base is frozen and needs no master copy
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # NCCL and FSDP2 use the current device
 
@@ -112,8 +113,19 @@ class Parallel:
     @property
     def master_dtype(self) -> torch.dtype:
         """The dtype trained parameters are stored (and AdamW updates them) in: float32 under
-        FSDP (compute in ``dtype``), else ``dtype`` itself."""
-        return torch.float32 if self.sharded else self.compute_dtype
+        FSDP (compute in ``dtype`` through ``MixedPrecisionPolicy``) and for full fine-tuning
+        without FSDP (compute in ``dtype`` through autocast, :attr:`autocast_dtype`): updates
+        smaller than 2^-8 of a weight would round away in bfloat16. A LoRA base without FSDP
+        stays in ``dtype`` (frozen; PEFT keeps the adapters in float32)."""
+        return torch.float32 if self.sharded or self.full_finetune else self.compute_dtype
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype that gives compute in ``dtype`` over float32 master weights when
+        not sharding (None when ``dtype`` is float32 or FSDP casts the parameters itself)."""
+        if self.sharded or self.master_dtype == self.compute_dtype:
+            return None
+        return self.compute_dtype
 
     @property
     def loss_scale(self) -> float:

@@ -244,8 +244,9 @@ class Trainer:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} does not split over {self.dist.world_size} ranks")
         self.prompts_per_rank = config.prompts_per_step // self.dist.world_size
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compute_dtype=self.dtype, ref_offload=config.ref_offload)
-        self.autocast_dtype = autocast_dtype(config.autocast, self.device)  # None = off
+        self.parallel = Parallel(self.dist, self.device, fsdp=config.fsdp, compute_dtype=self.dtype, ref_offload=config.ref_offload, full_finetune=not config.lora_rank)
+        # None = off; dtype=bfloat16 without FSDP computes under autocast over float32 master weights
+        self.autocast_dtype = autocast_dtype(config.autocast, self.device) or self.parallel.autocast_dtype
         self.timer = PhaseTimer()
 
         self.env_factory = self._load_env_factory(env)

@@ -42,3 +42,20 @@ def test_reward_rises_with_bf16_autocast(tmp_path):
     trainer.train()
     rewards = [r["reward/mean"] for r in read_metrics(trainer.run_dir) if r["kind"] == "train"]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
+
+
+def test_bf16_full_finetuning_keeps_float32_master_weights_and_adam_state(tmp_path):
+    # dtype=bfloat16 without FSDP: weights and AdamW state float32, compute under bf16 autocast,
+    # so an update of 1e-4 of a weight (below bfloat16's 2^-8 resolution) is not rounded away.
+    from reinforcepp.lm.tasks import build_char_tokenizer
+
+    trainer = Trainer(small_config(tmp_path, model=None, dtype="bfloat16", total_steps=1, prompts_per_step=4, micro_batch_size=16),
+                      tokenizer=build_char_tokenizer(), reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    assert trainer.dtype is torch.bfloat16 and trainer.autocast_dtype is torch.bfloat16
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    seen: list[torch.dtype] = []
+    trainer.policy.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    trainer.train_step()
+    assert seen and set(seen) == {torch.bfloat16}
+    states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
+    assert states and {s["exp_avg"].dtype for s in states} == {torch.float32}
