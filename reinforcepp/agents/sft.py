@@ -7,15 +7,12 @@ episode's response mask (0 on observations and padding).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..core import aggregate
-from ..lm.batch import collate
-from ..lm.logprobs import response_logprobs
+from ..lm.sft import sft_on_ids
 
 
 def sft_episodes(
@@ -35,26 +32,8 @@ def sft_episodes(
     5% of steps, then constant). Returns the loss per step."""
     if not prompt_ids or not len(prompt_ids) == len(response_ids) == len(response_masks):
         raise ValueError(f"sft_episodes needs equally many prompts, responses and masks, got {len(prompt_ids)}, {len(response_ids)}, {len(response_masks)}")
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    model.train()
-    losses = []
-    for step in range(steps):
-        idx = [rng.randrange(len(prompt_ids)) for _ in range(batch_size)]
-        batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_token_id, response_masks=[response_masks[i] for i in idx])
-        logp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length).logprobs
-        loss = aggregate(-logp, batch.response_mask, "token-mean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    return losses
+    # torch's AdamW default weight decay (0.01), as this warm start has always used
+    return sft_on_ids(model, pad_token_id, prompt_ids, response_ids, response_masks=response_masks, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01, seed=seed, on_step=on_step)
 
 
 def warm_start_episodes(trainer: Any, prompts: Sequence[str], on_step: Callable[[int, float], None] | None = None) -> list[float]:

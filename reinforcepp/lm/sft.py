@@ -87,6 +87,27 @@ def sft_train(
     if not prompts or len(prompts) != len(completions):
         raise ValueError(f"sft needs equally many prompts and completions, got {len(prompts)} and {len(completions)}")
     p_ids, c_ids = encode_pairs(tokenizer, prompts, completions)
+    return sft_on_ids(model, tokenizer.pad_token_id, p_ids, c_ids, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, on_step=on_step)
+
+
+def sft_on_ids(
+    model: torch.nn.Module,
+    pad_token_id: int,
+    prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]],
+    *,
+    response_masks: Optional[Sequence[list[int]]] = None,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> list[float]:
+    """The loop of :func:`sft_train` on token ids: ``steps`` AdamW steps on random mini-batches
+    (linear warmup over the first 5% of steps, then constant), loss
+    ``-sum m log p(y) / sum m`` with ``m`` the response mask (``response_masks`` when given:
+    0 on tokens that are not the model's, such as a multi-turn episode's observations)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
@@ -94,8 +115,9 @@ def sft_train(
     model.train()
     losses = []
     for step in range(steps):
-        idx = [rng.randrange(len(p_ids)) for _ in range(batch_size)]
-        batch = collate([p_ids[i] for i in idx], [c_ids[i] for i in idx], tokenizer.pad_token_id)
+        idx = [rng.randrange(len(prompt_ids)) for _ in range(batch_size)]
+        masks = [response_masks[i] for i in idx] if response_masks is not None else None
+        batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_token_id, response_masks=masks)
         logp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length).logprobs
         loss = aggregate(-logp, batch.response_mask, "token-mean")
         opt.zero_grad(set_to_none=True)
