@@ -67,10 +67,7 @@ class TagToolParser:
         name, _, rest = body.partition(" ")
         rest = rest.strip()
         if rest.startswith("{"):
-            try:
-                kwargs = json.loads(rest)
-            except json.JSONDecodeError as e:
-                raise ToolCallError(f"arguments are not valid JSON: {e.msg}") from None
+            kwargs = _loads(rest, "arguments are")
             if not isinstance(kwargs, dict):
                 raise ToolCallError("arguments must be a JSON object")
             return ToolCall(name, (), kwargs)
@@ -78,6 +75,14 @@ class TagToolParser:
 
     def format_result(self, output: str) -> str:
         return f"{self.result_open}{output}{self.result_close}"
+
+
+def _loads(text: str, what: str) -> Any:
+    """``json.loads``, a failure being a :class:`ToolCallError` ("WHAT not valid JSON: ...")."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ToolCallError(f"{what} not valid JSON: {e.msg}") from None
 
 
 class JSONToolParser:
@@ -91,18 +96,12 @@ class JSONToolParser:
         m = self.pattern.search(text)
         if m is None:
             return None
-        try:
-            call = json.loads(m.group(1))
-        except json.JSONDecodeError as e:
-            raise ToolCallError(f"the tool call is not valid JSON: {e.msg}") from None
+        call = _loads(m.group(1), "the tool call is")
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             raise ToolCallError('a tool call needs {"name": ..., "arguments": {...}}')
         arguments = call.get("arguments") or {}
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise ToolCallError(f"the arguments are not valid JSON: {e.msg}") from None
+            arguments = _loads(arguments, "the arguments are")
         if not isinstance(arguments, dict):
             raise ToolCallError("arguments must be a JSON object")
         return ToolCall(call["name"], (), arguments)
