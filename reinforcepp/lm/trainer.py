@@ -515,12 +515,14 @@ class Trainer:
         last_eval: dict[str, float] = {}
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
+        # Rank 0 evaluates; under FSDP every rank does (gathering the sharded weights is collective), rank 0 logs.
+        evaluates = cfg.eval_every and self.eval_data is not None and (self.dist.is_main or self.parallel.sharded)
         try:
-            if self.step == 0 and cfg.eval_every and self.eval_data is not None:  # every rank evaluates (sharded weights), rank 0 logs
+            if self.step == 0 and evaluates:
                 last_eval = self.evaluate()
             while self.step < cfg.total_steps:
                 metrics = self.train_step()
-                if cfg.eval_every and self.eval_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
+                if evaluates and (self.step % cfg.eval_every == 0 or self.step == cfg.total_steps):
                     last_eval = self.evaluate()
                     metrics.update(last_eval)
                 bar.update(metrics)
