@@ -13,10 +13,13 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import Config, ConfigError, cli_items, parse_overrides
 from ..errors import setup_phase
+
+if TYPE_CHECKING:
+    from .config import LMConfig
 
 TRAIN_USAGE = """\
   reinforcepp train                                # built-in task, tiny model, no download
@@ -91,6 +94,14 @@ def train_main(argv: list[str]) -> int:
         print(LMConfig.describe())
         return 0
     config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
+    code = _train(config)
+    from .distributed import end_distributed
+
+    end_distributed()  # under torchrun; the trainer and its DDP/FSDP wrappers are released by now
+    return code
+
+
+def _train(config: LMConfig) -> int:
     from ..errors import InputError, RunStopped
     from ..remote import RemoteError
     from .trainer import Trainer

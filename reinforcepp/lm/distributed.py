@@ -93,3 +93,24 @@ def init_distributed(device_type: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size())
+
+
+def end_distributed() -> None:
+    """Leave the process group, once the models that hold it (DDP's reducer, FSDP's state) are
+    gone: call it after the :class:`~reinforcepp.lm.trainer.Trainer` is released.
+
+    The order matters with gloo. Its process group joins its worker threads when the last
+    reference goes; a worker thread may still need the GIL to free the tensors of its last
+    collective. Python's own reference (released here) drops the group without the GIL held; if
+    instead DDP's reducer held the last reference, the reducer's destructor would join the
+    threads while holding the GIL, and the process would hang at exit (PyTorch issue 56297).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    import gc
+
+    gc.collect()  # reference cycles may still hold a DDP wrapper
+    dist.barrier()
+    dist.destroy_process_group()

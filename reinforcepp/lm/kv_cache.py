@@ -18,9 +18,11 @@ import torch
 
 
 def _inner(model: Any) -> Any:
-    """The Hugging Face model under a PEFT wrapper or ``torch.compile``."""
+    """The Hugging Face model under DDP, a PEFT wrapper or ``torch.compile``."""
     for _ in range(4):
-        if hasattr(model, "_orig_mod"):  # torch.compile
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             base = model.get_base_model()

@@ -160,7 +160,12 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # no buffer sync in the forward (rotary tables are the same on every rank); torch
+            # 2.13 renamed the switch, and warns on the old name
+            import inspect
+
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+            return DistributedDataParallel(model, device_ids=ids, **{sync: False})
         return model
 
     def frozen(self, model: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:

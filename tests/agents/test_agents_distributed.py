@@ -1,17 +1,16 @@
 """Multi-turn episodes: 1 rank = 2 gloo ranks, and resume = uninterrupted."""
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Rollout, Trainer
 from reinforcepp.run import read_metrics
 from tests.agents.envs import TurnRewardEnv
 from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
+from tests.ranks import free_port, join_group, run_ranks
 
 PROMPTS, K = 4, 4
 
@@ -37,29 +36,24 @@ def _train_once(trainer: Trainer, rank: int, world: int):
     return exp.advantages, exp.response_mask, metrics, [p.detach().clone() for p in trainer.policy.parameters()]
 
 
-def _worker(rank, world, port, tmp, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _rank_result(rank, world, tmp, out):
     trainer = _trainer(tmp)
     assert trainer.dist.world_size == world
     adv, mask, metrics, params = _train_once(trainer, rank, world)
     torch.save({"advantages": adv, "mask": mask, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, port, tmp, out):
+    join_group(rank, world, port)
+    _rank_result(rank, world, tmp, out)  # the trainer (and its DDP reducer) is released on return
+    end_distributed()
 
 
 def test_one_rank_equals_two_ranks_with_episodes(tmp_path):
     adv, mask, metrics, params = _train_once(_trainer(tmp_path / "one"), 0, 1)
     assert (mask == 0).any(), "the episodes have observation tokens"
     out = str(tmp_path / "result")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), out), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, (2, free_port(), str(tmp_path / "two"), out))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
     n = adv.shape[0] // 2
     for r, part in enumerate(parts):

@@ -9,13 +9,11 @@ gradient must equal the single-process numbers of the whole batch.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from reinforcepp.core import (
@@ -31,6 +29,7 @@ from reinforcepp.core import (
     masked_whiten,
     policy_loss,
 )
+from tests.ranks import free_port, run_ranks
 
 WORLD = 2
 SPLIT = 4  # rank 0 gets rows [0, 4), rank 1 rows [4, 8): 20 vs 26 real tokens
@@ -98,23 +97,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn")
-    for _ in range(120):  # at most 120 s, then fail rather than hang
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.terminate()
-        pytest.fail("the 2-rank gloo workers did not finish in 120 s")
+    run_ranks(_worker, (free_port(), str(out_dir)), nprocs=WORLD, timeout_s=120)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

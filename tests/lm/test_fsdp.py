@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from reinforcepp.config import ConfigError
+from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Trainer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
-from tests.lm.test_lm_distributed import PROMPTS, _free_port, _settings, _train_once
+from tests.lm.test_lm_distributed import PROMPTS, _settings, _train_once
+from tests.ranks import free_port, join_group, run_ranks
 
 
 def _trainer(tmp: Path, **overrides) -> Trainer:
@@ -45,9 +46,12 @@ def _full_optimizer_state(trainer: Trainer) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    root = Path(tmp)
+    join_group(rank, world, port)
+    _rank_results(rank, world, Path(tmp))  # the trainers are released on return
+    end_distributed()
+
+
+def _rank_results(rank: int, world: int, root: Path) -> None:
     # 1 rank = 2 ranks on a fixed rollout
     trainer = _trainer(root / "fixed", fsdp=True, **_settings(root / "fixed"))
     assert trainer.parallel.kind == "fsdp"
@@ -74,15 +78,12 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     resumed_final = resumed.parallel.gather_state(resumed.policy)
     if rank == 0:
         torch.save({"loss": metrics["loss/policy"], "params": state, "offload_loss": offload_metrics["loss/policy"], "offload_params": offload_state, "final": final, "resumed_final": resumed_final, "step1_optimizer": step1_optimizer}, root / "result.pt")
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, (2, free_port(), str(tmp)))
     return tmp, torch.load(tmp / "result.pt")
 
 

@@ -3,15 +3,18 @@ gives the same advantages, loss and weights (global whitening by all-reduced sum
 normalised by the global token count and scaled by the world size, gradients averaged by DDP)."""
 
 import os
-import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Rollout, Trainer
+from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
+from tests.ranks import free_port, join_group, run_ranks
 
 PROMPTS, K = 4, 4
 
@@ -39,23 +42,18 @@ def _train_once(trainer: Trainer, rank: int, world: int):
     return exp.advantages, metrics, [p.detach().clone() for p in trainer.policy.parameters()]
 
 
-def _worker(rank, world, port, tmp, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _rank_result(rank, world, tmp, out):
     tok, model = tiny_policy()
     trainer = Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     assert trainer.dist.world_size == world and trainer.prompts_per_rank == PROMPTS // world
     adv, metrics, params = _train_once(trainer, rank, world)
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, port, tmp, out):
+    join_group(rank, world, port)
+    _rank_result(rank, world, tmp, out)  # the trainer (and its DDP reducer) is released on return
+    end_distributed()
 
 
 def test_one_rank_equals_two_ranks(tmp_path):
@@ -64,7 +62,7 @@ def test_one_rank_equals_two_ranks(tmp_path):
     adv, metrics, params = _train_once(single, 0, 1)
 
     out = str(tmp_path / "result")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "two"), out), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_worker, (2, free_port(), str(tmp_path / "two"), out))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
 
     n = adv.shape[0] // 2
@@ -75,3 +73,18 @@ def test_one_rank_equals_two_ranks(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # Adam normalises: float rounding of a near-zero gradient shows at ~1e-6
     # Each rank logs the global loss (the sum of the ranks' shares).
     assert parts[0]["loss"] == pytest.approx(metrics["loss/policy"], abs=1e-6)
+
+
+def test_torchrun_train_finishes_and_leaves_the_group(tmp_path):
+    """`torchrun --nproc_per_node 2 -m reinforcepp.cli train`: both ranks train, leave the process
+    group after the trainer is released (end_distributed) and exit 0; rank 0 writes the run."""
+    run = tmp_path / "run"
+    settings = [f"output_dir={run}", "total_steps=2", "sft_steps=0", "eval_every=0", "prompts_per_step=4", "samples_per_prompt=2", "progress=false", "torch_threads=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reinforcepp.cli", "train", *settings]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2]
+    assert proc.stdout.count("plots:") == 1  # rank 0 reports
+    assert "`past_key_values` is deprecated" not in proc.stderr  # the cache argument is read through DDP
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]

@@ -5,15 +5,14 @@ server killed mid-run leaves a checkpoint that resumes once the server is back."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from reinforcepp.lm.batch import collate
 from reinforcepp.cli import main as reinforcepp_main
+from reinforcepp.lm.batch import collate
+from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote import RemoteError, RemoteReference, RemoteSettings
@@ -21,6 +20,7 @@ from reinforcepp.remote.server import reference_app
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.lm.test_lm_distributed import _settings, _train_once
+from tests.ranks import join_group, run_ranks
 from tests.remote.servers import ServeProcess, ThreadServer, free_port
 
 torch.set_num_threads(1)
@@ -144,16 +144,17 @@ def test_server_killed_mid_run_then_resume(ref_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def _rank(rank, world, port, tmp, out, url):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _rank_result(rank, world, tmp, out, url):
     tok, model = tiny_policy()
     trainer = Trainer(small_config(Path(tmp), **_settings(tmp), ref_model=url), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(trainer, rank, world)
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
-    import torch.distributed as dist
 
-    dist.destroy_process_group()
+
+def _rank(rank, world, port, tmp, out, url):
+    join_group(rank, world, port)
+    _rank_result(rank, world, tmp, out, url)  # the trainer (and its DDP reducer) is released on return
+    end_distributed()
 
 
 def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
@@ -163,7 +164,7 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
     single = Trainer(small_config(tmp_path / "one", **_settings(tmp_path / "one")), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(single, 0, 1)
     out = str(tmp_path / "result")
-    mp.start_processes(_rank, args=(2, free_port(), str(tmp_path / "two"), out, served.url), nprocs=2, join=True, start_method="spawn")
+    run_ranks(_rank, (2, free_port(), str(tmp_path / "two"), out, served.url))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
     n = adv.shape[0] // 2
     for r, part in enumerate(parts):

@@ -1,0 +1,38 @@
+"""Gloo ranks for the "1 rank = 2 ranks" tests: spawned, joined with a deadline, and ended in
+the order :func:`reinforcepp.lm.distributed.end_distributed` asks for."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_group(rank: int, world: int, port: int) -> None:
+    """Describe the group the way torchrun does; the Trainer joins it (init_distributed)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def run_ranks(fn: Callable[..., Any], args: tuple, nprocs: int = 2, timeout_s: float = 600) -> None:
+    """``fn(rank, *args)`` on ``nprocs`` spawned processes. A rank that raises fails the test with
+    its traceback; ranks still running after ``timeout_s`` are killed and the test fails, rather
+    than the whole suite hanging."""
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} gloo ranks did not finish within {timeout_s:.0f} s")
