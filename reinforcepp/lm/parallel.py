@@ -164,8 +164,9 @@ class Parallel:
             # 2.13 renamed the switch, and warns on the old name
             import inspect
 
-            sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
-            return DistributedDataParallel(model, device_ids=ids, **{sync: False})
+            name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+            no_sync: dict[str, Any] = {name: False}
+            return DistributedDataParallel(model, device_ids=ids, **no_sync)
         return model
 
     def frozen(self, model: Optional[torch.nn.Module]) -> Optional[torch.nn.Module]:
