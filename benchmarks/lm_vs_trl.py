@@ -143,8 +143,11 @@ def worker_prepare(spec: dict) -> dict:
     from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 
     tok = build_char_tokenizer()
-    model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"])
     rows = task_rows(spec["train_size"], spec["seed"], spec["prompt_extra"])
+    # room for the longest prompt plus the answer (long-prompt cells exceed the default 64)
+    longest = max(len(tok(r["prompt"])["input_ids"]) for r in rows)
+    context = max(64, 32 * -(-(longest + spec["max_new_tokens"]) // 32))
+    model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"], context=context)
     t0 = time.perf_counter()
     losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"]) if spec["sft_steps"] else []
     model.save_pretrained(spec["model_dir"], safe_serialization=True)
@@ -308,6 +311,7 @@ GRID = [
     dict(hidden=256, layers=4, heads=4, prompts=16, samples=4, tokens=32, prompt_extra=0),    # 2.1M, longer answers
     dict(hidden=256, layers=4, heads=4, prompts=16, samples=8, tokens=16, prompt_extra=64),   # 2.1M, long shared prompts
     dict(hidden=512, layers=4, heads=8, prompts=16, samples=4, tokens=16, prompt_extra=0),    # 8.4M
+    dict(hidden=256, layers=4, heads=4, prompts=64, samples=8, tokens=32, prompt_extra=0),    # 2.1M, a 64x8 batch
 ]
 CELL_KEYS = ("hidden", "layers", "heads", "prompts", "samples", "tokens", "prompt_extra")
 

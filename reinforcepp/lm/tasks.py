@@ -47,9 +47,10 @@ def build_char_tokenizer(alphabet: str = ALPHABET):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left")
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0):
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0, context: int = 64):
     """A randomly initialised Llama-architecture causal LM sized for a laptop CPU
-    (about 0.4M parameters at the defaults)."""
+    (about 0.4M parameters at the defaults); ``context`` is its ``max_position_embeddings``
+    (prompt plus response tokens)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,7 +61,7 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, 
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
