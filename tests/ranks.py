@@ -4,7 +4,6 @@ the order :func:`reinforcepp.lm.distributed.end_distributed` asks for."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -12,17 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join_group(rank: int, world: int, port: int) -> None:
-    """Describe the group the way torchrun does; the Trainer joins it (init_distributed)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+from reinforcepp.lm.distributed import end_distributed
+from tests.remote.servers import free_port
 
 
 def run_ranks(fn: Callable[..., Any], args: tuple, nprocs: int = 2, timeout_s: float = 600) -> None:
@@ -36,3 +26,17 @@ def run_ranks(fn: Callable[..., Any], args: tuple, nprocs: int = 2, timeout_s: f
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"{nprocs} gloo ranks did not finish within {timeout_s:.0f} s")
+
+
+def _trainer_rank(rank: int, body: Callable[..., None], world: int, port: int, args: tuple) -> None:
+    # the group described the way torchrun does; the Trainer joins it (init_distributed)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    body(rank, world, *args)  # builds its trainers; they (and DDP's reducer) are released on return
+    end_distributed()
+
+
+def run_trainer_ranks(body: Callable[..., None], args: tuple, world: int = 2, timeout_s: float = 600) -> None:
+    """``body(rank, world, *args)`` on ``world`` gloo ranks, as torchrun would run a trainer;
+    ``body`` is a module-level function (spawn pickles it by name)."""
+    run_ranks(_trainer_rank, (body, world, free_port(), args), nprocs=world, timeout_s=timeout_s)

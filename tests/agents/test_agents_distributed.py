@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Rollout, Trainer
 from reinforcepp.run import read_metrics
 from tests.agents.envs import TurnRewardEnv
 from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
-from tests.ranks import free_port, join_group, run_ranks
+from tests.ranks import run_trainer_ranks
 
 PROMPTS, K = 4, 4
 
@@ -43,17 +42,11 @@ def _rank_result(rank, world, tmp, out):
     torch.save({"advantages": adv, "mask": mask, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
 
 
-def _worker(rank, world, port, tmp, out):
-    join_group(rank, world, port)
-    _rank_result(rank, world, tmp, out)  # the trainer (and its DDP reducer) is released on return
-    end_distributed()
-
-
 def test_one_rank_equals_two_ranks_with_episodes(tmp_path):
     adv, mask, metrics, params = _train_once(_trainer(tmp_path / "one"), 0, 1)
     assert (mask == 0).any(), "the episodes have observation tokens"
     out = str(tmp_path / "result")
-    run_ranks(_worker, (2, free_port(), str(tmp_path / "two"), out))
+    run_trainer_ranks(_rank_result, (str(tmp_path / "two"), out))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
     n = adv.shape[0] // 2
     for r, part in enumerate(parts):

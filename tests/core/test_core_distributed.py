@@ -29,7 +29,8 @@ from reinforcepp.core import (
     masked_whiten,
     policy_loss,
 )
-from tests.ranks import free_port, run_ranks
+from tests.ranks import run_ranks
+from tests.remote.servers import free_port
 
 WORLD = 2
 SPLIT = 4  # rank 0 gets rows [0, 4), rank 1 rows [4, 8): 20 vs 26 real tokens

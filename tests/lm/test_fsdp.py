@@ -21,11 +21,10 @@ import pytest
 import torch
 
 from reinforcepp.config import ConfigError
-from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Trainer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.lm.test_lm_distributed import PROMPTS, _settings, _train_once
-from tests.ranks import free_port, join_group, run_ranks
+from tests.ranks import run_trainer_ranks
 
 
 def _trainer(tmp: Path, **overrides) -> Trainer:
@@ -45,13 +44,8 @@ def _full_optimizer_state(trainer: Trainer) -> dict:
     return {name: {k: v.clone() for k, v in s.items()} for name, s in state.get("state", {}).items()}  # rank 0 only
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    join_group(rank, world, port)
-    _rank_results(rank, world, Path(tmp))  # the trainers are released on return
-    end_distributed()
-
-
-def _rank_results(rank: int, world: int, root: Path) -> None:
+def _rank_results(rank: int, world: int, tmp: str) -> None:
+    root = Path(tmp)
     # 1 rank = 2 ranks on a fixed rollout
     trainer = _trainer(root / "fixed", fsdp=True, **_settings(root / "fixed"))
     assert trainer.parallel.kind == "fsdp"
@@ -83,7 +77,7 @@ def _rank_results(rank: int, world: int, root: Path) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    run_ranks(_worker, (2, free_port(), str(tmp)))
+    run_trainer_ranks(_rank_results, (str(tmp),))
     return tmp, torch.load(tmp / "result.pt")
 
 

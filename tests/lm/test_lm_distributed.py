@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.trainer import Rollout, Trainer
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
-from tests.ranks import free_port, join_group, run_ranks
+from tests.ranks import run_trainer_ranks
 
 PROMPTS, K = 4, 4
 
@@ -50,19 +49,13 @@ def _rank_result(rank, world, tmp, out):
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
 
 
-def _worker(rank, world, port, tmp, out):
-    join_group(rank, world, port)
-    _rank_result(rank, world, tmp, out)  # the trainer (and its DDP reducer) is released on return
-    end_distributed()
-
-
 def test_one_rank_equals_two_ranks(tmp_path):
     tok, model = tiny_policy()
     single = Trainer(small_config(tmp_path / "one", **_settings(tmp_path / "one")), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(single, 0, 1)
 
     out = str(tmp_path / "result")
-    run_ranks(_worker, (2, free_port(), str(tmp_path / "two"), out))
+    run_trainer_ranks(_rank_result, (str(tmp_path / "two"), out))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
 
     n = adv.shape[0] // 2

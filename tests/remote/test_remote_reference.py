@@ -12,7 +12,6 @@ import torch
 
 from reinforcepp.cli import main as reinforcepp_main
 from reinforcepp.lm.batch import collate
-from reinforcepp.lm.distributed import end_distributed
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote import RemoteError, RemoteReference, RemoteSettings
@@ -20,7 +19,7 @@ from reinforcepp.remote.server import reference_app
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.lm.test_lm_distributed import _settings, _train_once
-from tests.ranks import join_group, run_ranks
+from tests.ranks import run_trainer_ranks
 from tests.remote.servers import ServeProcess, ThreadServer, free_port
 
 torch.set_num_threads(1)
@@ -151,12 +150,6 @@ def _rank_result(rank, world, tmp, out, url):
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
 
 
-def _rank(rank, world, port, tmp, out, url):
-    join_group(rank, world, port)
-    _rank_result(rank, world, tmp, out, url)  # the trainer (and its DDP reducer) is released on return
-    end_distributed()
-
-
 def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
     """Under torch.distributed (gloo) each rank asks the server for its own responses' log-probs;
     the KL-in-loss update then matches one process with the local reference."""
@@ -164,7 +157,7 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
     single = Trainer(small_config(tmp_path / "one", **_settings(tmp_path / "one")), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(single, 0, 1)
     out = str(tmp_path / "result")
-    run_ranks(_rank, (2, free_port(), str(tmp_path / "two"), out, served.url))
+    run_trainer_ranks(_rank_result, (str(tmp_path / "two"), out, served.url))
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
     n = adv.shape[0] // 2
     for r, part in enumerate(parts):
