@@ -60,8 +60,10 @@ def run_sb3(env_id: str, s: dict, steps: int, seed: int) -> tuple[float, float]:
     return model.num_timesteps / wall, model.num_timesteps / cpu
 
 
-def run_ours(env_id: str, s: dict, steps: int, seed: int, estimator: str) -> tuple[float, float]:
-    """Environment steps per second of wall time and per second of CPU time."""
+def run_ours(env_id: str, s: dict, steps: int, seed: int, estimator: str, compiled: bool = False) -> tuple[float, float]:
+    """Environment steps per second of wall time and per second of CPU time. ``compiled``:
+    ``torch_compile=true``; its first iteration (which compiles) runs before the clock starts,
+    and its time is printed."""
     import tempfile
 
     from reinforcepp.gym import GymConfig, GymTrainer
@@ -70,15 +72,20 @@ def run_ours(env_id: str, s: dict, steps: int, seed: int, estimator: str) -> tup
         cfg = GymConfig(env_id=env_id, estimator=estimator, num_envs=s["n_envs"], steps_per_env=s["n_steps"], epochs=s["epochs"],
                         mini_batch_size=s["mini_batch"], lr=s["lr"], lr_schedule="linear" if s["lr_linear"] else "constant", gamma=s["gamma"], lam=s["lam"],
                         entropy_coef=s["ent_coef"], eps_low=0.2, eps_high=0.2, max_grad_norm=0.5, hidden_sizes=[64, 64], activation="tanh", total_env_steps=steps,
-                        seed=seed, run_dir=d, torch_threads=1, progress=False)
+                        seed=seed, run_dir=d, torch_threads=1, progress=False, torch_compile=compiled)
         trainer = GymTrainer(cfg)
         trainer.collector.reset(seed)
+        if compiled:
+            t0 = time.perf_counter()
+            trainer.step()
+            print(f"    ({estimator}, compiled: first iteration {time.perf_counter() - t0:.1f} s, not timed)", flush=True)
+        start_steps = trainer.env_steps
         t0, c0 = time.perf_counter(), time.process_time()
         while trainer.iteration < cfg.num_iterations:
             trainer.step()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         trainer.close()
-    return trainer.env_steps / wall, trainer.env_steps / cpu
+    return (trainer.env_steps - start_steps) / wall, (trainer.env_steps - start_steps) / cpu
 
 
 def main() -> None:
@@ -87,6 +94,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="environment steps per measurement (default: per environment, whole rollouts)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="also ours gae with torch_compile=true (its compiling first iteration is not timed)")
     args = p.parse_args()
     torch.set_num_threads(1)
     import os
@@ -95,6 +103,8 @@ def main() -> None:
 
     runners = {"sb3": lambda e, s, n, seed: run_sb3(e, s, n, seed), "gae": lambda e, s, n, seed: run_ours(e, s, n, seed, "gae"),
                "reinforce_pp": lambda e, s, n, seed: run_ours(e, s, n, seed, "reinforce_pp")}
+    if args.compile:
+        runners["gae_compiled"] = lambda e, s, n, seed: run_ours(e, s, n, seed, "gae", compiled=True)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, stable-baselines3 {stable_baselines3.__version__}, torch threads {torch.get_num_threads()}, {args.repeats} repeats, "
           f"order rotated every repeat; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -104,7 +114,7 @@ def main() -> None:
         steps = args.steps or DEFAULT_STEPS[env_id]
         sps: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
         for r in range(args.repeats):
-            order = list(runners)[r % 3:] + list(runners)[: r % 3]
+            order = list(runners)[r % len(runners):] + list(runners)[: r % len(runners)]
             for name in order:
                 sps[name].append(runners[name](env_id, s, steps, args.seed + r))
         desc = " ".join(f"{k}={v}" for k, v in s.items())
@@ -116,6 +126,9 @@ def main() -> None:
             print(f"  {clock:<4} steps/s  SB3 PPO {med['sb3']:7.0f}  ours gae {med['gae']:7.0f}  ours reinforce_pp {med['reinforce_pp']:7.0f}  |  "
                   f"gae/SB3 {statistics.median(ratios['gae']):.2f}x [{min(ratios['gae']):.2f}-{max(ratios['gae']):.2f}]  "
                   f"(critic-free reinforce_pp/SB3 {statistics.median(ratios['reinforce_pp']):.2f}x [{min(ratios['reinforce_pp']):.2f}-{max(ratios['reinforce_pp']):.2f}])", flush=True)
+            if "gae_compiled" in sps:
+                rc = [a[c] / b[c] for a, b in zip(sps["gae_compiled"], sps["sb3"])]
+                print(f"  {clock:<4} steps/s  ours gae compiled {statistics.median(x[c] for x in sps['gae_compiled']):7.0f}  |  gae compiled/SB3 {statistics.median(rc):.2f}x [{min(rc):.2f}-{max(rc):.2f}]", flush=True)
     load = os.getloadavg()
     print(f"\n(environment steps per second of wall time / of this process's CPU time; median [range] over repeats of the per-repeat ratio; higher is better; "
           f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")

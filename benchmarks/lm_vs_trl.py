@@ -58,8 +58,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SIDES = ("trl", "grpo", "reinforce_pp")
-LABELS = {"trl": "TRL GRPOTrainer", "grpo": "ours grpo", "reinforce_pp": "ours reinforce_pp"}
+SIDES = ("trl", "grpo", "reinforce_pp", "grpo_compiled")
+DEFAULT_SIDES = ["trl", "grpo", "reinforce_pp"]
+LABELS = {"trl": "TRL GRPOTrainer", "grpo": "ours grpo", "reinforce_pp": "ours reinforce_pp", "grpo_compiled": "ours grpo compiled"}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -112,8 +113,10 @@ def trl_settings(spec: dict) -> dict:
     )
 
 
-def ours_settings(spec: dict, estimator: str) -> dict:
-    """Every LMConfig field we set (the rest are our defaults)."""
+def ours_settings(spec: dict, side: str) -> dict:
+    """Every LMConfig field we set (the rest are our defaults). ``grpo_compiled``: ``grpo`` with
+    ``torch_compile=all`` (update and decoding step compiled)."""
+    estimator = "grpo" if side == "grpo_compiled" else side
     n = spec["prompts"] * spec["samples"]
     common = dict(
         model=spec["model_dir"], dtype="float32", device="cpu", torch_threads=spec["threads"], estimator=estimator,
@@ -126,6 +129,8 @@ def ours_settings(spec: dict, estimator: str) -> dict:
     )
     if estimator == "grpo":  # like-for-like with TRL's defaults: beta=0 (no reference model), token-mean loss
         common.update(kl_placement="none", loss_agg="token-mean")
+        if side == "grpo_compiled":
+            common.update(torch_compile="all")
     elif spec["rpp_kl_coef"] > 0:  # reinforce_pp's own defaults: k1 KL in the reward
         common.update(kl_placement="reward", kl_estimator="k1", kl_coef=spec["rpp_kl_coef"], loss_agg="token-mean")
     else:
@@ -195,14 +200,14 @@ def worker_trl(spec: dict) -> dict:
     return {"steps": steps, "rss_setup_kib": rss_setup, "logged_keys": sorted(callback.logs[0]) if callback.logs else []}
 
 
-def worker_ours(spec: dict, estimator: str) -> dict:
+def worker_ours(spec: dict, side: str) -> dict:
     limit_threads(spec["threads"])
     from datasets import Dataset
 
     from reinforcepp.lm import LMConfig, Trainer
     from reinforcepp.lm.tasks import char_match
 
-    config = LMConfig.from_dict({**ours_settings(spec, estimator), "output_dir": spec["run_dir"]})
+    config = LMConfig.from_dict({**ours_settings(spec, side), "output_dir": spec["run_dir"]})
     trainer = Trainer(config, reward_funcs=[char_match], train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"])))
     rss_setup = proc_status_kib("VmRSS")
     steps = []
@@ -258,6 +263,7 @@ def summarise(runs: list[dict], final_window: int) -> dict:
     out = {
         "median_step_s": statistics.median(times),
         "median_step_s_per_round": [statistics.median(s["time"] for s in r["steps"]) for r in runs],
+        "first_step_s_per_round": [r["steps"][0]["time"] for r in runs],  # with torch_compile: the compilation
         "median_step_cpu_s": statistics.median(s["cpu"] for r in runs for s in r["steps"]),
         "median_step_cpu_s_per_round": [statistics.median(s["cpu"] for s in r["steps"]) for r in runs],
         "tokens_per_s": tokens / sum(times),
@@ -349,7 +355,7 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
             r = launch(side, run_spec, tmp, f"{side}-{rnd}")
             runs[side].append(r)
             med = statistics.median(s["time"] for s in r["steps"])
-            print(f"[{cell_name(cell)}] round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s (CPU {statistics.median(s['cpu'] for s in r['steps']):.3f}s), "
+            print(f"[{cell_name(cell)}] round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s (CPU {statistics.median(s['cpu'] for s in r['steps']):.3f}s), first step {r['steps'][0]['time']:.2f}s, "
                   f"reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, load {r['load_at_start'][0]:.2f}", flush=True)
     summary = {s: summarise(rs, args.final_window) for s, rs in runs.items()}
     for side in args.sides:  # paired within a round (same machine load window): the fairer ratio under a drifting load
@@ -357,7 +363,7 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
             summary[side][key.replace("median_", "ratio_") + "_per_round"] = [a / b for a, b in zip(summary[side][key + "_per_round"], summary["trl"][key + "_per_round"])]
     spec_public = {k: v for k, v in spec.items() if k != "model_dir"}
     return {"cell": cell, "name": cell_name(cell), "parameters": prep["parameters"], "spec": spec_public, "warm_start": prep, "summary": summary, "runs": runs,
-            "settings": {"trl": trl_settings({**spec, "seed": args.seed}), "grpo": ours_settings(spec, "grpo"), "reinforce_pp": ours_settings(spec, "reinforce_pp")}}
+            "settings": {"trl": trl_settings({**spec, "seed": args.seed}), **{s: ours_settings(spec, s) for s in args.sides if s != "trl"}}}
 
 
 def grid_table(cells: list[dict], sides: list[str]) -> list[str]:
@@ -403,7 +409,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-window", type=int, default=3, help="final reward = mean over this many last steps")
-    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=SIDES, help="grpo_compiled: ours grpo with torch_compile=all (not in the default; its first steps compile)")
     p.add_argument("--out", default="benchmarks/results/lm_vs_trl.json")
     p.add_argument("--quick", action="store_true", help="smoke run: first grid cell, 2 steps, 1 round, 10 SFT steps")
     p.add_argument("--worker", nargs=3, metavar=("ROLE", "SPEC", "RESULT"), help=argparse.SUPPRESS)

@@ -50,6 +50,7 @@ class GymConfig(Config):
     obs_clip: float = option(10.0, "clip of normalised observations (and normalised rewards)")
     # run
     seed: int = option(0, "seed of torch, numpy and the environments")
+    torch_compile: bool = option(False, "torch.compile the update's loss (policy and critic forwards, losses; the backward through them): fewer kernel launches per mini-batch; the first update pays the compilation (seconds). Measured in benchmarks/gym.md")
     torch_threads: int = option(1, "torch intra-op threads; 1 is fastest for small MLPs (0 = leave torch's default)")
     run_dir: str = option("runs/gym", "run directory: config.yaml, metrics.jsonl, tensorboard/, plots.png, checkpoints/, videos/")
     resume: bool = option(False, "continue from the latest complete checkpoint in run_dir")

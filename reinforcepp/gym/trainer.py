@@ -72,6 +72,8 @@ class GymTrainer:
         self.params = params
         # fused: one kernel updates every parameter (the same Adam; per-tensor loops cost more than the math here)
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5, fused=True)
+        # the update's loss; compiled, its forward and backward become a few fused kernels
+        self.loss_fn = torch.compile(self.loss) if cfg.torch_compile else self.loss
         self.obs_norm = ObsNormalizer(obs_space.shape or (), cfg.normalize_obs, cfg.obs_clip)
         self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
         self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
@@ -170,7 +172,6 @@ class GymTrainer:
         fields = {"obs": batch.obs, "actions": batch.actions, "old": batch.logprobs, "adv": advantages}
         if self.critic is not None:
             fields.update(old_values=batch.values, returns=returns)
-        entropy_grad = cfg.entropy_coef != 0.0
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         sums: dict[str, list[Tensor]] = {"loss/policy": [], "loss/value": [], "entropy": [], "grad_norm": []}
         last_epoch: dict[str, list[Tensor]] = {"logprobs": [], "old": [], "low": [], "high": []}
@@ -180,17 +181,8 @@ class GymTrainer:
             shuffled = {k: v.index_select(0, order) for k, v in fields.items()}
             for start in range(0, n, cfg.mini_batch_size):
                 mb = {k: v[start : start + cfg.mini_batch_size] for k, v in shuffled.items()}
-                size = mb["adv"].shape[0]
-                mask = ones[:size]
-                logprobs, entropy = self.policy.logprobs_entropy(mb["obs"], mb["actions"], entropy_grad=entropy_grad)
-                pl = policy_loss(logprobs, mb["old"], mb["adv"], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
-                loss_pi = aggregate(pl.loss, mask, "token-mean", num_tokens=size)
-                loss_ent = aggregate(entropy, mask, "token-mean", num_tokens=size)
-                loss = loss_pi - cfg.entropy_coef * loss_ent if entropy_grad else loss_pi
-                if self.critic is not None:
-                    vl = value_loss(self.critic(mb["obs"]), mb["old_values"], mb["returns"], cfg.value_clip)
-                    loss_v = aggregate(vl, mask, "token-mean", num_tokens=size)
-                    loss = loss + cfg.value_coef * loss_v
+                loss, loss_pi, loss_ent, loss_v, logprobs, clipped_low, clipped_high = self.loss_fn(mb, ones[: mb["adv"].shape[0]])
+                if loss_v is not None:
                     sums["loss/value"].append(loss_v.detach())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -206,8 +198,8 @@ class GymTrainer:
                 if epoch == cfg.epochs - 1:
                     last_epoch["logprobs"].append(logprobs.detach())
                     last_epoch["old"].append(mb["old"])
-                    last_epoch["low"].append(pl.clipped_low)
-                    last_epoch["high"].append(pl.clipped_high)
+                    last_epoch["low"].append(clipped_low)
+                    last_epoch["high"].append(clipped_high)
         out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
         out["nonfinite/skipped_steps"] = float(self.nonfinite_total)
         if last_epoch["logprobs"]:
@@ -218,6 +210,26 @@ class GymTrainer:
         if self.policy.log_std is not None:
             out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
         return out
+
+    def loss(self, mb: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+        """One mini-batch's loss, token-mean over its ``B`` steps (``mask``: ``(B,)`` ones):
+        ``L = L_clip - c_ent * H [+ c_v * L_V]``. Returns the loss, its policy, entropy and
+        value terms (value ``None`` without a critic), the log-probs and the clip indicators,
+        ``(B,)`` each. ``torch_compile`` compiles this function (and so its backward)."""
+        cfg = self.cfg
+        size = mask.shape[0]
+        entropy_grad = cfg.entropy_coef != 0.0
+        logprobs, entropy = self.policy.logprobs_entropy(mb["obs"], mb["actions"], entropy_grad=entropy_grad)
+        pl = policy_loss(logprobs, mb["old"], mb["adv"], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
+        loss_pi = aggregate(pl.loss, mask, "token-mean", num_tokens=size)
+        loss_ent = aggregate(entropy, mask, "token-mean", num_tokens=size)
+        loss = loss_pi - cfg.entropy_coef * loss_ent if entropy_grad else loss_pi
+        loss_v = None
+        if self.critic is not None:
+            vl = value_loss(self.critic(mb["obs"]), mb["old_values"], mb["returns"], cfg.value_clip)
+            loss_v = aggregate(vl, mask, "token-mean", num_tokens=size)
+            loss = loss + cfg.value_coef * loss_v
+        return loss, loss_pi, loss_ent, loss_v, logprobs, pl.clipped_low, pl.clipped_high
 
     def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient never reaches the weights: drop the gradients, count

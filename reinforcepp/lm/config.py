@@ -31,6 +31,7 @@ class LMConfig(Config):
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     autocast: Literal["off", "bfloat16", "auto"] = option("off", "mixed precision of the forward passes (sampling, log-probs, update): bfloat16 autocast over float32 weights (log-softmax, losses and optimizer stay float32); auto = bfloat16 on a GPU that supports it or a CPU with AMX/AVX512-BF16, else off")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    torch_compile: Literal["off", "update", "decode", "all"] = option("off", "torch.compile: update = the update's forward and backward (dynamic shapes); decode = the hf engine's one-token decoding step, over a static key/value cache; all = both. The first steps pay the compilation (tens of seconds on a CPU); measured in benchmarks/lm.md")
     fsdp: bool = option(False, "under torchrun: shard policy, critic and reference over the ranks with FSDP2 (fully_shard per decoder layer, then the root; float32 master weights, compute in dtype); false = every rank holds a whole copy (DDP)")
     ref_offload: bool = option(False, "fsdp: keep the reference's shards in CPU memory (FSDP2 CPUOffloadPolicy)")
     lora_rank: int = option(0, "LoRA adapter rank r (PEFT, the lora extra); 0 = full fine-tuning. The reference is then the base with adapters disabled")
@@ -295,6 +296,10 @@ class LMConfig(Config):
             raise ConfigError("reward_step_delimiter must be a non-empty string (or None)")
         if self.share_prompt and self.gradient_checkpointing:
             raise ConfigError("share_prompt reuses the prompt's key/value cache, which gradient checkpointing does not keep; set share_prompt=false")
+        if self.torch_compile in ("decode", "all") and self.engine != "hf":
+            raise ConfigError(f"torch_compile={self.torch_compile} compiles the hf engine's decoding step; engine={self.engine} samples another way: use torch_compile=update or engine=hf")
+        if self.torch_compile in ("update", "all") and self.fsdp:
+            raise ConfigError(f"torch_compile={self.torch_compile} with fsdp=true is not supported here (untested); use torch_compile=decode or torch_compile=off")
         self._validate_scale()
         if not 0 <= self.sft_wrong_fraction <= 1:
             raise ConfigError(f"sft_wrong_fraction must be in [0, 1], got {self.sft_wrong_fraction}")

@@ -207,7 +207,15 @@ class SharedPromptSampler(HFGenerationEngine):
     :func:`filter_logits` and ``torch.multinomial``, until every row has produced EOS or
     ``max_new_tokens``. The distribution is ``generate``'s (greedy outputs are identical, see
     the tests); the prefill costs ``P`` rows instead of ``P * k``.
+
+    With ``torch_compile`` ``decode`` or ``all`` the decoding step runs ``torch.compile``-d over
+    a static key/value cache (:class:`DecodeCache`): every step then has the same shapes, so it
+    compiles once per (rows, cache length) and never again. The prefill stays eager.
     """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, device: torch.device | str = "cpu", config=None) -> None:
+        super().__init__(model, tokenizer, device=device, config=config)
+        self.static = DecodeCache() if config is not None and config.torch_compile in ("decode", "all") else None
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
@@ -227,6 +235,9 @@ class SharedPromptSampler(HFGenerationEngine):
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **with_cache(self.model, cache))
             cache.batch_select_indices(rows)
             logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1
+            step_fn: Callable[..., Any] = self.model
+            if self.static is not None:  # decode over a fixed-size cache: one shape for every step
+                step_fn, cache, attn = self.static.prepare(self.model, cache, attn, params.max_new_tokens)
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
             new_tokens, logprobs = [], []
             for step in range(params.max_new_tokens):
@@ -243,14 +254,59 @@ class SharedPromptSampler(HFGenerationEngine):
                 finished |= torch.isin(token, eos)
                 if bool(finished.all()) or step + 1 == params.max_new_tokens:
                     break
-                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                out = self.model(input_ids=token[:, None], attention_mask=attn, position_ids=position, **with_cache(self.model, cache))
+                if self.static is None:
+                    attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                out = step_fn(input_ids=token[:, None], attention_mask=attn, position_ids=position, **with_cache(self.model, cache))
                 logits, position = out.logits[:, -1], position + 1
         finally:
             self.model.train(was_training)
         responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id, params.max_new_tokens)
         sampled = torch.stack(logprobs, 1).cpu()
         return Generation([list(prompt_ids[int(r)]) for r in rows], responses, truncated, [sampled[i, : len(r)].tolist() for i, r in enumerate(responses)])
+
+
+class DecodeCache:
+    """Static key/value caches and the compiled decoding step of :class:`SharedPromptSampler`.
+
+    A :class:`transformers.StaticCache` holds ``L`` positions for ``N`` rows, ``L`` the prompt
+    width plus ``max_new_tokens`` rounded up to a multiple of ``bucket``, so that rollouts whose
+    prompts differ a little in width reuse one cache and one compiled graph. The prefill's
+    dynamic cache is copied into positions ``0..width-1``; each decoding step writes the next
+    position, and attends to all ``L`` under the causal mask (the positions not written yet
+    are in the future of every query, so they are masked out: the numbers are the dynamic
+    cache's). The attention mask is the prompt's padding mask, then ones, ``(N, L)``.
+    """
+
+    def __init__(self, bucket: int = 64, keep: int = 4) -> None:
+        self.bucket, self.keep = bucket, keep
+        self.caches: dict[tuple[int, int], Any] = {}
+        self.model: Optional[torch.nn.Module] = None
+        self.step: Optional[Callable[..., Any]] = None
+
+    def prepare(self, model: torch.nn.Module, prefilled: Any, attn: Tensor, max_new_tokens: int) -> tuple[Callable[..., Any], Any, Tensor]:
+        """The compiled step, a static cache holding ``prefilled``'s ``(N, heads, width, d)``
+        keys and values, and the ``(N, L)`` attention mask."""
+        from transformers import StaticCache
+
+        if model is not self.model:  # a new policy object: compile anew (sync_weights keeps the object)
+            self.model, self.step, self.caches = model, torch.compile(model, dynamic=False), {}
+        rows, width = attn.shape
+        length = -(-(width + max_new_tokens) // self.bucket) * self.bucket
+        cache = self.caches.get((rows, length))
+        if cache is None:
+            if len(self.caches) >= self.keep:
+                self.caches.clear()
+            cache = self.caches[(rows, length)] = StaticCache(config=cast(Any, model).config, max_cache_len=length)
+            if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+                raise ValueError("torch_compile=decode needs full-attention layers; this model has sliding-window layers: use torch_compile=update or off")
+        else:
+            cache.reset()
+        for i, layer in enumerate(prefilled.layers):
+            cast(Any, cache.layers[i]).update(layer.keys, layer.values)
+        mask = torch.ones(rows, length, dtype=attn.dtype, device=attn.device)
+        mask[:, :width] = attn
+        assert self.step is not None
+        return self.step, cache, mask
 
 
 def _vllm_engine(model: torch.nn.Module, tokenizer, *, device, config=None) -> GenerationEngine:

@@ -208,7 +208,8 @@ class Parallel:
             from torch.distributed.algorithms.join import Join
             from torch.nn.parallel import DistributedDataParallel
 
-            return Join([m for m in train_modules if isinstance(m, DistributedDataParallel)])
+            unwrapped = [getattr(m, "_orig_mod", m) for m in train_modules]  # under torch.compile
+            return Join([m for m in unwrapped if isinstance(m, DistributedDataParallel)])
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -270,6 +270,8 @@ class Trainer:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # How the models are held (one process, DDP, FSDP2): the train_* modules run the training forwards.
         self.train_policy = self.parallel.trained(self.policy)
+        if config.torch_compile in ("update", "all"):  # the update's forward (and so its backward); shapes vary per step
+            self.train_policy = cast(torch.nn.Module, torch.compile(self.train_policy, dynamic=True))
         self.train_critic = self.parallel.trained(self.critic) if self.critic is not None else None
         self.ref_model = self.parallel.frozen(self.ref_model)
         self.policy_weights = self.parallel.weights(self.policy)  # what the engine loads after each update (gathered, LoRA merged)
