@@ -298,7 +298,9 @@ class DecodeCache:
                 self.caches.clear()
             cache = self.caches[(rows, length)] = StaticCache(config=cast(Any, model).config, max_cache_len=length)
             if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-                raise ValueError("torch_compile=decode needs full-attention layers; this model has sliding-window layers: use torch_compile=update or off")
+                from ..config import ConfigError
+
+                raise ConfigError("torch_compile=decode needs full-attention layers; this model has sliding-window layers: use torch_compile=update or off")
         else:
             cache.reset()
         for i, layer in enumerate(prefilled.layers):
