@@ -292,7 +292,7 @@ def plot(cells: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
-    colors = {"trl": "tab:orange", "grpo": "tab:blue", "reinforce_pp": "tab:green"}
+    colors = {"trl": "tab:orange", "grpo": "tab:blue", "reinforce_pp": "tab:green", "grpo_compiled": "tab:purple"}
     for ax, c in zip(axes[0], cells):
         for side, rs in c["runs"].items():
             for r in rs:
@@ -455,8 +455,9 @@ def main() -> None:
         "table": lines,
     }
     for c in results:
-        for side in ("grpo", "reinforce_pp"):
-            c["settings"][side].pop("model", None)
+        for side, settings in c["settings"].items():
+            if side != "trl":
+                settings.pop("model", None)
     out_path.write_text(json.dumps(result, indent=1))
     png = out_path.with_suffix(".png")
     plot(results, png)
