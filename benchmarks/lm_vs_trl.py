@@ -155,6 +155,12 @@ def worker_prepare(spec: dict) -> dict:
     model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"], context=context)
     t0 = time.perf_counter()
     losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"]) if spec["sft_steps"] else []
+    if spec.get("no_eos"):
+        # An EOS id past the model's vocabulary: no side can sample it, so every response runs to
+        # max_new_tokens on both sides and the cell times exactly prompts x samples x tokens.
+        tok.add_special_tokens({"eos_token": "<no-eos>"})
+        model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+        assert tok.eos_token_id >= model.config.vocab_size
     model.save_pretrained(spec["model_dir"], safe_serialization=True)
     tok.save_pretrained(spec["model_dir"])
     return {"sft_seconds": time.perf_counter() - t0, "sft_loss_first": losses[0] if losses else None, "sft_loss_last": losses[-1] if losses else None,
@@ -342,7 +348,7 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
     spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"], samples=cell["samples"],
                 max_new_tokens=cell["tokens"], lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
                 hidden_size=cell["hidden"], num_layers=cell["layers"], num_heads=cell["heads"], prompt_extra=cell["prompt_extra"],
-                gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, train_size=5000)
+                gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, train_size=5000, no_eos=args.no_eos)
     prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
     print(f"[{cell_name(cell)}] warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
           f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
@@ -405,6 +411,7 @@ def main() -> None:
     p.add_argument("--rpp-kl-coef", type=float, default=0.01, help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on on both sides (default: off on both; ours then runs without share_prompt)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on both sides (TRL bf16=True, ours autocast=bfloat16); default float32 on both")
+    p.add_argument("--no-eos", action="store_true", help="give the saved tokenizer an EOS id the model cannot produce: every response runs to the cell's tokens on both sides (for long-generation cells; rewards then mean nothing)")
     p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--seed", type=int, default=0)

@@ -231,7 +231,7 @@ class SharedPromptSampler(HFGenerationEngine):
         self.model.eval()
         try:
             positions = position_ids_from_mask(attn)
-            cache = new_cache()
+            cache = new_cache() if self.static is not None else new_cache(reserve=ids.shape[1] + params.max_new_tokens)
             out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **with_cache(self.model, cache))
             cache.batch_select_indices(rows)
             logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Optional, cast
 
 import torch
 
@@ -47,12 +47,71 @@ def cache_argument(model: torch.nn.Module) -> str:
     return _name_for(model_type)
 
 
-def new_cache() -> Any:
+def new_cache(reserve: int = 0) -> Any:
     """An empty :class:`transformers.DynamicCache` (grows with the sequence; rows can be
-    gathered with ``batch_select_indices``)."""
+    gathered with ``batch_select_indices``). With ``reserve > 0`` its layers are
+    :class:`ReservedLayer` s that hold room for that many positions: for decoding without
+    gradient (they write in place)."""
     from transformers import DynamicCache
 
-    return DynamicCache()
+    cache = DynamicCache()
+    if reserve > 0:
+        layer = _reserved_layer_type()
+        cache.layer_class_to_replicate = cast(Any, lambda: layer(reserve))  # called with no arguments per new layer
+    return cache
+
+
+@functools.lru_cache(maxsize=1)
+def _reserved_layer_type() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A :class:`DynamicLayer` whose keys and values live in ``(B, heads, capacity, d)``
+        buffers reserved ahead: each step writes its new positions in place and the layer hands
+        out views of the filled part. ``DynamicLayer`` concatenates the whole cache at every
+        step instead, an ``O(T)`` copy per token and ``O(T^2)`` per response, which measured
+        two thirds of the sampler's time at 256 new tokens. A longer sequence than reserved
+        doubles the buffer; a layer whose keys were replaced (``batch_select_indices``) copies
+        them into a new buffer at its next update. In-place writes: no autograd through it."""
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            cur, n = self.get_seq_length(), key_states.shape[-2]
+            if not self._holds(cur + n, key_states):
+                self._reserve(cur, cur + n, key_states, value_states)
+            assert self.buffers is not None
+            k, v = self.buffers
+            k[..., cur : cur + n, :] = key_states
+            v[..., cur : cur + n, :] = value_states
+            self.keys, self.values = k[..., : cur + n, :], v[..., : cur + n, :]
+            return self.keys, self.values
+
+        def _holds(self, length: int, key_states: torch.Tensor) -> bool:
+            if self.buffers is None:
+                return False
+            k, keys = self.buffers[0], cast(torch.Tensor, self.keys)
+            same_rows = k.shape[:2] == key_states.shape[:2] and k.dtype == key_states.dtype
+            in_place = keys.numel() == 0 or keys.data_ptr() == k.data_ptr()
+            return same_rows and in_place and length <= k.shape[-2]
+
+        def _reserve(self, cur: int, length: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            capacity = self.capacity if length <= self.capacity else max(2 * length, 2 * self.capacity)
+            self.capacity = capacity
+            b, h = key_states.shape[:2]
+            k = key_states.new_empty(b, h, capacity, key_states.shape[-1])
+            v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+            if cur:
+                k[..., :cur, :] = cast(torch.Tensor, self.keys)
+                v[..., :cur, :] = cast(torch.Tensor, self.values)
+            self.buffers = (k, v)
+
+    return ReservedLayer
 
 
 def with_cache(model: torch.nn.Module, cache: Any) -> dict[str, Any]:

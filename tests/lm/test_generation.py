@@ -91,3 +91,30 @@ def test_cache_argument_follows_the_forward_signature():
             return input_ids
 
     assert cache_argument(Old()) == "past_key_values" and cache_argument(New()) == "cache"
+
+
+def test_reserved_cache_layers_hold_what_the_growing_ones_hold():
+    # Prefill 3 rows of 5 positions into room for 8, gather them to 6 rows (the sampler's
+    # batch_select_indices), then one position at a time past the reservation (the buffer
+    # doubles): at every step the same keys and values as transformers' own DynamicCache,
+    # and the returned tensors are views of one buffer, not copies.
+    from reinforcepp.lm.kv_cache import new_cache
+
+    torch.manual_seed(0)
+    grow, reserved = new_cache(), new_cache(reserve=8)
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    for cache in (grow, reserved):
+        cache.update(k, v, 0)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    for cache in (grow, reserved):
+        cache.batch_select_indices(rows)
+    pointers = set()
+    for step in range(6):
+        k, v = torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
+        kg, vg = grow.update(k, v, 0)
+        kr, vr = reserved.update(k, v, 0)
+        assert torch.equal(kg, kr) and torch.equal(vg, vr)
+        assert reserved.get_seq_length() == grow.get_seq_length() == 6 + step
+        pointers.add(kr.data_ptr())
+    assert len(pointers) == 2  # the buffer made for 6 rows, then the doubled one at position 9
+    assert reserved.layers[0].capacity == 18
