@@ -118,3 +118,15 @@ def test_reserved_cache_layers_hold_what_the_growing_ones_hold():
         pointers.add(kr.data_ptr())
     assert len(pointers) == 2  # the buffer made for 6 rows, then the doubled one at position 9
     assert reserved.layers[0].capacity == 18
+
+
+def test_the_sampler_reserves_room_for_prompt_and_response(monkeypatch):
+    import reinforcepp.lm.kv_cache as kv
+
+    reserved: list[int] = []
+    original = kv.new_cache
+    monkeypatch.setattr(kv, "new_cache", lambda reserve=0: reserved.append(reserve) or original(reserve))
+    tok, model = tiny_policy()
+    prompts = _prompts(tok)
+    SharedPromptSampler(model, tok).generate(prompts, 2, SamplingParams(7, greedy=True))
+    assert reserved == [max(len(p) for p in prompts) + 7]
