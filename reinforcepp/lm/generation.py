@@ -296,11 +296,12 @@ class DecodeCache:
         if cache is None:
             if len(self.caches) >= self.keep:
                 self.caches.clear()
-            cache = self.caches[(rows, length)] = StaticCache(config=cast(Any, model).config, max_cache_len=length)
+            cache = StaticCache(config=cast(Any, model).config, max_cache_len=length)
             if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
                 from ..config import ConfigError
 
                 raise ConfigError("torch_compile=decode needs full-attention layers; this model has sliding-window layers: use torch_compile=update or off")
+            self.caches[(rows, length)] = cache
         else:
             cache.reset()
         for i, layer in enumerate(prefilled.layers):

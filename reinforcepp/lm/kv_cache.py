@@ -101,11 +101,11 @@ def _reserved_layer_type() -> type:
             return same_rows and in_place and length <= k.shape[-2]
 
         def _reserve(self, cur: int, length: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            capacity = self.capacity if length <= self.capacity else max(2 * length, 2 * self.capacity)
-            self.capacity = capacity
+            if length > self.capacity:  # doubling keeps the copies O(1) per position
+                self.capacity = 2 * length
             b, h = key_states.shape[:2]
-            k = key_states.new_empty(b, h, capacity, key_states.shape[-1])
-            v = value_states.new_empty(b, h, capacity, value_states.shape[-1])
+            k = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
+            v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
             if cur:
                 k[..., :cur, :] = cast(torch.Tensor, self.keys)
                 v[..., :cur, :] = cast(torch.Tensor, self.values)
