@@ -46,7 +46,7 @@ def command(kind: str, run_dir: Path, *extra: str) -> list[str]:
     base = [sys.executable, "-m", "reinforcepp.cli"]
     if kind == "lm":
         return [*base, "train", f"output_dir={run_dir}", *LM_ARGS, *extra]
-    return [*base, "gym", "--run-dir", str(run_dir), *GYM_ARGS, *extra]
+    return [*base, "gym", "--output-dir", str(run_dir), *GYM_ARGS, *extra]
 
 
 def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save: Path | None = None) -> tuple[int, str]:

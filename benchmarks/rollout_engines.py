@@ -73,8 +73,8 @@ def main() -> None:
     import torch
     import vllm
 
-    from reinforcepp.lm.generation import SamplingParams, SharedPromptSampler
-    from reinforcepp.lm.vllm_engine import VLLMEngine
+    from reinforcepp.engines import SamplingParams, SharedPromptSampler
+    from reinforcepp.engines.vllm import VLLMEngine
 
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}", flush=True)

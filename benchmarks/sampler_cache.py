@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-import reinforcepp.lm.kv_cache as kv
-from reinforcepp.lm.generation import SamplingParams, SharedPromptSampler
+import reinforcepp.engines.kv_cache as kv
+from reinforcepp.engines import SamplingParams, SharedPromptSampler
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 
 

@@ -21,6 +21,11 @@ class RunStopped(RuntimeError):
     the command line prints the one line and exits with code 1."""
 
 
+class NonFiniteError(RunStopped):
+    """Too many consecutive optimizer steps with a non-finite loss or gradient (both trainers;
+    :class:`reinforcepp.run.NonFiniteGuard`)."""
+
+
 SETUP_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, ImportError, StopIteration)
 """What the libraries a run sets up (datasets, transformers, gymnasium, a reward module) raise
 for a bad path, name, file or value: during setup these are the user's input."""

@@ -68,9 +68,9 @@ def test_sft_eval_gym_compare_errors(capsys, files):
     refused(capsys, ["sft", "--data", str(files / "missing.jsonl"), "--model", str(files / "nomodel"), "--output-dir", str(files / "o")], "nomodel")
     refused(capsys, ["sft", "--data", str(files / "x.jsonl"), "--model", "m", "--output-dir", str(files / "o"), "--lr", "-1"], "lr must be > 0")
     refused(capsys, ["eval", "learning_rate=1"], "did you mean 'lr'")
-    refused(capsys, ["gym", "--run-dir", str(files / "g"), "lr=-1"], "lr must be > 0")
-    refused(capsys, ["gym", "--run-dir", str(files / "g"), "--env", "NoSuchEnv-v9"], "NoSuchEnv")
-    refused(capsys, ["gym", "--run-dir", str(files / "g"), "total_timesteps=10"], "did you mean 'total_env_steps'")
+    refused(capsys, ["gym", "--output-dir", str(files / "g"), "lr=-1"], "lr must be > 0")
+    refused(capsys, ["gym", "--output-dir", str(files / "g"), "--env", "NoSuchEnv-v9"], "NoSuchEnv")
+    refused(capsys, ["gym", "--output-dir", str(files / "g"), "total_timesteps=10"], "did you mean 'total_env_steps'")
     refused(capsys, ["compare", "--env", "CartPole-v1", "--estimators", "reinforce_pp", "--out", str(files / "c"), "lr=-1"], "lr must be > 0")
 
 

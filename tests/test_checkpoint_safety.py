@@ -81,7 +81,7 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
 
 
 def _gym_cfg(run: Path, **kw) -> GymConfig:
-    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1, progress=False, tensorboard=False, run_dir=str(run))
+    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1, progress=False, tensorboard=False, output_dir=str(run))
     return GymConfig(**{**base, **kw})
 
 

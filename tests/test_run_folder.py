@@ -62,20 +62,20 @@ def test_lm_run_folder_guard_overwrite_and_resume_security(tmp_path, capsys):
 
 def test_gym_run_folder_guard_and_resume_uses_saved_config(tmp_path, capsys):
     run = tmp_path / "g"
-    assert main(["gym", *GYM_FAST, "--run-dir", str(run), "total_env_steps=32", "lr=0.002", "save_every=32"]) == 0
+    assert main(["gym", *GYM_FAST, "--output-dir", str(run), "total_env_steps=32", "lr=0.002", "save_every=32"]) == 0
     capsys.readouterr()
-    assert main(["gym", *GYM_FAST, "--run-dir", str(run), "total_env_steps=32"]) == 2
+    assert main(["gym", *GYM_FAST, "--output-dir", str(run), "total_env_steps=32"]) == 2
     msg = one_line(capsys.readouterr().err)
     assert str(run) in msg and "--resume" in msg and "--overwrite" in msg
     # --resume with nothing to resume is refused (and creates nothing).
     empty = tmp_path / "empty"
-    assert main(["gym", "--run-dir", str(empty), "--resume"]) == 2
+    assert main(["gym", "--output-dir", str(empty), "--resume"]) == 2
     assert "no complete checkpoint" in one_line(capsys.readouterr().err) and not empty.exists()
     # --resume takes the run's config (lr, steps_per_env), the override on top, reported.
-    assert main(["gym", "--run-dir", str(run), "--resume", "total_env_steps=64", "progress=false"]) == 0
+    assert main(["gym", "--output-dir", str(run), "--resume", "total_env_steps=64", "progress=false"]) == 0
     captured = capsys.readouterr()
     assert "total_env_steps: saved 32, now 64" in captured.err
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["lr"] == 0.002 and cfg["steps_per_env"] == 16 and cfg["total_env_steps"] == 64 and cfg["save_every"] == 32
-    assert json.loads(captured.out.strip().splitlines()[-1])["run_dir"] == str(run)
+    assert json.loads(captured.out.strip().splitlines()[-1])["output_dir"] == str(run)
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [32, 64]

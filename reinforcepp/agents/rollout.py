@@ -1,9 +1,9 @@
-"""Multi-turn rollouts through any :class:`~reinforcepp.lm.generation.GenerationEngine`.
+"""Multi-turn rollouts through any :class:`~reinforcepp.engines.GenerationEngine`.
 
 One episode is tokenised as one sequence: ``[prompt | turn 1 | obs 1 | turn 2 | ... | turn n]``.
 The engine generates one turn at a time from the transcript so far (so ``hf``, ``hf_generate``
 and a vLLM engine all work unchanged); the environment answers each turn. The result is the
-single-turn :class:`~reinforcepp.lm.generation.Generation` layout, with
+single-turn :class:`~reinforcepp.engines.Generation` layout, with
 
 * ``response_ids``: everything after the prompt (model turns and observations);
 * ``response_masks``: 1 on the model's own tokens (each turn up to and including its EOS),
@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..lm.generation import Generation, GenerationEngine, SamplingParams
+from ..engines import EpisodeInfo, Generation, GenerationEngine, SamplingParams
 from .protocol import (
     EnvError,
     EnvFactory,
@@ -34,36 +33,6 @@ from .protocol import (
     check_step,
     env_name,
 )
-
-
-@dataclass
-class EpisodeInfo:
-    """Per-episode results, aligned with the ``N`` rows of a :class:`Generation`."""
-
-    final_texts: list[str]
-    """the last model turn's text (what reward functions score)"""
-    transcripts: list[str]
-    """everything after the prompt, decoded (for the samples log)"""
-    env_rewards: Tensor
-    """``(N,)`` sum of the environment's rewards over the episode"""
-    turn_rewards: list[list[tuple[int, float]]]
-    """per episode: ``(response position of the turn's last token, reward)`` for every turn"""
-    stats: dict[str, Tensor] = field(default_factory=dict)
-    """``(N,)`` counters: ``turns``, ``turn_limit`` (max_turns reached without done), and the
-    sums of the environment's ``info`` (``tool_calls``, ``tool_errors``, ...)"""
-
-    def select(self, index: Sequence[int]) -> EpisodeInfo:
-        idx = list(index)
-        return EpisodeInfo([self.final_texts[i] for i in idx], [self.transcripts[i] for i in idx], self.env_rewards[idx],
-                           [self.turn_rewards[i] for i in idx], {k: v[idx] for k, v in self.stats.items()})
-
-    @staticmethod
-    def concat(parts: Sequence[EpisodeInfo]) -> EpisodeInfo:
-        keys = sorted({k for p in parts for k in p.stats})
-        n = [len(p.final_texts) for p in parts]
-        return EpisodeInfo([x for p in parts for x in p.final_texts], [x for p in parts for x in p.transcripts],
-                           torch.cat([p.env_rewards for p in parts]), [x for p in parts for x in p.turn_rewards],
-                           {k: torch.cat([p.stats.get(k, torch.zeros(m)) for p, m in zip(parts, n)]) for k in keys})
 
 
 class PlainFormat:

@@ -26,11 +26,13 @@ from .losses import (
     ImportanceSamplingLevel,
     LossAgg,
     PolicyLoss,
+    TokenLoss,
     aggregate,
     entropy_from_logits,
     importance_log_ratio,
     kl_loss,
     policy_loss,
+    token_loss,
     truncated_loss_mask,
     value_loss,
 )

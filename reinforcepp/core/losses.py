@@ -186,3 +186,60 @@ def aggregate(
         return per_seq_sum.sum() / seqs
     length = loss.shape[-1] if max_response_length is None else max_response_length
     return per_seq_sum.sum() / (seqs * length)
+
+
+class TokenLoss(NamedTuple):
+    """The per-token loss of one micro-batch and its parts. All ``(N, T)``."""
+
+    loss: Tensor
+    """the total, to be aggregated"""
+    policy: PolicyLoss
+    kl: Optional[Tensor]
+    """``kl(logp, ref_logp)`` before beta, with gradient (placement ``loss``); None otherwise"""
+
+
+def token_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
+    is_weights: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimatorName = "k3",
+    entropy: Optional[Tensor] = None,
+    entropy_coef: float = 0.0,
+) -> TokenLoss:
+    """The per-token loss every estimator shares (docs/algorithms.md, "Policy loss"):
+
+    ``L[i,t] = w[i,t] L_clip[i,t] + beta kl(logp, ref_logp)[i,t] - c_H H[i,t]``
+
+    with ``L_clip`` from :func:`policy_loss`, ``w`` the importance weights that correct for the
+    sampler (``is_weights``, no gradient; 1 when None), the KL term only when ``ref_logprobs``
+    is given (KL placement ``loss``; placement ``reward`` put it in the token rewards instead)
+    and the entropy bonus only when ``entropy_coef`` is not 0. Aggregate the result with
+    :func:`aggregate`.
+
+    Args:
+        logprobs: ``(N, T)`` (grad); old_logprobs, advantages, response_mask: ``(N, T)``.
+        is_weights: ``(N, T)`` or None.
+        ref_logprobs: ``(N, T)`` reference log-probs, or None (no KL term in the loss).
+        entropy: ``(N, T)``, needed when ``entropy_coef`` is not 0.
+    """
+    pl = policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high, dual_clip, response_mask=response_mask,
+                     importance_sampling_level=importance_sampling_level)
+    loss = pl.loss if is_weights is None else pl.loss * is_weights
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_loss(logprobs, ref_logprobs, kl_estimator)
+        loss = loss + kl_coef * kl
+    if entropy_coef:
+        if entropy is None:
+            raise ValueError("entropy_coef is not 0 but no entropy was given")
+        loss = loss - entropy_coef * entropy
+    return TokenLoss(loss, pl, kl)

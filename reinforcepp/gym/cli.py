@@ -1,12 +1,12 @@
 """``reinforcepp gym``: train a Gymnasium policy with the REINFORCE++ core.
 
-    reinforcepp gym --env CartPole-v1 --run-dir runs/cartpole seed=1 lr=1e-3
+    reinforcepp gym --env CartPole-v1 --output-dir runs/cartpole seed=1 lr=1e-3
     reinforcepp gym --config my.yaml estimator=gae
     reinforcepp gym --list-options
     reinforcepp gym --eval runs/cartpole --episodes 20 [--video]
 
-``--env``, ``--estimator``, ``--steps``, ``--seed`` and ``--run-dir`` are shorthands for the
-config keys ``env_id``, ``estimator``, ``total_env_steps``, ``seed`` and ``run_dir``; any
+``--env``, ``--estimator``, ``--steps``, ``--seed`` and ``--output-dir`` are shorthands for the
+config keys ``env_id``, ``estimator``, ``total_env_steps``, ``seed`` and ``output_dir``; any
 config key can be set as ``key=value``.
 
 Where :data:`reinforcepp.gym.presets.PRESETS` has tuned settings for the (environment,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from ..errors import setup_phase
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default=None, help="advantage estimator (reinforce_pp, reinforce, gae)")
     p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
     p.add_argument("--seed", default=None, help="seed")
-    p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory")
+    p.add_argument("--output-dir", dest="output_dir", default=None, help="run directory (config key output_dir)")
     p.add_argument("--no-preset", action="store_true", help="do not apply the tuned preset of the (environment, estimator) pair")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory, with the run's saved config (overrides given here apply on top)")
     p.add_argument("--overwrite", action="store_true", help="the run directory holds an old run: move it aside (to RUN_DIR.old-<time>) and start a new one")
@@ -54,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.eval_dir:
         return _evaluate(args)
     # bad input raises InputError: reinforcepp.cli prints one line and exits with code 2
-    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "run_dir") if (v := getattr(args, k)) is not None]
+    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "output_dir") if (v := getattr(args, k)) is not None]
     if args.resume:
         shorthands.append("resume=true")
     if args.overwrite:
@@ -66,7 +67,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         final = trainer.train()
     finally:
         trainer.close()
-    print(json.dumps({"run_dir": cfg.run_dir, **final}))
+    print(json.dumps({"output_dir": str(trainer.run_dir), **final}))
     return 0
 
 
@@ -108,6 +109,17 @@ def _explicit_keys(path: Optional[str], overrides: list[str]) -> set[str]:
     return keys
 
 
+def saved_config(path: "Path") -> dict:
+    """A run folder's config.yaml, with the key of older versions renamed (``run_dir`` is now
+    ``output_dir``, shared with the language-model trainer)."""
+    import yaml
+
+    values = dict(yaml.safe_load(path.read_text()) or {})
+    if "run_dir" in values:
+        values.setdefault("output_dir", values.pop("run_dir"))
+    return values
+
+
 def _resumed_config(config_file: Optional[str], overrides: list[str]) -> GymConfig:
     """The run's saved config.yaml, then the user's config file and overrides on top (each
     change reported); security settings never come from the folder. A run folder without a
@@ -122,11 +134,14 @@ def _resumed_config(config_file: Optional[str], overrides: list[str]) -> GymConf
 
     given = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
     given.update(parse_overrides(overrides))
-    run_dir = Path(str(given.get("run_dir", GymConfig.run_dir)))
+    if given.get("output_dir") in (None, "", "None", "none"):
+        raise RunDirError("--resume continues a run: name its folder with --output-dir RUN (or output_dir=RUN)")
+    run_dir = Path(str(given["output_dir"]))
     saved = run_dir / "config.yaml"
     if CheckpointManager(run_dir).latest() is None or not saved.exists():
-        raise RunDirError(f"--resume: {run_dir} holds no complete checkpoint (and config.yaml) to resume; drop --resume to start a new run")
-    values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, given)
+        raise RunDirError(f"--resume: {run_dir} holds no complete checkpoint (and config.yaml) to resume; "
+                          "drop --resume to start a new run")
+    values, notes = merge_resumed_config(saved_config(saved), given)
     for note in notes:
         print(f"resume: {note}", file=sys.stderr)
     return GymConfig.from_dict(values)
@@ -143,13 +158,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if latest is None:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2
-    import yaml
-
     from ..config import parse_overrides
     from ..run.folder import merge_resumed_config
 
     given = parse_overrides(list(args.overrides))
-    values, notes = merge_resumed_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, given)
+    values, notes = merge_resumed_config(saved_config(run_dir / "config.yaml"), given)
     for note in notes:
         print(f"eval: {note}", file=sys.stderr)
     cfg = GymConfig.from_dict(values)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..config import Config, ConfigError, option
+from ..config import ConfigError, option
+from ..run.options import RunOptions
 
 
 @dataclass
-class GymConfig(Config):
+class GymConfig(RunOptions):
     """REINFORCE++ (and siblings) on a Gymnasium environment. See ``docs/gym.md``."""
 
     # environment
@@ -40,7 +41,6 @@ class GymConfig(Config):
     value_coef: float = option(0.5, "weight of the value loss (gae only)")
     value_clip: Optional[float] = option(None, "clip range of the value loss around the rollout's values, or None for the plain squared error (gae only)")
     max_grad_norm: float = option(0.5, "gradient-norm clip per optimizer step (0 = no clipping)")
-    max_nonfinite_steps: int = option(3, "optimizer steps with a non-finite loss or gradient are skipped (counted in nonfinite/skipped_steps); this many in a row stop the run")
     # model
     hidden_sizes: list[int] = option([64, 64], "hidden layer widths of the policy MLP (and of the critic's)")
     activation: Literal["tanh", "relu"] = option("tanh", "hidden activation")
@@ -49,20 +49,12 @@ class GymConfig(Config):
     normalize_reward: bool = option(False, "divide rewards by a running std of the discounted return (as SB3's VecNormalize)")
     obs_clip: float = option(10.0, "clip of normalised observations (and normalised rewards)")
     # run
-    seed: int = option(0, "seed of torch, numpy and the environments")
     torch_compile: bool = option(False, "torch.compile the update's loss (policy and critic forwards, losses; the backward through them): fewer kernel launches per mini-batch; the first update pays the compilation (seconds). Measured in benchmarks/gym.md")
     torch_threads: int = option(1, "torch intra-op threads; 1 is fastest for small MLPs (0 = leave torch's default)")
-    run_dir: str = option("runs/gym", "run directory: config.yaml, metrics.jsonl, tensorboard/, plots.png, checkpoints/, videos/")
-    resume: bool = option(False, "continue from the latest complete checkpoint in run_dir")
-    overwrite: bool = option(False, "run_dir holds an old run: move it aside (to RUN_DIR.old-<time>) instead of refusing to start")
     eval_every: int = option(10_000, "evaluate every this many environment steps (0 = only at the end)")
     eval_episodes: int = option(10, "episodes per deterministic evaluation")
     save_every: int = option(0, "checkpoint every this many environment steps (0 = only at the end)")
-    keep_last: int = option(2, "checkpoints kept")
-    video: bool = option(False, "record one deterministic evaluation episode per evaluation to run_dir/videos (needs the render extra)")
-    tensorboard: bool = option(True, "write TensorBoard events")
-    wandb_project: Optional[str] = option(None, "log to this Weights & Biases project as well")
-    progress: bool = option(True, "show a progress bar")
+    video: bool = option(False, "record one deterministic evaluation episode per evaluation to output_dir/videos (needs the render extra)")
 
     @property
     def rollout_steps(self) -> int:
@@ -88,8 +80,7 @@ class GymConfig(Config):
                 "prompt to repeat (each reset draws a new start state). Use reinforce_pp, reinforce or gae."
             )
         positive = {"num_envs": self.num_envs, "steps_per_env": self.steps_per_env, "total_env_steps": self.total_env_steps,
-                    "epochs": self.epochs, "mini_batch_size": self.mini_batch_size, "eval_episodes": self.eval_episodes,
-                    "max_nonfinite_steps": self.max_nonfinite_steps}
+                    "epochs": self.epochs, "mini_batch_size": self.mini_batch_size, "eval_episodes": self.eval_episodes}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -103,7 +94,7 @@ class GymConfig(Config):
             raise ConfigError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ConfigError(f"hidden_sizes must be a non-empty list of positive widths, got {self.hidden_sizes}")
-        if self.torch_threads < 0 or self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
-            raise ConfigError("torch_threads, eval_every, save_every must be >= 0 and keep_last >= 1")
+        if self.torch_threads < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise ConfigError("torch_threads, eval_every and save_every must be >= 0")
         if self.entropy_coef < 0 or self.value_coef < 0 or self.max_grad_norm < 0 or self.obs_clip <= 0:
             raise ConfigError("entropy_coef, value_coef, max_grad_norm must be >= 0 and obs_clip > 0")

@@ -25,18 +25,13 @@ import torch
 from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
-from ..errors import RunStopped
-from ..run import CheckpointManager, Progress, RunLogger, plot_run
+from ..run import CheckpointManager, NonFiniteGuard, Progress, RunLogger, plot_run
 from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
 from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
-
-
-class NonFiniteError(RunStopped):
-    """Too many consecutive optimizer steps with a non-finite loss or gradient."""
 
 
 STATE_NAME = "state"
@@ -80,9 +75,9 @@ class GymTrainer:
         self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
         self.iteration = 0
         self.env_steps = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
-        self.run_dir = Path(cfg.run_dir)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
+        cfg.output_dir = cfg.output_dir or f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
 
     # ----------------------------------------------------------------------------- the loop
@@ -92,7 +87,7 @@ class GymTrainer:
         latest = self.checkpoints.latest_intact() if cfg.resume else None
         if cfg.resume and latest is None:
             raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; drop resume to start a new run")
-        claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite, option="run_dir")
+        claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None and cfg.resume:
             self.load(latest)
@@ -187,10 +182,9 @@ class GymTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-                if not bool(torch.isfinite(loss) & torch.isfinite(norm)):
-                    self._skip_nonfinite(float(loss), float(norm))
+                if not self.guard.check(loss, norm, where=f"env step {self.env_steps}"):
+                    self.optimizer.zero_grad(set_to_none=True)
                     continue
-                self.nonfinite_in_a_row = 0
                 self.optimizer.step()
                 sums["loss/policy"].append(loss_pi.detach())
                 sums["entropy"].append(loss_ent.detach())
@@ -201,7 +195,7 @@ class GymTrainer:
                     last_epoch["low"].append(clipped_low)
                     last_epoch["high"].append(clipped_high)
         out = {k: float(torch.stack(v).mean()) for k, v in sums.items() if v}
-        out["nonfinite/skipped_steps"] = float(self.nonfinite_total)
+        out["nonfinite/skipped_steps"] = float(self.guard.total)
         if last_epoch["logprobs"]:
             cat = {k: torch.cat(v) for k, v in last_epoch.items()}
             ones = torch.ones(cat["logprobs"].shape[0])
@@ -230,18 +224,6 @@ class GymTrainer:
             loss_v = aggregate(vl, mask, "token-mean", num_tokens=size)
             loss = loss + cfg.value_coef * loss_v
         return loss, loss_pi, loss_ent, loss_v, logprobs, pl.clipped_low, pl.clipped_high
-
-    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
-        """A non-finite loss or gradient never reaches the weights: drop the gradients, count
-        the skip, stop after ``max_nonfinite_steps`` in a row (as the language-model trainer)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"env step {self.env_steps}: {self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss ({loss}) or gradient norm "
-                f"({grad_norm}); the weights were left untouched. Lower lr, check the rewards (normalize_reward=true), or the observations."
-            )
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}
@@ -307,7 +289,7 @@ class GymTrainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Atomic checkpoint ``run_dir/checkpoints/step_<env_steps>/state.{safetensors,json}``
+        """Atomic checkpoint ``output_dir/checkpoints/step_<env_steps>/state.{safetensors,json}``
         (no pickle): weights, optimizer, normalisers, RNG states, the collector's carried
         segments and (classic-control and other plain-data envs) the environments' state."""
         state: dict[str, Any] = {
@@ -320,7 +302,7 @@ class GymTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_total": self.guard.total,
             "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
@@ -334,7 +316,7 @@ class GymTrainer:
         by the iteration, and the carried segments are dropped."""
         state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.guard.total = int(state.get("nonfinite_total", 0))
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..engines import left_pad
+
 
 @dataclass
 class PromptResponseBatch:
@@ -29,18 +31,6 @@ class PromptResponseBatch:
 
     def select(self, index: Tensor | slice) -> "PromptResponseBatch":
         return PromptResponseBatch(*(getattr(self, f.name)[index] for f in fields(self)))
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Token lists -> ``(ids, attention_mask)``, each ``(N, longest)``, padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
-            attn[i, width - len(r) :] = 1
-    return ids, attn
 
 
 def collate(

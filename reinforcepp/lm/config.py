@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional, cast
 
-from ..config import Config, ConfigError, option
+from ..config import ConfigError, option
 from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
+from ..engines import ENGINES, check_engine_config
+from ..run.options import RunOptions
 
 
 @dataclasses.dataclass
-class LMConfig(Config):
+class LMConfig(RunOptions):
     # --- models -------------------------------------------------------------------------
     model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
@@ -104,9 +106,8 @@ class LMConfig(Config):
     warmup_steps: int = option(0, "linear warmup, in optimizer steps")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient-norm clipping")
-    max_nonfinite_steps: int = option(3, "this many consecutive non-finite losses/gradients stop the run")
     # --- generation -------------------------------------------------------------------------
-    engine: str = option("hf", "generation engine registered in reinforcepp.lm.generation.ENGINES: hf (cached sampling loop, each prompt prefilled once for its samples), hf_generate (transformers generate), vllm (vLLM's offline engine in this process, weights synced after every update; `bash install.sh vllm`)")
+    engine: str = option("hf", "generation engine registered in reinforcepp.engines: " + "; ".join(f"{s.name}: {s.help}" for s in ENGINES.values()))
     vllm_gpu_memory_utilization: float = option(0.3, "engine=vllm on a GPU: fraction of GPU memory vLLM takes for its weights and KV cache (the rest is the trainer's)")
     vllm_sleep: bool = option(False, "engine=vllm on a GPU: put vLLM to sleep (KV cache freed, weights offloaded) while the trainer computes log-probs and updates, wake it for the next rollout")
     max_new_tokens: int = option(256, "response length limit")
@@ -127,18 +128,10 @@ class LMConfig(Config):
     sft_batch_size: int = option(32, "warm-start batch size")
     sft_wrong_fraction: float = option(0.0, "built-in tasks: fraction of warm-start demonstrations that show the task's plausible wrong behaviour (mixed-quality data)")
     # --- outputs ------------------------------------------------------------------------------
-    output_dir: Optional[str] = option(None, "run directory; None = runs/<task or data>-<estimator>-<time>")
     save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
-    keep_last: int = option(2, "checkpoints kept")
-    resume: bool = option(False, "continue from the latest checkpoint in output_dir")
-    overwrite: bool = option(False, "output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) instead of refusing to start")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
-    tensorboard: bool = option(True, "write TensorBoard event files")
-    wandb_project: Optional[str] = option(None, "log to this W&B project (needs the wandb extra)")
-    progress: bool = option(True, "show a progress bar")
     profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")
-    seed: int = option(0, "seed of data order, sampling and initialisation")
     deterministic: bool = option(False, "torch deterministic algorithms (bit-exact resume on CPU)")
 
     def _validate_scale(self) -> None:
@@ -205,6 +198,13 @@ class LMConfig(Config):
         return get_estimator(self.estimator).default_kl_placement
 
     @property
+    def effective_kl_placement(self) -> str:
+        """Where the KL term goes in this run: ``none`` when beta is 0 (fixed, or adaptive from 0:
+        it stays 0), so that no reference loads and no reference forward runs; otherwise
+        :attr:`resolved_kl_placement`."""
+        return "none" if self.kl_coef == 0 else self.resolved_kl_placement
+
+    @property
     def resolved_kl_estimator(self) -> KLEstimatorName:
         if self.kl_estimator is not None:
             return self.kl_estimator
@@ -235,7 +235,7 @@ class LMConfig(Config):
             raise ConfigError(f"unknown estimator {self.estimator!r}; valid: {', '.join(sorted(ESTIMATORS))}")
         if not self.remote_timeout > 0 or self.remote_retries < 0 or self.remote_concurrency < 1 or self.remote_batch_size < 1:
             raise ConfigError(f"need remote_timeout > 0, remote_retries >= 0, remote_concurrency >= 1 and remote_batch_size >= 1, got {self.remote_timeout}, {self.remote_retries}, {self.remote_concurrency}, {self.remote_batch_size}")
-        positive = ("max_turns", "max_observation_tokens", "total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "keep_last", "max_nonfinite_steps", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
+        positive = ("max_turns", "max_observation_tokens", "total_steps", "prompts_per_step", "samples_per_prompt", "micro_batch_size", "epochs", "max_new_tokens", "max_filter_rounds", "eval_samples", "logprob_chunk_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -312,10 +312,4 @@ class LMConfig(Config):
             raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
         if self.resolved_kl_estimator not in KL_ESTIMATORS or self.resolved_loss_agg not in LOSS_AGGS:
             raise ConfigError(f"estimator {self.estimator!r} declares an invalid default")
-        from .generation import ENGINES
-
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown generation engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        from .vllm_engine import check_vllm_config
-
-        check_vllm_config(self)
+        check_engine_config(self)

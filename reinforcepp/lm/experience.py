@@ -1,18 +1,27 @@
 """Experience: one rollout turned into everything the update needs.
 
-ALGORITHM.md, "The training step", steps 3-4: forward passes without gradient (``old_logprobs``,
-``ref_logprobs``, ``values``), then shaped rewards, returns and advantages on the whole batch.
+docs/algorithms.md, "The training step", steps 3-4: forward passes without gradient
+(``old_logprobs``, ``ref_logprobs``, ``values``), then shaped rewards, returns and advantages on
+the whole batch (:class:`ExperienceMaker`). Only here is the estimator named, and only to pass
+its name to :func:`reinforcepp.core.compute_advantages`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .batch import PromptResponseBatch
+from ..agents.rollout import split_turn_rewards
+from ..config import ConfigError
+from ..core import AdvantageInputs, AdvantageParams, EstimatorSpec, compute_advantages, kl_penalty, truncated_loss_mask
+from ..remote import RemoteReference
+from .batch import PromptResponseBatch, collate
+from .config import LMConfig
+from .fused import HeldForwards
+from .logprobs import TokenLogprobs, response_logprobs
 
 
 @dataclass
@@ -64,3 +73,93 @@ def batched_forward(fn, batch: PromptResponseBatch, micro_batch_size: int, devic
         sl = slice(start, start + micro_batch_size)
         outs.append(fn(batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device), batch.response_length).float().cpu())
     return torch.cat(outs, 0)
+
+
+class ExperienceMaker:
+    """Turns a :class:`~.rollout.Rollout` into an :class:`Experience`.
+
+    Args:
+        config: the run's config.
+        models: the run's :class:`~.components.Models`.
+        spec: the estimator.
+        kl_controller: holds beta (``.value``).
+        forward: the update's forward with gradient (``PolicyUpdate.forward``), run early when
+            ``fuse_old`` takes ``old_logprobs`` from it (fused.py).
+        fuse_old: take ``old_logprobs`` from the update's forwards (held in ``held``).
+        precision: the autocast context of the forwards.
+        timer: the run's phase timer (a fused forward counts as update time).
+        dist_reduce: the core's reduction hook (global whitening over ranks).
+    """
+
+    def __init__(self, config: LMConfig, models: Any, spec: EstimatorSpec, kl_controller: Any, *, device: torch.device,
+                 forward: Callable[[PromptResponseBatch], TokenLogprobs], held: HeldForwards, fuse_old: bool,
+                 precision: Callable[[], Any], timer: Any, dist_reduce: Any) -> None:
+        self.config, self.models, self.spec, self.kl_controller = config, models, spec, kl_controller
+        self.device, self.forward, self.held, self.fuse_old = device, forward, held, fuse_old
+        self.precision, self.timer, self.reduce = precision, timer, dist_reduce
+        self.kl_placement = config.effective_kl_placement
+
+    def logprob_fn(self, model: Any) -> Callable[[Tensor, Tensor, int], Tensor]:
+        """``(input_ids, attention_mask, T) -> (B, T)`` log-probs under ``model``: a local causal
+        LM, or a reference that computes them itself (:class:`RemoteReference`)."""
+        cfg = self.config
+        if isinstance(model, RemoteReference):
+            return model.response_logprobs
+        return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size,
+                                                      temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
+
+    def old_logprobs(self, batch: PromptResponseBatch) -> Optional[Tensor]:
+        """``old_logprobs`` when the update or the KL reward needs them: from the update's own
+        forwards (fused) or a no-gradient pass; None when the update is exactly on-policy."""
+        cfg, policy = self.config, self.models.policy
+        if cfg.on_policy and self.kl_placement != "reward":
+            return None
+        if self.fuse_old:
+            with self.timer("update"):
+                return self.held.run(self.forward, batch, cfg.micro_batch_size)
+        policy.eval()
+        with self.precision():
+            old = batched_forward(self.logprob_fn(policy), batch, cfg.micro_batch_size, self.device)
+        policy.train()
+        return old
+
+    def __call__(self, rollout: Any) -> Experience:
+        """Forward passes without gradient, then shaped rewards, returns and advantages."""
+        cfg, models = self.config, self.models
+        gen = rollout.generation
+        batch = collate(gen.prompt_ids, gen.response_ids, models.tokenizer.pad_token_id, response_masks=gen.response_masks)
+        mb = cfg.micro_batch_size
+        old = self.old_logprobs(batch)
+        with self.precision():
+            ref = batched_forward(self.logprob_fn(models.reference), batch, mb, self.device) if models.reference is not None else None
+            values = None
+            if models.critic is not None:
+                values = batched_forward(lambda i, a, t: models.critic(i, a, t), batch, mb, self.device) * batch.response_mask
+        kl = None
+        if self.kl_placement == "reward":
+            assert old is not None and ref is not None  # reward KL computes both
+            kl = kl_penalty(old, ref, cfg.resolved_kl_estimator) * batch.response_mask
+        rewards, steps = self.scalar_and_step_rewards(rollout, batch)
+        inputs = AdvantageInputs(rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip,
+                                 whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.reduce)
+        adv = compute_advantages(cfg.estimator, inputs, params)
+        loss_mask = truncated_loss_mask(batch.response_mask, gen.truncated) if cfg.mask_truncated_completions else None
+        sampler = gen.sampler_logprob_tensor(batch.response_length)
+        if cfg.tis_cap is not None and sampler is None:
+            raise ConfigError(f"tis_cap needs the log-probs the engine sampled with, and engine {cfg.engine!r} does not return them; unset tis_cap")
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask,
+                          sampler_logprobs=sampler)
+
+    def scalar_and_step_rewards(self, rollout: Any, batch: PromptResponseBatch) -> tuple[Tensor, Optional[Tensor]]:
+        """``R_i`` ``(N,)`` and the per-token step rewards ``(N, T)`` (process rewards, and the
+        earlier turns' rewards of multi-turn episodes for token-level estimators), or None."""
+        steps = None
+        if rollout.token_rewards is not None:
+            steps = torch.zeros_like(batch.response_mask)
+            for i, row in enumerate(rollout.token_rewards):
+                steps[i, : len(row)] = torch.tensor(row[: steps.shape[1]])
+        rewards, turn_steps = split_turn_rewards(rollout.rewards, rollout.generation, batch.response_length, self.spec.kl_in_reward)
+        if turn_steps is not None:
+            steps = turn_steps if steps is None else steps + turn_steps
+        return rewards, steps

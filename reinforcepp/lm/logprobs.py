@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..engines import position_ids_from_mask
+
 
 class TokenLogprobs(NamedTuple):
     logprobs: Tensor
@@ -21,11 +23,6 @@ class TokenLogprobs(NamedTuple):
     entropy: Optional[Tensor]
     """``(B, T)`` float32 entropy of the next-token distribution, when asked for."""
     hidden: Optional[Tensor] = None
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as ``generate`` uses: ``cumsum(mask) - 1``, 0 on pads."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64, entropy_grad: bool = True) -> TokenLogprobs:
@@ -98,7 +95,7 @@ def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_ma
     Returns:
         ``(B, T, V)`` logits; position ``t`` predicts response token ``t``.
     """
-    from .kv_cache import new_cache, with_cache
+    from ..engines.kv_cache import new_cache, with_cache
 
     n, width = input_ids.shape
     p = width - response_length

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .logprobs import position_ids_from_mask
+from ..engines import position_ids_from_mask
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,6 +98,17 @@ def prompt_limit(model: torch.nn.Module, max_prompt_length: int, max_new_tokens:
 
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
     return min(max_prompt_length, context - max_new_tokens)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpointing of each layer),
+    with the method the installed transformers names for it: ``activation_checkpointing_enable``
+    (5.2x; ``gradient_checkpointing_enable`` is deprecated there, removed in v6) or the older
+    ``gradient_checkpointing_enable`` (5.4)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:

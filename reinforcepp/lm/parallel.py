@@ -178,10 +178,10 @@ class Parallel:
         return self._shard(model.to(self.compute_dtype), frozen=True)
 
     def weights(self, policy: torch.nn.Module):
-        """The generation engine's weight provider (``generation.WeightProvider``): the model's
+        """The generation engine's weight provider (``engines.WeightProvider``): the model's
         own parameters when it is plain, else :func:`full_state_dict` gathered on every rank
         (sharded) and with LoRA merged, under the base model's names."""
-        from .generation import full_weights
+        from ..engines import full_weights
         from .lora import is_lora
 
         if not self.sharded and not is_lora(policy):

@@ -7,10 +7,10 @@ live on another machine behind a URL:
   concurrency) behind every remote call;
 - :mod:`.reference`: :class:`RemoteReference`, reference log-probs from a server, with the local
   reference's interface;
-- :mod:`.reward`: :class:`RemoteRewardFunction`, a reward server as a reward function;
-- :mod:`.server` (needs the ``serve`` extra): ``reinforcepp serve reference|reward``.
+- :mod:`.reward`: :class:`RemoteRewardFunction`, a reward server as a reward function.
 
-The protocol is in :mod:`.protocol` and docs/remote.md.
+This room is the client side only; the servers (``reinforcepp serve``) are in
+:mod:`reinforcepp.serve`. The protocol is in :mod:`.protocol` and docs/remote.md.
 """
 
 from typing import Any, TypeGuard

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reinforcepp.lm.trainer import Rollout, Trainer
+from reinforcepp.lm.rollout import Rollout
+from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
 from tests.agents.envs import TurnRewardEnv
 from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
@@ -27,7 +28,7 @@ def _trainer(tmp) -> Trainer:
 def _train_once(trainer: Trainer, rank: int, world: int):
     rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
     torch.manual_seed(123)  # the same episodes on every process
-    gen, prompts, completions, expanded, result = trainer._generate_and_score(rows, K, trainer._sampling())
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, K, trainer.sampler.sampling(), trainer.step)
     full = Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
     n = len(full.prompts) // world
     exp = trainer.make_experience(full.take(list(range(rank * n, (rank + 1) * n))))

@@ -8,9 +8,10 @@ import torch
 
 from reinforcepp.agents import EnvError
 from reinforcepp.core import ESTIMATORS
-from reinforcepp.lm.generation import Generation
+from reinforcepp.engines import Generation
 from reinforcepp.lm.logprobs import naive_response_logprobs, response_logprobs
-from reinforcepp.lm.trainer import Rollout, Trainer
+from reinforcepp.lm.rollout import Rollout
+from reinforcepp.lm.trainer import Trainer
 from tests.agents.envs import (
     AsyncTwoTurnEnv,
     BadObservationEnv,
@@ -30,7 +31,7 @@ def make_trainer(tmp_path, env=TwoTurnEnv, **overrides):
 def rollout_of(trainer, n_rows=4, k=4, seed=0):
     rows = [trainer.train_data[i] for i in range(n_rows)]
     torch.manual_seed(seed)
-    gen, prompts, completions, expanded, result = trainer._generate_and_score(rows, k, trainer._sampling())
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, k, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 
@@ -69,7 +70,7 @@ def test_zero_gradient_on_environment_tokens(tmp_path):
 
     handle = trainer.policy.lm_head.register_forward_hook(keep)
     try:
-        loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+        loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
         loss.backward()
     finally:
         handle.remove()
@@ -134,7 +135,7 @@ def test_two_turn_logprobs_equal_one_forward(tmp_path, engine):
     are the argmax of that forward, whichever engine generated them."""
     trainer = make_trainer(tmp_path, engine=engine)
     rows = [trainer.train_data[i] for i in range(3)]
-    gen = trainer._generate_and_score(rows, 1, trainer._sampling(greedy=True))[0]
+    gen = trainer.sampler.generate_and_score(rows, 1, trainer.sampler.sampling(greedy=True), trainer.step)[0]
     exp = trainer.make_experience(Rollout(rows, [""] * 3, [""] * 3, gen, torch.zeros(3), {}, {}))
     b = exp.batch
     one = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs

@@ -26,7 +26,7 @@ def test_group_estimators_are_refused_with_a_reason():
 
 def test_cli_trains_and_evaluates(tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert main(["--env", "CartPole-v1", "--steps", "256", "--run-dir", run, "num_envs=2", "steps_per_env=64", "progress=false",
+    assert main(["--env", "CartPole-v1", "--steps", "256", "--output-dir", run, "num_envs=2", "steps_per_env=64", "progress=false",
                  "eval_episodes=1", "tensorboard=false"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eval/episodes"] == 1.0
@@ -57,7 +57,7 @@ def test_cli_applies_the_tuned_preset_and_says_so(tmp_path, capsys):
     assert "no tuned preset" in capsys.readouterr().out
     # the CLI's first line names the preset
     run = str(tmp_path / "run")
-    assert main(["--env", "CartPole-v1", "--steps", "128", "--run-dir", run, "steps_per_env=16", "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
+    assert main(["--env", "CartPole-v1", "--steps", "128", "--output-dir", run, "steps_per_env=16", "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("reinforcepp gym: CartPole-v1 / reinforce_pp: tuned preset applied") and json.loads(out[-1])["eval/episodes"] == 1.0
 

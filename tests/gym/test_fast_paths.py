@@ -59,7 +59,7 @@ def test_update_equals_per_mini_batch_indexing(tmp_path):
     from reinforcepp.core import aggregate, policy_loss, value_loss
 
     cfg = GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=100, epochs=3, mini_batch_size=64,
-                    run_dir=str(tmp_path), progress=False, tensorboard=False)
+                    output_dir=str(tmp_path), progress=False, tensorboard=False)
     tr = GymTrainer(cfg)
     try:
         tr.collector.reset(0)
@@ -102,7 +102,7 @@ def test_compiled_update_gives_the_eager_weights_and_metrics(tmp_path):
 
     def trainer(name: str, compiled: bool) -> GymTrainer:
         cfg = GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=100, epochs=2, mini_batch_size=64, entropy_coef=0.01,
-                        run_dir=str(tmp_path / name), progress=False, tensorboard=False, torch_compile=compiled)
+                        output_dir=str(tmp_path / name), progress=False, tensorboard=False, torch_compile=compiled)
         return GymTrainer(cfg)
 
     eager, compiled = trainer("eager", False), trainer("compiled", True)

@@ -20,7 +20,7 @@ from gym_toy_env import TOY_ID
 
 
 def make_trainer(tmp_path, **kw) -> GymTrainer:
-    cfg = GymConfig(env_id=TOY_ID, num_envs=1, steps_per_env=10, gamma=0.5, run_dir=str(tmp_path), progress=False, tensorboard=False, **kw)
+    cfg = GymConfig(env_id=TOY_ID, num_envs=1, steps_per_env=10, gamma=0.5, output_dir=str(tmp_path), progress=False, tensorboard=False, **kw)
     trainer = GymTrainer(cfg)
     trainer.collector.reset(0)
     return trainer

@@ -18,7 +18,7 @@ RANDOM_CARTPOLE = 22.0  # mean return of the uniform random policy
 
 def test_cartpole_learns_critic_free(tmp_path):
     cfg = GymConfig(env_id="CartPole-v1", total_env_steps=16_384, lr=1e-3, eval_every=0, eval_episodes=5, seed=0,
-                    run_dir=str(tmp_path / "run"), progress=False)
+                    output_dir=str(tmp_path / "run"), progress=False)
     final = train(cfg)
     rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     early = rows[0]["episode/return_mean"]
@@ -39,7 +39,7 @@ def test_cartpole_learns_critic_free(tmp_path):
 
 def test_cartpole_learns_with_gae(tmp_path):
     cfg = GymConfig(env_id="CartPole-v1", estimator="gae", total_env_steps=16_384, lr=1e-3, eval_every=0, eval_episodes=5,
-                    seed=0, run_dir=str(tmp_path), progress=False, tensorboard=False)
+                    seed=0, output_dir=str(tmp_path), progress=False, tensorboard=False)
     final = train(cfg)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert "loss/value" in rows[-1]
@@ -57,13 +57,13 @@ def test_resume_is_exact(tmp_path, estimator):
     common = dict(env_id="CartPole-v1", estimator=estimator, num_envs=2, steps_per_env=64, eval_every=0, eval_episodes=1,
                   progress=False, tensorboard=False, normalize_obs=True, normalize_reward=True, lr=1e-3)
     full = tmp_path / "full"
-    train(GymConfig(**common, total_env_steps=512, save_every=256, run_dir=str(full)))
+    train(GymConfig(**common, total_env_steps=512, save_every=256, output_dir=str(full)))
     part = tmp_path / "part"
-    train(GymConfig(**common, total_env_steps=256, run_dir=str(part)))
+    train(GymConfig(**common, total_env_steps=256, output_dir=str(part)))
     # a row logged after the checkpoint (as by a crash) must be dropped on resume
     with (part / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 999, "kind": "train", "junk": 1.0}) + "\n")
-    train(GymConfig(**common, total_env_steps=512, run_dir=str(part), resume=True))
+    train(GymConfig(**common, total_env_steps=512, output_dir=str(part), resume=True))
     for a, b in zip(_final_weights(full), _final_weights(part)):
         if a is not None:
             assert all(torch.equal(a[k], b[k]) for k in a)
@@ -77,7 +77,7 @@ def test_resume_is_exact(tmp_path, estimator):
 def test_sync_and_async_give_the_same_rollout(tmp_path):
     batches = []
     for mode in ("sync", "async"):
-        tr = GymTrainer(GymConfig(env_id="CartPole-v1", num_envs=2, steps_per_env=40, vectorization=mode, run_dir=str(tmp_path), estimator="gae"))
+        tr = GymTrainer(GymConfig(env_id="CartPole-v1", num_envs=2, steps_per_env=40, vectorization=mode, output_dir=str(tmp_path), estimator="gae"))
         try:
             tr.collector.reset(3)
             batches.append(tr.collector.collect(0))
@@ -90,7 +90,7 @@ def test_sync_and_async_give_the_same_rollout(tmp_path):
 
 def test_continuous_actions_pendulum(tmp_path):
     cfg = GymConfig(env_id="Pendulum-v1", num_envs=2, steps_per_env=200, total_env_steps=800, normalize_obs=True, normalize_reward=True,
-                    eval_every=0, eval_episodes=1, run_dir=str(tmp_path), progress=False, tensorboard=False)
+                    eval_every=0, eval_episodes=1, output_dir=str(tmp_path), progress=False, tensorboard=False)
     final = train(cfg)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert rows[-1]["episodes"] == 2 and rows[-1]["episode/truncated_frac"] == 1.0  # Pendulum only truncates
@@ -99,12 +99,12 @@ def test_continuous_actions_pendulum(tmp_path):
 
 def test_torch_threads_are_set(tmp_path):
     torch.set_num_threads(2)
-    GymTrainer(GymConfig(run_dir=str(tmp_path), torch_threads=1)).close()
+    GymTrainer(GymConfig(output_dir=str(tmp_path), torch_threads=1)).close()
     assert torch.get_num_threads() == 1
 
 
 def test_video_recording_or_clear_error(tmp_path):
-    tr = GymTrainer(GymConfig(run_dir=str(tmp_path)))
+    tr = GymTrainer(GymConfig(output_dir=str(tmp_path)))
     try:
         import moviepy  # noqa: F401
     except ImportError:
@@ -119,14 +119,14 @@ def test_video_recording_or_clear_error(tmp_path):
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
-    from reinforcepp.gym.trainer import NonFiniteError
+    from reinforcepp.errors import NonFiniteError
 
     trainer = GymTrainer(GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=64, total_env_steps=1024, lr=1e30,
-                                   eval_every=0, progress=False, tensorboard=False, run_dir=str(tmp_path), max_nonfinite_steps=3))
+                                   eval_every=0, progress=False, tensorboard=False, output_dir=str(tmp_path), max_nonfinite_steps=3))
     try:
         with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
             trainer.train()
-        assert trainer.nonfinite_total == 3
+        assert trainer.guard.total == 3
         assert all(bool(torch.isfinite(p).all()) for p in trainer.params)  # a NaN never reaches the weights
     finally:
         trainer.close()

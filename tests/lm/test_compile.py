@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from reinforcepp.config import ConfigError
-from reinforcepp.lm.generation import SamplingParams, SharedPromptSampler
-from reinforcepp.lm.trainer import Trainer, set_seed
+from reinforcepp.engines import SamplingParams, SharedPromptSampler
+from reinforcepp.lm.trainer import Trainer
+from reinforcepp.run.rng import set_seed
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
 
@@ -54,7 +55,7 @@ def test_compiled_update_gives_the_eager_weights_and_metrics(tmp_path):
         return Trainer(cfg, model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
 
     compiled, eager = make("compiled", torch_compile="update"), make("eager")
-    assert hasattr(compiled.train_policy, "_orig_mod") and not hasattr(eager.train_policy, "_orig_mod")
+    assert hasattr(compiled.models.train_policy, "_orig_mod") and not hasattr(eager.models.train_policy, "_orig_mod")
     mc, me = _steps(compiled, 3), _steps(eager, 3)
     for pc, pe in zip(compiled.policy.parameters(), eager.policy.parameters()):
         torch.testing.assert_close(pc, pe, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ import torch
 
 from reinforcepp.config import ConfigError
 from reinforcepp.lm.config import LMConfig
-from reinforcepp.lm.generation import (
+from reinforcepp.engines import (
     ENGINES,
     Generation,
     SharedPromptSampler,
@@ -30,8 +30,9 @@ class CopyingEngine(SharedPromptSampler):
         super().__init__(copy.deepcopy(model), tokenizer, device=device)
         self.syncs = 0
 
-    def sync_weights(self, model, weights=None):
+    def sync_weights(self, model, weights=None, *, version=0):
         self.syncs += 1
+        self.weight_version = version
         with torch.no_grad():
             mine = dict(self.model.named_parameters())
             for name, tensor in (weights or full_weights(model))():
@@ -128,7 +129,7 @@ def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
 
 def test_hf_engines_report_the_sampled_distributions_logprobs():
     from reinforcepp.lm.batch import collate
-    from reinforcepp.lm.generation import (
+    from reinforcepp.engines import (
         HFGenerationEngine,
         SamplingParams,
         filter_logits,
@@ -155,7 +156,7 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"vllm_gpu_memory_utilization": 0.5})
     with pytest.raises(ConfigError, match="tis_cap must be > 0"):
         LMConfig.from_dict({"tis_cap": 0})
-    import reinforcepp.lm.vllm_engine as ve
+    import reinforcepp.engines.vllm as ve
 
     monkeypatch.setattr(ve, "vllm_available", lambda: True)
     with pytest.raises(ConfigError, match=r"vllm_sleep=true needs a CUDA GPU"):
@@ -167,7 +168,7 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
 
 
 def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys):
-    import reinforcepp.lm.vllm_engine as ve
+    import reinforcepp.engines.vllm as ve
     from reinforcepp.cli import main
 
     monkeypatch.setattr(ve, "vllm_available", lambda: False)

@@ -9,7 +9,9 @@ from reinforcepp.lm.batch import collate
 from reinforcepp.lm.fused import fuse_old_logprobs
 from reinforcepp.lm.models import frozen_copy
 from reinforcepp.lm.profile import update_tokens
-from reinforcepp.lm.trainer import PhaseTimer, Trainer, set_seed
+from reinforcepp.lm.trainer import Trainer
+from reinforcepp.run.rng import set_seed
+from reinforcepp.run.timer import PhaseTimer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
 
@@ -57,7 +59,7 @@ def test_fused_old_logprobs_equal_the_separate_pass_with_one_forward_less(tmp_pa
     # (the policy leaves the reference after step 1, so the KL reward is not zero).
     fused = _trainer(tmp_path / "fused", micro_batch_size=16, kl_coef=0.5)
     separate = _trainer(tmp_path / "separate", micro_batch_size=16, kl_coef=0.5, fuse_old_logprobs=False)
-    assert fused.fuse_old and not separate.fuse_old
+    assert fused.maker.fuse_old and not separate.maker.fuse_old
     mf, ff = _steps(fused, 3)
     ms, fs = _steps(separate, 3)
     _assert_same_run(fused, separate, mf, ms)
@@ -89,7 +91,7 @@ def test_fusion_only_where_the_math_allows_it():
 
 def test_several_epochs_keep_the_separate_pass(tmp_path):
     trainer = _trainer(tmp_path, micro_batch_size=16, epochs=2, fuse_old_logprobs=True)
-    assert not trainer.fuse_old
+    assert not trainer.maker.fuse_old
     _, forwards = _steps(trainer, 1)
     assert forwards == [2 + 2 * 2]  # old (no grad) + 2 epochs of updates
 
@@ -100,7 +102,7 @@ def test_zero_kl_coef_skips_the_reference_and_changes_nothing(tmp_path):
     skipped = _trainer(tmp_path / "skip", kl_coef=0.0, kl_placement="reward", micro_batch_size=16)
     assert skipped.ref_model is None and skipped.kl_placement == "none"
     today = _trainer(tmp_path / "today", kl_coef=0.0, kl_placement="reward", micro_batch_size=16, fuse_old_logprobs=False)
-    today.kl_placement, today.ref_model = "reward", frozen_copy(today.policy)  # the previous behaviour
+    today.maker.kl_placement, today.models.reference = "reward", frozen_copy(today.policy)  # the previous behaviour
     ms, fs = _steps(skipped, 2)
     mt, ft = _steps(today, 2)
     for pa, pb in zip(skipped.policy.parameters(), today.policy.parameters()):

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from reinforcepp.lm.generation import (
+from reinforcepp.engines import (
     HFGenerationEngine,
     SamplingParams,
     SharedPromptSampler,
@@ -62,7 +62,7 @@ def test_sampler_and_shared_forward_use_the_current_cache_argument():
     import inspect
     import warnings
 
-    from reinforcepp.lm.kv_cache import cache_argument
+    from reinforcepp.engines.kv_cache import cache_argument
     from reinforcepp.lm.logprobs import response_logprobs
 
     tok, model = tiny_policy(seed=2)
@@ -80,7 +80,7 @@ def test_sampler_and_shared_forward_use_the_current_cache_argument():
 
 
 def test_cache_argument_follows_the_forward_signature():
-    from reinforcepp.lm.kv_cache import cache_argument
+    from reinforcepp.engines.kv_cache import cache_argument
 
     class Old(torch.nn.Module):  # transformers 4.x signature
         def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
@@ -98,7 +98,7 @@ def test_reserved_cache_layers_hold_what_the_growing_ones_hold():
     # batch_select_indices), then one position at a time past the reservation (the buffer
     # doubles): at every step the same keys and values as transformers' own DynamicCache,
     # and the returned tensors are views of one buffer, not copies.
-    from reinforcepp.lm.kv_cache import new_cache
+    from reinforcepp.engines.kv_cache import new_cache
 
     torch.manual_seed(0)
     grow, reserved = new_cache(), new_cache(reserve=8)
@@ -121,7 +121,7 @@ def test_reserved_cache_layers_hold_what_the_growing_ones_hold():
 
 
 def test_the_sampler_reserves_room_for_prompt_and_response(monkeypatch):
-    import reinforcepp.lm.kv_cache as kv
+    import reinforcepp.engines.kv_cache as kv
 
     reserved: list[int] = []
     original = kv.new_cache

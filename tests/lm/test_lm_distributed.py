@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reinforcepp.lm.trainer import Rollout, Trainer
+from reinforcepp.lm.rollout import Rollout
+from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.ranks import run_trainer_ranks
@@ -26,7 +27,7 @@ def _full_rollout(trainer: Trainer) -> Rollout:
     """The same rollout on every process: a fixed seed and the same prompts."""
     rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
     torch.manual_seed(123)
-    gen, prompts, completions, expanded, result = trainer._generate_and_score(rows, K, trainer._sampling())
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, K, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 
@@ -44,7 +45,7 @@ def _train_once(trainer: Trainer, rank: int, world: int):
 def _rank_result(rank, world, tmp, out):
     tok, model = tiny_policy()
     trainer = Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
-    assert trainer.dist.world_size == world and trainer.prompts_per_rank == PROMPTS // world
+    assert trainer.dist.world_size == world and trainer.rt.prompts_per_rank == PROMPTS // world
     adv, metrics, params = _train_once(trainer, rank, world)
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
 

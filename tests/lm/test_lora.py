@@ -58,7 +58,7 @@ def test_only_adapters_train_and_the_reference_is_the_base(run):
         assert torch.equal(base_now[key], value), name
     # gradients reach the adapters and nothing else
     exp = trainer.make_experience(trainer.rollout())
-    loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
     loss.backward()
     with_grad = {n for n, p in trainer.policy.named_parameters() if p.grad is not None}
     assert with_grad == set(trained)
@@ -153,7 +153,7 @@ def test_a_peft_model_passed_from_python_resumes_and_trains(tmp_path):
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     settings = dict(lora_rank=0, lora_alpha=32.0, total_steps=1, output_dir=str(tmp_path))
     first = _trainer(tmp_path, model=peft_model, **settings)
-    assert first.lora and type(first.ref_model).__name__ == "AdaptersOff"
+    assert first.models.lora and type(first.ref_model).__name__ == "AdaptersOff"
     first.train()
     resumed = _trainer(tmp_path, resume=True, **{**settings, "total_steps": 2})
     trainable = [n for n, p in resumed.policy.named_parameters() if p.requires_grad]

@@ -34,10 +34,10 @@ def test_mask_truncated_completions_equals_the_loss_without_them(tmp_path):
     assert exp.loss_mask is not None and bool((exp.loss_mask[truncated] == 0).all())
     kept = torch.nonzero(~truncated).flatten()
     lm = exp.loss_mask
-    masked = trainer._micro_loss(exp, float(lm.sum()), float((lm.sum(1) > 0).sum()), defaultdict(list), defaultdict(list))
+    masked = trainer.updater.micro_loss(exp, float(lm.sum()), float((lm.sum(1) > 0).sum()), defaultdict(list), defaultdict(list))
     sub = exp.select(kept)
     sub.loss_mask = None
-    alone = trainer._micro_loss(sub, float(sub.response_mask.sum()), float(len(kept)), defaultdict(list), defaultdict(list))
+    alone = trainer.updater.micro_loss(sub, float(sub.response_mask.sum()), float(len(kept)), defaultdict(list), defaultdict(list))
     assert_close(masked, alone, atol=1e-6, rtol=0)
 
 

@@ -18,7 +18,8 @@ from reinforcepp.core import kl_return_share
 from reinforcepp.lm import cli
 from reinforcepp.lm.config import LMConfig
 from reinforcepp.lm.sft import SFTConfig, default_sft_lr, sft_train
-from reinforcepp.lm.trainer import REFERENCE_RECORD, Trainer
+from reinforcepp.lm.reference import REFERENCE_RECORD
+from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 

@@ -28,13 +28,13 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_float32_logprobs(tmp_p
     torch.manual_seed(0)
     exp = trainer.make_experience(trainer.rollout())
     assert seen and set(seen) == {torch.bfloat16}  # sampling and the early update forward
-    out = trainer._policy_forward(exp.batch)
-    ref = plain._policy_forward(exp.batch)
+    out = trainer.updater.forward(exp.batch)
+    ref = plain.updater.forward(exp.batch)
     assert out.logprobs.dtype == torch.float32
     m = exp.response_mask.bool()
     err = (out.logprobs - ref.logprobs)[m].abs().max()
     assert 0 < err < 0.1, err  # bfloat16 rounding, not a different model
-    assert plain.autocast_dtype is None and ref.logprobs.dtype == torch.float32
+    assert plain.rt.autocast_dtype is None and ref.logprobs.dtype == torch.float32
 
 
 def test_reward_rises_with_bf16_autocast(tmp_path):
@@ -51,7 +51,7 @@ def test_bf16_full_finetuning_keeps_float32_master_weights_and_adam_state(tmp_pa
 
     trainer = Trainer(small_config(tmp_path, model=None, dtype="bfloat16", total_steps=1, prompts_per_step=4, micro_batch_size=16),
                       tokenizer=build_char_tokenizer(), reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
-    assert trainer.dtype is torch.bfloat16 and trainer.autocast_dtype is torch.bfloat16
+    assert trainer.rt.dtype is torch.bfloat16 and trainer.rt.autocast_dtype is torch.bfloat16
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
     seen: list[torch.dtype] = []
     trainer.policy.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))

@@ -8,7 +8,8 @@ import torch
 from reinforcepp.config import ConfigError
 from reinforcepp.core import ESTIMATORS, Advantages, kl_penalty, policy_loss, register_estimator
 from reinforcepp.lm.config import LMConfig
-from reinforcepp.lm.trainer import NonFiniteError, Trainer
+from reinforcepp.errors import NonFiniteError
+from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
@@ -38,7 +39,7 @@ def test_reward_rises_for_every_estimator(tmp_path, estimator):
 
 def test_run_directory_has_every_output(tmp_path):
     trainer = make_trainer(tmp_path, total_steps=2, tensorboard=True, eval_every=1, log_samples_every=1)
-    trainer.eval_data = reverse_dataset(8, seed=1)
+    trainer.data.eval = reverse_dataset(8, seed=1)
     trainer.train()
     run = trainer.run_dir
     rows = read_metrics(run)
@@ -76,7 +77,7 @@ def test_kl_in_reward_enters_advantages_not_loss(tmp_path):
     # Policy loss gradient only: the loss has no KL term.
     from collections import defaultdict
 
-    loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
     from reinforcepp.lm.logprobs import response_logprobs
 
     b = exp.batch
@@ -96,7 +97,7 @@ def test_kl_in_loss_has_gradient_and_no_reward_term(tmp_path):
 
     from reinforcepp.lm.logprobs import response_logprobs
 
-    loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
     b = exp.batch
     logp = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
     m = b.response_mask

@@ -15,7 +15,7 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)")
 
 from reinforcepp.lm.batch import collate
-from reinforcepp.lm.generation import SamplingParams, SharedPromptSampler
+from reinforcepp.engines import SamplingParams, SharedPromptSampler
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 
@@ -36,7 +36,7 @@ def peaked_policy(seed: int):
 
 @pytest.fixture(scope="module")
 def engine():
-    from reinforcepp.lm.vllm_engine import VLLMEngine
+    from reinforcepp.engines.vllm import VLLMEngine
 
     torch.set_num_threads(1)
     tok, model = peaked_policy(0)

@@ -65,7 +65,7 @@ class ThreadServer:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        from reinforcepp.remote.server import bind
+        from reinforcepp.serve.app import bind
 
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"

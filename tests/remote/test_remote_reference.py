@@ -15,7 +15,7 @@ from reinforcepp.lm.batch import collate
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote import RemoteError, RemoteReference, RemoteSettings
-from reinforcepp.remote.server import reference_app
+from reinforcepp.serve.reference import reference_app
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 from tests.lm.test_lm_distributed import _settings, _train_once

@@ -15,7 +15,7 @@ from reinforcepp.remote import (
     RemoteSettings,
 )
 from reinforcepp.cli import main as reinforcepp_main
-from reinforcepp.remote.server import reward_app
+from reinforcepp.serve.reward import reward_app
 from reinforcepp.rewards import (
     RemoteReward,
     RewardError,

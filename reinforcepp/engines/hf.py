@@ -1,138 +1,28 @@
-"""Generation engines: the trainer asks an engine for samples and knows nothing else about it.
+"""The Hugging Face engines: sampling with the policy being trained, in the trainer's process.
 
-An engine implements :class:`GenerationEngine`. Two ship, both sampling from the policy being
-trained (KV cache, left-padded prompts, temperature / top-p / top-k, stop at EOS, truncation
-flagged): ``hf`` (:class:`SharedPromptSampler`, the default), a decoding loop over the model's
-cached forward that runs each prompt once for all its samples, and ``hf_generate``
-(:class:`HFGenerationEngine`), ``transformers``' own ``generate``. ``vllm``
-(:mod:`reinforcepp.lm.vllm_engine`) samples with vLLM and holds its own copy of the weights,
-which the trainer refreshes with :meth:`GenerationEngine.sync_weights` after every update.
-Other engines plug in through the same interface and :func:`register_engine`.
+Both share the training model itself, so their weights are always the policy's (``sync_weights``
+only records the version):
 
-Every engine returns the log-probs it sampled each token with (``sampler_logprobs``, under the
-distribution actually sampled from: temperature, top-k and top-p applied), which the trainer
-compares with its own recomputed ``old_logprobs`` (``rollout/logprob_abs_diff_*``) and uses for
-truncated importance sampling (``tis_cap``).
+* ``hf`` (:class:`SharedPromptSampler`, the default): a decoding loop over the model's cached
+  forward that runs each prompt once for all its samples (KV cache reserved ahead,
+  :mod:`.kv_cache`; with ``torch_compile`` ``decode`` or ``all`` a compiled step over a static
+  cache, :class:`DecodeCache`);
+* ``hf_generate`` (:class:`HFGenerationEngine`): ``transformers``' own ``generate``.
+
+Both sample with temperature / top-p / top-k, stop at EOS, flag truncation, and return the
+log-probs they sampled each token with (``sampler_logprobs``, under the distribution actually
+sampled from: temperature, top-k and top-p applied).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
 
-from .batch import left_pad
-
-if TYPE_CHECKING:
-    from ..agents.rollout import EpisodeInfo
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-
-
-@dataclass
-class Generation:
-    """``k`` samples for each of ``P`` prompts, laid out prompt by prompt (``N = P * k``).
-
-    Attributes:
-        prompt_ids: ``N`` token lists (each prompt repeated ``k`` times).
-        response_ids: ``N`` token lists, up to and including EOS when one was generated.
-        truncated: ``(N,)`` bool, True where ``max_new_tokens`` was reached without EOS.
-        sampler_logprobs: ``N`` float lists aligned with ``response_ids``: the log-prob the
-            engine sampled each token with; ``None`` when the engine does not report them.
-        response_masks: multi-turn episodes only: ``N`` 0/1 lists as long as the responses, 1 on
-            the model's own tokens and 0 on the environment's (``None`` = every token is the model's).
-        episodes: multi-turn episodes only: their per-episode results (reinforcepp.agents).
-    """
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]
-    truncated: Tensor
-    sampler_logprobs: Optional[list[list[float]]] = None
-    response_masks: Optional[list[list[int]]] = None
-    episodes: Optional["EpisodeInfo"] = None
-
-    def take(self, index: Sequence[int]) -> "Generation":
-        """The responses at ``index``, in that order."""
-        index = list(index)
-        lp, masks = self.sampler_logprobs, self.response_masks
-        return Generation([self.prompt_ids[i] for i in index], [self.response_ids[i] for i in index], self.truncated[index],
-                          None if lp is None else [lp[i] for i in index], None if masks is None else [masks[i] for i in index],
-                          None if self.episodes is None else self.episodes.select(index))
-
-    @staticmethod
-    def concat(parts: Sequence["Generation"]) -> "Generation":
-        has_lp = all(g.sampler_logprobs is not None for g in parts)
-        has_masks = all(g.response_masks is not None for g in parts)
-        episodes = None
-        if all(g.episodes is not None for g in parts):
-            from ..agents.rollout import EpisodeInfo
-
-            episodes = EpisodeInfo.concat([g.episodes for g in parts if g.episodes is not None])
-        return Generation([x for g in parts for x in g.prompt_ids], [x for g in parts for x in g.response_ids], torch.cat([g.truncated for g in parts]),
-                          [x for g in parts for x in g.sampler_logprobs or []] if has_lp else None,
-                          [x for g in parts for x in g.response_masks or []] if has_masks else None, episodes)
-    def sampler_logprob_tensor(self, response_length: int) -> Optional[Tensor]:
-        """``(N, response_length)`` float32, right-padded with 0 (like the response tokens)."""
-        if self.sampler_logprobs is None:
-            return None
-        out = torch.zeros(len(self.sampler_logprobs), response_length)
-        for i, row in enumerate(self.sampler_logprobs):
-            row = row[:response_length]
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        return out
-
-
-WeightProvider = Callable[[], Iterable[tuple[str, Tensor]]]
-"""Returns the policy's full weights as ``(name, tensor)`` pairs, named as in its Hugging Face
-checkpoint. The default is :func:`full_weights`; a sharded policy gathers its shards, a LoRA
-policy merges its adapters, and hands that function to :meth:`GenerationEngine.sync_weights`."""
-
-
-def full_weights(model: torch.nn.Module) -> WeightProvider:
-    """The provider of an unsharded model: its parameters (tied ones once) and persistent buffers."""
-
-    def provide() -> list[tuple[str, Tensor]]:
-        persistent = set(model.state_dict().keys())
-        named: dict[str, Tensor] = dict(model.named_parameters())
-        named.update((n, b) for n, b in model.named_buffers() if n in persistent)
-        return [(n, t.detach()) for n, t in named.items()]
-
-    return provide
-
-
-class GenerationEngine(Protocol):
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation: ...
-
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None) -> None:
-        """Make the engine sample from the policy's current weights: ``weights()`` when given
-        (a sharded or LoRA policy's full weights), else ``model``'s own. A no-op for engines
-        that share the model. The trainer calls it after every update that changed them."""
-        ...
-
-    def sleep(self) -> None:
-        """Free memory the engine does not need until its next ``sync_weights`` or
-        ``generate`` (the trainer calls it after each rollout; a no-op for most engines)."""
-        ...
-
-
-def split_responses(sequences: Tensor, eos_token_id: int | Sequence[int], max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
-    """Cut generated ``(N, T)`` token rows after the first EOS; flag rows with no EOS."""
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    is_eos = torch.isin(sequences, eos)
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, sequences.shape[1] - 1, dtype=torch.long))
-    rows = [sequences[i, : int(first[i]) + 1].tolist() for i in range(sequences.shape[0])]
-    truncated = ~has_eos & torch.tensor([len(r) >= max_new_tokens for r in rows])
-    return rows, truncated
+from .base import Generation, SamplingParams, WeightProvider, left_pad, position_ids_from_mask, split_responses
+from .registry import register_engine
 
 
 class HFGenerationEngine:
@@ -142,9 +32,11 @@ class HFGenerationEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.weight_version = 0
 
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None) -> None:
+    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0) -> None:
         self.model = model  # the engine samples from the training model itself: nothing to copy
+        self.weight_version = version
 
     def sleep(self) -> None:
         pass
@@ -178,7 +70,8 @@ class HFGenerationEngine:
         logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1) for t, s in enumerate(out.scores)], 1)
         responses, truncated = split_responses(new.cpu(), tok.eos_token_id, params.max_new_tokens)
         prompts = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
-        return Generation(prompts, responses, truncated, [logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)])
+        sampled = [logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]
+        return Generation(prompts, responses, truncated, sampled).with_version(self.weight_version)
 
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -220,7 +113,6 @@ class SharedPromptSampler(HFGenerationEngine):
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
         from .kv_cache import new_cache, with_cache
-        from .logprobs import position_ids_from_mask
 
         tok = self.tokenizer
         ids, attn = left_pad(prompt_ids, tok.pad_token_id)
@@ -262,7 +154,9 @@ class SharedPromptSampler(HFGenerationEngine):
             self.model.train(was_training)
         responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id, params.max_new_tokens)
         sampled = torch.stack(logprobs, 1).cpu()
-        return Generation([list(prompt_ids[int(r)]) for r in rows], responses, truncated, [sampled[i, : len(r)].tolist() for i, r in enumerate(responses)])
+        prompts = [list(prompt_ids[int(r)]) for r in rows]
+        lps = [sampled[i, : len(r)].tolist() for i, r in enumerate(responses)]
+        return Generation(prompts, responses, truncated, lps).with_version(self.weight_version)
 
 
 class DecodeCache:
@@ -312,22 +206,5 @@ class DecodeCache:
         return self.step, cache, mask
 
 
-def _vllm_engine(model: torch.nn.Module, tokenizer, *, device, config=None) -> GenerationEngine:
-    from .vllm_engine import VLLMEngine  # imports vLLM only when asked for
-
-    return VLLMEngine(model, tokenizer, device=device, config=config)
-
-
-ENGINES: dict[str, Callable[..., GenerationEngine]] = {"hf": SharedPromptSampler, "hf_generate": HFGenerationEngine, "vllm": _vllm_engine}
-
-
-def register_engine(name: str, factory: Callable[..., GenerationEngine]) -> None:
-    """Register an engine factory ``factory(model, tokenizer, device=..., config=...)`` under
-    ``name`` (``config`` is the trainer's :class:`~reinforcepp.lm.config.LMConfig`)."""
-    ENGINES[name] = factory
-
-
-def make_engine(name: str, model: torch.nn.Module, tokenizer, device, config=None) -> GenerationEngine:
-    if name not in ENGINES:
-        raise ValueError(f"unknown generation engine {name!r}; valid: {', '.join(ENGINES)}")
-    return ENGINES[name](model, tokenizer, device=device, config=config)
+register_engine("hf", SharedPromptSampler, help="cached sampling loop, each prompt prefilled once for its samples (the default)")
+register_engine("hf_generate", HFGenerationEngine, help="transformers' generate")

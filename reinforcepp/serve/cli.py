@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .client import RemoteError, is_loopback, read_token
+from ..remote.client import RemoteError, is_loopback, read_token
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from .server import MISSING_EXTRA, bind, run
+    from .app import MISSING_EXTRA, bind, run
 
     try:
         import fastapi  # noqa: F401
@@ -94,7 +94,7 @@ def _reference(args: argparse.Namespace, token: str | None, limit: int):
         resolve_device,
         resolve_dtype,
     )
-    from .server import reference_app
+    from .reference import reference_app
 
     if args.max_batch_tokens < 1:
         raise ValueError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
@@ -117,7 +117,7 @@ def _reference(args: argparse.Namespace, token: str | None, limit: int):
 
 def _reward(args: argparse.Namespace, token: str | None, limit: int):
     from ..rewards import load_reward_source
-    from .server import reward_app
+    from .reward import reward_app
 
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
