@@ -172,7 +172,7 @@ def test_gym_comparison_end_to_end(tmp_path, capsys):
 
 
 def test_estimator_variants_carry_their_own_settings():
-    from reinforcepp.compare import _run_name, parse_variant
+    from reinforcepp.compare import parse_variant, run_name as _run_name
 
     assert parse_variant("grpo[kl_estimator=k3+;kl_placement=loss]") == ("grpo", ["kl_estimator=k3+", "kl_placement=loss"])
     assert parse_variant("reinforce_pp") == ("reinforce_pp", [])

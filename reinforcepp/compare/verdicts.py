@@ -1,0 +1,135 @@
+"""The paper's claims that ``reinforcepp compare`` tests, and the rules that give their verdicts.
+
+:data:`RULES` states each rule in words (the report prints them); :func:`verdict_ratio`,
+:func:`verdict_interval` and :func:`verdict_spread` apply them to numbers; :func:`claims` turns the
+per-estimator summaries of :mod:`.stats` into one :class:`Claim` per claim, with its evidence.
+A verdict is HOLDS, DOES NOT HOLD, INCONCLUSIVE or NOT TESTED (an estimator it needs is missing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .stats import EstimatorSummary, format_mean_std, paired_ratios, ratio
+
+RULES = {
+    "ratio": "ratio of means r = REINFORCE++ / PPO (gae), and the paired ratios of each seed (the two runs of a seed "
+             "ran one after the other, under the same machine load): HOLDS if r <= 0.95 and every paired ratio < 1, "
+             "DOES NOT HOLD if r >= 1.05 and every paired ratio > 1, INCONCLUSIVE otherwise (timings and RSS on a "
+             "shared machine move by several percent from run to run)",
+    "interval": "mean +- std over seeds of each estimator: HOLDS if REINFORCE++'s whole interval lies below GRPO's, "
+                "DOES NOT HOLD if it lies above, INCONCLUSIVE if the intervals overlap or a side has fewer than "
+                "2 seeds",
+    "spread": "s = std over seeds of the final held-out accuracy: HOLDS if s(REINFORCE++) <= 0.8 s(GRPO), "
+              "DOES NOT HOLD if s(REINFORCE++) >= 1.25 s(GRPO), INCONCLUSIVE in between, when both are 0, "
+              "or with fewer than 2 seeds",
+}
+
+
+@dataclass
+class Claim:
+    name: str
+    statement: str
+    rule: str
+    verdict: str
+    evidence: str
+
+
+def verdict_ratio(r: float, paired: Sequence[float] = ()) -> str:
+    """Ratio rule of :data:`RULES`: ``r`` the ratio of means, ``paired`` the per-seed ratios."""
+    if not math.isfinite(r) or not all(math.isfinite(p) for p in paired):
+        return "INCONCLUSIVE"
+    if r <= 0.95 and all(p < 1 for p in paired):
+        return "HOLDS"
+    if r >= 1.05 and all(p > 1 for p in paired):
+        return "DOES NOT HOLD"
+    return "INCONCLUSIVE"
+
+
+def verdict_interval(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """Lower is better; ``a`` is REINFORCE++, ``b`` the baseline (mean, std)."""
+    (ma, sa), (mb, sb) = a, b
+    if not all(math.isfinite(x) for x in (ma, sa, mb, sb)):
+        return "INCONCLUSIVE"
+    if ma + sa < mb - sb:
+        return "HOLDS"
+    if ma - sa > mb + sb:
+        return "DOES NOT HOLD"
+    return "INCONCLUSIVE"
+
+
+def verdict_spread(sa: float, sb: float) -> str:
+    if not (math.isfinite(sa) and math.isfinite(sb)) or (sa == 0 and sb == 0):
+        return "INCONCLUSIVE"
+    if sa <= 0.8 * sb:
+        return "HOLDS"
+    if sa >= 1.25 * sb:
+        return "DOES NOT HOLD"
+    return "INCONCLUSIVE"
+
+
+# (stat key, statement, what is measured (unit), format): the claims that compare reinforce_pp with gae
+_COST_CLAIMS = (
+    ("train_s", "REINFORCE++ trains in less time than PPO with a critic (no critic forward/backward)",
+     "training-loop time (s)", ".1f"),
+    ("train_peak_rss_mb", "REINFORCE++ needs less memory than PPO with a critic, as measured",
+     "peak RSS of the training loop (MB)", ".0f"),
+    ("state_mb", "REINFORCE++ keeps less model state than PPO with a critic (no critic weights, gradients, "
+     "optimizer state)", "models + grads + optimizer state (MB)", ".2f"),
+)
+
+
+def claims(summaries: dict[str, EstimatorSummary], mode: str) -> list[Claim]:
+    """The paper's claims that this comparison can test, each with a verdict by :data:`RULES`."""
+    out: list[Claim] = []
+    rpp, gae, grpo = (summaries.get(n) for n in ("reinforce_pp", "gae", "grpo"))
+    pm = format_mean_std
+
+    def missing(*names: str) -> str:
+        return "NOT TESTED: " + ", ".join(n for n in names if n not in summaries) + " not in this comparison"
+
+    for key, statement, what, fmt in _COST_CLAIMS:
+        if rpp is None or gae is None:
+            out.append(Claim(what, statement, RULES["ratio"], missing("reinforce_pp", "gae"), ""))
+            continue
+        r = ratio(summaries, key)
+        paired = paired_ratios(summaries, key)
+        extra = ""
+        if key == "train_peak_rss_mb":
+            extra = (f"; whole-run peak RSS ratio {ratio(summaries, 'peak_rss_mb'):.3f}, both on top of "
+                     f"~{rpp.mean_std('base_rss_mb')[0]:.0f} MB that the imports alone take")
+        elif key == "train_s":
+            extra = (f"; median step-time ratio {ratio(summaries, 'step_s'):.3f}, "
+                     f"whole-run wall-time ratio {ratio(summaries, 'wall_s'):.3f}")
+        out.append(Claim(what.split(" (")[0], statement, RULES["ratio"], verdict_ratio(r, paired),
+                         f"{what}: REINFORCE++ {pm(rpp.mean_std(key), fmt)}, gae {pm(gae.mean_std(key), fmt)}, "
+                         f"ratio {r:.3f} (per seed: {', '.join(f'{p:.3f}' for p in paired)}){extra}"))
+    if mode != "lm":
+        out.append(Claim("stability vs GRPO", "REINFORCE++ is more stable than GRPO", "",
+                         "NOT TESTED: GRPO needs several samples of one prompt; a Gymnasium reset draws a new start "
+                         "state", ""))
+        return out
+    if rpp is None or grpo is None:
+        for name in ("KL growth", "seed spread", "train vs held-out gap"):
+            out.append(Claim(name, f"REINFORCE++ beats GRPO on {name}", "", missing("reinforce_pp", "grpo"), ""))
+        return out
+    a, b = rpp.mean_std("kl_growth"), grpo.mean_std("kl_growth")
+    out.append(Claim("KL growth", "REINFORCE++'s KL to the reference grows less than GRPO's", RULES["interval"],
+                     verdict_interval(a, b),
+                     f"KL growth per token (end - start): REINFORCE++ {pm(a, '+.4f')}, GRPO {pm(b, '+.4f')}; "
+                     f"KL at the end {pm(rpp.mean_std('kl_end'), '.4f')} vs {pm(grpo.mean_std('kl_end'), '.4f')}"))
+    sa, sb = rpp.mean_std("acc_final")[1], grpo.mean_std("acc_final")[1]
+    out.append(Claim("seed spread", "REINFORCE++'s results vary less across seeds than GRPO's", RULES["spread"],
+                     verdict_spread(sa, sb),
+                     f"std over {len(rpp.seeds)} / {len(grpo.seeds)} seeds of the final held-out accuracy: "
+                     f"REINFORCE++ {sa:.3f}, GRPO {sb:.3f} "
+                     f"(means {rpp.mean_std('acc_final')[0]:.3f} vs {grpo.mean_std('acc_final')[0]:.3f})"))
+    a, b = rpp.mean_std("gap"), grpo.mean_std("gap")
+    out.append(Claim("train vs held-out gap",
+                     "REINFORCE++ overfits the training prompts less than GRPO (smaller train - held-out reward gap)",
+                     RULES["interval"], verdict_interval(a, b),
+                     f"train reward (end) - held-out sampled reward (final): REINFORCE++ {pm(a, '+.3f')}, "
+                     f"GRPO {pm(b, '+.3f')}"))
+    return out
