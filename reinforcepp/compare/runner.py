@@ -60,7 +60,7 @@ def overrides_for_run(mode: str, target: str, estimator: str, seed: int, steps: 
     else:
         preset = GYM_PRESETS.get((target, estimator), {}) if presets else {}
         base = {**GYM_DEFAULTS, **preset, "env_id": target, "estimator": estimator, "seed": seed,
-                "run_dir": str(run_dir)}
+                "output_dir": str(run_dir)}
         if steps is not None:
             base["total_env_steps"] = steps
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in base.items()] + list(overrides)

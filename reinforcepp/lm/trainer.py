@@ -106,6 +106,7 @@ class Trainer:
     ref_model = property(lambda self: self.models.reference)
     critic = property(lambda self: self.models.critic)
     optimizer = property(lambda self: self.updater.optimizer)
+    critic_optimizer = property(lambda self: self.updater.critic_optimizer)
     kl_placement = property(lambda self: self.config.effective_kl_placement)
     dist = property(lambda self: self.rt.dist)
     parallel = property(lambda self: self.rt.parallel)
