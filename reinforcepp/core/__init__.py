@@ -17,6 +17,17 @@ from .advantages import (
     register_estimator,
     scaled_group_advantages,
 )
+from .correction import (
+    CORRECTION_LEVELS,
+    CORRECTION_MODES,
+    CorrectionLevel,
+    CorrectionMode,
+    RolloutCorrection,
+    check_rollout_correction,
+    correction_stats,
+    rollout_correction,
+    staleness_stats,
+)
 from .importance import logprob_mismatch, truncated_importance_weights
 from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, check_kl_placement, kl_penalty
 from .kl_control import AdaptiveKLController, FixedKLController, mix_reference

@@ -12,35 +12,36 @@ off-policy RL training"; OpenRLHF ``tis``, verl ``rollout_is``) corrects the rem
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .correction import rollout_correction
 from .stats import Reduce, _reduced
 
 
 def truncated_importance_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
     """Per-token TIS weight ``w = min(exp(old_logprobs - sampler_logprobs), cap)``.
 
-    Computed as ``exp(min(old_logprobs - sampler_logprobs, log cap))`` so that it never
+    The special case ``level="token"``, ``mode="truncate"``, ``high=cap`` of
+    :func:`~reinforcepp.core.correction.rollout_correction`, over every position (no mask):
+    computed as ``exp(min(old_logprobs - sampler_logprobs, log cap))`` so that it never
     overflows; the result carries no gradient. The trainer multiplies each token's
     policy-gradient loss by ``w`` (before aggregation); KL and entropy terms are not weighted.
 
     Args:
         old_logprobs: ``(N, T)`` log-probs of the sampled tokens recomputed by the trainer.
         sampler_logprobs: ``(N, T)`` log-probs the sampler drew them with.
-        cap: ``C > 0``; ``w <= C``.
+        cap: ``C > 0``, finite; ``w <= C``.
 
     Returns:
-        ``(N, T)`` float weights in ``(0, cap]`` (0 only where ``old_logprobs`` is ``-inf``).
+        ``(N, T)`` float32 weights in ``(0, cap]`` (0 only where ``old_logprobs`` is ``-inf``).
     """
     if not cap > 0:
         raise ValueError(f"the TIS cap must be > 0, got {cap}")
     if old_logprobs.shape != sampler_logprobs.shape:
         raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and sampler_logprobs {tuple(sampler_logprobs.shape)} differ in shape")
-    log_ratio = (old_logprobs.detach() - sampler_logprobs.detach()).float()
-    return torch.exp(log_ratio.clamp(max=math.log(cap)))
+    everywhere = torch.ones(old_logprobs.shape, dtype=torch.bool, device=old_logprobs.device)
+    return rollout_correction(old_logprobs, sampler_logprobs, everywhere, "truncate", "token", high=cap).weights.float()
 
 
 def logprob_mismatch(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, reduce: Reduce | None = None) -> tuple[float, float]:
