@@ -200,8 +200,8 @@ def clip_cov_loss(
     ``(cov_lb, cov_ub)``, draw ``n = max(int(clip_ratio * T_real), 1)`` at random (all of them if
     fewer qualify) and zero their loss, which detaches their gradient:
     ``L_t = 0`` for a drawn token, the PPO loss otherwise. Defaults are the paper's and verl's:
-    ``clip_ratio = 2e-4``, ``cov_lb = 1``, ``cov_ub = 5``; the paper's runs also widen the PPO
-    clip (verl recipe: ``clip_ratio_low = clip_ratio_high = 1``).
+    ``clip_ratio = 2e-4``, ``cov_lb = 1``, ``cov_ub = 5``; verl's ``recipe/entropy`` 7B script
+    also widens PPO's clip (``clip_ratio_low = clip_ratio_high = 1``).
 
     The draw takes ``generator`` (a ``torch.Generator``; ``None`` uses torch's global generator):
     the eligible tokens in row-major order are permuted by ``torch.randperm(k, generator=...)``
@@ -244,7 +244,7 @@ def kl_cov_loss(
     real tokens with the largest covariance (:func:`token_covariance`), ``L_t = -r_t A_t`` for the
     others, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and **no** PPO clip (the penalty on
     the high-covariance tokens takes its place). Defaults: verl's ``kl_cov_ratio = 2e-4`` and
-    ``ppo_kl_coef = 1``; the paper's 7B recipes use ``kl_ratio = 2e-3``. The selection is
+    ``ppo_kl_coef = 1``; verl's ``recipe/entropy`` 7B script uses ``kl_ratio = 2e-3``. The selection is
     deterministic (``torch.topk``).
 
     Args:
