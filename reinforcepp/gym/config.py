@@ -42,8 +42,8 @@ class GymConfig(Config):
         "natural-gradient step of the policy per rollout on mean(ratio * A) (conjugate gradient, KL line search); "
         "lr, lr_schedule, epochs, mini_batch_size and max_grad_norm then apply to the critic (gae) only")
     max_kl: float = option(
-        0.01, "natural: trust-region radius, the mean KL(old || new) over the rollout's states that one step "
-        "may reach (TRPO, modular_rl, SB3-contrib: 0.01)")
+        0.01, "natural: trust-region radius, the mean KL from the old to the new policy over the rollout's states "
+        "that one step may reach (TRPO, modular_rl, SB3-contrib: 0.01)")
     cg_iters: int = option(
         10, "natural: conjugate-gradient iterations solving (F + cg_damping I) s = g "
         "(Spinning Up: 10; SB3-contrib: 15)")
@@ -52,7 +52,7 @@ class GymConfig(Config):
     line_search_steps: int = option(
         10, "natural: step fractions 1, shrink, shrink^2, ... tried by the backtracking line search")
     line_search_shrink: float = option(
-        0.5, "natural: factor between two line-search tries (modular_rl, TRPO's code: 0.5; SB3-contrib: 0.8)")
+        0.5, "natural: factor between two line-search tries (modular_rl: 0.5; SB3-contrib: 0.8)")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     value_coef: float = option(0.5, "weight of the value loss (gae only)")
     value_clip: Optional[float] = option(None, "clip range of the value loss around the rollout's values, or None for the plain squared error (gae only)")

@@ -98,3 +98,17 @@ def test_clip_only_options_stay_valid_with_clip():
     GymConfig(trust_region="natural", estimator="gae", epochs=10, mini_batch_size=64).validate()  # the critic's
     with pytest.raises(ConfigError, match="trust_region='newton' is not one of 'clip', 'natural'"):
         GymConfig.load(None, ["trust_region=newton"])
+
+
+def test_natural_resume_is_exact(tmp_path):
+    from reinforcepp.run import CheckpointManager
+    from reinforcepp.run.state import load_state
+
+    common = dict(env_id="CartPole-v1", estimator="gae", trust_region="natural", num_envs=2, steps_per_env=64,
+                  eval_every=0, eval_episodes=1, progress=False, tensorboard=False, normalize_obs=True)
+    train(GymConfig(**common, total_env_steps=512, save_every=256, run_dir=str(tmp_path / "full")))
+    train(GymConfig(**common, total_env_steps=256, run_dir=str(tmp_path / "part")))
+    train(GymConfig(**common, total_env_steps=512, run_dir=str(tmp_path / "part"), resume=True))
+    full, part = (load_state(CheckpointManager(tmp_path / d).latest(), "state") for d in ("full", "part"))
+    for net in ("policy", "critic"):
+        assert all(torch.equal(full[net][k], part[net][k]) for k in full[net])
