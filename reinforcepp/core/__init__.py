@@ -34,23 +34,41 @@ from .kl_control import AdaptiveKLController, FixedKLController, mix_reference
 from .losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_AGGS,
+    CovPolicyLoss,
     ImportanceSamplingLevel,
     LossAgg,
     PolicyLoss,
     TokenLoss,
     aggregate,
+    cispo_loss,
+    clip_cov_loss,
     entropy_from_logits,
     importance_log_ratio,
+    kl_cov_loss,
     kl_loss,
     policy_loss,
+    token_covariance,
     token_loss,
     truncated_loss_mask,
     value_loss,
+)
+from .natural import (
+    LineSearch,
+    backtracking_line_search,
+    categorical_kl,
+    conjugate_gradient,
+    diagonal_gaussian_kl,
+    fisher_vector_product,
+    flat_grad,
+    flat_params,
+    scale_to_kl_radius,
+    set_flat_params,
 )
 from .metrics import advantage_stats, approx_kl, clip_fractions, kl_return_share, pass_at_k
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,
+    distillation_token_rewards,
     group_mean_baseline,
     group_normalize,
     last_token_index,

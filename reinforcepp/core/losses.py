@@ -108,6 +108,166 @@ def policy_loss(
     return PolicyLoss(loss, ratio, low, high)
 
 
+# --- loss variants: CISPO, Clip-Cov, KL-Cov (docs/algorithms.md, "Loss variants") -------------------------------
+
+
+def cispo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    eps_low: Optional[float] = None,
+    eps_high: float = 4.0,
+) -> PolicyLoss:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): the REINFORCE term weighted by a clipped,
+    stop-gradient importance weight, per token
+
+    ``L = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi_theta``, ``r = exp(clamp(logp - old_logp, -20, 20))``
+
+    so every token keeps a gradient, ``-w A grad log pi``, with ``w`` bounded; PPO's clip instead
+    drops the gradient of a token whose ratio left the range. Defaults: no lower bound
+    (``eps_low=None``: ``w`` in ``[0, 1 + eps_high]``; MiniMax-M1 "did not impose a lower bound
+    ... and only tuned eps_high", without publishing the value) and ``eps_high = 4``, the upper
+    bound 5 of ScaleRL (Khatri et al. 2025, arXiv 2510.13786, ``clip(r, 0, eps_max)``, insensitive
+    to eps_max in {4, 5, 8}) and of SkyRL's defaults. The loss *value* is ``-w A logp``, not near 0;
+    only its gradient is meaningful. Aggregate like :func:`policy_loss` (the paper: token-mean).
+
+    Args:
+        logprobs: ``(N, T)`` (grad). old_logprobs: ``(N, T)`` (no grad). advantages: ``(N, T)``.
+    Returns:
+        :class:`PolicyLoss`; here ``clipped_low`` / ``clipped_high`` mark the tokens whose *weight*
+        was clipped (``r < 1 - eps_low`` / ``r > 1 + eps_high``, whatever the sign of ``A``).
+    """
+    if eps_high <= 0 or (eps_low is not None and eps_low <= 0):
+        raise ValueError(f"CISPO needs eps_high > 0 and eps_low > 0 or None, got {eps_low}, {eps_high}")
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
+    low = 0.0 if eps_low is None else 1.0 - eps_low
+    weight = ratio.detach().clamp(low, 1.0 + eps_high)
+    loss = -weight * advantages * logprobs
+    with torch.no_grad():
+        clipped_low = ratio < low
+        clipped_high = ratio > 1.0 + eps_high
+    return PolicyLoss(loss, ratio, clipped_low, clipped_high)
+
+
+class CovPolicyLoss(NamedTuple):
+    """Per-token loss of Clip-Cov / KL-Cov and what the metrics need. All ``(N, T)``."""
+
+    loss: Tensor
+    ratio: Tensor
+    clipped_low: Tensor
+    """bool: PPO's lower clip binds (Clip-Cov; always ``False`` for KL-Cov, which has no clip)."""
+    clipped_high: Tensor
+    """bool: PPO's upper clip binds (likewise)."""
+    covariance: Tensor
+    """``Cov_t`` of :func:`token_covariance` (0 on padding)."""
+    selected: Tensor
+    """bool: the tokens the method acted on (gradient detached, or KL-penalised)."""
+
+
+def token_covariance(logprobs: Tensor, advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """The per-token centred covariance of Cui et al. 2025 (arXiv 2505.22617),
+    ``Cov_t = (logp_t - mean(logp)) (A_t - mean(A))`` with both means over the real tokens of the
+    batch passed (``logp`` detached), 0 on padding. ``(N, T)`` x3 -> ``(N, T)``.
+
+    A positive ``Cov_t`` (a likely token with a high advantage, or an unlikely one with a low
+    advantage) is what lowers the policy's entropy under a policy-gradient step (the paper's
+    analysis of entropy dynamics). The statistics are those of the tensors passed (verl: each micro-batch)."""
+    m = response_mask.to(logprobs.dtype)
+    n = m.sum().clamp_min(1.0)
+    logp = logprobs.detach()
+    logp_c = logp - (logp * m).sum() / n
+    adv_c = advantages - (advantages * m).sum() / n
+    return logp_c * adv_c * m
+
+
+def clip_cov_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_ratio: float = 2e-4,
+    cov_lb: float = 1.0,
+    cov_ub: float = 5.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    generator: Optional[torch.Generator] = None,
+) -> CovPolicyLoss:
+    """Clip-Cov (Cui et al. 2025, arXiv 2505.22617; verl policy loss ``clip_cov``).
+
+    Start from the PPO loss of :func:`policy_loss`. Among the real tokens whose PPO clip does not
+    already bind and whose covariance (:func:`token_covariance`) lies strictly inside
+    ``(cov_lb, cov_ub)``, draw ``n = max(int(clip_ratio * T_real), 1)`` at random (all of them if
+    fewer qualify) and zero their loss, which detaches their gradient:
+    ``L_t = 0`` for a drawn token, the PPO loss otherwise. Defaults are the paper's and verl's:
+    ``clip_ratio = 2e-4``, ``cov_lb = 1``, ``cov_ub = 5``; verl's ``recipe/entropy`` 7B script
+    also widens PPO's clip (``clip_ratio_low = clip_ratio_high = 1``).
+
+    The draw takes ``generator`` (a ``torch.Generator``; ``None`` uses torch's global generator):
+    the eligible tokens in row-major order are permuted by ``torch.randperm(k, generator=...)``
+    and the first ``n`` are taken, so a seeded generator gives an exact, repeatable selection.
+
+    Args:
+        logprobs: ``(N, T)`` (grad). old_logprobs: ``(N, T)``. advantages: ``(N, T)``.
+        response_mask: ``(N, T)``.
+    """
+    if clip_ratio <= 0 or cov_lb >= cov_ub:
+        raise ValueError(f"Clip-Cov needs clip_ratio > 0 and cov_lb < cov_ub, got {clip_ratio}, {cov_lb}, {cov_ub}")
+    pl = policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high)
+    real = response_mask.bool()
+    cov = token_covariance(logprobs, advantages, response_mask)
+    eligible = real & ~(pl.clipped_low | pl.clipped_high) & (cov > cov_lb) & (cov < cov_ub)
+    candidates = torch.nonzero(eligible.flatten()).flatten()
+    n = max(int(clip_ratio * int(real.sum())), 1)
+    device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(candidates.numel(), generator=generator, device=device)
+    chosen = candidates[perm.to(candidates.device)[:n]]
+    selected = torch.zeros(eligible.numel(), dtype=torch.bool, device=eligible.device)
+    selected[chosen] = True
+    selected = selected.view_as(eligible)
+    loss = torch.where(selected, torch.zeros_like(pl.loss), pl.loss)
+    return CovPolicyLoss(loss, pl.ratio, pl.clipped_low, pl.clipped_high, cov, selected)
+
+
+def kl_cov_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    kl_ratio: float = 2e-4,
+    kl_coef: float = 1.0,
+) -> CovPolicyLoss:
+    """KL-Cov (Cui et al. 2025, arXiv 2505.22617; verl policy loss ``kl_cov``), per token:
+
+    ``L_t = -r_t A_t + kl_coef |logp_t - old_logp_t|`` for the ``max(int(kl_ratio * T_real), 1)``
+    real tokens with the largest covariance (:func:`token_covariance`), ``L_t = -r_t A_t`` for the
+    others, with ``r = exp(clamp(logp - old_logp, -20, 20))`` and **no** PPO clip (the penalty on
+    the high-covariance tokens takes its place). Defaults: verl's ``kl_cov_ratio = 2e-4`` and
+    ``ppo_kl_coef = 1``; verl's ``recipe/entropy`` 7B script uses ``kl_ratio = 2e-3``. The selection is
+    deterministic (``torch.topk``).
+
+    Args:
+        logprobs: ``(N, T)`` (grad). old_logprobs: ``(N, T)``. advantages: ``(N, T)``.
+        response_mask: ``(N, T)``.
+    """
+    if kl_ratio <= 0 or kl_coef < 0:
+        raise ValueError(f"KL-Cov needs kl_ratio > 0 and kl_coef >= 0, got {kl_ratio}, {kl_coef}")
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    real = response_mask.bool()
+    cov = token_covariance(logprobs, advantages, response_mask)
+    positions = torch.nonzero(real.flatten()).flatten()
+    selected = torch.zeros(real.numel(), dtype=torch.bool, device=real.device)
+    if positions.numel():
+        n = min(max(int(kl_ratio * positions.numel()), 1), positions.numel())
+        selected[positions[torch.topk(cov.flatten()[positions], n).indices]] = True
+    selected = selected.view_as(real)
+    loss = -advantages * ratio + torch.where(selected, kl_coef * log_ratio.abs(), torch.zeros_like(ratio))
+    no_clip = torch.zeros_like(real)
+    return CovPolicyLoss(loss, ratio, no_clip, no_clip, cov, selected)
+
+
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimatorName = "k3") -> Tensor:
     """Per-token KL term of the loss (placement ``loss``), with gradient through ``logprobs``.
     Multiply by beta and aggregate like the policy loss."""

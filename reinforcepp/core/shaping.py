@@ -122,3 +122,31 @@ def token_rewards(
         r = r + step_rewards.float() * mask
     last = last_token_index(response_mask)
     return r.index_put((torch.arange(r.shape[0], device=r.device), last), rewards.float(), accumulate=True)
+
+
+def distillation_token_rewards(logprobs: Tensor, teacher_logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """On-policy distillation rewards: per token, the negative single-sample estimate of the
+    reverse KL from the student to the teacher on the student's own sample,
+    ``r[i,t] = -(logp_student[i,t] - logp_teacher[i,t]) * mask[i,t]``.
+
+    Its expectation under the student is ``-KL(pi_student || pi_teacher)`` at that prefix, so
+    maximising it is on-policy distillation with the reverse KL (Agarwal et al. 2024, "On-Policy
+    Distillation of Language Models: Learning from Self-Generated Mistakes", GKD, arXiv 2306.13649,
+    with the reverse-KL divergence; Thinking Machines, "On-Policy Distillation", 2025, which uses
+    it as the per-token advantage with discount 0). Pass it as the ``step_rewards`` of
+    :func:`token_rewards`: with ``gamma = 0`` each token is scored by its own term (Thinking
+    Machines' form), with ``gamma = 1`` by the remaining sequence's KL (a Monte Carlo return of
+    the sequence-level reverse KL). No gradient: a reward, computed in float32.
+
+    Args:
+        logprobs: ``(N, T)`` log-probs of the sampled tokens under the student (the policy).
+        teacher_logprobs: ``(N, T)`` the same tokens under the teacher.
+        response_mask: ``(N, T)``.
+    Returns:
+        ``(N, T)`` float32, 0 on padding.
+    """
+    if logprobs.shape != teacher_logprobs.shape or logprobs.shape != response_mask.shape:
+        shapes = [tuple(t.shape) for t in (logprobs, teacher_logprobs, response_mask)]
+        raise ValueError(f"shapes differ: logprobs, teacher_logprobs, response_mask are {shapes}")
+    diff = logprobs.detach().float() - teacher_logprobs.detach().float()
+    return torch.where(response_mask.bool(), -diff, torch.zeros_like(diff))

@@ -25,6 +25,15 @@ import torch
 from torch import Tensor
 
 from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
+from ..core.natural import (
+    backtracking_line_search,
+    categorical_kl,
+    conjugate_gradient,
+    diagonal_gaussian_kl,
+    fisher_vector_product,
+    flat_grad,
+    scale_to_kl_radius,
+)
 from ..run import CheckpointManager, NonFiniteGuard, Progress, RunLogger, plot_run
 from ..run.folder import RunDirError, claim_run_dir
 from ..run.state import load_state, save_state
@@ -132,7 +141,8 @@ class GymTrainer:
         if batch.num_steps > 0:
             advantages, returns = self.make_experience(batch)
             t2 = time.perf_counter()
-            metrics.update(self.update(batch, advantages, returns))
+            update = self.natural_update if self.cfg.trust_region == "natural" else self.update
+            metrics.update(update(batch, advantages, returns))
             metrics.update(advantage_stats(self._pad(advantages, batch), batch.response_mask))
         else:
             t2 = t1
@@ -224,6 +234,95 @@ class GymTrainer:
             loss_v = aggregate(vl, mask, "token-mean", num_tokens=size)
             loss = loss + cfg.value_coef * loss_v
         return loss, loss_pi, loss_ent, loss_v, logprobs, pl.clipped_low, pl.clipped_high
+
+    # ----------------------------------------------------------------------------- trust_region=natural
+    def natural_update(self, batch: RolloutBatch, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+        """``trust_region=natural``: one natural-gradient step of the policy on the whole rollout
+        (:meth:`_natural_step`), then the critic's ``epochs`` x mini-batches of Adam (gae)."""
+        out = self._natural_step(batch.obs, batch.actions, batch.logprobs, advantages)
+        if self.critic is not None:
+            out.update(self._critic_update(batch, returns))
+        out["nonfinite/skipped_steps"] = float(self.guard.total)
+        if self.policy.log_std is not None:
+            out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
+        return out
+
+    def _natural_step(self, obs: Tensor, actions: Tensor, old: Tensor, advantages: Tensor) -> dict[str, float]:
+        """TRPO (docs/algorithms.md, "Trust regions"): the policy minimises the surrogate
+        ``L = -mean_t(ratio_t A_t)`` over the rollout's steps; ``g = grad L``,
+        ``s ~ (F + cg_damping I)^-1 g`` by conjugate gradient on Fisher-vector products of the mean
+        ``KL(pi_start || pi)`` over the rollout's states (``pi_start``: the policy before this
+        step), the step ``-beta s`` scaled to the radius ``max_kl``, then the backtracking line
+        search keeps the first fraction that lowers ``L`` with a measured KL <= ``max_kl`` (none:
+        the policy is left as it was). ``autograd.grad`` never fills the policy's ``.grad``, so
+        the shared Adam optimizer steps only the critic."""
+        cfg, policy = self.cfg, self.policy
+        params = list(policy.parameters())
+        with torch.no_grad():
+            start_out = policy(obs)
+            start_log_std = None if policy.log_std is None else policy.log_std.detach().clone()
+            entropy = policy.logprobs_entropy(obs, actions, entropy_grad=False)[1].mean()
+
+        def surrogate() -> Tensor:
+            logprobs = policy.logprobs_entropy(obs, actions, entropy_grad=False)[0]
+            return -(torch.exp((logprobs - old).clamp(-20.0, 20.0)) * advantages).mean()
+
+        def kl() -> Tensor:
+            if start_log_std is None:
+                return categorical_kl(start_out, policy(obs)).mean()
+            assert policy.log_std is not None
+            return diagonal_gaussian_kl(start_out, start_log_std, policy(obs), policy.log_std).mean()
+
+        def fvp(v: Tensor) -> Tensor:
+            return fisher_vector_product(kl, params, v, cfg.cg_damping)
+
+        loss = surrogate()
+        grad = flat_grad(loss, params)
+        out = {"loss/policy": float(loss.detach()), "entropy": float(entropy), "grad_norm": float(grad.norm()),
+               "natural/accepted_fraction": 0.0, "natural/step_kl": 0.0, "natural/improvement": 0.0,
+               "natural/line_search_tries": 0.0}
+        if not self.guard.check(out["loss/policy"], out["grad_norm"], where=f"env step {self.env_steps}"):
+            self.optimizer.zero_grad(set_to_none=True)
+            return out
+        direction = conjugate_gradient(fvp, grad, cfg.cg_iters) if out["grad_norm"] > 0 else grad
+        curvature = fvp(direction)
+        if float(torch.dot(direction, curvature)) > 0:  # 0 only for a zero gradient (all advantages 0)
+            full_step = -scale_to_kl_radius(direction, curvature, cfg.max_kl)
+            search = backtracking_line_search(params, full_step, surrogate, kl, cfg.max_kl,
+                                              shrink=cfg.line_search_shrink, max_tries=cfg.line_search_steps,
+                                              loss_before=out["loss/policy"])
+            out.update({"natural/accepted_fraction": search.fraction, "natural/step_kl": search.kl,
+                        "natural/improvement": search.improvement, "natural/line_search_tries": float(search.tries)})
+        with torch.no_grad():
+            logprobs = policy.logprobs_entropy(obs, actions, entropy_grad=False)[0]
+            out["approx_kl"] = approx_kl(logprobs, old, torch.ones_like(old))
+        return out
+
+    def _critic_update(self, batch: RolloutBatch, returns: Tensor) -> dict[str, float]:
+        """The critic's ``epochs`` passes of shuffled mini-batches of ``value_coef * L_V`` (Adam,
+        gradient-norm clip over the critic's parameters), as the clip path trains it."""
+        assert self.critic is not None
+        cfg = self.cfg
+        critic_params = list(self.critic.parameters())
+        fields = {"obs": batch.obs, "old_values": batch.values, "returns": returns}
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        losses: list[Tensor] = []
+        for _ in range(cfg.epochs):
+            order = torch.randperm(batch.num_steps, generator=self.generator)
+            shuffled = {k: v.index_select(0, order) for k, v in fields.items()}
+            for start in range(0, batch.num_steps, cfg.mini_batch_size):
+                mb = {k: v[start : start + cfg.mini_batch_size] for k, v in shuffled.items()}
+                vl = value_loss(self.critic(mb["obs"]), mb["old_values"], mb["returns"], cfg.value_clip)
+                loss_v = aggregate(vl, torch.ones_like(vl), "token-mean")
+                self.optimizer.zero_grad(set_to_none=True)
+                (cfg.value_coef * loss_v).backward()
+                norm = torch.nn.utils.clip_grad_norm_(critic_params, max_norm, foreach=True)
+                if not self.guard.check(loss_v, norm, where=f"env step {self.env_steps}", reset=False):  # only the policy's step resets
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                self.optimizer.step()
+                losses.append(loss_v.detach())
+        return {"loss/value": float(torch.stack(losses).mean())} if losses else {}
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}

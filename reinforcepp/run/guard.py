@@ -28,14 +28,16 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
 
-    def check(self, loss: Any, grad_norm: Any, where: str) -> bool:
+    def check(self, loss: Any, grad_norm: Any, where: str, *, reset: bool = True) -> bool:
         """True when ``loss`` and ``grad_norm`` (floats or 0-d tensors) are both finite: the step
         may go ahead. Otherwise the skip is counted and False returned, or, the
         ``max_in_a_row``-th time in a row, :class:`NonFiniteError` is raised (``where``: the
-        step, e.g. ``"step 12"``)."""
+        step, e.g. ``"step 12"``). ``reset=False``: a finite step does not end the run of
+        non-finite ones (a secondary optimizer, e.g. a critic's, beside the policy's step)."""
         loss, grad_norm = float(loss), float(grad_norm)
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_a_row = 0
+            if reset:
+                self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.total += 1
