@@ -35,7 +35,8 @@ from ..core.natural import (
     scale_to_kl_radius,
 )
 from ..run import CheckpointManager, NonFiniteGuard, Progress, RunLogger, plot_run
-from ..run.folder import RunDirError, claim_run_dir
+from ..run.checkpoint import step_of
+from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.state import load_state, save_state
 from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
@@ -99,6 +100,7 @@ class GymTrainer:
         claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None and cfg.resume:
+            check_run_log(self.run_dir, step_of(latest))
             self.load(latest)
         else:
             self.collector.reset(cfg.seed)
@@ -424,7 +426,7 @@ class GymTrainer:
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.generator.set_state(state["generator"])
         if state["envs"] is not None and restorable(self.envs):
-            set_vector_env_state(self.envs, state["envs"])
+            set_vector_env_state(self.envs, state["envs"], where=str(Path(path) / f"{STATE_NAME}.json"))
             self.collector.load_state_dict(state["collector"])
         else:
             warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh episodes", stacklevel=2)

@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from ..run.folder import RunDirError
 from ..run.rng import rng_state, set_rng_state, set_seed
 from ..run.state import load_state, save_state
+from .reference import REFERENCE_RECORD, record_digest
 from .runtime import Runtime
 from .sharded_checkpoint import rank_directory, write_policy
 
@@ -54,7 +56,7 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: in
         if save_reference and models.reference is not None:  # the refreshed reference moves with the run
             models.reference.save_pretrained(d / "reference", safe_serialization=True)
         state = {"step": step, "optimizer": optimizer_state, "scheduler": update.scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, **counters}
+                 "loader": loader.state_dict(), "rng": rng, "reference_record": record_digest(rt.run_dir), **counters}
         if models.critic is not None:
             state["critic"] = critic_state
             state["critic_optimizer"] = critic_optimizer_state
@@ -68,6 +70,11 @@ def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: A
     state (another number of ranks: fresh, distinct seeds). Returns the stored state, whose
     ``step`` and counters the trainer takes back."""
     state = load_state(path, STATE_NAME)
+    recorded = state.get("reference_record")
+    if recorded is not None and record_digest(rt.run_dir) != recorded:
+        raise RunDirError(f"cannot resume: {rt.run_dir / REFERENCE_RECORD} is not the reference record the checkpoint {path.name} "
+                          "was written with (sha256): the run folder's reference was replaced or mixed from another run; "
+                          "restore it, or start a new run")
     rt.parallel.load_optimizer(models.policy, update.optimizer, path / "optimizer", state["optimizer"])
     update.scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])

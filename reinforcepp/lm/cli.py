@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import Config, ConfigError, cli_items, parse_overrides
+from ..config import Config, ConfigError, cli_items, parse_overrides, read_config_file
 from ..errors import setup_phase
 
 if TYPE_CHECKING:
@@ -65,20 +65,18 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
 def build_config(config_file: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False):
     """Preset (the built-in tiny job when no model is named), YAML file, then overrides. On
     resume the run's saved config comes first, except its security settings (reported)."""
-    import yaml
-
-    from ..run.folder import merge_resumed_config
+    from ..run.folder import merge_resumed_config, resumed_config_file
     from .config import LMConfig
 
-    values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
+    values = read_config_file(config_file) if config_file else {}
     values.update(parse_overrides(overrides))
     if overwrite:
         values["overwrite"] = True
     if resume:
         values["resume"] = True
-        saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
-        if saved is not None and saved.exists():
-            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, values)
+        saved = resumed_config_file(values.get("output_dir"))
+        if saved is not None:  # None: no checkpoint to resume, refused when the run opens
+            values, notes = merge_resumed_config(read_config_file(saved), values, LMConfig.defaults())
             for note in notes:
                 print(f"resume: {note}", file=sys.stderr)
     if values.get("model") in (None, "None", "none", ""):

@@ -7,7 +7,12 @@
   :class:`~reinforcepp.remote.RemoteReference`, which has the same interface);
 * otherwise the initial policy (after any warm start), frozen. A resumed run must use the same
   one: when the policy came unchanged from a local directory, ``RUN_DIR/reference.json`` records
-  that directory and the sha256 of its files; otherwise a copy is saved in ``RUN_DIR/reference``;
+  that directory and the sha256 of its files; otherwise a copy is saved in ``RUN_DIR/reference``
+  and ``reference.json`` records the sha256 of the copy's files. On resume the record is checked
+  (:func:`check_reference_record`): a run folder never chooses a model, so a recorded directory
+  must be the ``model`` the user gives, with the same files; the copy must hold the files
+  recorded; and the record itself must be the one the checkpoint saw (its sha256 is saved in
+  each checkpoint, :func:`record_digest`);
 * under LoRA the reference is the base with the adapters switched off (:func:`apply_lora`).
 
 ``ref_update_every`` refreshes a local reference towards the policy (:func:`refresh_reference`);
@@ -16,6 +21,7 @@ the refreshed one is saved in each checkpoint and resumed from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -90,6 +96,7 @@ def _record_initial(config: LMConfig, rt: Runtime, policy: torch.nn.Module, toke
     elif not (lora and config.model):
         save_base(policy, saved)
         tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
+        record.write_text(json.dumps({"copy": saved.name, "sha256": weights_fingerprint(str(saved))}, indent=1))
 
 
 def _resumed_reference(config: LMConfig, rt: Runtime, lora: bool) -> Optional[torch.nn.Module]:
@@ -97,22 +104,69 @@ def _resumed_reference(config: LMConfig, rt: Runtime, lora: bool) -> Optional[to
     recorded initial directory when its files are unchanged (under LoRA: the base, loaded
     with the policy)."""
     assert rt.resume_from is not None
-    load = dict(dtype=rt.dtype, device=rt.parallel.load_device)
+    load: dict[str, Any] = dict(dtype=rt.dtype, device=rt.parallel.load_device)
     if (rt.resume_from / "reference").exists():  # refreshed by ref_update_every
         return frozen(load_causal_lm(str(rt.resume_from / "reference"), safetensors_only=True, **load))
-    if lora:
+    source = check_reference_record(config, rt, lora)
+    if lora or source is None:
         return None
+    if source == rt.run_dir / "reference":  # the run's own copy
+        return frozen(load_causal_lm(str(source), safetensors_only=True, **load))
+    return frozen(load_causal_lm(str(source), trust_remote_code=config.trust_remote_code, **load))
+
+
+def check_reference_record(config: LMConfig, rt: Runtime, lora: bool) -> Optional[Path]:
+    """Where a resumed run's initial reference is, checked against ``RUN_DIR/reference.json``:
+    the run's copy (``RUN_DIR/reference``) holding the files recorded, or the recorded initial
+    model directory, which must be the ``model`` the user gives (a run folder never chooses a
+    model) with unchanged files. None under LoRA with a hub model (the base is ``model``). Raises
+    :class:`RunDirError` naming the record and what differs."""
     saved, record = rt.run_dir / "reference", rt.run_dir / REFERENCE_RECORD
-    if saved.exists():
-        return frozen(load_causal_lm(str(saved), safetensors_only=True, **load))
     if not record.exists():
+        if saved.exists():  # a run folder of an older version: its copy, unrecorded
+            return saved
+        if lora and config.model:
+            return None
         raise RunDirError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
-    info = json.loads(record.read_text())
-    path = info["path"]
-    if not Path(path).is_dir() or weights_fingerprint(path) != info["sha256"]:
+    info = read_reference_record(record)
+    if "copy" in info:
+        if not saved.is_dir() or weights_fingerprint(str(saved)) != info["sha256"]:
+            raise RunDirError(f"cannot resume: the reference copy {saved} does not hold the files recorded in {record} (sha256); "
+                              "restore it from where the run was copied, or set ref_model=PATH to use another reference")
+        return saved
+    path = Path(info["path"])
+    if config.model is None or Path(config.model).expanduser().resolve() != path:
+        raise RunDirError(f"cannot resume: {record} names {path} as the initial model and reference, and a run folder never "
+                          f"chooses a model: give model={path} (the run's model) if you trust it, or ref_model=PATH "
+                          f"for another reference (your model: {config.model})")
+    if not path.is_dir() or weights_fingerprint(str(path)) != info["sha256"]:
         raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run "
                           f"started (sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
-    return frozen(load_causal_lm(path, trust_remote_code=config.trust_remote_code, **load))
+    return path
+
+
+def read_reference_record(record: Path) -> dict[str, Any]:
+    """``reference.json`` as written by :func:`_record_initial` (``{"path": DIR, "sha256":
+    {file: hex}}`` or ``{"copy": "reference", "sha256": ...}``), or :class:`RunDirError`: only
+    these fields, of these types, are read."""
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot resume: {record} is not readable JSON ({type(e).__name__})") from None
+    valid = (isinstance(info, dict) and set(info) in ({"path", "sha256"}, {"copy", "sha256"})
+             and isinstance(info["sha256"], dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in info["sha256"].items())
+             and (info.get("copy") == "reference" if "copy" in info else isinstance(info["path"], str) and Path(info["path"]).is_absolute()))
+    if not valid:
+        raise RunDirError(f"cannot resume: {record} is not a reference record as reinforcepp writes it "
+                          "({\"path\": DIR, \"sha256\": {...}} or {\"copy\": \"reference\", \"sha256\": {...}})")
+    return info
+
+
+def record_digest(run_dir: Path) -> Optional[str]:
+    """sha256 of ``RUN_DIR/reference.json`` (None when there is none): saved in each checkpoint,
+    so that a record replaced or mixed in from another run is refused on resume."""
+    record = run_dir / REFERENCE_RECORD
+    return hashlib.sha256(record.read_bytes()).hexdigest() if record.is_file() else None
 
 
 def apply_lora(policy: torch.nn.Module, config: LMConfig) -> tuple[torch.nn.Module, Optional[AdaptersOff]]:

@@ -16,7 +16,8 @@ import torch
 
 from ..config import ConfigError
 from ..run import CheckpointManager
-from ..run.folder import RunDirError, claim_run_dir
+from ..run.checkpoint import step_of
+from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.rng import set_seed
 from ..run.timer import PhaseTimer
 from .config import LMConfig
@@ -83,6 +84,8 @@ def open_runtime(config: LMConfig, *, given_data: bool) -> Runtime:
     resume_from = checkpoints.latest_intact() if config.resume else None
     if config.resume and resume_from is None:
         raise RunDirError(f"resume=true but {run_dir} holds no complete checkpoint")
+    if resume_from is not None and int(os.environ.get("RANK", "0")) == 0:
+        check_run_log(run_dir, step_of(resume_from))
     device = resolve_device(config.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":

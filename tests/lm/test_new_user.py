@@ -252,7 +252,8 @@ def test_reference_from_a_directory_is_recorded_not_copied_and_resume_checks_it(
 def test_a_policy_passed_in_python_still_gets_its_reference_saved(tmp_path):
     tok, model = tiny_policy()
     Trainer(small_config(tmp_path, kl_placement="reward"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
-    assert (tmp_path / "run" / "reference" / "model.safetensors").exists() and not (tmp_path / "run" / REFERENCE_RECORD).exists()
+    assert (tmp_path / "run" / "reference" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / REFERENCE_RECORD).read_text())["copy"] == "reference"  # the copy's files, recorded
 
 
 # ------------------------------------------------------- 7. compare with your model, data, reward
