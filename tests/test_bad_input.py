@@ -77,3 +77,68 @@ def test_sft_eval_gym_compare_errors(capsys, files):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(InputError, match="lr must be > 0"):
         main(["train", "--debug", f"output_dir={tmp_path / 'r'}", *FAST, "lr=-1"])
+
+
+# ------------------------------------------------------------ a reward that ends the process
+EXITING_REWARD = """import os, sys
+def exits(prompts, completions, trainer_state, **kw):
+    if trainer_state.global_step >= 1:  # the second step
+        {call}
+    return [0.5] * len(completions)
+"""
+
+
+@pytest.mark.parametrize("call", ["sys.exit(3)", "os._exit(0)"])
+def test_a_reward_that_exits_is_reported_by_name_and_the_checkpoint_kept(tmp_path, call):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from reinforcepp.run import CheckpointManager
+
+    (tmp_path / "exits.py").write_text(EXITING_REWARD.format(call=call))
+    out = tmp_path / "r"
+    argv = ["train", f"output_dir={out}", *FAST, "total_steps=3", "save_every=1", f"reward_funcs={tmp_path / 'exits.py'}:exits"]
+    # in a child process: os._exit would end this test's process if it were not caught
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", *argv], capture_output=True, text=True, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("reinforcepp train: reward source 'exits'") and f"called {call} while scoring" in line, line
+    assert f"the last checkpoint ({out / 'checkpoints' / 'step_00000001'}) is intact" in line
+    assert f"reward_funcs={tmp_path / 'exits.py'}:exits" in line  # the resume command gives the reward again
+    assert CheckpointManager(out).latest_intact() == out / "checkpoints" / "step_00000001"
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1]
+    # fixed, the run continues from its checkpoint
+    assert main(["train", "--resume", f"output_dir={out}", "total_steps=3", REWARD]) == 0
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_reward_exit_in_either_error_mode_and_in_python(tmp_path):
+    from reinforcepp.rewards import RewardExitError, RewardScorer, RewardSource, call_reward_function
+
+    def bye(prompts, completions, **_):
+        raise SystemExit("bye")
+
+    def hard(prompts, completions, **_):
+        import os
+
+        os._exit(7)
+
+    for on_error in ("raise", "drop"):
+        for fn, call in ((bye, "sys.exit('bye')"), (hard, "os._exit(7)")):
+            scorer = RewardScorer([RewardSource("r", fn)], on_error=on_error)
+            with pytest.raises(RewardExitError, match=rf"reward source 'r' .* called {call.replace('(', '[(]').replace(')', '[)]')}"):
+                scorer(["p"], ["c"], {})
+    with pytest.raises(RewardExitError, match="called os._exit"):
+        call_reward_function(hard, ["p"], ["c"], {})
+    # outside reward calls (and in forked children) os._exit is the real one
+    import subprocess
+    import sys
+
+    code = ("import os\nfrom reinforcepp.rewards import call_reward_function\n"
+            "call_reward_function(lambda prompts, completions: [1.0], ['p'], ['c'], {})\n"
+            "pid = os.fork()\nif pid == 0:\n    os._exit(4)\n_, status = os.waitpid(pid, 0)\nos._exit(os.waitstatus_to_exitcode(status) + 1)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 5

@@ -100,7 +100,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def _train(config: LMConfig) -> int:
-    from ..errors import InputError, RunStopped
+    from ..errors import InputError, RunStopped, one_line
     from ..remote import RemoteError
     from .trainer import Trainer
 
@@ -120,14 +120,27 @@ def _train(config: LMConfig) -> int:
         print(f"run directory: {trainer.run_dir}", file=sys.stderr)
         final = trainer.train()
     except RemoteError as e:
-        latest = trainer.checkpoints.latest()
-        again = "".join(f" {k}={v}" for k, v in (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs))) if v)  # never read back from a run folder
-        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}{again}`" if latest else ""
-        raise RunStopped(f"step {trainer.step}: {e}{kept}") from e
+        raise RunStopped(f"step {trainer.step}: {e}{_kept(trainer, config, 'once the server is back')}") from e
+    except InputError as e:  # found mid-run: a reward that failed or exited, a prompt, every group dropped
+        raise InputError(f"{one_line(e)}{_kept(trainer, config, 'once it is fixed')}") from e
     if final:
         print(summary(_first_eval(trainer.run_dir), final, trainer.eval_pass_fail or trainer.builtin_task is not None))
     print(f"plots: {trainer.run_dir / 'plots.png'}")
     return 0
+
+
+def _kept(trainer: Any, config: LMConfig, when: str) -> str:
+    """``; the last checkpoint (...) is intact: ... continue with `reinforcepp train --resume ...```
+    (with the keys a run folder never supplies, given again), or "" without a checkpoint."""
+    from ..run.folder import CHOSEN_BY_YOU
+
+    latest = trainer.checkpoints.latest()
+    if not latest:
+        return ""
+    given = config.to_dict()
+    again = "".join(f" {k}={','.join(v) if isinstance(v, list) else v}" for k in CHOSEN_BY_YOU if (v := given.get(k)))
+    return (f"; the last checkpoint ({latest}) is intact: {when}, continue with "
+            f"`reinforcepp train --resume output_dir={trainer.run_dir}{again}`")
 
 
 def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -> str:
