@@ -32,6 +32,7 @@ def files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ab"}\n{"prompt": "cd",\n{"prompt": "ef"}\n')
     (tmp_path / "long.jsonl").write_text("".join(json.dumps({"prompt": "a" * 90 + str(i)}) + "\n" for i in range(4)))
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"prompt": "ab" * (i % 9 + 1)}) + "\n" for i in range(50)))
     return tmp_path
 
 
@@ -52,7 +53,7 @@ def test_train_data_and_reward_errors(capsys, files):
     refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'empty.jsonl'}"], "empty.jsonl: the file holds no rows")
     refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'bad.jsonl'}"], "bad.jsonl:2: not valid JSON")
     refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'missing.jsonl'}"], "missing.jsonl", "not found")
-    refused(capsys, ["train", out, *FAST, f"train_data={files / 'long.jsonl'}", "reward_funcs=rm:/no/such/rm"], "rm:/no/such/rm", "does not exist")
+    refused(capsys, ["train", out, *FAST, f"train_data={files / 'good.jsonl'}", "reward_funcs=rm:/no/such/rm"], "rm:/no/such/rm", "does not exist")
 
 
 def test_prompts_longer_than_the_context_are_refused_or_truncated(capsys, files):
@@ -142,3 +143,79 @@ def test_a_reward_exit_in_either_error_mode_and_in_python(tmp_path):
             "call_reward_function(lambda prompts, completions: [1.0], ['p'], ['c'], {})\n"
             "pid = os.fork()\nif pid == 0:\n    os._exit(4)\n_, status = os.waitpid(pid, 0)\nos._exit(os.waitstatus_to_exitcode(status) + 1)\n")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 5
+
+
+# ------------------------------------------- the silent or deep exits, each one line and exit 2
+@pytest.fixture
+def more(files):
+    (files / "list.yaml").write_text("- lr: 1e-3\n- seed: 1\n")
+    (files / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (files / "empty_prompt.jsonl").write_text('{"prompt": "ab"}\n{"prompt": ""}\n{"prompt": "cd"}\n')
+    (files / "blank_prompt.jsonl").write_text('{"prompt": "ab"}\n{"prompt": "  "}\n')
+    (files / "latin1.jsonl").write_bytes('{"prompt": "ab"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    (files / "latin1.csv").write_bytes("prompt\nab\ncaf\xe9\n".encode("latin-1"))
+    rows = [{"prompt": "ab"}] * 40 + [{"prompt": "a" * 80}] + [{"prompt": "cd"}] * 9
+    (files / "long_at_40.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (files / "notamodel").mkdir()
+    (files / "notamodel" / "readme.txt").write_text("hi")
+    (files / "rewards.py").write_text("def fails(prompts, completions, **kw):\n    raise ValueError('boom')\n"
+                                      "def same(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    return files
+
+
+TRAIN_CASES = [
+    (["kl_coef=inf"], ("kl_coef must be a finite number, got inf",)),
+    (["lr=nan"], ("lr must be a finite number, got nan",)),
+    (["lr=1e38", "max_grad_norm=1e39"], ("lr=1e+38 is too large", "10 x lr")),
+    (["max_grad_norm=1e39"], ("max_grad_norm=1e+39 is beyond float32's range",)),
+    (["reward_weights=[1.0, .inf]"], ("reward_weights must be a finite number, got inf",)),
+    (["reward_funcs=[a,"], ("reward_funcs='[a,' is not a valid list",)),
+    (["{dir}/list.yaml"], ("list.yaml: the config file must be a mapping of key: value, got a list",)),
+    (["{dir}/binary.yaml"], ("binary.yaml: not a text file",)),
+    (["train_data={dir}/empty_prompt.jsonl", REWARD], ("empty_prompt.jsonl row 1: the prompt is empty",)),
+    (["train_data={dir}/blank_prompt.jsonl", REWARD], ("blank_prompt.jsonl row 1: the prompt is empty",)),
+    (["train_data={dir}/latin1.jsonl", REWARD], ("latin1.jsonl:2: not UTF-8 text (byte 0xe9",)),
+    (["train_data={dir}/latin1.csv", REWARD], ("latin1.csv:3: not UTF-8 text (byte 0xe9 at column 4)",)),
+    (["train_data={dir}/long_at_40.jsonl", REWARD], ("long_at_40.jsonl row 40: a prompt has 80 tokens > 60 allowed",)),
+    (["model={dir}/notamodel"], ("model=", "notamodel: not a model folder: no config.json in it", "readme.txt")),
+    (["model={dir}/nomodel"], ("model=", "nomodel: no such model folder",)),
+    (["model={dir}/latin1.csv"], ("latin1.csv: a file, not a model folder",)),
+    (["tokenizer={dir}/notamodel"], ("tokenizer=", "not a tokenizer folder")),
+    (["task=sort", "reward_on_error=drop", "reward_funcs={dir}/rewards.py:fails"],
+     ("step 1: every group was dropped, nothing to train on", "reward source 'fails'")),
+    (["task=sort", "dynamic_filtering=true", "max_filter_rounds=2", "reward_funcs={dir}/rewards.py:same"],
+     ("step 1: every group was dropped, nothing to train on", "all-equal rewards (dynamic_filtering")),
+]
+
+
+@pytest.mark.parametrize("argv, expected", TRAIN_CASES)
+def test_every_silent_or_deep_exit_is_one_line(capsys, more, argv, expected):
+    out = more / "r"
+    argv = [a.format(dir=more) for a in argv]
+    refused(capsys, ["train", f"output_dir={out}", *FAST, *argv], *expected)
+    assert not (out / "checkpoints").exists()  # nothing trained
+
+
+def test_gym_config_files_and_floats(capsys, more):
+    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "binary.yaml")], "binary.yaml: not a text file")
+    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "list.yaml")], "must be a mapping of key: value")
+    refused(capsys, ["gym", "--output-dir", str(more / "g"), "lr=inf"], "lr must be a finite number, got inf")
+    refused(capsys, ["gym", "--output-dir", str(more / "g"), "env_kwargs={a: [1"], "env_kwargs=", "is not a valid mapping")
+
+
+def test_every_float_option_must_be_finite():
+    from reinforcepp.config import ConfigError
+    from reinforcepp.gym.config import GymConfig
+    from reinforcepp.lm.config import LMConfig
+
+    import typing
+
+    for cls in (LMConfig, GymConfig):
+        types_ = cls.field_types()
+        floats = [k for k, tp in types_.items() if tp is float or float in typing.get_args(tp)]
+        assert len(floats) >= 15, floats
+        for key in floats:
+            listed = typing.get_origin(types_[key]) is list
+            for bad in ([float("inf")], [1.0, float("nan")]) if listed else (float("inf"), float("nan"), float("-inf")):
+                with pytest.raises(ConfigError, match=f"^{key} must be a finite number"):
+                    cls.from_dict({key: bad})

@@ -31,11 +31,12 @@ import torch
 
 from ..config import ConfigError
 from ..core import mix_reference
+from ..errors import setup_phase
 from ..remote import RemoteReference, is_url, settings_from
 from ..run.folder import RunDirError
 from .config import LMConfig
 from .lora import AdaptersOff, add_lora, is_lora, save_base
-from .models import frozen, frozen_copy, load_causal_lm, weights_fingerprint
+from .models import check_model_source, frozen, frozen_copy, load_causal_lm, weights_fingerprint
 from .runtime import Runtime
 
 REFERENCE_RECORD = "reference.json"
@@ -67,8 +68,10 @@ def load_reference(config: LMConfig, rt: Runtime, policy: torch.nn.Module, token
     if given is not None:
         return frozen(given.to(rt.device))
     if config.ref_model is not None:
-        return frozen(load_causal_lm(config.ref_model, dtype=rt.dtype, device=rt.parallel.load_device,
-                                     trust_remote_code=config.trust_remote_code))
+        check_model_source("ref_model", config.ref_model)
+        with setup_phase(f"loading ref_model={config.ref_model}"):
+            return frozen(load_causal_lm(config.ref_model, dtype=rt.dtype, device=rt.parallel.load_device,
+                                         trust_remote_code=config.trust_remote_code))
     if rt.resume_from is not None:
         return _resumed_reference(config, rt, lora)
     if rt.dist.is_main:

@@ -173,7 +173,7 @@ class RolloutSampler:
                 break
         counts["filter/rounds"] = round_
         if not kept:
-            raise RuntimeError(f"step {step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
+            raise nothing_to_train_on(step, counts, self.scorer)
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)
 
     def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
@@ -221,3 +221,20 @@ class RolloutSampler:
         if cfg.truncation_penalty:
             penalty += truncation_penalty(gen.truncated, cfg.truncation_penalty)
         return penalty
+
+
+def nothing_to_train_on(step: int, counts: dict[str, float], scorer: Any) -> InputError:
+    """The one-line error of a step whose every group was dropped, saying why: the reward sources
+    that dropped samples (``reward_on_error=drop``), samples no source scored, all-equal rewards
+    under ``dynamic_filtering``."""
+    why = []
+    if counts.get("reward/dropped_groups"):
+        failing = [f"{scorer.where(s)}: {scorer.dropped_counts[s.name]} samples so far" for s in getattr(scorer, "sources", [])
+                   if scorer.dropped_counts.get(s.name)]
+        unscored = int(counts.get("reward/unscored_samples", 0))
+        detail = "; ".join(failing + ([f"{unscored} samples no reward source scored (all returned None)"] if unscored else []))
+        why.append(f"{int(counts['reward/dropped_groups'])} groups held a sample the reward dropped ({detail or 'reward_on_error=drop'})")
+    if counts.get("filter/dropped_groups"):
+        why.append(f"{int(counts['filter/dropped_groups'])} groups had all-equal rewards (dynamic_filtering, "
+                   f"{int(counts.get('filter/rounds', 1))} rounds of max_filter_rounds)")
+    return InputError(f"step {step}: every group was dropped, nothing to train on: {'; '.join(why)}")

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -199,6 +199,12 @@ _EXIT_GUARD_LOCK = threading.Lock()
 _EXIT_GUARDED: list[bool] = []
 
 
+def _depth() -> int:
+    """Reward calls this thread is inside (0: none)."""
+    depth: int = getattr(_IN_REWARD, "depth", 0)
+    return depth
+
+
 def _guard_os_exit() -> None:
     """Replace ``os._exit``, once, by a function that raises :class:`ExitAttempt` when called
     inside a reward call of this process (this thread's ``_IN_REWARD.depth`` > 0) and calls the
@@ -208,10 +214,10 @@ def _guard_os_exit() -> None:
             return
         real_exit, pid = os._exit, os.getpid()
 
-        def guarded_exit(code: int) -> Any:
-            if os.getpid() == pid and getattr(_IN_REWARD, "depth", 0):
-                raise ExitAttempt(f"os._exit({code!r})")
-            real_exit(code)
+        def guarded_exit(status: int) -> NoReturn:
+            if os.getpid() == pid and _depth() > 0:
+                raise ExitAttempt(f"os._exit({status!r})")
+            real_exit(status)
 
         os._exit = guarded_exit
         _EXIT_GUARDED.append(True)
@@ -221,7 +227,7 @@ def _run(fn: RewardFn, kwargs: dict[str, Any]) -> Any:
     """``fn(**kwargs)`` (a coroutine run to completion); ``sys.exit`` and ``os._exit`` inside
     it raise :class:`ExitAttempt` instead of ending the process."""
     _guard_os_exit()
-    _IN_REWARD.depth = getattr(_IN_REWARD, "depth", 0) + 1
+    _IN_REWARD.depth = _depth() + 1
     try:
         out: Any = fn(**kwargs)
         if inspect.isawaitable(out):  # async def: TRL runs these in an event loop
