@@ -34,7 +34,7 @@ from ..core.natural import (
     flat_grad,
     scale_to_kl_radius,
 )
-from ..run import CheckpointManager, NonFiniteGuard, Progress, RunLogger, plot_run
+from ..run import CheckpointManager, DivergenceGuard, NonFiniteGuard, Progress, RunLogger, plot_run
 from ..run.checkpoint import step_of
 from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.state import load_state, save_state
@@ -86,6 +86,7 @@ class GymTrainer:
         self.iteration = 0
         self.env_steps = 0
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
+        self.divergence = DivergenceGuard(cfg.max_weight_growth, self.policy.parameters(), hint="Lower lr (or raise max_weight_growth).")
         cfg.output_dir = cfg.output_dir or f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
@@ -145,6 +146,7 @@ class GymTrainer:
             t2 = time.perf_counter()
             update = self.natural_update if self.cfg.trust_region == "natural" else self.update
             metrics.update(update(batch, advantages, returns))
+            metrics["policy/weight_norm"] = self.divergence.check(self.policy.parameters(), where=f"env step {self.env_steps}")
             metrics.update(advantage_stats(self._pad(advantages, batch), batch.response_mask))
         else:
             t2 = t1
@@ -404,6 +406,7 @@ class GymTrainer:
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
             "nonfinite_total": self.guard.total,
+            "weight_norm_start": self.divergence.start,
             "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
@@ -418,6 +421,7 @@ class GymTrainer:
         state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.divergence.start = float(state.get("weight_norm_start", self.divergence.start))
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])

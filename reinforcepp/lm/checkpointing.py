@@ -56,12 +56,26 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: in
         if save_reference and models.reference is not None:  # the refreshed reference moves with the run
             models.reference.save_pretrained(d / "reference", safe_serialization=True)
         state = {"step": step, "optimizer": optimizer_state, "scheduler": update.scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, "reference_record": record_digest(rt.run_dir), **counters}
+                 "loader": loader.state_dict(), "rng": rng, "reference_record": record_digest(rt.run_dir),
+                 "weight_norm_start": update.divergence.start, **counters}
         if models.critic is not None:
             state["critic"] = critic_state
             state["critic_optimizer"] = critic_optimizer_state
         save_state(d, STATE_NAME, state)
     return rt.checkpoints.path(step)
+
+
+def apply_resumed_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """The scheduler's state holds the run's learning rate; an ``lr`` given on resume (reported
+    as ``resume: lr: saved ..., now ... (yours)``) applies from here on, along the same schedule
+    (``lr * factor(step)``). Nothing changes when it is the saved one."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: Any, *, seed: int) -> dict[str, Any]:
@@ -77,6 +91,8 @@ def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: A
                           "restore it, or start a new run")
     rt.parallel.load_optimizer(models.policy, update.optimizer, path / "optimizer", state["optimizer"])
     update.scheduler.load_state_dict(state["scheduler"])
+    apply_resumed_lr(update.optimizer, update.scheduler, update.config.lr)
+    update.divergence.start = float(state.get("weight_norm_start", update.divergence.start))  # the bound of the whole run
     loader.load_state_dict(state["loader"])
     if models.critic is not None and update.critic_optimizer is not None:
         rt.parallel.load_full_state_dict(models.critic, state["critic"])

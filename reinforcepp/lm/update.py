@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core import aggregate, approx_kl, clip_fractions, logprob_mismatch, masked_mean, token_loss, truncated_importance_weights, value_loss
-from ..run import NonFiniteGuard
+from ..run import DivergenceGuard, NonFiniteGuard
 from .batch import PromptResponseBatch
 from .config import LMConfig
 from .experience import Experience
@@ -67,6 +67,8 @@ class PolicyUpdate:
         critic = models.critic
         self.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr) if critic is not None else None
         self.guard = NonFiniteGuard(config.max_nonfinite_steps, hint="Lower lr, check the rewards, or use dtype=float32.")
+        self.trained = trained
+        self.divergence = DivergenceGuard(config.max_weight_growth, trained, hint="Lower lr (or raise max_weight_growth).")
         self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
         self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
         self.step = 0  # the RL step, for messages
@@ -92,7 +94,9 @@ class PolicyUpdate:
                 order = self.shuffled_groups(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
                 for window in order.tensor_split(self.num_mini_batches):
                     self.optimizer_step(exp.select(window), seen, scalars)
-        return self.metrics(seen, scalars)
+        metrics = self.metrics(seen, scalars)
+        metrics["policy/weight_norm"] = self.divergence.check(self.trained, where=f"step {step}")
+        return metrics
 
     def shuffled_groups(self, n: int) -> torch.Tensor:
         """A random order of the ``n`` responses that keeps each prompt's samples together, so
