@@ -158,7 +158,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     given = parse_overrides(list(args.overrides))
     saved = resumed_config_file(run_dir)
     assert saved is not None
-    values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults())
+    values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults(), what="eval")
     for note in notes:
         print(f"eval: {note}", file=sys.stderr)
     cfg = GymConfig.from_dict(values)

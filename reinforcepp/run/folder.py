@@ -119,8 +119,8 @@ def same_setting(saved: Any, given: Any) -> bool:
         return False
 
 
-def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any],
-                         defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], defaults: Mapping[str, Any],
+                         what: str = "resume") -> tuple[dict[str, Any], list[str]]:
     """``saved`` (the run's config.yaml) overridden by ``given`` (the user's file and command
     line). Returns the merged values and one note per decision worth telling the user.
 
@@ -130,13 +130,15 @@ def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any],
       refused with one line (:class:`RunDirError`) naming every such key and value.
     * A key of :data:`PERMISSIONS` is never taken from ``saved``; a saved value that was on is
       reported as not used.
-    * Every other saved value is used; each override of one by ``given`` is reported."""
+    * Every other saved value is used; each override of one by ``given`` is reported.
+
+    ``what`` (``resume``, ``eval``) begins the refusal's line."""
     chosen = [k for k in CHOSEN_BY_YOU if k in saved and k not in given and not same_setting(defaults.get(k), saved[k])]
     if chosen:
         named = ", ".join(f"{k}={saved[k]!r}" for k in chosen)
-        what = "; ".join(f"{k}: {CHOSEN_BY_YOU[k]}" for k in chosen)
+        names = "; ".join(f"{k}: {CHOSEN_BY_YOU[k]}" for k in chosen)
         raise RunDirError(
-            f"resume: the run folder's config.yaml sets {named} ({what}), which is never taken from a run folder: "
+            f"{what}: the run folder's config.yaml sets {named} ({names}), which is never taken from a run folder: "
             f"give {'it' if len(chosen) == 1 else 'them'} again on the command line (key=value) or in your config file "
             "if you trust it"
         )
