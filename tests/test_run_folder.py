@@ -211,6 +211,18 @@ def test_gym_resume_and_eval_never_take_the_environment_from_the_folder(tmp_path
     (run / "config.yaml").write_text(original)
     assert main(["gym", "--output-dir", str(run), "--resume", "total_env_steps=64", "progress=false"]) == 0
     assert not marker.exists()
+    # a run on another environment: the folder's env_id is refused, given again (--env or env_id=) it is used
+    saved = yaml.safe_load(original)
+    saved["env_id"] = "CartPole-v0"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["gym", "--eval", str(run), "--episodes", "1"]) == 2
+    assert "eval: the run folder's config.yaml sets env_id='CartPole-v0'" in one_line(capsys.readouterr().err)
+    # given: taken, and then the checkpoint's environment state (CartPole-v1's 500-step limit) does not fit v0's
+    assert main(["gym", "--eval", str(run), "--episodes", "1", "--env", "CartPole-v0"]) == 2
+    assert "TimeLimit._max_episode_steps=500, but a fresh environment has 200" in one_line(capsys.readouterr().err)
+    (run / "config.yaml").write_text(original)
+    assert main(["gym", "--eval", str(run), "--episodes", "1", "--env", "CartPole-v1"]) == 0
 
 
 def test_a_run_folder_missing_its_files_is_refused_on_resume(tmp_path, capsys):

@@ -155,7 +155,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from ..run.folder import merge_resumed_config, resumed_config_file
 
-    given = parse_overrides(list(args.overrides))
+    given = parse_overrides([f"env_id={args.env_id}"] * (args.env_id is not None) + list(args.overrides))  # --env as on resume
     saved = resumed_config_file(run_dir)
     assert saved is not None
     values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults(), what="eval")

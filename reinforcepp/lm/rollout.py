@@ -235,6 +235,7 @@ def nothing_to_train_on(step: int, counts: dict[str, float], scorer: Any) -> Inp
         detail = "; ".join(failing + ([f"{unscored} samples no reward source scored (all returned None)"] if unscored else []))
         why.append(f"{int(counts['reward/dropped_groups'])} groups held a sample the reward dropped ({detail or 'reward_on_error=drop'})")
     if counts.get("filter/dropped_groups"):
+        rounds = int(counts.get("filter/rounds", 1))
         why.append(f"{int(counts['filter/dropped_groups'])} groups had all-equal rewards (dynamic_filtering, "
-                   f"{int(counts.get('filter/rounds', 1))} rounds of max_filter_rounds)")
+                   f"{rounds} generation round{'s' if rounds > 1 else ''})")
     return InputError(f"step {step}: every group was dropped, nothing to train on: {'; '.join(why)}")
