@@ -199,6 +199,10 @@ def test_every_silent_or_deep_exit_is_one_line(capsys, more, argv, expected):
 def test_gym_config_files_and_floats(capsys, more):
     refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "binary.yaml")], "binary.yaml: not a text file")
     refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "list.yaml")], "must be a mapping of key: value")
+    (more / "broken.yaml").write_text("lr: [1e-3\nseed: 2\n")
+    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "broken.yaml")], "broken.yaml: not valid YAML (",
+            "at line 2")
+    refused(capsys, ["train", str(more / "broken.yaml"), f"output_dir={more / 'r'}"], "broken.yaml: not valid YAML (")
     refused(capsys, ["gym", "--output-dir", str(more / "g"), "lr=inf"], "lr must be a finite number, got inf")
     refused(capsys, ["gym", "--output-dir", str(more / "g"), "env_kwargs={a: [1"], "env_kwargs=", "is not a valid mapping")
 

@@ -1,4 +1,4 @@
-"""Run folders: never reuse one by accident, never take security settings from one.
+"""Run folders: never reuse one by accident, never let one decide what runs or what is trained against.
 
 * :func:`claim_run_dir` -- a non-empty run folder is refused unless the run resumes it or the
   user asks to ``--overwrite`` it, which moves the old folder aside (nothing is deleted).
@@ -7,6 +7,9 @@
   the reference, reward sources, environments, URLs or tokens (:data:`CHOSEN_BY_YOU`,
   :data:`PERMISSIONS`) are never taken from the folder: a received run folder must not be able
   to run code, choose what is trained against, turn on remote code or send data elsewhere.
+* :func:`resumed_config_file`, :func:`check_run_log` -- a run folder that lost its
+  ``config.yaml``, its ``metrics.jsonl`` or the log's rows up to the checkpoint is refused on
+  resume: it cannot continue as the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import InputError
+
 
 class RunDirError(InputError):
     """A run folder that cannot be used as asked."""
