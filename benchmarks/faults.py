@@ -9,8 +9,11 @@ For each of an LM run (built-in tiny model, deterministic) and a Gymnasium run (
 
 1. an uninterrupted reference run, timed;
 2. the same run in another folder, killed with SIGKILL at ``--kills`` moments: each moment is
-   either uniform over the reference's wall time (which lands in generation, updates,
-   evaluation, logging or checkpoint writes) or, every third kill, the instant a checkpoint's
+   either uniform over the work the run has left (timed from the end of its setup, the imports
+   and models, when it first writes ``metrics.jsonl``: a kill in the setup only restarts it;
+   the reference's work time scaled by the share of steps after its last checkpoint), which
+   lands in generation, updates, evaluation, logging or checkpoint writes, or, every third
+   kill, the instant a checkpoint's
    temporary directory appears (a kill during the checkpoint write). After each kill the run is
    resumed with ``--resume`` (or restarted with ``--overwrite`` when no checkpoint was complete
    yet); after the last kill it runs to the end;
@@ -62,15 +65,27 @@ def command(kind: str, run_dir: Path, *extra: str) -> list[str]:
     return [*base, "gym", "--output-dir", str(run_dir), *GYM_ARGS, *extra]
 
 
-def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save: Path | None = None) -> tuple[int, str]:
-    """Run ``cmd``; SIGKILL it after ``kill_after`` seconds, or as soon as a checkpoint's
-    temporary directory appears under ``kill_on_save``. Returns (exit code, what happened)."""
+def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save: Path | None = None,
+        setup: list[float] | None = None) -> tuple[int, str]:
+    """Run ``cmd``; SIGKILL it ``kill_after`` seconds after its setup ended (imports, models: until
+    it first writes ``metrics.jsonl``, which a resumed run rewrites first), or as soon as a
+    checkpoint's temporary directory appears under ``kill_on_save``. Returns (exit code, what
+    happened); ``setup`` gets the setup's seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run_dir = Path(next((a.split("=", 1)[1] for a in cmd if a.startswith("output_dir=")), None)
+                   or cmd[cmd.index("--output-dir") + 1])
+    metrics = run_dir / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns if metrics.exists() else None
     with log.open("a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         start = time.perf_counter()
+        working: float | None = None
         while proc.poll() is None:
-            if kill_after is not None and time.perf_counter() - start >= kill_after:
+            if working is None and metrics.exists() and metrics.stat().st_mtime_ns != before:
+                working = time.perf_counter()
+                if setup is not None:
+                    setup.append(working - start)
+            if kill_after is not None and working is not None and time.perf_counter() - working >= kill_after:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return -9, "random"
@@ -80,6 +95,14 @@ def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save
                 return -9, "during_save"
             time.sleep(0.002)
     return proc.returncode, "finished"
+
+
+def done_fraction(kind: str, run_dir: Path) -> float:
+    """How far the run's latest complete checkpoint is (0: none), from its step."""
+    root = run_dir / "checkpoints"
+    steps = [int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step_") and (p / "COMPLETE").exists()] if root.exists() else []
+    total = 8 if kind == "lm" else 6144  # LM_ARGS total_steps, GYM_ARGS total_env_steps
+    return max(steps, default=0) / total
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -137,10 +160,13 @@ def compare(ref: Path, got: Path) -> dict[str, bool]:
 def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, Any]:
     ref, got, log = work / f"{kind}-ref", work / f"{kind}-faults", work / f"{kind}.log"
     t0 = time.perf_counter()
-    rc, _ = run(command(kind, ref), log)
+    setup_s: list[float] = []
+    rc, _ = run(command(kind, ref), log, setup=setup_s)
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{kind}: the reference run failed (exit {rc}); see {log}")
+    setup = setup_s[0] if setup_s else 0.0
+    work_s = wall - setup  # a kill during the setup (imports, models) only restarts: kills are drawn over the work
     counts = {"random": 0, "during_save": 0, "finished_before_kill": 0, "restarts_without_checkpoint": 0, "resumes": 0}
     started = False
     for i in range(kills):
@@ -156,7 +182,8 @@ def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, A
         if i % 3 == 2:
             rc, what = run(cmd, log, kill_on_save=got)
         else:
-            rc, what = run(cmd, log, kill_after=rng.uniform(0.5, 0.9 * wall))
+            left = 1.0 - (done_fraction(kind, got) if "--resume" in cmd else 0.0)
+            rc, what = run(cmd, log, kill_after=rng.uniform(0.0, 0.95 * work_s * left))
         counts[what if what != "finished" else "finished_before_kill"] += 1
         if rc == 0:  # the run reached its end before the kill: start it over to keep killing
             os.replace(got, work / f"{kind}-faults-done-{i}")
@@ -167,7 +194,8 @@ def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, A
     rc, _ = run(final, log)
     if rc != 0:
         raise SystemExit(f"{kind}: the final resume failed (exit {rc}); see {log}")
-    return {"kind": kind, "kills": kills, "reference_wall_s": round(wall, 1), **counts, "identical": compare(ref, got)}
+    return {"kind": kind, "kills": kills, "reference_wall_s": round(wall, 1), "reference_setup_s": round(setup, 1), **counts,
+            "identical": compare(ref, got)}
 
 
 # ------------------------------------------------------------------------------------- probes

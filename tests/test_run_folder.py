@@ -55,7 +55,7 @@ def test_lm_run_folder_guard_overwrite_and_resume_security(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["trust_remote_code"] is False
     assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2]
     # --overwrite moves the old run aside; nothing is deleted.
-    assert main(["train", "--overwrite", f"output_dir={out}", *LM_FAST]) == 0
+    assert main(["train", f"output_dir={out}", "--overwrite", *LM_FAST]) == 0  # a flag among the items
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and [r["step"] for r in read_metrics(aside[0]) if r["kind"] == "train"] == [1, 2]
     assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1]

@@ -54,7 +54,7 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
         words = cli_items(argv, cls, flags)
     except ConfigError as e:
         parser.exit(2, f"{prog}: {e}\n")
-    args = parser.parse_args(words)
+    args = parser.parse_intermixed_args(words)  # flags anywhere: `output_dir=X --overwrite lr=1e-5`
     config_file = [a for a in args.items if "=" not in a and a.endswith((".yaml", ".yml"))]
     if len(config_file) > 1:
         parser.error(f"one config file at most, got {config_file}")
