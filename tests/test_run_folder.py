@@ -103,7 +103,32 @@ def planted_values(tmp_path):
         "critic_model": [str(tmp_path / "zeroed")],
         "env_id": ["evil_module:Evil-v0", "Acrobot-v1", " CartPole-v0"],
         "env_kwargs": [{"max_episode_steps": 3}],
+        "teacher": [str(tmp_path / "zeroed"), "org/teacher"],
     }
+
+
+DATA_KEYS = {"output_dir", "train_data", "eval_data"}
+"""Keys that name files too, which a run folder may keep: the run's own folder, the prompts it reads."""
+
+
+def test_every_key_that_names_a_path_url_model_or_code_is_classified():
+    import dataclasses
+    import re
+    import typing
+
+    from reinforcepp.gym.config import GymConfig
+    from reinforcepp.lm.config import LMConfig
+    from reinforcepp.run.folder import CHOSEN_BY_YOU, PERMISSIONS
+
+    names = re.compile(r"path|URL|module:|hub|file\.py|\bfile\b|\bmodels?\b|environment id")
+    for cls in (LMConfig, GymConfig):
+        for field in dataclasses.fields(cls):
+            tp = cls.field_types()[field.name]
+            text = tp is str or str in typing.get_args(tp) or typing.get_args(tp) == (str,)
+            if text and names.search(field.metadata["help"]):
+                assert field.name in {*CHOSEN_BY_YOU, *PERMISSIONS, *DATA_KEYS}, (
+                    f"{cls.__name__}.{field.name} names a path, URL, model or code: add it to run/folder.py's "
+                    "CHOSEN_BY_YOU (or PERMISSIONS)")
 
 
 def test_every_chosen_key_is_refused_from_the_folder_and_taken_from_you(tmp_path):
@@ -114,7 +139,6 @@ def test_every_chosen_key_is_refused_from_the_folder_and_taken_from_you(tmp_path
     lm, gym = LMConfig.defaults(), GymConfig.defaults()
     planted = planted_values(tmp_path)
     assert set(planted) == set(CHOSEN_BY_YOU)
-    assert all(k in lm or k in gym for k in CHOSEN_BY_YOU)
     for key, values in planted.items():
         defaults = lm if key in lm else gym
         for value in values:
@@ -129,7 +153,7 @@ def test_every_chosen_key_is_refused_from_the_folder_and_taken_from_you(tmp_path
             merged, notes = merge_resumed_config(saved, {key: value}, defaults)
             assert merged[key] == value and notes == []
         # the default in the folder: nothing to decide, nothing taken
-        merged, notes = merge_resumed_config({key: defaults[key]}, {}, defaults)
+        merged, notes = merge_resumed_config({key: defaults.get(key)}, {}, defaults)
         assert key not in merged and notes == []
     # every refused key is named in the one line
     with pytest.raises(RunDirError) as err:

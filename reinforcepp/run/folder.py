@@ -61,12 +61,14 @@ CHOSEN_BY_YOU: dict[str, str] = {
     "critic_model": "a model",
     "reward_funcs": "reward sources: code, reward models or URLs",
     "environment": "code: an environment factory",
+    "teacher": "a teacher model",
     "env_id": "the environment",
     "env_kwargs": "the environment's arguments",
 }
 """The keys a run folder never decides, with what each names: code to import, models, the
 reference, reward sources, environments (LM and gym keys in one table; a config has the ones
-it has). On resume they come only from the user's command line or config file; a saved value
+it has; a new key that names a path, URL, model or code belongs here, see
+``tests/test_run_folder.py``). On resume they come only from the user's command line or config file; a saved value
 that differs from the default and is not given again is refused (:func:`merge_resumed_config`).
 The decision is by key, never by reading the value, so no spelling of a value slips through."""
 
