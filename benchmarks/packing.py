@@ -36,12 +36,14 @@ import torch
 
 from reinforcepp.lm.batch import PromptResponseBatch, collate
 from reinforcepp.lm.logprobs import TokenLogprobs, response_logprobs
-from reinforcepp.lm.packing import (
-    packed_response_logprobs,
+from reinforcepp.lm.micro_batches import (
     plan_micro_batches,
     prompt_groups,
     sequence_lengths,
     update_token_counts,
+)
+from reinforcepp.lm.packing import (
+    packed_response_logprobs,
 )
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 

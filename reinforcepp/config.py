@@ -40,6 +40,7 @@ HINTS = {
     "max_completion_length": "max_new_tokens", "num_train_epochs": "epochs", "ppo_epochs": "epochs", "output": "output_dir",
     "model_name_or_path": "model", "n_envs": "num_envs", "n_steps": "steps_per_env", "total_timesteps": "total_env_steps",
     "ent_coef": "entropy_coef", "vf_coef": "value_coef", "clip_range": "eps_low", "gae_lambda": "lam", "env": "env_id",
+    "tis_cap": "rollout_correction_high", "max_staleness": "async_rollouts",
 }
 """Names other tools use for a key, and ours (checked against the config's keys)."""
 

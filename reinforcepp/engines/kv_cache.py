@@ -17,7 +17,7 @@ from typing import Any, Optional, cast
 import torch
 
 
-def _inner(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
     """The Hugging Face model under DDP, a PEFT wrapper or ``torch.compile``."""
     for _ in range(4):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -43,7 +43,7 @@ def _name_for(model_type: Any) -> str:
 def cache_argument(model: torch.nn.Module) -> str:
     """``"cache"`` when the model's ``forward`` takes that argument (transformers >= 5.2x),
     otherwise ``"past_key_values"``."""
-    model_type: Any = type(_inner(model))
+    model_type: Any = type(unwrap(model))
     return _name_for(model_type)
 
 

@@ -34,12 +34,12 @@ def _all_ranks_rng(rt: Runtime) -> Any:
     return rng
 
 
-def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: int, counters: dict[str, Any], *,
+def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[str, Any], step: int, counters: dict[str, Any], *,
                     merged: bool, save_reference: bool) -> Path:
     """Write ``checkpoints/step_<step>``: the policy (``merged``: LoRA merged into a full model),
-    the optimizers and scheduler of ``update`` (:class:`~.update.PolicyUpdate`), ``loader``'s
-    position, the RNG of every rank, ``counters`` (plain values), and with ``save_reference``
-    the (refreshed) reference. Returns its path (on every rank)."""
+    the optimizers and scheduler of ``update`` (:class:`~.update.PolicyUpdate`), the data
+    position ``loader_state``, the RNG of every rank, ``counters`` (data: numbers, lists,
+    tensors), and with ``save_reference`` the (refreshed) reference. Returns its path (on every rank)."""
     rng = _all_ranks_rng(rt)
     policy_state = rt.parallel.gather_state(models.policy)  # collectives: every rank takes part
     critic_state = rt.parallel.gather_state(models.critic) if models.critic is not None else None
@@ -54,7 +54,7 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: in
         if save_reference and models.reference is not None:  # the refreshed reference moves with the run
             models.reference.save_pretrained(d / "reference", safe_serialization=True)
         state = {"step": step, "optimizer": optimizer_state, "scheduler": update.scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, **counters}
+                 "loader": loader_state, "rng": rng, **counters}
         if models.critic is not None:
             state["critic"] = critic_state
             state["critic_optimizer"] = critic_optimizer_state

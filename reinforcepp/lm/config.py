@@ -11,6 +11,7 @@ passes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional, cast
 
 from ..config import ConfigError, option
@@ -88,7 +89,21 @@ class LMConfig(RunOptions):
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
-    tis_cap: Optional[float] = option(None, "truncated importance sampling: each token's policy-gradient loss is multiplied by min(exp(old_logprobs - sampler_logprobs), tis_cap), correcting for the engine sampling with other numerics than the trainer; None = off")
+    # --- asynchronous rollouts and off-policy correction (docs/algorithms.md) -------------------
+    async_rollouts: int = option(
+        0, "N > 0: the engine generates the rollouts of steps t+1..t+N (with its own copy of the weights) while the trainer "
+        "updates on step t; a sample is at most N policy versions old; 0 = the synchronous loop")
+    partial_rollouts: bool = option(
+        False, "async_rollouts: generate each response in N+1 segments, the weights advancing one version per segment (the "
+        "last segment on-policy): a generation in flight when the weights change continues under the new ones")
+    rollout_correction: Optional[Literal["none", "truncate", "mask"]] = option(
+        None, "off-policy correction of each token's policy-gradient loss by w = pi_old / mu (the engine's sampling "
+        "log-probs mu): truncate = min(w, rollout_correction_high); mask = 0 outside [low, high]; none; None = truncate "
+        "with async_rollouts > 0, else none")
+    rollout_correction_level: Literal["token", "sequence", "geometric"] = option(
+        "token", "the weight per token, per response (the product of its tokens' weights) or as their geometric mean")
+    rollout_correction_low: Optional[float] = option(None, "mask: the lower bound of the weight (None = 0)")
+    rollout_correction_high: float = option(2.0, "truncate: the cap of the weight; mask: its upper bound (verl's default: 2)")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
     value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
@@ -156,6 +171,49 @@ class LMConfig(RunOptions):
         if self.fsdp and (self.dynamic_filtering or self.reward_on_error == "drop"):
             key = "dynamic_filtering=true" if self.dynamic_filtering else "reward_on_error=drop"
             raise ConfigError(f"fsdp=true with {key}: sharded forwards need the same number of responses on every rank, which dropping groups breaks")
+
+    def _validate_async(self) -> None:
+        """Asynchronous rollouts and the off-policy correction, before any model loads."""
+        from ..core import check_rollout_correction
+        from ..engines import get_engine
+
+        if self.async_rollouts < 0:
+            raise ConfigError(f"async_rollouts must be >= 0 (0 = synchronous), got {self.async_rollouts}")
+        if self.partial_rollouts and not self.async_rollouts:
+            raise ConfigError("partial_rollouts=true continues generations across weight updates of asynchronous rollouts; "
+                              "set async_rollouts >= 1")
+        mode, low, high = self.resolved_rollout_correction, self.rollout_correction_low, self.rollout_correction_high
+        if mode == "none" and (low is not None or high != 2.0):
+            raise ConfigError("rollout_correction_low/high are set but rollout_correction=none: set rollout_correction=truncate or mask")
+        if not (math.isfinite(high) and high > 0):
+            raise ConfigError(f"rollout_correction_high must be a finite number > 0, got {high}")
+        if low is not None and mode != "mask":
+            raise ConfigError(f"rollout_correction_low={low} applies to rollout_correction=mask only (truncate caps from above)")
+        if mode == "mask" and not ((low or 0.0) <= 1.0 <= high):
+            raise ConfigError(f"rollout_correction_low={low} and rollout_correction_high={high} must bracket 1 (an on-policy "
+                              "token's weight): low <= 1 <= high")
+        bounds = {"low": low, "high": high if mode != "none" else None}
+        try:
+            check_rollout_correction(mode, self.rollout_correction_level, **bounds)
+        except ValueError as e:
+            raise ConfigError(f"rollout_correction={mode}, rollout_correction_level={self.rollout_correction_level}: {e}") from None
+        engine = get_engine(self.engine)
+        if mode != "none" and not engine.logprobs:
+            raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and engine {self.engine!r} "
+                              "does not report them: set rollout_correction=none")
+        if self.async_rollouts and not engine.seeded:
+            raise ConfigError(f"async_rollouts needs an engine that draws from its own seed; engine {self.engine!r} draws from "
+                              "the generator the trainer uses: use engine=hf or vllm")
+        if self.async_rollouts and self.vllm_sleep:
+            raise ConfigError("async_rollouts keeps vLLM generating while the trainer updates; vllm_sleep=true would put it to "
+                              "sleep then: set vllm_sleep=false")
+
+    @property
+    def resolved_rollout_correction(self) -> str:
+        """``rollout_correction``, with None resolved: truncate with asynchronous rollouts, else none."""
+        if self.rollout_correction is not None:
+            return self.rollout_correction
+        return "truncate" if self.async_rollouts else "none"
 
     @classmethod
     def tiny(cls, **overrides) -> "LMConfig":
@@ -225,7 +283,8 @@ class LMConfig(RunOptions):
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""
         d = self.to_dict()
-        d.update(task=self.builtin_task, kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator, loss_agg=self.resolved_loss_agg)
+        d.update(task=self.builtin_task, kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator,
+                 loss_agg=self.resolved_loss_agg, rollout_correction=self.resolved_rollout_correction)
         return d
 
     def validate(self) -> None:
@@ -282,8 +341,7 @@ class LMConfig(RunOptions):
             raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ConfigError(f"tis_cap must be > 0 (OpenRLHF and verl use 2 to 10), got {self.tis_cap}")
+        self._validate_async()
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

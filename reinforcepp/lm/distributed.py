@@ -65,7 +65,7 @@ class DistContext:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         out = {}
         for i, k in enumerate(keys):
-            if k.endswith("/min"):
+            if k.endswith(("/min", "_min")):
                 out[k] = float(low[i])
             elif k.endswith(("/max", "_max")) or k.startswith("time/"):
                 out[k] = float(high[i])  # the slowest rank sets the step time

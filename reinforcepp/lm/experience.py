@@ -44,6 +44,8 @@ class Experience:
     (``mask_truncated_completions``); ``None``: the response mask."""
     sampler_logprobs: Optional[Tensor] = None
     """``(N, T)`` log-probs the engine sampled the tokens with (``None`` if it does not report them)."""
+    token_versions: Optional[Tensor] = None
+    """``(N, T)`` long: the policy version that sampled each token (``None``: not reported)."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -146,10 +148,12 @@ class ExperienceMaker:
         adv = compute_advantages(cfg.estimator, inputs, params)
         loss_mask = truncated_loss_mask(batch.response_mask, gen.truncated) if cfg.mask_truncated_completions else None
         sampler = gen.sampler_logprob_tensor(batch.response_length)
-        if cfg.tis_cap is not None and sampler is None:
-            raise ConfigError(f"tis_cap needs the log-probs the engine sampled with, and engine {cfg.engine!r} does not return them; unset tis_cap")
+        mode = cfg.resolved_rollout_correction
+        if mode != "none" and sampler is None:
+            raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and engine {cfg.engine!r} "
+                              "does not return them: set rollout_correction=none")
         return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask,
-                          sampler_logprobs=sampler)
+                          sampler_logprobs=sampler, token_versions=gen.token_version_tensor(batch.response_length))
 
     def scalar_and_step_rewards(self, rollout: Any, batch: PromptResponseBatch) -> tuple[Tensor, Optional[Tensor]]:
         """``R_i`` ``(N,)`` and the per-token step rewards ``(N, T)`` (process rewards, and the

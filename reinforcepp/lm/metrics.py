@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ..agents.rollout import episode_metrics
-from ..core import advantage_stats, kl_return_share, masked_mean
+from ..core import advantage_stats, kl_return_share, masked_mean, staleness_stats
 from .experience import Experience
 from .rollout import Rollout
 
 
-def rollout_metrics(rollout: Rollout, exp: Experience, beta: float) -> dict[str, float]:
-    """This rank's rollout metrics (the trainer reduces them over ranks)."""
+def rollout_metrics(rollout: Rollout, exp: Experience, beta: float, version: int, reduce: Any = None) -> dict[str, float]:
+    """This rank's rollout metrics (the trainer reduces them over ranks); ``version``: the
+    policy version the update starts from (staleness is counted against it)."""
     mask = exp.response_mask
     lengths = mask.sum(1)
     r = rollout.rewards
@@ -45,6 +46,8 @@ def rollout_metrics(rollout: Rollout, exp: Experience, beta: float) -> dict[str,
         m["kl/return_share"] = kl_return_share(rollout.rewards, exp.kl, mask, beta)
     if exp.values is not None:
         m["critic/value_mean"] = float(masked_mean(exp.values, mask))
+    if exp.token_versions is not None:
+        m.update(staleness_stats(exp.token_versions, mask, version, reduce))
     return m
 
 

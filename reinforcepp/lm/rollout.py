@@ -77,12 +77,14 @@ class RolloutSampler:
         scorer: the reward scorer (None: an environment's rewards only).
         env_factory: multi-turn environments, or None.
         spec: the estimator (process rewards need token-level advantages).
+        timer: where generation and scoring time go (default: the run's phase timer).
     """
 
     def __init__(self, config: LMConfig, rt: Runtime, engine: GenerationEngine, policy: torch.nn.Module, tokenizer: Any,
-                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec) -> None:
+                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec, timer: Optional[PhaseTimer] = None) -> None:
         self.config, self.rt, self.engine, self.policy, self.tokenizer = config, rt, engine, policy, tokenizer
         self.scorer, self.spec = scorer, spec
+        self.timer = timer or rt.timer
         self.prompt_ids_cache: dict[str, list[int]] = {}
         self.prompts_truncated = 0
         self.episodes = self._episode_runner(env_factory) if env_factory is not None else None
@@ -124,7 +126,7 @@ class RolloutSampler:
         """``k`` samples of each row's prompt, scored (``step``: the RL step, for the rewards'
         trainer state)."""
         cfg = self.config
-        timer = timer or self.rt.timer
+        timer = timer or self.timer
         expanded = [r for r in rows for _ in range(k)]
         columns = columns_of(expanded, exclude=(cfg.prompt_column,))
         if self.episodes is not None:  # multi-turn: the environment plays the other side
@@ -172,6 +174,8 @@ class RolloutSampler:
             if len(kept) >= rt.prompts_per_rank:
                 break
         counts["filter/rounds"] = round_
+        if cfg.truncate_prompts:
+            counts["data/truncated_prompts"] = float(self.prompts_truncated)
         if not kept:
             raise RuntimeError(f"step {step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)

@@ -17,7 +17,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..core import aggregate, approx_kl, clip_fractions, logprob_mismatch, masked_mean, token_loss, truncated_importance_weights, value_loss
+from ..core import (
+    RolloutCorrection,
+    aggregate,
+    approx_kl,
+    clip_fractions,
+    correction_stats,
+    logprob_mismatch,
+    masked_mean,
+    rollout_correction,
+    token_loss,
+    value_loss,
+)
 from ..run import NonFiniteGuard
 from .batch import PromptResponseBatch
 from .config import LMConfig
@@ -169,8 +180,11 @@ class PolicyUpdate:
         if part.sampler_logprobs is not None:
             sampler = part.sampler_logprobs.to(logp.device)
             seen["sampler_logprobs"].append(sampler.cpu())
-            if cfg.tis_cap is not None:  # truncated importance sampling: pi_old / mu, capped, no gradient
-                weights = truncated_importance_weights(old, sampler, cfg.tis_cap)
+            correction = self.correction(old, sampler, real)
+            if correction is not None:  # pi_old / mu, truncated or masked, no gradient
+                weights = correction.weights
+                for name, value in zip(("is_weights", "is_masked", "is_log_ratio", "is_truncated"), correction):
+                    seen[name].append(value.detach().cpu())
         in_loss = self.kl_placement == "loss"
         assert not in_loss or part.ref_logprobs is not None  # loss KL needs the reference
         terms = token_loss(logp, old, part.advantages.to(logp.device), real, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -188,9 +202,19 @@ class PolicyUpdate:
             scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))  # the term added to the loss
         pl = terms.policy
         for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low),
-                            ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask)):
+                            ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask), ("real", real)):
             seen[name].append(value.detach().cpu())
         return agg(terms.loss)
+
+    def correction(self, old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> Optional[RolloutCorrection]:
+        """The off-policy correction ``w = pi_old / mu`` of a micro-batch (core.rollout_correction),
+        or None when ``rollout_correction`` is none."""
+        cfg = self.config
+        mode = cfg.resolved_rollout_correction
+        if mode == "none":
+            return None
+        low = cfg.rollout_correction_low if mode == "mask" else None
+        return rollout_correction(old, sampler, mask, mode, cfg.rollout_correction_level, low=low, high=cfg.rollout_correction_high)
 
     def critic_backward(self, part: Experience, n_tokens: float, scalars: Scalars) -> None:
         """The clipped value loss of one micro-batch (token-mean over the window), backward."""
@@ -220,8 +244,9 @@ class PolicyUpdate:
         if seen["sampler_logprobs"]:  # sampler vs trainer: the same tokens, two sets of numerics
             sampler = torch.cat(seen["sampler_logprobs"])
             out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = logprob_mismatch(old, sampler, mask, self.rt.dist.reduce)
-            if cfg.tis_cap is not None:
-                out["rollout/tis_weight_mean"] = float(masked_mean(truncated_importance_weights(old, sampler, cfg.tis_cap), mask))
+        if seen["is_weights"]:
+            parts = RolloutCorrection(*(torch.cat(seen[k]) for k in ("is_weights", "is_masked", "is_log_ratio", "is_truncated")))
+            out.update(correction_stats(parts, torch.cat(seen["real"]), self.rt.dist.reduce))
         if self.kl_placement == "loss":
             kl = torch.cat(seen["kl"])
             out["kl/mean_token"] = float(masked_mean(kl, mask))

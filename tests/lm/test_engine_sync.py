@@ -113,17 +113,18 @@ def test_stale_engine_weights_show_in_the_mismatch(tmp_path, copying_engine):
 def test_tis_weights_enter_the_loss(tmp_path, copying_engine):
     # a stale engine makes sampler != old; TIS with cap C weighs each token's loss by min(exp(old - sampler), C)
     torch.manual_seed(0)
-    t = _trainer(tmp_path, engine="copying", total_steps=1, tis_cap=1.5)
+    t = _trainer(tmp_path, engine="copying", total_steps=1, rollout_correction="truncate", rollout_correction_high=1.5)
     with torch.no_grad():
         for p in t.policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     m = t.train_step()
-    assert 0 < m["rollout/tis_weight_mean"] <= 1.5 and abs(m["rollout/tis_weight_mean"] - 1) > 1e-3
+    assert 0 < m["rollout/is_weight_mean"] <= 1.5 and abs(m["rollout/is_weight_mean"] - 1) > 1e-3
+    assert m["rollout/is_weight_max"] <= 1.5 and m["rollout/truncated_fraction"] > 0
 
 
 def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
-    t = _trainer(tmp_path, engine="no_logprobs", tis_cap=2.0)
-    with pytest.raises(ConfigError, match="tis_cap needs the log-probs the engine sampled with, and engine 'no_logprobs'"):
+    t = _trainer(tmp_path, engine="no_logprobs", rollout_correction="truncate")
+    with pytest.raises(ConfigError, match="rollout_correction=truncate needs the log-probs the engine sampled with, and engine 'no_logprobs'"):
         t.train_step()
 
 
@@ -154,8 +155,8 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"vllm_sleep": True})
     with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization is set but engine='hf'"):
         LMConfig.from_dict({"vllm_gpu_memory_utilization": 0.5})
-    with pytest.raises(ConfigError, match="tis_cap must be > 0"):
-        LMConfig.from_dict({"tis_cap": 0})
+    with pytest.raises(ConfigError, match="rollout_correction_high must be a finite number > 0"):
+        LMConfig.from_dict({"rollout_correction": "truncate", "rollout_correction_high": 0})
     import reinforcepp.engines.vllm as ve
 
     monkeypatch.setattr(ve, "vllm_available", lambda: True)
