@@ -113,7 +113,15 @@ class LMConfig(RunOptions):
     prompts_per_step: int = option(16, "prompts per rollout")
     samples_per_prompt: int = option(4, "responses sampled per prompt (group size)")
     mini_batch_size: Optional[int] = option(None, "responses per optimizer step; None = the whole rollout")
-    micro_batch_size: int = option(16, "responses per forward/backward (gradient accumulation inside a mini-batch)")
+    micro_batch_size: int = option(16, "responses per forward/backward (gradient accumulation inside a mini-batch); unused with micro_batch_tokens")
+    micro_batch_tokens: Optional[int] = option(
+        None, "micro-batches of at most this many tokens (prompt + response, a shared prompt counted once) instead of a "
+        "count of responses, balanced (first-fit decreasing, then largest-first), and under torchrun the groups spread "
+        "over the ranks by tokens; None = micro_batch_size responses each")
+    pack_sequences: bool = option(
+        False, "run each forward of the update, the old and reference log-probs and the critic as one packed row: no "
+        "padding, positions restarting per sequence, attention kept inside each (with share_prompt a prompt and its "
+        "responses form one tree); llama, qwen2, qwen3 with sdpa, eager, flex or flash attention")
     epochs: int = option(1, "passes over each rollout")
     lr: float = option(1e-6, "policy learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine"] = option("constant", "after warmup: constant, or cosine decay to lr_min_ratio * lr")
@@ -314,7 +322,9 @@ class LMConfig(RunOptions):
             raise ConfigError(f"estimator {self.estimator!r} compares samples of one prompt: it needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.rollout_size % self.mini_batch_responses:
             raise ConfigError(f"mini_batch_size={self.mini_batch_responses} does not divide the rollout of prompts_per_step x samples_per_prompt = {self.rollout_size} responses")
-        if self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 2:
+            raise ConfigError(f"micro_batch_tokens must be >= 2 (a prompt token and a response token), got {self.micro_batch_tokens}")
+        if self.micro_batch_tokens is None and self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} does not divide mini_batch_size={self.mini_batch_responses}")
         placement = self.resolved_kl_placement
         if self.dynamic_filtering and self.samples_per_prompt < 2:

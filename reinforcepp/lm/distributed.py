@@ -48,6 +48,16 @@ class DistContext:
             return value
         return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))[0])
 
+    def max(self, value: float) -> float:
+        """The largest ``value`` over the ranks."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean over ranks (every rank holds the same number of responses), min/max for keys
         ending in ``/min`` / ``/max``, sums for counts."""

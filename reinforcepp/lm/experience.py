@@ -22,6 +22,8 @@ from .batch import PromptResponseBatch, collate
 from .config import LMConfig
 from .fused import HeldForwards
 from .logprobs import TokenLogprobs, response_logprobs
+from .micro_batches import micro_batches_of
+from .packing import packed_response_logprobs
 
 
 @dataclass
@@ -67,14 +69,18 @@ class Experience:
 
 
 @torch.no_grad()
-def batched_forward(fn, batch: PromptResponseBatch, micro_batch_size: int, device: torch.device) -> Tensor:
+def batched_forward(fn, batch: PromptResponseBatch, micro: list[list[int]], device: torch.device) -> Tensor:
     """Apply ``fn(input_ids, attention_mask, response_length) -> (b, T)`` micro-batch by
-    micro-batch and concatenate (on the CPU)."""
-    outs = []
-    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-        sl = slice(start, start + micro_batch_size)
-        outs.append(fn(batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device), batch.response_length).float().cpu())
-    return torch.cat(outs, 0)
+    micro-batch (``micro``: row indices) and gather the results in row order, ``(N, T)`` on the
+    CPU. An empty micro-batch (every rank must run as many forwards as the others) runs the
+    first row and discards it."""
+    out = torch.zeros(batch.response_mask.shape)
+    for rows in micro:
+        index = torch.tensor(rows or [0], dtype=torch.long)
+        values = fn(batch.input_ids[index].to(device), batch.attention_mask[index].to(device), batch.response_length).float().cpu()
+        if rows:
+            out[index] = values
+    return out
 
 
 class ExperienceMaker:
@@ -90,15 +96,15 @@ class ExperienceMaker:
         fuse_old: take ``old_logprobs`` from the update's forwards (held in ``held``).
         precision: the autocast context of the forwards.
         timer: the run's phase timer (a fused forward counts as update time).
-        dist_reduce: the core's reduction hook (global whitening over ranks).
+        dist: the ranks (global whitening, micro-batches in step).
     """
 
     def __init__(self, config: LMConfig, models: Any, spec: EstimatorSpec, kl_controller: Any, *, device: torch.device,
                  forward: Callable[[PromptResponseBatch], TokenLogprobs], held: HeldForwards, fuse_old: bool,
-                 precision: Callable[[], Any], timer: Any, dist_reduce: Any) -> None:
+                 precision: Callable[[], Any], timer: Any, dist: Any) -> None:
         self.config, self.models, self.spec, self.kl_controller = config, models, spec, kl_controller
         self.device, self.forward, self.held, self.fuse_old = device, forward, held, fuse_old
-        self.precision, self.timer, self.reduce = precision, timer, dist_reduce
+        self.precision, self.timer, self.dist, self.reduce = precision, timer, dist, dist.reduce
         self.kl_placement = config.effective_kl_placement
 
     def logprob_fn(self, model: Any) -> Callable[[Tensor, Tensor, int], Tensor]:
@@ -107,10 +113,15 @@ class ExperienceMaker:
         cfg = self.config
         if isinstance(model, RemoteReference):
             return model.response_logprobs
-        return lambda ids, attn, t: response_logprobs(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size,
-                                                      temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
+        fn = packed_response_logprobs if cfg.pack_sequences else response_logprobs
+        return lambda ids, attn, t: fn(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
+                                       share_prompt=cfg.share_prompt).logprobs
 
-    def old_logprobs(self, batch: PromptResponseBatch) -> Optional[Tensor]:
+    def value_fn(self, critic: torch.nn.Module) -> Callable[[Tensor, Tensor, int], Tensor]:
+        """``(input_ids, attention_mask, T) -> (B, T)`` values of the critic, packed or padded."""
+        return lambda ids, attn, t: critic(ids, attn, t, packed=self.config.pack_sequences)
+
+    def old_logprobs(self, batch: PromptResponseBatch, micro: list[list[int]]) -> Optional[Tensor]:
         """``old_logprobs`` when the update or the KL reward needs them: from the update's own
         forwards (fused) or a no-gradient pass; None when the update is exactly on-policy."""
         cfg, policy = self.config, self.models.policy
@@ -118,10 +129,10 @@ class ExperienceMaker:
             return None
         if self.fuse_old:
             with self.timer("update"):
-                return self.held.run(self.forward, batch, cfg.micro_batch_size)
+                return self.held.run(self.forward, batch, micro)
         policy.eval()
         with self.precision():
-            old = batched_forward(self.logprob_fn(policy), batch, cfg.micro_batch_size, self.device)
+            old = batched_forward(self.logprob_fn(policy), batch, micro, self.device)
         policy.train()
         return old
 
@@ -130,13 +141,13 @@ class ExperienceMaker:
         cfg, models = self.config, self.models
         gen = rollout.generation
         batch = collate(gen.prompt_ids, gen.response_ids, models.tokenizer.pad_token_id, response_masks=gen.response_masks)
-        mb = cfg.micro_batch_size
-        old = self.old_logprobs(batch)
+        micro = micro_batches_of(batch, cfg, self.dist)
+        old = self.old_logprobs(batch, micro)
         with self.precision():
-            ref = batched_forward(self.logprob_fn(models.reference), batch, mb, self.device) if models.reference is not None else None
+            ref = batched_forward(self.logprob_fn(models.reference), batch, micro, self.device) if models.reference is not None else None
             values = None
             if models.critic is not None:
-                values = batched_forward(lambda i, a, t: models.critic(i, a, t), batch, mb, self.device) * batch.response_mask
+                values = batched_forward(self.value_fn(models.critic), batch, micro, self.device) * batch.response_mask
         kl = None
         if self.kl_placement == "reward":
             assert old is not None and ref is not None  # reward KL computes both

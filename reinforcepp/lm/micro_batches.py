@@ -12,7 +12,7 @@ same number of them (FSDP runs one forward per micro-batch on every rank, in ste
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -297,3 +297,36 @@ def padding_fraction(
     computes no padding. The trainer logs it as ``update/padding_fraction``."""
     computed, real = update_token_counts(attention_mask, response_length, micro_batches, packed=packed, groups=groups)
     return 1.0 - real / computed if computed else 0.0
+
+
+def plan(attention_mask: Tensor, input_ids: Tensor, response_length: int, *, micro_batch_size: int,
+         micro_batch_tokens: Optional[int], share_prompt: bool, count: Optional[Callable[[int], int]] = None) -> list[list[int]]:
+    """The micro-batches of a batch of ``N`` rows: consecutive runs of ``micro_batch_size`` rows,
+    or with ``micro_batch_tokens`` :func:`plan_micro_batches` (prompt groups kept together and
+    counted once with ``share_prompt``). ``count(n)``: the number of micro-batches every rank
+    must run given this rank's ``n`` (the maximum over ranks, under torchrun); the plan is split
+    to it (:func:`split_to_count`), which may leave empty micro-batches."""
+    n = attention_mask.shape[0]
+    if micro_batch_tokens is None:
+        micro = [list(range(s, min(s + micro_batch_size, n))) for s in range(0, n, micro_batch_size)]
+        groups = None
+    else:
+        prompt, response = sequence_lengths(attention_mask, response_length)
+        groups = prompt_groups(input_ids, response_length) if share_prompt else None
+        micro = plan_micro_batches(prompt, response, micro_batch_tokens, groups=groups) if n else []
+    if count is None or micro_batch_tokens is None:
+        return micro
+    wanted = count(len(micro))
+    if wanted <= len(micro):
+        return micro
+    prompt, response = sequence_lengths(attention_mask, response_length)
+    return split_to_count(micro, wanted, prompt, response, groups=groups)
+
+
+def micro_batches_of(batch: Any, config: Any, dist: Any) -> list[list[int]]:
+    """The micro-batches of ``batch`` (a ``PromptResponseBatch``) under ``config``
+    (``micro_batch_size`` or ``micro_batch_tokens``, ``share_prompt``), the same number on every
+    rank under torchrun (FSDP runs one forward per micro-batch on every rank, in step)."""
+    count = (lambda n: int(dist.max(float(n)))) if dist.enabled else None
+    return plan(batch.attention_mask, batch.input_ids, batch.response_length, micro_batch_size=config.micro_batch_size,
+                micro_batch_tokens=config.micro_batch_tokens, share_prompt=config.share_prompt, count=count)

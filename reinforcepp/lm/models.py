@@ -143,9 +143,17 @@ class ValueModel(torch.nn.Module):
         backbone.requires_grad_(True)
         return cls(backbone, lm.config.hidden_size).to(next(lm.parameters()).device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
-        """``(B, P + T)`` -> ``(B, T)`` float32 values."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, packed: bool = False) -> Tensor:
+        """``(B, P + T)`` -> ``(B, T)`` float32 values; ``packed``: computed on one packed row
+        (:func:`~.packing.packed_hidden`), 0 after each response's end."""
+        if packed:
+            from .packing import packed_hidden
+
+            h, rows, cols = packed_hidden(self.backbone, input_ids, attention_mask, response_length)
+            values = torch.zeros(input_ids.shape[0], response_length, device=input_ids.device)
+            return values.index_put((rows, cols), self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float())
+        positions = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).last_hidden_state
         h = hidden[:, -response_length - 1 : -1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 

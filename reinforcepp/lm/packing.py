@@ -278,3 +278,47 @@ def packed_response_logprobs(
         assert entropy is not None and flat.entropy is not None
         entropy = entropy.index_put((rows, cols), flat.entropy[0])
     return TokenLogprobs(logprobs, entropy)
+
+
+def packed_hidden(backbone: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The decoder ``backbone``'s last hidden states at the packed positions that predict the
+    response tokens (what a critic's value head reads), on one packed row: ``(M, H)`` and the
+    ``(M,)`` row and column of each in the ``(N, T)`` layout."""
+    method = packed_attention_method(backbone)
+    layout = pack_layout(attention_mask, response_length)
+    device = input_ids.device
+    rows, cols = layout.rows.to(device), layout.cols.to(device)
+    if layout.logit_index.numel() == 0:
+        return torch.zeros(0, unwrap(backbone).config.hidden_size, device=device), rows, cols
+    ids = input_ids.reshape(-1)[layout.source.to(device)][None]
+    hidden = backbone(input_ids=ids, position_ids=layout.position_ids.to(device)[None], use_cache=False,
+                      **_attention_kwargs(backbone, layout, method, device)).last_hidden_state
+    return hidden[0, layout.logit_index.to(device)], rows, cols
+
+
+def check_packing(config: Any, models: Any, sampler: Any, train: Any, episodes: bool) -> None:
+    """Before training: ``pack_sequences`` on models whose attention it can restrict per sequence
+    (the policy, a local reference, the critic), and ``micro_batch_tokens`` at least the longest
+    sequence the run can make: the longest training prompt (tokenised once, through the
+    sampler's cache) plus ``max_new_tokens`` (multi-turn: ``max_turns`` of them, each followed by
+    an observation of up to ``max_observation_tokens``). One line each (ConfigError)."""
+    from ..config import ConfigError
+
+    if config.pack_sequences:
+        for name, model in (("policy", models.policy), ("reference", models.reference), ("critic", models.critic)):
+            if isinstance(model, torch.nn.Module) and any(True for _ in model.parameters()):
+                target = getattr(unwrap(model), "backbone", model)
+                try:
+                    packed_attention_method(target, tree=config.share_prompt and name != "critic")
+                except ValueError as e:
+                    raise ConfigError(f"pack_sequences=true, the {name}: {e}") from None
+    if config.micro_batch_tokens is None or train is None:
+        return
+    prompts = {sampler.render(p) for p in train[config.prompt_column]}
+    longest_prompt = max(len(sampler.encode_prompt(text)) for text in prompts)
+    turns = config.max_turns if episodes else 1
+    longest = longest_prompt + turns * config.max_new_tokens + (turns - 1) * config.max_observation_tokens
+    if config.micro_batch_tokens < longest:
+        raise ConfigError(f"micro_batch_tokens={config.micro_batch_tokens} is smaller than the longest sequence this run can make, "
+                          f"{longest} tokens (the longest training prompt, {longest_prompt}, + max_new_tokens={config.max_new_tokens}"
+                          f"{f' x max_turns={turns} and the observations' if episodes else ''}): raise it to at least {longest}")

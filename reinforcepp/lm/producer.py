@@ -325,11 +325,19 @@ class AsyncRollouts:
         if self.model is None:  # an engine with its own copy of the weights (vLLM) loads them itself
             self.engine.sync_weights(torch.nn.Module(), lambda: weights, version=version)
             return
-        with torch.no_grad():
-            mine = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-            for name, tensor in weights:
-                mine[name].copy_(tensor)
+        copy_weights(self.model, weights)
         self.engine.sync_weights(self.model, version=version)
+
+
+def copy_weights(model: torch.nn.Module, weights: Any) -> None:
+    """Copy ``(name, tensor)`` pairs (Hugging Face names; a tied weight may come under either of
+    its names) into ``model``'s parameters and persistent buffers, in place."""
+    mine = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in weights:
+            if name not in mine:
+                raise KeyError(f"the producer's model has no weight {name!r}")
+            mine[name].copy_(tensor)
 
 
 def build_producer(config: LMConfig, rt: Any, models: Any, engine: GenerationEngine, scorer: Any, env_factory: Any, spec: Any,
@@ -363,10 +371,7 @@ def _plain_copy(models: Any, rt: Any, trust_remote_code: bool) -> torch.nn.Modul
         with torch.random.fork_rng(devices=[]):  # its random initialisation is overwritten; the trainer's stream stays
             model = AutoModelForCausalLM.from_config(policy.config, trust_remote_code=trust_remote_code)
         model.to(device=rt.device, dtype=rt.dtype)
-        with torch.no_grad():
-            mine = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-            for name, tensor in models.weights():
-                mine[name].copy_(tensor)
+        copy_weights(model, models.weights())
     model.eval()
     model.requires_grad_(False)
     return model

@@ -25,6 +25,8 @@ from ..config import ConfigError
 from ..core import AdaptiveKLController, FixedKLController, get_estimator
 from ..remote import RemoteReference
 from ..run import Progress, RunLogger, plot_run
+from .balance import balance_ranks
+from .packing import check_packing
 from .checkpointing import load_checkpoint, save_checkpoint
 from .components import Given, build_components
 from .config import LMConfig
@@ -34,7 +36,7 @@ from .experience import Experience, ExperienceMaker
 from .fused import fuse_old_logprobs
 from .metrics import KLShareWarning, log_samples, rollout_metrics
 from .producer import AsyncRollouts, build_producer
-from .profile import update_flops, update_tokens
+from .profile import update_flops
 from .reference import refresh_reference
 from .rollout import Rollout, RolloutSampler
 from .runtime import Runtime, open_runtime, setup_torch
@@ -89,16 +91,20 @@ class Trainer:
                                  self.spec)
         sampler.prompts_truncated = int(saved.get("prompts_truncated", 0))
         self.engine.weight_version = self.step  # it holds the weights of this step (a resumed run's too)
+        check_packing(self.config, self.models, sampler, self.data.train, self.env_factory is not None)
         return sampler, producer
 
     def _experience_maker(self) -> ExperienceMaker:
         cfg, rt = self.config, self.rt
         needs_old = cfg.effective_kl_placement == "reward"
-        fuse = fuse_old_logprobs(cfg.fuse_old_logprobs, cfg.on_policy, needs_old, rt.prompts_per_rank * cfg.samples_per_prompt,
-                                 cfg.micro_batch_size)
-        fuse = fuse and rt.parallel.can_hold_forwards(-(-rt.prompts_per_rank * cfg.samples_per_prompt // cfg.micro_batch_size))
+        responses = rt.prompts_per_rank * cfg.samples_per_prompt
+        if cfg.micro_batch_tokens is None:
+            fuse = fuse_old_logprobs(cfg.fuse_old_logprobs, cfg.on_policy, needs_old, responses, cfg.micro_batch_size)
+            fuse = fuse and rt.parallel.can_hold_forwards(-(-responses // cfg.micro_batch_size))
+        else:  # token budgets plan the micro-batches per step: fused only when asked, on one process
+            fuse = bool(cfg.fuse_old_logprobs) and cfg.on_policy and needs_old and not rt.dist.enabled
         return ExperienceMaker(cfg, self.models, self.spec, self.kl_controller, device=rt.device, forward=self.updater.forward,
-                               held=self.updater.held, fuse_old=fuse, precision=rt.precision, timer=rt.timer, dist_reduce=rt.dist.reduce)
+                               held=self.updater.held, fuse_old=fuse, precision=rt.precision, timer=rt.timer, dist=rt.dist)
 
     def _open_logger(self) -> Optional[RunLogger]:
         """Rank 0 writes the run folder: the resolved config, metrics, TensorBoard."""
@@ -190,10 +196,9 @@ class Trainer:
 
     def step_metrics(self, rollout: Rollout, experience: Experience, update_metrics: dict[str, float]) -> dict[str, float]:
         """The step's metrics over every rank, with times, throughput and the next beta."""
-        cfg = self.config
+        tokens = update_metrics.pop("update/real_tokens")  # the update's forwards, every epoch's, on this rank
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics, **self.rt.timer.pop()}
-        tokens = update_tokens(experience.batch, cfg.micro_batch_size, cfg.share_prompt) * cfg.epochs
-        metrics["perf/update_flops_per_s"] = update_flops(sum(p.numel() for p in self.policy.parameters()), tokens) / max(1e-9, metrics["time/update"])
+        metrics["perf/update_flops_per_s"] = update_flops(sum(p.numel() for p in self.policy.parameters()), int(tokens)) / max(1e-9, metrics["time/update"])
         metrics = self.dist.reduce_metrics(metrics)  # tokens summed over ranks, times of the slowest rank
         metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
         # beta follows the global KL, so every rank keeps the same coefficient
@@ -210,11 +215,15 @@ class Trainer:
     def rollout(self) -> Rollout:
         """This step's scored samples: rolled out now (:meth:`RolloutSampler.rollout`), or taken
         from the producer, with any sample staler than ``async_rollouts`` dropped."""
+        cfg = self.config
         if self.producer is None:
-            return self.sampler.rollout(self._train_loader().next_batch, self.step)
-        with self.rt.timer("wait"):
-            rollout = self.producer.next(self.step)
-        return drop_stale(rollout, self.step - 1, self.config.async_rollouts, self.config.samples_per_prompt)
+            rollout = self.sampler.rollout(self._train_loader().next_batch, self.step)
+        else:
+            with self.rt.timer("wait"):
+                rollout = drop_stale(self.producer.next(self.step), self.step - 1, cfg.async_rollouts, cfg.samples_per_prompt)
+        if cfg.micro_batch_tokens is not None and self.dist.enabled:  # every rank about as many tokens (balance.py)
+            rollout = balance_ranks(rollout, self.dist, cfg.samples_per_prompt, cfg.share_prompt)
+        return rollout
 
     def make_experience(self, rollout: Rollout) -> Experience:
         return self.maker(rollout)

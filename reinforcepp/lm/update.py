@@ -35,6 +35,8 @@ from .config import LMConfig
 from .experience import Experience
 from .fused import HeldForwards
 from .logprobs import TokenLogprobs, response_logprobs
+from .micro_batches import micro_batches_of, prompt_groups, update_token_counts
+from .packing import packed_response_logprobs
 from .runtime import Runtime
 
 Seen = dict[str, list[torch.Tensor]]
@@ -83,12 +85,14 @@ class PolicyUpdate:
         self.step = 0  # the RL step, for messages
 
     def forward(self, b: PromptResponseBatch) -> TokenLogprobs:
-        """The update's forward: log-probs and entropy of a micro-batch, with gradient."""
+        """The update's forward: log-probs and entropy of a micro-batch, with gradient (on one
+        packed row with ``pack_sequences``)."""
         cfg, dev = self.config, self.rt.device
+        fn = packed_response_logprobs if cfg.pack_sequences else response_logprobs
         with self.rt.precision():
-            return response_logprobs(self.models.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length,
-                                     with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
-                                     entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
+            return fn(self.models.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True,
+                      chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0,
+                      share_prompt=cfg.share_prompt)
 
     def __call__(self, exp: Experience, step: int) -> dict[str, float]:
         """``epochs`` passes; each mini-batch is one optimizer step accumulated over
@@ -145,14 +149,18 @@ class PolicyUpdate:
         cfg, rt, models = self.config, self.rt, self.models
         total = torch.zeros(())
         starts = {key: len(scalars[key]) for key in ("loss/kl", "loss/entropy_bonus")}
+        micro = micro_batches_of(window.batch, cfg, rt.dist)
+        self.count_padding(window, micro, scalars)
         with rt.parallel.accumulate(models.train_policy, models.train_critic):  # DDP/FSDP2 reduce the gradients in backward
-            for micro in torch.arange(len(window)).split(cfg.micro_batch_size):
-                part = window.select(micro)
-                loss = self.micro_loss(part, n_tokens, n_seqs, seen, scalars)
+            for rows in micro:
+                part = window.select(torch.tensor(rows or [0], dtype=torch.long))
+                loss = self.micro_loss(part, n_tokens, n_seqs, seen if rows else defaultdict(list), scalars if rows else defaultdict(list))
+                if not rows:  # an empty micro-batch of a rank with fewer rows: a forward like the other ranks', no loss
+                    loss = loss * 0.0
                 (loss * rt.parallel.loss_scale).backward()
                 total = total + loss.detach()
                 if models.critic is not None:
-                    self.critic_backward(part, n_tokens, scalars)
+                    self.critic_backward(part, n_tokens, scalars, scale=1.0 if rows else 0.0)
         for key, on in (("loss/kl", self.kl_placement == "loss"), ("loss/entropy_bonus", bool(cfg.entropy_coef))):
             if on:  # the micro-batch parts of a term (on every rank) add up to the window's term
                 scalars[key][starts[key]:] = [rt.dist.sum(float(sum(scalars[key][starts[key]:])))]
@@ -216,21 +224,36 @@ class PolicyUpdate:
         low = cfg.rollout_correction_low if mode == "mask" else None
         return rollout_correction(old, sampler, mask, mode, cfg.rollout_correction_level, low=low, high=cfg.rollout_correction_high)
 
-    def critic_backward(self, part: Experience, n_tokens: float, scalars: Scalars) -> None:
-        """The clipped value loss of one micro-batch (token-mean over the window), backward."""
+    def count_padding(self, window: Experience, micro: list[list[int]], scalars: Scalars) -> None:
+        """Tokens the update's forwards of ``window`` compute, and of those the real ones
+        (``update/padding_fraction``: packed forwards compute no padding)."""
+        cfg, b = self.config, window.batch
+        if len(window) == 0:
+            return
+        groups = prompt_groups(b.input_ids, b.response_length) if cfg.share_prompt else None
+        computed, real = update_token_counts(b.attention_mask, b.response_length, [r for r in micro if r], packed=cfg.pack_sequences,
+                                             groups=groups)
+        scalars["update/computed_tokens"].append(float(computed))
+        scalars["update/real_tokens"].append(float(real))
+
+    def critic_backward(self, part: Experience, n_tokens: float, scalars: Scalars, scale: float = 1.0) -> None:
+        """The clipped value loss of one micro-batch (token-mean over the window), backward
+        (``scale=0``: an empty micro-batch's forward, contributing nothing)."""
         rt, b = self.rt, part.batch
         assert self.models.train_critic is not None and part.values is not None and part.returns is not None
         with rt.precision():
-            values = self.models.train_critic(b.input_ids.to(rt.device), b.attention_mask.to(rt.device), b.response_length).float().cpu()
+            values = self.models.train_critic(b.input_ids.to(rt.device), b.attention_mask.to(rt.device), b.response_length,
+                                              packed=self.config.pack_sequences).float().cpu()
         vl = value_loss(values, part.values, part.returns, self.config.value_clip)
-        loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens)
+        loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens) * scale
         (loss * rt.parallel.loss_scale).backward()
-        scalars["loss/value"].append(float(loss.detach()))
+        if scale:
+            scalars["loss/value"].append(float(loss.detach()))
 
     def metrics(self, seen: Seen, scalars: Scalars) -> dict[str, float]:
         """The update's metrics: loss, clip fractions, ``approx_kl``, entropy, gradient norm,
-        learning rate, skipped steps; the sampler mismatch and the KL of the loss when present."""
-        cfg = self.config
+        learning rate, skipped steps; the sampler mismatch, the off-policy correction and the KL
+        of the loss when present."""
         mask = torch.cat(seen["mask"])
         logp, old = torch.cat(seen["logprobs"]), torch.cat(seen["old_logprobs"])
         low, high = clip_fractions(torch.cat(seen["clipped_low"]), torch.cat(seen["clipped_high"]), mask)
@@ -256,4 +279,8 @@ class PolicyUpdate:
                 out[key] = mean(key)
         if scalars["loss/empty_windows"]:
             out["loss/empty_windows"] = float(len(scalars["loss/empty_windows"]))
+        computed, real = (float(sum(scalars[k])) for k in ("update/computed_tokens", "update/real_tokens"))
+        out["update/real_tokens"] = real  # this rank's, for its FLOP count (the trainer takes it out)
+        computed, real = self.rt.dist.sum(computed), self.rt.dist.sum(real)
+        out["update/padding_fraction"] = 1.0 - real / computed if computed else 0.0
         return out

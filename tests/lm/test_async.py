@@ -186,3 +186,67 @@ def test_tools_task_learns_with_asynchronous_rollouts(tmp_path):
                  "eval_every=40"]) == 0
     evals = [r for r in read_metrics(run) if r.get("kind") == "eval"]
     assert evals[-1]["eval/accuracy"] >= 0.8 and evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"] + 0.3, evals
+
+
+def _async_ranks(rank, world, tmp, out):
+    from pathlib import Path
+
+    results = {}
+    for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True}), ("lora", {"lora_rank": 4, "lr": 1e-2})):
+        t = _trainer(Path(tmp) / name, async_rollouts=1, total_steps=3, prompts_per_step=4, micro_batch_size=8, **extra)
+        t.train()
+        state = t.parallel.gather_state(t.policy) if name == "fsdp" else {k: v.clone() for k, v in t.policy.state_dict().items()}
+        rows = [r for r in read_metrics(t.run_dir) if r.get("kind") == "train"] if rank == 0 else []
+        results[name] = {"state": state, "staleness": [r["staleness/sequence_max"] for r in rows],
+                         "versions": sorted({v for g in t.producer.log.values() for gen in g for row in gen.token_versions for v in row})}
+    torch.save(results, f"{out}.{rank}")
+
+
+def test_async_rollouts_under_torchrun_ddp_fsdp_and_lora(tmp_path):
+    """Each rank runs its own producer for its prompts; the ranks stay in step (DDP's weights
+    equal on both ranks; FSDP's gathered weights trained) and the schedule holds on every rank."""
+    out = str(tmp_path / "result")
+    from tests.ranks import run_trainer_ranks
+
+    run_trainer_ranks(_async_ranks, (str(tmp_path), out))
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    for name in ("ddp", "lora"):
+        for key, value in parts[0][name]["state"].items():
+            torch.testing.assert_close(value, parts[1][name]["state"][key], atol=0, rtol=0)
+    assert parts[0]["fsdp"]["state"] and parts[0]["ddp"]["staleness"] == [0.0, 1.0, 1.0] == parts[0]["fsdp"]["staleness"]
+    assert parts[0]["lora"]["staleness"] == [0.0, 1.0, 1.0]
+
+
+def test_async_rollouts_with_served_reference_and_reward_equal_local(tmp_path):
+    """The producer scores through a reward server (the trainer's evaluations share it under a
+    lock) while the trainer takes reference log-probs from a reference server: the run equals
+    the same asynchronous run with both local."""
+    from tests.remote.servers import ThreadServer
+    from reinforcepp.serve.reference import reference_app
+    from reinforcepp.serve.reward import reward_app
+
+    tok, ref = tiny_policy()
+    reward_server = ThreadServer(reward_app(fraction_of_a, spec="fraction_of_a"))
+    ref_server = ThreadServer(reference_app(ref.eval(), tok, model_name="ref"))
+    try:
+        runs = {}
+        for name, reward, reference in (("local", fraction_of_a, None), ("remote", reward_server.url + "/rewards", ref_server.url)):
+            from reinforcepp.run.rng import set_seed
+
+            set_seed(0)
+            tok, model = tiny_policy()
+            settings = dict(async_rollouts=1, total_steps=3, eval_every=2, kl_placement="loss", estimator="grpo")
+            if reference is not None:
+                settings["ref_model"] = reference
+            t = Trainer(small_config(tmp_path / name, **settings), model=model, tokenizer=tok, reward_funcs=[reward],
+                        train_dataset=reverse_dataset(64), eval_dataset=reverse_dataset(8, seed=9))
+            t.train()
+            runs[name] = read_metrics(t.run_dir)
+    finally:
+        reward_server.stop()
+        ref_server.stop()
+    assert len(runs["local"]) == len(runs["remote"]) and any(r["kind"] == "eval" for r in runs["remote"])
+    for a, b in zip(runs["local"], runs["remote"]):  # the same samples; the served log-probs differ in the last bits,
+        for key, tol in (("reward/mean", 0), ("eval/reward_mean", 0), ("kl/mean_token", 1e-5), ("loss/policy", 1e-4)):
+            if key in a:  # which Adam amplifies where the gradient is near zero
+                assert b[key] == pytest.approx(a[key], abs=tol), key
