@@ -89,10 +89,7 @@ class _ProducerEngine:
 
     def __init__(self, owner: AsyncRollouts, inner: GenerationEngine) -> None:
         self.owner, self.inner = owner, inner
-
-    @property
-    def weight_version(self) -> int:
-        return self.inner.weight_version
+        self.weight_version = -1  # the versions are the inner engine's, call by call
 
     def sync_weights(self, model: torch.nn.Module, weights: Any = None, *, version: int = 0) -> None:
         raise RuntimeError("the producer loads its weights itself (AsyncRollouts.publish)")

@@ -97,14 +97,14 @@ def _resumed_reference(config: LMConfig, rt: Runtime, lora: bool) -> Optional[to
     recorded initial directory when its files are unchanged (under LoRA: the base, loaded
     with the policy)."""
     assert rt.resume_from is not None
-    load = dict(dtype=rt.dtype, device=rt.parallel.load_device)
+    dtype, device = rt.dtype, rt.parallel.load_device
     if (rt.resume_from / "reference").exists():  # refreshed by ref_update_every
-        return frozen(load_causal_lm(str(rt.resume_from / "reference"), safetensors_only=True, **load))
+        return frozen(load_causal_lm(str(rt.resume_from / "reference"), dtype=dtype, device=device, safetensors_only=True))
     if lora:
         return None
     saved, record = rt.run_dir / "reference", rt.run_dir / REFERENCE_RECORD
     if saved.exists():
-        return frozen(load_causal_lm(str(saved), safetensors_only=True, **load))
+        return frozen(load_causal_lm(str(saved), dtype=dtype, device=device, safetensors_only=True))
     if not record.exists():
         raise RunDirError(f"cannot resume: neither the reference copy {saved} nor its record {record} exists")
     info = json.loads(record.read_text())
@@ -112,7 +112,7 @@ def _resumed_reference(config: LMConfig, rt: Runtime, lora: bool) -> Optional[to
     if not Path(path).is_dir() or weights_fingerprint(path) != info["sha256"]:
         raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run "
                           f"started (sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
-    return frozen(load_causal_lm(path, trust_remote_code=config.trust_remote_code, **load))
+    return frozen(load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code))
 
 
 def apply_lora(policy: torch.nn.Module, config: LMConfig) -> tuple[torch.nn.Module, Optional[AdaptersOff]]:

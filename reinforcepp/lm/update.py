@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import torch
 
 from ..core import (
+    CorrectionMode,
     RolloutCorrection,
     aggregate,
     approx_kl,
@@ -222,7 +223,8 @@ class PolicyUpdate:
         if mode == "none":
             return None
         low = cfg.rollout_correction_low if mode == "mask" else None
-        return rollout_correction(old, sampler, mask, mode, cfg.rollout_correction_level, low=low, high=cfg.rollout_correction_high)
+        return rollout_correction(old, sampler, mask, cast(CorrectionMode, mode), cfg.rollout_correction_level, low=low,
+                                  high=cfg.rollout_correction_high)
 
     def count_padding(self, window: Experience, micro: list[list[int]], scalars: Scalars) -> None:
         """Tokens the update's forwards of ``window`` compute, and of those the real ones
