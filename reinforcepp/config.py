@@ -233,3 +233,40 @@ def cli_items(argv: list[str], cls: type[Config], flags: tuple[str, ...] = ("-h"
                 i += 1
         out.append(f"{key}={value}")
     return out
+
+
+@dataclasses.dataclass
+class TrustRegionOptions(Config):
+    """How far one update may move the policy (docs/algorithms.md, "Trust regions: clipping and the
+    natural gradient"): the options both trainers share. Each trainer refuses, with
+    ``trust_region=natural``, the options of its own it cannot honour."""
+
+    trust_region: Literal["clip", "natural"] = option(
+        "clip", "clip: PPO's clipped ratio, epochs x mini-batches of Adam steps on the policy; natural: one TRPO "
+        "natural-gradient step of the policy per rollout on mean(ratio * A) (conjugate gradient, KL line search); "
+        "the optimizer's settings then apply to the critic (gae) only")
+    max_kl: float = option(
+        0.01, "natural: trust-region radius, the mean KL from the old to the new policy over the rollout's states "
+        "that one step may reach (TRPO, modular_rl, SB3-contrib: 0.01)")
+    cg_iters: int = option(
+        10, "natural: conjugate-gradient iterations solving (F + cg_damping I) s = g "
+        "(Spinning Up: 10; SB3-contrib: 15)")
+    cg_damping: float = option(
+        0.1, "natural: damping added to the Fisher matrix (Spinning Up, SB3-contrib: 0.1; modular_rl: 1e-3)")
+    line_search_steps: int = option(
+        10, "natural: step fractions 1, shrink, shrink^2, ... tried by the backtracking line search")
+    line_search_shrink: float = option(
+        0.5, "natural: factor between two line-search tries (modular_rl: 0.5; SB3-contrib: 0.8)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_kl <= 0:
+            raise ConfigError(f"max_kl must be > 0, got {self.max_kl}")
+        if self.cg_iters < 1:
+            raise ConfigError(f"cg_iters must be >= 1, got {self.cg_iters}")
+        if self.cg_damping < 0:
+            raise ConfigError(f"cg_damping must be >= 0, got {self.cg_damping}")
+        if self.line_search_steps < 1:
+            raise ConfigError(f"line_search_steps must be >= 1, got {self.line_search_steps}")
+        if not 0 < self.line_search_shrink < 1:
+            raise ConfigError(f"line_search_shrink must lie in (0, 1), got {self.line_search_shrink}")

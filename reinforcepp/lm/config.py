@@ -14,14 +14,14 @@ import dataclasses
 import math
 from typing import Literal, Optional, cast
 
-from ..config import ConfigError, option
+from ..config import ConfigError, TrustRegionOptions, option
 from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
 from ..engines import ENGINES, check_engine_config
 from ..run.options import RunOptions
 
 
 @dataclasses.dataclass
-class LMConfig(RunOptions):
+class LMConfig(RunOptions, TrustRegionOptions):
     # --- models -------------------------------------------------------------------------
     model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
@@ -216,6 +216,24 @@ class LMConfig(RunOptions):
             raise ConfigError("async_rollouts keeps vLLM generating while the trainer updates; vllm_sleep=true would put it to "
                               "sleep then: set vllm_sleep=false")
 
+    def _validate_natural(self) -> None:
+        """``trust_region=natural`` and the options it cannot honour, before any model loads."""
+        if self.trust_region != "natural":
+            return
+        critic = get_estimator(self.estimator).needs_critic
+        refusals = {
+            "fsdp=true": self.fsdp,
+            f"entropy_coef={self.entropy_coef} (the natural step follows mean(ratio * A) alone, as TRPO)": self.entropy_coef != 0,
+            f"dual_clip={self.dual_clip} (an option of the clipped ratio)": self.dual_clip is not None,
+            "importance_sampling_level=sequence": self.importance_sampling_level != "token",
+            f"torch_compile={self.torch_compile} (the natural step runs the plain policy)": self.torch_compile in ("update", "all"),
+            f"epochs={self.epochs} / mini_batch_size={self.mini_batch_size} (one natural step per rollout; they apply to a "
+            "critic, and this estimator has none)": not critic and (self.epochs != 1 or self.mini_batch_size is not None),
+        }
+        for what, refused in refusals.items():
+            if refused:
+                raise ConfigError(f"trust_region=natural cannot honour {what}: use trust_region=clip, or drop it")
+
     @property
     def resolved_rollout_correction(self) -> str:
         """``rollout_correction``, with None resolved: truncate with asynchronous rollouts, else none."""
@@ -352,6 +370,7 @@ class LMConfig(RunOptions):
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
         self._validate_async()
+        self._validate_natural()
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

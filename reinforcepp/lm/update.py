@@ -101,6 +101,8 @@ class PolicyUpdate:
         that the accumulated gradient equals the full mini-batch gradient."""
         cfg = self.config
         self.step = step
+        if cfg.trust_region == "natural":
+            return self.natural(exp, step)
         seen: Seen = defaultdict(list)
         scalars: Scalars = defaultdict(list)
         with self.rt.timer("update"):
@@ -109,6 +111,22 @@ class PolicyUpdate:
                 for window in order.tensor_split(self.num_mini_batches):
                     self.optimizer_step(exp.select(window), seen, scalars)
         return self.metrics(seen, scalars)
+
+    def natural(self, exp: Experience, step: int) -> dict[str, float]:
+        """``trust_region=natural``: one natural-gradient step of the policy (natural.py), then the
+        critic's own epochs (gae)."""
+        from .natural import NaturalStep, critic_epochs
+
+        scalars: Scalars = defaultdict(list)
+        with self.rt.timer("update"):
+            out = NaturalStep(self)(exp, step)
+            if self.models.critic is not None:
+                out.update(critic_epochs(self, exp, self.shuffled_groups))
+        self.count_padding(exp, micro_batches_of(exp.batch, self.config, self.rt.dist), scalars)
+        real, computed = float(sum(scalars["update/real_tokens"])), float(sum(scalars["update/computed_tokens"]))
+        out.update({"nonfinite/skipped_steps": float(self.guard.total), "update/real_tokens": real,
+                    "update/padding_fraction": 1.0 - self.rt.dist.sum(real) / max(1.0, self.rt.dist.sum(computed))})
+        return out
 
     def shuffled_groups(self, n: int) -> torch.Tensor:
         """A random order of the ``n`` responses that keeps each prompt's samples together, so
