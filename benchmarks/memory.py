@@ -84,7 +84,9 @@ def worker(args) -> dict:
 
         model = add_lora(model, rank=16, alpha=32, dropout=0.0)
     if args.variant == "lora_gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from reinforcepp.lm.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     critic = ValueModel.from_causal_lm(model) if args.variant == "gae" else None
     train = par.trained(model)
     train_critic = par.trained(critic) if critic is not None else None
