@@ -5,7 +5,6 @@ a copy of the weights (the shape vLLM has) stands in for it."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -166,12 +165,16 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"engine": "vllm", "dtype": "float16", "device": "cpu"})
 
 
-def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys):
+def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys, tmp_path):
     import reinforcepp.lm.vllm_engine as ve
     from reinforcepp.cli import main
 
     monkeypatch.setattr(ve, "vllm_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
     assert main(["train", "engine=vllm", "device=cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bash install.sh vllm" in err[0] and "engine=vllm needs vLLM" in err[0]
-    assert not math.isnan(0.0)
+    out, err = capsys.readouterr()
+    expected = f"reinforcepp train: engine=vllm needs vLLM, which is not installed: run {ve.INSTALL_HINT}"
+    assert err.strip().splitlines() == [expected]
+    assert "bash install.sh vllm" in ve.INSTALL_HINT
+    # refused while the settings are checked: nothing printed, no run directory, no model loaded
+    assert out == "" and list(tmp_path.iterdir()) == []

@@ -191,17 +191,27 @@ def test_dataset_errors(tmp_path):
 
 
 def test_dynamic_filtering_drops_all_equal_groups(tmp_path):
+    scored: list[list[float]] = []  # the rewards of each generation round
+
     def constant_for_some(prompts, completions, **_):
         # Groups of prompts starting with 'rev a' get a constant reward; others vary.
-        return [0.0 if p.startswith("rev a") else float(len(c) % 2) for p, c in zip(prompts, completions)]
+        rewards = [0.0 if p.startswith("rev a") else float(len(c) % 2) for p, c in zip(prompts, completions)]
+        scored.append(rewards)
+        return rewards
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, dynamic_filtering=True, max_filter_rounds=3), model=model, tokenizer=tok, reward_funcs=[constant_for_some], train_dataset=reverse_dataset(64))
+    config = small_config(tmp_path, dynamic_filtering=True, max_filter_rounds=3)
+    trainer = Trainer(config, model=model, tokenizer=tok, reward_funcs=[constant_for_some],
+                      train_dataset=reverse_dataset(64))
     rollout = trainer.rollout()
     k = trainer.config.samples_per_prompt
     groups = rollout.rewards.view(-1, k)
+    assert groups.shape[0] == trainer.config.prompts_per_step  # refilled to a whole batch
     assert (groups.max(1).values > groups.min(1).values).all()
-    assert rollout.counts["filter/dropped_groups"] >= 0
+    # every all-equal group of every round was dropped and counted, and there were some
+    all_equal = sum(len(set(r[i : i + k])) == 1 for r in scored for i in range(0, len(r), k))
+    assert all_equal > 0 and rollout.counts["filter/dropped_groups"] == all_equal
+    assert rollout.counts["filter/rounds"] == len(scored) > 1
 
 
 def test_config_errors_before_any_model_load():
