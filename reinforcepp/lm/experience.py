@@ -1,7 +1,8 @@
 """Experience: one rollout turned into everything the update needs.
 
-ALGORITHM.md, "The training step", steps 3-4: forward passes without gradient (``old_logprobs``,
-``ref_logprobs``, ``values``), then shaped rewards, returns and advantages on the whole batch.
+The experience part of the training step (docs/lm.md, "The training step and its batch sizes"):
+forward passes without gradient (``old_logprobs``, ``ref_logprobs``, ``values``), then shaped
+rewards, returns and advantages on the whole batch (docs/algorithms.md, "The pipeline, in order").
 """
 
 from __future__ import annotations

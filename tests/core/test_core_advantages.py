@@ -1,4 +1,4 @@
-"""Advantage estimators (ALGORITHM.md, "Advantage estimators"): one hand-computed example per
+"""Advantage estimators (docs/algorithms.md, "The estimators"): one hand-computed example per
 estimator, "reduces to" special cases, the registry and its refusals, edge cases."""
 
 from __future__ import annotations

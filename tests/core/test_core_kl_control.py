@@ -1,4 +1,4 @@
-"""KL coefficient controllers (ALGORITHM.md, "KL estimators": adaptive beta, Ziegler et al. 2019)."""
+"""KL coefficient controllers (docs/algorithms.md, "KL to the reference": adaptive beta, Ziegler et al. 2019)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Policy loss, KL loss, value loss, entropy and loss aggregation (ALGORITHM.md, "Policy loss")."""
+"""Policy loss, KL loss, value loss, entropy and loss aggregation (docs/algorithms.md, "The policy loss")."""
 
 from __future__ import annotations
 

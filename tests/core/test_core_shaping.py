@@ -1,4 +1,4 @@
-"""Reward shaping (ALGORITHM.md, "Reward shaping"): length penalties, group baselines, clip,
+"""Reward shaping (docs/algorithms.md, "The pipeline, in order"): length penalties, group baselines, clip,
 token rewards."""
 
 from __future__ import annotations
