@@ -86,7 +86,9 @@ def test_a_step_whose_optimizer_steps_were_all_skipped_does_not_sync(tmp_path, c
         return Advantages(a, a)
 
     try:
-        t = _trainer(tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5)
+        t = _trainer(
+            tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5
+        )
         assert t.train_step()["nonfinite/skipped_steps"] == 1 and t.engine.syncs == 0
     finally:
         ESTIMATORS.pop("nan_for_sync_test", None)
@@ -121,7 +123,8 @@ def test_tis_weights_enter_the_loss(tmp_path, copying_engine):
 
 def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
     t = _trainer(tmp_path, engine="no_logprobs", tis_cap=2.0)
-    with pytest.raises(ConfigError, match="tis_cap needs the log-probs the engine sampled with, and engine 'no_logprobs'"):
+    message = "tis_cap needs the log-probs the engine sampled with, and engine 'no_logprobs'"
+    with pytest.raises(ConfigError, match=message):
         t.train_step()
 
 

@@ -23,7 +23,8 @@ REQUIRED_METRICS = [
 
 def make_trainer(tmp_path, **overrides) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(64))
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
@@ -76,12 +77,15 @@ def test_kl_in_reward_enters_advantages_not_loss(tmp_path):
     # Policy loss gradient only: the loss has no KL term.
     from collections import defaultdict
 
-    loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer._micro_loss(
+        exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+    )
     from reinforcepp.lm.logprobs import response_logprobs
 
     b = exp.batch
     logp = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
-    expected = (policy_loss(logp, exp.old_logprobs, exp.advantages).loss * b.response_mask).sum() / b.response_mask.sum()
+    m = b.response_mask
+    expected = (policy_loss(logp, exp.old_logprobs, exp.advantages).loss * m).sum() / m.sum()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
     # The KL is in the advantages instead: with beta = 0 they change.
     trainer.kl_controller.value = 0.0
@@ -96,7 +100,9 @@ def test_kl_in_loss_has_gradient_and_no_reward_term(tmp_path):
 
     from reinforcepp.lm.logprobs import response_logprobs
 
-    loss = trainer._micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer._micro_loss(
+        exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+    )
     b = exp.batch
     logp = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
     m = b.response_mask
@@ -125,6 +131,15 @@ def test_on_policy_skips_old_logprob_pass_and_ratio_is_one(tmp_path):
     assert off.make_experience(off.rollout()).old_logprobs is not None
 
 
+def _recording_step(grads: list[list[torch.Tensor]], params: list[torch.nn.Parameter]):
+    """An optimizer step that records the accumulated gradients instead of applying them."""
+
+    def step() -> None:
+        grads.append([p.grad.detach().clone() for p in params])
+
+    return step
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batches_equal_one_batch(tmp_path):
     # token-mean over 4 micro-batches == one micro-batch of the whole mini-batch: the same
@@ -134,8 +149,8 @@ def test_micro_batches_equal_one_batch(tmp_path):
         trainer = make_trainer(tmp_path / str(micro), micro_batch_size=micro, total_steps=1, kl_placement="loss")
         torch.manual_seed(1)
         exp = trainer.make_experience(trainer.rollout())
-        grads = []
-        trainer.optimizer.step = lambda: grads.append([p.grad.detach().clone() for p in trainer.policy.parameters()])
+        grads: list[list[torch.Tensor]] = []
+        trainer.optimizer.step = _recording_step(grads, list(trainer.policy.parameters()))
         trainer.update(exp)
         results.append(grads[0])
     for a, b in zip(*results):
@@ -149,7 +164,9 @@ def test_nan_never_reaches_the_weights(tmp_path):
         return Advantages(a, a)
 
     try:
-        trainer = make_trainer(tmp_path, estimator="nan_for_test", kl_placement="none", max_nonfinite_steps=2, total_steps=5)
+        trainer = make_trainer(
+            tmp_path, estimator="nan_for_test", kl_placement="none", max_nonfinite_steps=2, total_steps=5
+        )
         before = [p.detach().clone() for p in trainer.policy.parameters()]
         metrics = trainer.train_step()
         assert metrics["nonfinite/skipped_steps"] == 1
@@ -167,7 +184,8 @@ def test_reward_function_error_names_function_and_sample(tmp_path):
         return [1.0 if i != 3 else float("nan") for i in range(len(completions))]
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[picky], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[picky],
+                      train_dataset=reverse_dataset(16))
     with pytest.raises(ValueError, match=r"picky.*3|3.*picky"):
         trainer.train_step()
 
@@ -177,7 +195,8 @@ def test_reward_errors_can_drop_the_sample(tmp_path):
         return [None if i == 0 else 1.0 for i in range(len(completions))]
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, reward_on_error="drop"), model=model, tokenizer=tok, reward_funcs=[picky], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(tmp_path, reward_on_error="drop"), model=model, tokenizer=tok, reward_funcs=[picky],
+                      train_dataset=reverse_dataset(16))
     metrics = trainer.train_step()
     assert metrics["reward/dropped_samples"] == 1 and metrics["reward/dropped_groups"] == 1
 
@@ -247,7 +266,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         first.train()
     assert first.checkpoints.latest().name.endswith("00000002")
     tok, _ = tiny_policy()
-    resumed = Trainer(small_config(tmp_path / "cut", resume=True, **common), tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    resumed = Trainer(small_config(tmp_path / "cut", resume=True, **common), tokenizer=tok,
+                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
     assert resumed.step == 2
     resumed.train()
 
@@ -267,7 +287,9 @@ def test_models_load_from_disk_by_path(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reverse_dataset(16)))
     rewards = tmp_path / "my_reward.py"
-    rewards.write_text("def has_a(prompts, completions, answer, **kw):\n    return [float('a' in c) for c in completions]\n")
+    rewards.write_text(
+        "def has_a(prompts, completions, answer, **kw):\n    return [float('a' in c) for c in completions]\n"
+    )
     cfg = small_config(tmp_path, model=str(tmp_path / "policy"), ref_model=str(tmp_path / "ref"), train_data=str(data),
                        reward_funcs=[f"{rewards}:has_a"], estimator="gae", total_steps=1)
     trainer = Trainer(cfg)
