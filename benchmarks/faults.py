@@ -35,11 +35,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("time", "perf/", "tokens_per_s")
 
-LM_ARGS = ["sft_steps=0", "total_steps=8", "prompts_per_step=4", "samples_per_prompt=4", "max_new_tokens=4", "micro_batch_size=16",
-           "save_every=1", "keep_last=2", "eval_every=2", "eval_max_prompts=8", "eval_samples=2", "log_samples_every=1", "tensorboard=true",
-           "progress=false", "deterministic=true", "torch_threads=1", "seed=3"]
-GYM_ARGS = ["--env", "CartPole-v1", "num_envs=4", "steps_per_env=64", "total_env_steps=6144", "save_every=512", "eval_every=1024",
-            "eval_episodes=3", "tensorboard=true", "progress=false", "seed=3", "normalize_obs=true", "normalize_reward=true"]
+LM_ARGS = ["sft_steps=0", "total_steps=8", "prompts_per_step=4", "samples_per_prompt=4", "max_new_tokens=4",
+           "micro_batch_size=16", "save_every=1", "keep_last=2", "eval_every=2", "eval_max_prompts=8", "eval_samples=2",
+           "log_samples_every=1", "tensorboard=true", "progress=false", "deterministic=true", "torch_threads=1",
+           "seed=3"]
+GYM_ARGS = ["--env", "CartPole-v1", "num_envs=4", "steps_per_env=64", "total_env_steps=6144", "save_every=512",
+            "eval_every=1024", "eval_episodes=3", "tensorboard=true", "progress=false", "seed=3", "normalize_obs=true",
+            "normalize_reward=true"]
 
 
 def command(kind: str, run_dir: Path, *extra: str) -> list[str]:
@@ -49,7 +51,9 @@ def command(kind: str, run_dir: Path, *extra: str) -> list[str]:
     return [*base, "gym", "--output-dir", str(run_dir), *GYM_ARGS, *extra]
 
 
-def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save: Path | None = None) -> tuple[int, str]:
+def run(
+    cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save: Path | None = None
+) -> tuple[int, str]:
     """Run ``cmd``; SIGKILL it after ``kill_after`` seconds, or as soon as a checkpoint's
     temporary directory appears under ``kill_on_save``. Returns (exit code, what happened)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -61,12 +65,17 @@ def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return -9, "random"
-            if kill_on_save is not None and (kill_on_save / "checkpoints").exists() and any(p.name.startswith(".tmp-") for p in (kill_on_save / "checkpoints").iterdir()):
+            if kill_on_save is not None and _saving(kill_on_save / "checkpoints"):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return -9, "during_save"
             time.sleep(0.002)
     return proc.returncode, "finished"
+
+
+def _saving(checkpoints: Path) -> bool:
+    """A checkpoint is being written: its temporary directory exists."""
+    return checkpoints.exists() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -77,7 +86,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 def rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)} for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)} for line in lines]
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -85,7 +95,9 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if not tag.split("/", 1)[-1].startswith(VOLATILE) and not tag.startswith(VOLATILE)}
+    tags = [t for t in acc.Tags()["scalars"]
+            if not t.split("/", 1)[-1].startswith(VOLATILE) and not t.startswith(VOLATILE)]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def weights(run_dir: Path) -> dict[str, Any]:
@@ -93,7 +105,11 @@ def weights(run_dir: Path) -> dict[str, Any]:
 
     root = run_dir / "checkpoints"
     last = max((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: p.name)
-    return {str(f.relative_to(last)) + ":" + k: v for f in sorted(last.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        str(f.relative_to(last)) + ":" + k: v
+        for f in sorted(last.rglob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
 
 
 def compare(ref: Path, got: Path) -> dict[str, bool]:
@@ -138,7 +154,10 @@ def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, A
             started = False
         elif rc != -9:
             raise SystemExit(f"{kind}: a resumed run failed (exit {rc}); see {log}")
-    final = command(kind, got, "--resume") if has_checkpoint(got) else command(kind, got, "--overwrite") if started else command(kind, got)
+    if has_checkpoint(got):
+        final = command(kind, got, "--resume")
+    else:
+        final = command(kind, got, "--overwrite") if started else command(kind, got)
     rc, _ = run(final, log)
     if rc != 0:
         raise SystemExit(f"{kind}: the final resume failed (exit {rc}); see {log}")

@@ -60,7 +60,8 @@ from pathlib import Path
 
 SIDES = ("trl", "grpo", "reinforce_pp", "grpo_compiled")
 DEFAULT_SIDES = ["trl", "grpo", "reinforce_pp"]
-LABELS = {"trl": "TRL GRPOTrainer", "grpo": "ours grpo", "reinforce_pp": "ours reinforce_pp", "grpo_compiled": "ours grpo compiled"}
+LABELS = {"trl": "TRL GRPOTrainer", "grpo": "ours grpo", "reinforce_pp": "ours reinforce_pp",
+          "grpo_compiled": "ours grpo compiled"}
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -89,7 +90,8 @@ def task_rows(n: int, seed: int, prompt_extra: int = 0) -> list[dict]:
     if prompt_extra:
         rng = random.Random(seed + 1)
         for r in rows:
-            r["prompt"] = "note " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_extra)) + ". " + r["prompt"]
+            context = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_extra))
+            r["prompt"] = "note " + context + ". " + r["prompt"]
     return rows
 
 
@@ -101,8 +103,9 @@ def trl_settings(spec: dict) -> dict:
         # the same memory-saving setting on both sides (TRL's default is True, ours False)
         gradient_checkpointing=spec["gradient_checkpointing"],
         # TRL counts per_device_train_batch_size in completions; generation_batch_size defaults to
-        # per_device_train_batch_size * num_processes * steps_per_generation (= gradient_accumulation_steps),
-        # so one generation of prompts x samples completions feeds exactly one optimizer step.
+        # per_device_train_batch_size * num_processes * steps_per_generation
+        # (= gradient_accumulation_steps), so one generation of prompts x samples completions feeds
+        # exactly one optimizer step.
         per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=spec["samples"],
         max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -121,11 +124,13 @@ def ours_settings(spec: dict, side: str) -> dict:
     common = dict(
         model=spec["model_dir"], dtype="float32", device="cpu", torch_threads=spec["threads"], estimator=estimator,
         gradient_checkpointing=spec["gradient_checkpointing"], share_prompt=not spec["gradient_checkpointing"],
-        autocast="bfloat16" if spec["bf16"] else "off",  # TRL's bf16=True on CPU is bfloat16 autocast over float32 weights too
-        prompts_per_step=spec["prompts"], samples_per_prompt=spec["samples"], mini_batch_size=n, micro_batch_size=n, epochs=1,
-        max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        lr=spec["lr"], lr_schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, eps_low=0.2, eps_high=0.2,
-        total_steps=spec["steps"], seed=spec["seed"], eval_every=0, log_samples_every=0, tensorboard=False, progress=False,
+        # TRL's bf16=True on CPU is bfloat16 autocast over float32 weights too
+        autocast="bfloat16" if spec["bf16"] else "off",
+        prompts_per_step=spec["prompts"], samples_per_prompt=spec["samples"], mini_batch_size=n, micro_batch_size=n,
+        epochs=1, max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        lr=spec["lr"], lr_schedule="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        eps_low=0.2, eps_high=0.2, total_steps=spec["steps"], seed=spec["seed"], eval_every=0, log_samples_every=0,
+        tensorboard=False, progress=False,
     )
     if estimator == "grpo":  # like-for-like with TRL's defaults: beta=0 (no reference model), token-mean loss
         common.update(kl_placement="none", loss_agg="token-mean")
@@ -152,9 +157,13 @@ def worker_prepare(spec: dict) -> dict:
     # room for the longest prompt plus the answer (long-prompt cells exceed the default 64)
     longest = max(len(tok(r["prompt"])["input_ids"]) for r in rows)
     context = max(64, 32 * -(-(longest + spec["max_new_tokens"]) // 32))
-    model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"], seed=spec["seed"], context=context)
+    model = build_tiny_model(tok, hidden_size=spec["hidden_size"], num_layers=spec["num_layers"],
+                             num_heads=spec["num_heads"], seed=spec["seed"], context=context)
     t0 = time.perf_counter()
-    losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"]) if spec["sft_steps"] else []
+    losses = []
+    if spec["sft_steps"]:
+        losses = sft_train(model, tok, [r["prompt"] for r in rows], [r["answer"] for r in rows],
+                           steps=spec["sft_steps"], batch_size=32, lr=3e-3, seed=spec["seed"])
     if spec.get("no_eos"):
         # An EOS id past the model's vocabulary: no side can sample it, so every response runs to
         # max_new_tokens on both sides and the cell times exactly prompts x samples x tokens.
@@ -163,8 +172,9 @@ def worker_prepare(spec: dict) -> dict:
         assert tok.eos_token_id >= model.config.vocab_size
     model.save_pretrained(spec["model_dir"], safe_serialization=True)
     tok.save_pretrained(spec["model_dir"])
-    return {"sft_seconds": time.perf_counter() - t0, "sft_loss_first": losses[0] if losses else None, "sft_loss_last": losses[-1] if losses else None,
-            "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+    return {"sft_seconds": time.perf_counter() - t0, "sft_loss_first": losses[0] if losses else None,
+            "sft_loss_last": losses[-1] if losses else None, "parameters": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__}
 
 
 def worker_trl(spec: dict) -> dict:
@@ -194,16 +204,19 @@ def worker_trl(spec: dict) -> dict:
     tok.padding_side = "left"
     args = GRPOConfig(output_dir=spec["run_dir"], **trl_settings(spec))
     callback = StepLog()
-    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[char_match], args=args, train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"])),
+    data = Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"]))
+    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=[char_match], args=args, train_dataset=data,
                           processing_class=tok, callbacks=[callback])
     rss_setup = proc_status_kib("VmRSS")
     trainer.train()
     n = spec["prompts"] * spec["samples"]
     steps = []
     for (dt, cpu), logs in zip(callback.times, callback.logs):
-        steps.append({"time": dt, "cpu": cpu, "reward": logs["reward"], "tokens": logs["completions/mean_length"] * n, "length_mean": logs["completions/mean_length"],
+        length = logs["completions/mean_length"]
+        steps.append({"time": dt, "cpu": cpu, "reward": logs["reward"], "tokens": length * n, "length_mean": length,
                       "trl/step_time": logs.get("step_time")})  # TRL's own timer, a cross-check
-    return {"steps": steps, "rss_setup_kib": rss_setup, "logged_keys": sorted(callback.logs[0]) if callback.logs else []}
+    logged_keys = sorted(callback.logs[0]) if callback.logs else []
+    return {"steps": steps, "rss_setup_kib": rss_setup, "logged_keys": logged_keys}
 
 
 def worker_ours(spec: dict, side: str) -> dict:
@@ -214,15 +227,17 @@ def worker_ours(spec: dict, side: str) -> dict:
     from reinforcepp.lm.tasks import char_match
 
     config = LMConfig.from_dict({**ours_settings(spec, side), "output_dir": spec["run_dir"]})
-    trainer = Trainer(config, reward_funcs=[char_match], train_dataset=Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"])))
+    data = Dataset.from_list(task_rows(spec["train_size"], spec["data_seed"], spec["prompt_extra"]))
+    trainer = Trainer(config, reward_funcs=[char_match], train_dataset=data)
     rss_setup = proc_status_kib("VmRSS")
     steps = []
     for _ in range(config.total_steps):
         t0, c0 = time.perf_counter(), time.process_time()
         m = trainer.train_step()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        steps.append({"time": dt, "cpu": cpu, "reward": m["reward/mean"], "tokens": m["response/tokens"], "length_mean": m["response/length_mean"],
-                      **{k: v for k, v in m.items() if k.startswith("time/")}})
+        phases = {k: v for k, v in m.items() if k.startswith("time/")}
+        steps.append({"time": dt, "cpu": cpu, "reward": m["reward/mean"], "tokens": m["response/tokens"],
+                      "length_mean": m["response/length_mean"], **phases})
     trainer.logger.close()
     return {"steps": steps, "rss_setup_kib": rss_setup}
 
@@ -242,13 +257,16 @@ def worker_main(role: str, spec_path: str, result_path: str) -> None:
 # ---------------------------------------------------------------------------------------- parent
 def launch(role: str, spec: dict, workdir: Path, tag: str) -> dict:
     """Run one worker in a fresh interpreter; return its result plus wall time and wait4's ru_maxrss."""
-    spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    spec_path, result_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
+    log_path = workdir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", role, str(spec_path), str(result_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", role, str(spec_path), str(result_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -284,9 +302,12 @@ def summarise(runs: list[dict], final_window: int) -> dict:
         "reward_curve": curve,
         "completion_length_mean": statistics.mean(s["length_mean"] for r in runs for s in r["steps"]),
     }
-    phases = sorted({k for r in runs for s in r["steps"] for k in s if k.startswith(("time/", "trl/")) and s[k] is not None})
+    all_steps = [s for r in runs for s in r["steps"]]
+    phases = sorted({k for s in all_steps for k in s if k.startswith(("time/", "trl/")) and s[k] is not None})
     if phases:
-        out["median_phase_s"] = {k.split("/", 1)[1]: statistics.median(s[k] for r in runs for s in r["steps"] if s.get(k) is not None) for k in phases}
+        out["median_phase_s"] = {
+            k.split("/", 1)[1]: statistics.median(s[k] for s in all_steps if s.get(k) is not None) for k in phases
+        }
     return out
 
 
@@ -302,7 +323,8 @@ def plot(cells: list[dict], path: Path) -> None:
     for ax, c in zip(axes[0], cells):
         for side, rs in c["runs"].items():
             for r in rs:
-                ax.plot(range(1, len(r["steps"]) + 1), [s["reward"] for s in r["steps"]], color=colors[side], alpha=0.25, lw=0.8)
+                rewards = [s["reward"] for s in r["steps"]]
+                ax.plot(range(1, len(rewards) + 1), rewards, color=colors[side], alpha=0.25, lw=0.8)
             curve = c["summary"][side]["reward_curve"]
             ax.plot(range(1, len(curve) + 1), curve, color=colors[side], lw=2, label=f"{LABELS[side]} ({len(rs)} runs)")
         ax.set_xlabel("step")
@@ -319,11 +341,16 @@ def plot(cells: list[dict], path: Path) -> None:
 # cell runs the same alternating rounds of all sides; the summary quotes the median and range of
 # the per-cell ratios. Sized to finish on a small shared CPU; pass --cell to run others.
 GRID = [
-    dict(hidden=128, layers=2, heads=4, prompts=16, samples=8, tokens=8, prompt_extra=0),     # 0.33M, the old headline cell
-    dict(hidden=256, layers=4, heads=4, prompts=16, samples=4, tokens=32, prompt_extra=0),    # 2.1M, longer answers
-    dict(hidden=256, layers=4, heads=4, prompts=16, samples=8, tokens=16, prompt_extra=64),   # 2.1M, long shared prompts
-    dict(hidden=512, layers=4, heads=8, prompts=16, samples=4, tokens=16, prompt_extra=0),    # 8.4M
-    dict(hidden=256, layers=4, heads=4, prompts=64, samples=8, tokens=32, prompt_extra=0),    # 2.1M, a 64x8 batch
+    # 0.33M parameters, the old headline cell
+    dict(hidden=128, layers=2, heads=4, prompts=16, samples=8, tokens=8, prompt_extra=0),
+    # 2.1M, longer answers
+    dict(hidden=256, layers=4, heads=4, prompts=16, samples=4, tokens=32, prompt_extra=0),
+    # 2.1M, long shared prompts
+    dict(hidden=256, layers=4, heads=4, prompts=16, samples=8, tokens=16, prompt_extra=64),
+    # 8.4M
+    dict(hidden=512, layers=4, heads=8, prompts=16, samples=4, tokens=16, prompt_extra=0),
+    # 2.1M, a 64x8 batch
+    dict(hidden=256, layers=4, heads=4, prompts=64, samples=8, tokens=32, prompt_extra=0),
 ]
 CELL_KEYS = ("hidden", "layers", "heads", "prompts", "samples", "tokens", "prompt_extra")
 
@@ -340,17 +367,20 @@ def parse_cell(text: str) -> dict:
 
 
 def cell_name(cell: dict) -> str:
-    return f"h{cell['hidden']}xL{cell['layers']} {cell['prompts']}x{cell['samples']} t{cell['tokens']}" + (f" +{cell['prompt_extra']}ch prompt" if cell["prompt_extra"] else "")
+    extra = f" +{cell['prompt_extra']}ch prompt" if cell["prompt_extra"] else ""
+    return f"h{cell['hidden']}xL{cell['layers']} {cell['prompts']}x{cell['samples']} t{cell['tokens']}" + extra
 
 
 def run_cell(args, cell: dict, tmp: Path) -> dict:
     """Prepare one starting model, then ``args.rounds`` alternating rounds of every side."""
-    spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"], samples=cell["samples"],
-                max_new_tokens=cell["tokens"], lr=args.lr, steps=args.steps, rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps,
-                hidden_size=cell["hidden"], num_layers=cell["layers"], num_heads=cell["heads"], prompt_extra=cell["prompt_extra"],
+    spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"],
+                samples=cell["samples"], max_new_tokens=cell["tokens"], lr=args.lr, steps=args.steps,
+                rpp_kl_coef=args.rpp_kl_coef, sft_steps=args.sft_steps, hidden_size=cell["hidden"],
+                num_layers=cell["layers"], num_heads=cell["heads"], prompt_extra=cell["prompt_extra"],
                 gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, train_size=5000, no_eos=args.no_eos)
     prep = launch("prepare", {**spec, "data_seed": args.seed}, tmp, "prepare")
-    print(f"[{cell_name(cell)}] warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
+    print(f"[{cell_name(cell)}] warm start: {args.sft_steps} SFT steps in {prep['sft_seconds']:.1f}s, "
+          f"loss {prep['sft_loss_first']} -> {prep['sft_loss_last']}; "
           f"{prep['parameters']} parameters; torch {prep['torch']}", flush=True)
     runs: dict[str, list[dict]] = {s: [] for s in args.sides}
     for rnd in range(args.rounds):
@@ -361,22 +391,32 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
             r = launch(side, run_spec, tmp, f"{side}-{rnd}")
             runs[side].append(r)
             med = statistics.median(s["time"] for s in r["steps"])
-            print(f"[{cell_name(cell)}] round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s (CPU {statistics.median(s['cpu'] for s in r['steps']):.3f}s), first step {r['steps'][0]['time']:.2f}s, "
-                  f"reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, load {r['load_at_start'][0]:.2f}", flush=True)
+            med_cpu = statistics.median(s["cpu"] for s in r["steps"])
+            print(f"[{cell_name(cell)}] round {rnd + 1}/{args.rounds} {LABELS[side]:>18}: median step {med:.3f}s "
+                  f"(CPU {med_cpu:.3f}s), first step {r['steps'][0]['time']:.2f}s, "
+                  f"reward {r['steps'][0]['reward']:.3f} -> {r['steps'][-1]['reward']:.3f}, "
+                  f"peak RSS {r['peak_rss_kib'] / 1024:.0f} MiB, load {r['load_at_start'][0]:.2f}", flush=True)
     summary = {s: summarise(rs, args.final_window) for s, rs in runs.items()}
-    for side in args.sides:  # paired within a round (same machine load window): the fairer ratio under a drifting load
+    # paired within a round (same machine load window): the fairer ratio under a drifting load
+    for side in args.sides:
         for key in ("median_step_s", "median_step_cpu_s"):
-            summary[side][key.replace("median_", "ratio_") + "_per_round"] = [a / b for a, b in zip(summary[side][key + "_per_round"], summary["trl"][key + "_per_round"])]
+            ours, trl = summary[side][key + "_per_round"], summary["trl"][key + "_per_round"]
+            summary[side][key.replace("median_", "ratio_") + "_per_round"] = [a / b for a, b in zip(ours, trl)]
     spec_public = {k: v for k, v in spec.items() if k != "model_dir"}
-    return {"cell": cell, "name": cell_name(cell), "parameters": prep["parameters"], "spec": spec_public, "warm_start": prep, "summary": summary, "runs": runs,
-            "settings": {"trl": trl_settings({**spec, "seed": args.seed}), **{s: ours_settings(spec, s) for s in args.sides if s != "trl"}}}
+    settings = {"trl": trl_settings({**spec, "seed": args.seed}),
+                **{s: ours_settings(spec, s) for s in args.sides if s != "trl"}}
+    return {"cell": cell, "name": cell_name(cell), "parameters": prep["parameters"], "spec": spec_public,
+            "warm_start": prep, "summary": summary, "runs": runs, "settings": settings}
 
 
 def grid_table(cells: list[dict], sides: list[str]) -> list[str]:
     """One row per cell: paired (same round) step-time ratios against TRL, wall and CPU clock,
-    median over rounds with the range; peak memory and final reward ratios; then the grid's median and range."""
+    median over rounds with the range; peak memory and final reward ratios; then the grid's median
+    and range."""
     ours = [s for s in sides if s != "trl"]
-    head = "| cell | params | TRL step (s) | " + " | ".join(f"{LABELS[s]} / TRL wall [range] | CPU [range]" for s in ours) + " | " + " | ".join(f"{LABELS[s]} peak RSS / TRL | reward last / TRL's" for s in ours)
+    head = ("| cell | params | TRL step (s) | "
+            + " | ".join(f"{LABELS[s]} / TRL wall [range] | CPU [range]" for s in ours) + " | "
+            + " | ".join(f"{LABELS[s]} peak RSS / TRL | reward last / TRL's" for s in ours))
     if "grpo" in ours and "reinforce_pp" in ours:
         head += " | reinforce_pp / grpo (CPU)"
     lines = [head + " |", "|" + "---|" * (head.count("|") - 1 + 1)]
@@ -389,8 +429,13 @@ def grid_table(cells: list[dict], sides: list[str]) -> list[str]:
             w, u = sm[s]["ratio_step_s_per_round"], sm[s]["ratio_step_cpu_s_per_round"]
             per_side[s]["wall"].append(statistics.median(w))
             per_side[s]["cpu"].append(statistics.median(u))
-            parts.append(f"{statistics.median(w):.2f}x [{min(w):.2f}-{max(w):.2f}] | {statistics.median(u):.2f}x [{min(u):.2f}-{max(u):.2f}]")
-        row += " | ".join(parts) + " | " + " | ".join(f"{sm[s]['peak_rss_mib'] / sm['trl']['peak_rss_mib']:.2f}x | {sm[s]['reward_final']:.3f} / {sm['trl']['reward_final']:.3f}" for s in ours)
+            parts.append(f"{statistics.median(w):.2f}x [{min(w):.2f}-{max(w):.2f}] | "
+                         f"{statistics.median(u):.2f}x [{min(u):.2f}-{max(u):.2f}]")
+        row += " | ".join(parts) + " | " + " | ".join(
+            f"{sm[s]['peak_rss_mib'] / sm['trl']['peak_rss_mib']:.2f}x | "
+            f"{sm[s]['reward_final']:.3f} / {sm['trl']['reward_final']:.3f}"
+            for s in ours
+        )
         if "grpo" in ours and "reinforce_pp" in ours:
             row += f" | {sm['reinforce_pp']['median_step_cpu_s'] / sm['grpo']['median_step_cpu_s']:.2f}x"
         lines.append(row + " |")
@@ -398,7 +443,8 @@ def grid_table(cells: list[dict], sides: list[str]) -> list[str]:
     for s in ours:
         for clock in ("wall", "cpu"):
             v = per_side[s][clock]
-            lines.append(f"{LABELS[s]} / TRL, {clock} clock, over {len(v)} cells: median {statistics.median(v):.2f}x, range {min(v):.2f}x-{max(v):.2f}x")
+            lines.append(f"{LABELS[s]} / TRL, {clock} clock, over {len(v)} cells: median {statistics.median(v):.2f}x, "
+                         f"range {min(v):.2f}x-{max(v):.2f}x")
     return lines
 
 
@@ -406,17 +452,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8, help="RL steps per run")
     p.add_argument("--rounds", type=int, default=2, help="each trainer runs this many times per cell, alternating")
-    p.add_argument("--cell", action="append", default=None, help="run this cell instead of the default grid (repeatable): " + " ".join(f"{k}=N" for k in CELL_KEYS))
+    p.add_argument("--cell", action="append", default=None,
+                   help="run this cell instead of the default grid (repeatable): "
+                        + " ".join(f"{k}=N" for k in CELL_KEYS))
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--rpp-kl-coef", type=float, default=0.01, help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="on on both sides (default: off on both; ours then runs without share_prompt)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on both sides (TRL bf16=True, ours autocast=bfloat16); default float32 on both")
-    p.add_argument("--no-eos", action="store_true", help="give the saved tokenizer an EOS id the model cannot produce: every response runs to the cell's tokens on both sides (for long-generation cells; rewards then mean nothing)")
+    p.add_argument("--rpp-kl-coef", type=float, default=0.01,
+                   help="reinforce_pp: k1 KL in the reward with this beta (0 = no KL, no reference model)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="on on both sides (default: off on both; ours then runs without share_prompt)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast on both sides (TRL bf16=True, ours autocast=bfloat16); "
+                        "default float32 on both")
+    p.add_argument("--no-eos", action="store_true",
+                   help="give the saved tokenizer an EOS id the model cannot produce: every response runs to "
+                        "the cell's tokens on both sides (for long-generation cells; rewards then mean nothing)")
     p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-window", type=int, default=3, help="final reward = mean over this many last steps")
-    p.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=SIDES, help="grpo_compiled: ours grpo with torch_compile=all (not in the default; its first steps compile)")
+    p.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=SIDES,
+                   help="grpo_compiled: ours grpo with torch_compile=all (not in the default; its first steps compile)")
     p.add_argument("--out", default="benchmarks/results/lm_vs_trl.json")
     p.add_argument("--quick", action="store_true", help="smoke run: first grid cell, 2 steps, 1 round, 10 SFT steps")
     p.add_argument("--worker", nargs=3, metavar=("ROLE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -433,27 +488,33 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
-          f"{len(cells)} cells x {args.rounds} rounds x {len(args.sides)} sides x {args.steps} steps; gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'} on both sides; {'bfloat16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average at start (1/5/15 min): "
+          f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
+          f"{len(cells)} cells x {args.rounds} rounds x {len(args.sides)} sides x {args.steps} steps; "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides; "
+          f"{'bfloat16 autocast' if args.bf16 else 'float32'} on both sides", flush=True)
     t_all = time.perf_counter()
     results = []
     for i, cell in enumerate(cells):
         with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
             results.append(run_cell(args, cell, Path(tmp)))
-        print(f"[{cell_name(cell)}] done, cell {i + 1}/{len(cells)}, load {os.getloadavg()[0]:.2f}, {time.perf_counter() - t_all:.0f}s so far", flush=True)
+        print(f"[{cell_name(cell)}] done, cell {i + 1}/{len(cells)}, load {os.getloadavg()[0]:.2f}, "
+              f"{time.perf_counter() - t_all:.0f}s so far", flush=True)
     load_end = os.getloadavg()
     lines = grid_table(results, args.sides)
     print()
-    print(f"{args.steps} steps x {args.rounds} rounds per cell, lr {args.lr}, reinforce_pp KL coef {args.rpp_kl_coef}, {args.threads} torch thread(s); "
+    print(f"{args.steps} steps x {args.rounds} rounds per cell, lr {args.lr}, reinforce_pp KL coef {args.rpp_kl_coef}, "
+          f"{args.threads} torch thread(s); "
           "ratios = ours / TRL's median step time, paired within each round (median over rounds [range])")
     print("\n".join(lines))
-    print(f"\nload average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, at end (1/5/15 min): {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
+    print(f"\nload average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
+          f"at end (1/5/15 min): {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
           f"total {time.perf_counter() - t_all:.0f}s")
 
     import importlib.metadata as md
 
-    versions = {pkg: md.version(pkg) for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "reinforcepp")}
+    packages = ("torch", "transformers", "trl", "accelerate", "datasets", "reinforcepp")
+    versions = {pkg: md.version(pkg) for pkg in packages}
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "load_start": load_start, "load_end": load_end},

@@ -42,8 +42,9 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.prompt_len + max(args.new_tokens) + 8,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.prompt_len + max(args.new_tokens) + 8,
         bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (vLLM's CPU worker binds its own)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (vLLM's CPU worker binds its own)")
     parser.add_argument("--sides", nargs="+", default=["hf", "vllm", "vllm-raw"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -80,7 +82,8 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     model, tok = build_model(args)
     t0 = time.perf_counter()
-    engine = VLLMEngine(model, tok, device=args.device, config=SimpleNamespace(vllm_gpu_memory_utilization=0.5, vllm_sleep=False, seed=0, trust_remote_code=False))
+    settings = SimpleNamespace(vllm_gpu_memory_utilization=0.5, vllm_sleep=False, seed=0, trust_remote_code=False)
+    engine = VLLMEngine(model, tok, device=args.device, config=settings)
     startup = time.perf_counter() - t0
     print(f"vLLM start-up (model built, weights loaded): {startup:.1f} s", flush=True)
     hf = SharedPromptSampler(model, tok, device=args.device)
@@ -93,7 +96,11 @@ def main() -> None:
         return {
             "hf": lambda: sum(len(r) for r in hf.generate(prompts, k, params).response_ids),
             "vllm": lambda: sum(len(r) for r in engine.generate(prompts, k, params).response_ids),
-            "vllm-raw": lambda: sum(len(o.token_ids) for r in engine.llm.generate(raw_prompts, raw_params, use_tqdm=False) for o in r.outputs),
+            "vllm-raw": lambda: sum(
+                len(o.token_ids)
+                for r in engine.llm.generate(raw_prompts, raw_params, use_tqdm=False)
+                for o in r.outputs
+            ),
         }
 
     warm = sides([[5] * args.prompt_len], 2, 4)
@@ -120,11 +127,13 @@ def main() -> None:
                     dt = time.perf_counter() - t0
                     assert n == seqs * new, f"{name} generated {n} tokens, expected {seqs * new}"
                     rates[name].append(n / dt)
-                    print(f"  {seqs} seqs x {new} tokens, round {r + 1}, {name}: {n / dt:,.0f} tok/s ({dt:.2f} s)", flush=True)
+                    print(f"  {seqs} seqs x {new} tokens, round {r + 1}, {name}: {n / dt:,.0f} tok/s ({dt:.2f} s)",
+                          flush=True)
             results.append({"sequences": seqs, "new_tokens": new, "tokens_per_s": rates})
     print(f"load average after: {os.getloadavg()}")
     print()
-    print(f"vLLM {vllm.__version__}, torch {torch.__version__}, device {args.device}, dtype {args.dtype}, model hidden {args.hidden} x {args.layers} layers x {args.heads} heads, vocab {args.vocab}; "
+    print(f"vLLM {vllm.__version__}, torch {torch.__version__}, device {args.device}, dtype {args.dtype}, "
+          f"model hidden {args.hidden} x {args.layers} layers x {args.heads} heads, vocab {args.vocab}; "
           f"{args.rounds} rounds; vLLM start-up {startup:.0f} s")
     print()
     head = " | ".join(f"{s} tok/s (median, range)" for s in args.sides)

@@ -48,10 +48,12 @@ def test_state_round_trip_and_old_format_refused(tmp_path):
     import numpy as np
     import torch
 
-    state = {"step": 3, "t": torch.arange(4.0), "a": np.arange(3, dtype=np.uint32), "tup": (1, (2.5, "x")), "keys": {0: 1, 1: None}, "nan": float("nan")}
+    state = {"step": 3, "t": torch.arange(4.0), "a": np.arange(3, dtype=np.uint32), "tup": (1, (2.5, "x")),
+             "keys": {0: 1, 1: None}, "nan": float("nan")}
     save_state(tmp_path, "s", state)
     back = load_state(tmp_path, "s")
-    assert back["step"] == 3 and torch.equal(back["t"], state["t"]) and back["a"].dtype == np.uint32 and back["tup"] == (1, (2.5, "x"))
+    assert back["step"] == 3 and torch.equal(back["t"], state["t"])
+    assert back["a"].dtype == np.uint32 and back["tup"] == (1, (2.5, "x"))
     assert back["keys"] == {0: 1, 1: None} and back["nan"] != back["nan"]
     old = tmp_path / "old"
     old.mkdir()
@@ -66,7 +68,8 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
 
     tok, model = tiny_policy()
     # ref_update_every: the checkpoint also holds the refreshed reference model
-    Trainer(small_config(tmp_path / "base", total_steps=1, ref_update_every=1), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
+    Trainer(small_config(tmp_path / "base", total_steps=1, ref_update_every=1), model=model, tokenizer=tok,
+            reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
     marker = tmp_path / "PWNED"
     tried = 0
     for rel, copy in planted_copies(tmp_path / "base" / "run", tmp_path, marker):
@@ -81,7 +84,8 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
 
 
 def _gym_cfg(run: Path, **kw) -> GymConfig:
-    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1, progress=False, tensorboard=False, output_dir=str(run))
+    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1,
+                progress=False, tensorboard=False, output_dir=str(run))
     return GymConfig(**{**base, **kw})
 
 

@@ -10,9 +10,11 @@ import yaml
 from reinforcepp.cli import main
 from reinforcepp.run import read_metrics
 
-LM_FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
-           "eval_every=0", "eval_max_prompts=4", "tensorboard=false", "progress=false", "log_samples_every=0"]
-GYM_FAST = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1", "progress=false", "tensorboard=false"]
+LM_FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4",
+           "max_new_tokens=4", "eval_every=0", "eval_max_prompts=4", "tensorboard=false", "progress=false",
+           "log_samples_every=0"]
+GYM_FAST = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1",
+            "progress=false", "tensorboard=false"]
 
 
 def one_line(err: str) -> str:
@@ -36,7 +38,9 @@ def test_lm_run_folder_guard_overwrite_and_resume_security(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["trust_remote_code"] = True
     marker = tmp_path / "PWNED"
-    (out / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    (out / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+    )
     saved["reward_funcs"] = [f"{out / 'evil.py'}:f"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     # Code named in the folder is not taken, and resuming without it is refused (it would
@@ -76,6 +80,7 @@ def test_gym_run_folder_guard_and_resume_uses_saved_config(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "total_env_steps: saved 32, now 64" in captured.err
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["lr"] == 0.002 and cfg["steps_per_env"] == 16 and cfg["total_env_steps"] == 64 and cfg["save_every"] == 32
+    assert cfg["lr"] == 0.002 and cfg["steps_per_env"] == 16
+    assert cfg["total_env_steps"] == 64 and cfg["save_every"] == 32
     assert json.loads(captured.out.strip().splitlines()[-1])["output_dir"] == str(run)
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [32, 64]

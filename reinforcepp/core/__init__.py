@@ -2,7 +2,7 @@
 
 Importing this package imports torch and nothing else of weight: no transformers, datasets,
 gymnasium or vllm, and it never initialises ``torch.distributed``. The math lives here; the
-trainers only move tensors in and out (see ``docs/algorithms.md`` and ALGORITHM.md).
+trainers only move tensors in and out (see ``docs/algorithms.md``).
 """
 
 from .advantages import (

@@ -1,4 +1,5 @@
-"""Per-token losses and their aggregation (ALGORITHM.md, "Policy loss").
+"""Per-token losses and their aggregation (docs/algorithms.md, "The policy loss (shared by every
+estimator)" and "Loss aggregation, micro-batches and ranks").
 
 Each loss function returns a per-token ``(N, T)`` tensor; :func:`aggregate` turns it into the
 scalar the optimizer sees. Aggregation takes the *window's* normalisers (token count, sequence

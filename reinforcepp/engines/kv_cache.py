@@ -18,10 +18,14 @@ import torch
 
 
 def unwrap(model: Any) -> Any:
-    """The Hugging Face model under DDP, a PEFT wrapper or ``torch.compile``."""
-    for _ in range(4):
+    """The Hugging Face model under DDP, a PEFT wrapper, ``torch.compile`` or a view that names the
+    model it forwards to as ``wrapped_model`` (a LoRA policy's adapters-off reference, whose
+    ``forward`` takes ``*args, **kwargs``)."""
+    for _ in range(5):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
+        elif getattr(model, "wrapped_model", None) is not None:
+            model = model.wrapped_model
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
@@ -80,7 +84,9 @@ def _reserved_layer_type() -> type:
             self.capacity = capacity
             self.buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             cur, n = self.get_seq_length(), key_states.shape[-2]

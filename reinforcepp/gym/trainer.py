@@ -1,7 +1,7 @@
 """The Gymnasium trainer: collect, make experience, update, log -- the same core as the
 language-model trainer (``reinforcepp.core``), the same run directory (``reinforcepp.run``).
 
-One iteration, as in ALGORITHM.md ("The training step"):
+One iteration (docs/gym.md, "Loss and update"; the shared math in docs/algorithms.md):
 
 1. collect ``num_envs * steps_per_env`` environment steps (:class:`~.rollout.Collector`);
 2. advantages with the core registry, ``compute_advantages(estimator, ...)`` (KL placement

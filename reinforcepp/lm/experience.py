@@ -1,9 +1,10 @@
 """Experience: one rollout turned into everything the update needs.
 
-docs/algorithms.md, "The training step", steps 3-4: forward passes without gradient
-(``old_logprobs``, ``ref_logprobs``, ``values``), then shaped rewards, returns and advantages on
-the whole batch (:class:`ExperienceMaker`). Only here is the estimator named, and only to pass
-its name to :func:`reinforcepp.core.compute_advantages`.
+The experience part of the training step (docs/lm.md, "The training step and its batch sizes"):
+forward passes without gradient (``old_logprobs``, ``ref_logprobs``, ``values``), then shaped
+rewards, returns and advantages on the whole batch (docs/algorithms.md, "The pipeline, in order",
+:class:`ExperienceMaker`). Only here is the estimator named, and only to pass its name to
+:func:`reinforcepp.core.compute_advantages`.
 """
 
 from __future__ import annotations

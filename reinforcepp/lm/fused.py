@@ -1,7 +1,8 @@
 """Old log-probs from the update's own forward: REINFORCE++ at the cost of its math.
 
-ALGORITHM.md, "The training step", step 3 computes ``old_logprobs`` with a no-gradient forward
-before the advantages, because REINFORCE++ puts the KL in the token rewards,
+The training step (docs/lm.md, "The training step and its batch sizes") computes
+``old_logprobs`` with a no-gradient forward before the advantages, because REINFORCE++ puts
+the KL in the token rewards,
 ``r[i,t] = -beta * (old_logp - ref_logp)[i,t] (+ R_i on the last token)``, so the advantages
 need them. When the rollout is used once (one epoch, one mini-batch per step), the update
 starts from the very weights that produced the rollout, and its first forward computes exactly

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from reinforcepp.core import AdvantageInputs, AdvantageParams, advantage_stats, approx_kl, clip_fractions, compute_advantages
+from reinforcepp.core import (
+    AdvantageInputs,
+    AdvantageParams,
+    advantage_stats,
+    approx_kl,
+    clip_fractions,
+    compute_advantages,
+)
 
 BIG = 1e6
 

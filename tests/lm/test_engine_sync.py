@@ -5,7 +5,6 @@ a copy of the weights (the shape vLLM has) stands in for it."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -88,7 +87,9 @@ def test_a_step_whose_optimizer_steps_were_all_skipped_does_not_sync(tmp_path, c
         return Advantages(a, a)
 
     try:
-        t = _trainer(tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5)
+        t = _trainer(
+            tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5
+        )
         assert t.train_step()["nonfinite/skipped_steps"] == 1 and t.engine.syncs == 0
     finally:
         ESTIMATORS.pop("nan_for_sync_test", None)
@@ -124,7 +125,8 @@ def test_tis_weights_enter_the_loss(tmp_path, copying_engine):
 
 def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
     t = _trainer(tmp_path, engine="no_logprobs", rollout_correction="truncate")
-    with pytest.raises(ConfigError, match="rollout_correction=truncate needs the log-probs the engine sampled with, and engine 'no_logprobs'"):
+    message = "rollout_correction=truncate needs the log-probs the engine sampled with, and engine 'no_logprobs'"
+    with pytest.raises(ConfigError, match=message):
         t.train_step()
 
 
@@ -168,12 +170,16 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"engine": "vllm", "dtype": "float16", "device": "cpu"})
 
 
-def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys):
+def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys, tmp_path):
     import reinforcepp.engines.vllm as ve
     from reinforcepp.cli import main
 
     monkeypatch.setattr(ve, "vllm_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
     assert main(["train", "engine=vllm", "device=cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bash install.sh vllm" in err[0] and "engine=vllm needs vLLM" in err[0]
-    assert not math.isnan(0.0)
+    out, err = capsys.readouterr()
+    expected = f"reinforcepp train: engine=vllm needs vLLM, which is not installed: run {ve.INSTALL_HINT}"
+    assert err.strip().splitlines() == [expected]
+    assert "bash install.sh vllm" in ve.INSTALL_HINT
+    # refused while the settings are checked: nothing printed, no run directory, no model loaded
+    assert out == "" and list(tmp_path.iterdir()) == []

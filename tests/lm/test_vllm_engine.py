@@ -12,12 +12,15 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)")
-
 from reinforcepp.lm.batch import collate
 from reinforcepp.engines import SamplingParams, SharedPromptSampler
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)",
+)
 
 PROMPTS = ("rev abc=", "rev hgfed=", "sort 3142=", "27+45=")
 
@@ -116,7 +119,8 @@ def test_train_engine_vllm_on_the_builtin_task_learns(tmp_path, engine, capsys):
     from reinforcepp.run import read_metrics
 
     run = tmp_path / "run"
-    assert main(["train", "engine=vllm", "device=cpu", f"output_dir={run}", "progress=false", "tensorboard=false", "eval_every=30"]) == 0
+    settings = [f"output_dir={run}", "progress=false", "tensorboard=false", "eval_every=30"]
+    assert main(["train", "engine=vllm", "device=cpu", *settings]) == 0
     rows = read_metrics(run)
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if r.get("kind") == "train"]
