@@ -77,7 +77,9 @@ class Trainer:
         self.kl_share_warning = KLShareWarning(config.kl_coef)
         if self.rt.resume_from is not None:
             self.load_checkpoint(self.rt.resume_from)
-        self.logger = self._open_logger()
+        self.logger: Optional[RunLogger] = None
+        if self.rt.folder.eager:
+            self.open_run_folder()
 
     def _experience_maker(self) -> ExperienceMaker:
         cfg, rt = self.config, self.rt
@@ -87,6 +89,15 @@ class Trainer:
         fuse = fuse and rt.parallel.can_hold_forwards(-(-rt.prompts_per_rank * cfg.samples_per_prompt // cfg.micro_batch_size))
         return ExperienceMaker(cfg, self.models, self.spec, self.kl_controller, device=rt.device, forward=self.updater.forward,
                                held=self.updater.held, fuse_old=fuse, precision=rt.precision, timer=rt.timer, dist_reduce=rt.dist.reduce)
+
+    def open_run_folder(self) -> None:
+        """Claim and write the run folder: at construction when the run names it (``output_dir``),
+        resumes or runs on several ranks, else when training starts, so that a trainer built only
+        to evaluate writes nothing (:class:`~.runtime.RunFolder`)."""
+        if not self.rt.folder.opened:
+            self.rt.folder.open()
+        if self.logger is None:
+            self.logger = self._open_logger()
 
     def _open_logger(self) -> Optional[RunLogger]:
         """Rank 0 writes the run folder: the resolved config, metrics, TensorBoard."""
@@ -122,6 +133,7 @@ class Trainer:
         """Run until ``total_steps``; returns the last evaluation's metrics."""
         cfg = self.config
         self._train_loader()
+        self.open_run_folder()
         last_eval: dict[str, float] = {}
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
@@ -152,6 +164,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, engine sync, log."""
         cfg = self.config
+        self.open_run_folder()
         self.step += 1
         rollout = self.rollout()
         self.engine.sleep()
@@ -226,6 +239,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the run at this step (:mod:`.checkpointing`)."""
         cfg = self.config
+        self.open_run_folder()
         counters = {"kl_coef": self.kl_controller.value, "nonfinite_total": self.updater.guard.total,
                     "tokens_total": self.tokens_total, "prompts_truncated": self.sampler.prompts_truncated}
         return save_checkpoint(self.rt, self.models, self.updater, self._train_loader(), self.step, counters,
