@@ -134,7 +134,7 @@ class LMConfig(RunOptions):
     sft_batch_size: int = option(32, "warm-start batch size")
     sft_wrong_fraction: float = option(0.0, "built-in tasks: fraction of warm-start demonstrations that show the task's plausible wrong behaviour (mixed-quality data)")
     # --- outputs ------------------------------------------------------------------------------
-    save_every: int = option(10, "checkpoint every this many steps and at the end (keep_last are kept), so that a stopped run resumes from at most this many steps back; 0 = only at the end. A checkpoint writes about 12 bytes per policy parameter (weights and AdamW moments); on the built-in task it costs under 1% of the run's time (docs/lm.md)")
+    save_every: int = option(10, "checkpoint every this many steps and at the end (keep_last are kept), so that a stopped run resumes from at most this many steps back; 0 = only at the end. A checkpoint writes about 12 bytes per policy parameter (weights and AdamW moments); on the built-in task each takes 0.01-0.1 s, under 1.5% of the steps' time (docs/lm.md, \"Outputs, checkpoints, resuming\")")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
     profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")

@@ -98,7 +98,7 @@ def _resumed_reference(config: LMConfig, rt: Runtime, lora: bool) -> Optional[to
     recorded initial directory when its files are unchanged (under LoRA: the base, loaded
     with the policy)."""
     assert rt.resume_from is not None
-    load = dict(dtype=rt.dtype, device=rt.parallel.load_device)
+    load: dict[str, Any] = dict(dtype=rt.dtype, device=rt.parallel.load_device)
     if (rt.resume_from / "reference").exists():  # refreshed by ref_update_every
         return frozen(load_causal_lm(str(rt.resume_from / "reference"), safetensors_only=True, **load))
     if lora:

@@ -182,11 +182,12 @@ def restart_command(config: LMConfig, run_dir: Path, **changes: Any) -> str:
     base = (LMConfig.tiny(**{k: v for k, v in named.items() if k != "model"}) if config.model is None
             else LMConfig.from_dict(named)).resolved()
     skip = {"output_dir", "resume", "overwrite"}
-    items = [f"{k}={_cli_value(v)}" for k, v in values.items() if k not in skip and v != base.get(k)]
+    items = [f"{k}={_cli_value(v)}" for k, v in values.items() if k not in skip and (k in named or v != base.get(k))]
     return " ".join(["reinforcepp train --overwrite", f"output_dir={shlex.quote(str(run_dir))}", *items])
 
 
 def _cli_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return shlex.quote("[" + ",".join(str(v) for v in value) + "]")
+        joined = ",".join(str(v) for v in value)
+        return shlex.quote(joined if value and not any("," in str(v) for v in value) else f"[{joined}]")
     return shlex.quote("none" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
