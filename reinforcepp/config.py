@@ -235,6 +235,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """``value`` (from YAML or the command line) as the option type ``tp``; a
+    :class:`ConfigError` naming ``name`` when it is not one."""
+    return _coerce(name, value, tp)
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: construction from mappings, YAML and overrides, and type checking."""

@@ -76,7 +76,7 @@ def build_config(config_file: str | None, overrides: list[str], resume: bool = F
         values["resume"] = True
         saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
         if saved is not None and saved.exists():
-            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, values)
+            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, typed(values))
             for note in notes:
                 print(f"resume: {note}", file=sys.stderr)
     return config_from_values(values)
@@ -89,6 +89,24 @@ def read_values(config_file: str | None, overrides: list[str]) -> dict[str, Any]
     values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
     values.update(parse_overrides(overrides))
     return values
+
+
+def typed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each known key's value converted to its option's type where it converts
+    (``reward_funcs=a.py:f`` -> ``['a.py:f']``), so that a run folder's saved setting and the same
+    setting given again compare equal; anything else is left for the config to report."""
+    from ..config import coerce
+    from .config import LMConfig
+
+    types_ = LMConfig.field_types()
+    out = dict(values)
+    for key, value in values.items():
+        if key in types_:
+            try:
+                out[key] = coerce(key, value, types_[key])
+            except ConfigError:
+                pass
+    return out
 
 
 def config_from_values(values: dict[str, Any]) -> LMConfig:
@@ -135,6 +153,10 @@ def _train(config: LMConfig) -> int:
             return 0
         print(f"run directory: {trainer.run_dir}", file=sys.stderr)
         if trainer.rt.resume_from is not None:
+            if trainer.step >= config.total_steps:
+                print(f"resume: {trainer.run_dir} has done all its {config.total_steps} steps (checkpoint {trainer.rt.resume_from}): "
+                      f"nothing to train; give a larger total_steps to train on", file=sys.stderr)
+                return 0
             print(f"resume: continuing from step {trainer.step} of {config.total_steps} (checkpoint {trainer.rt.resume_from})", file=sys.stderr)
         final = trainer.train()
     except RemoteError as e:
@@ -297,7 +319,7 @@ def eval_config(config_file: Optional[str], overrides: list[str]) -> tuple[LMCon
     found = find_checkpoint(str(values["model"])) if values.get("model") not in (None, "None", "none", "") else None
     if found is not None:
         saved = yaml.safe_load((found.run_dir / "config.yaml").read_text()) or {}
-        values, notes = eval_settings(found, saved, values)
+        values, notes = eval_settings(found, saved, typed(values))
         for note in notes:
             print(f"eval: {note}", file=sys.stderr)
     elif values.get("model") not in (None, "None", "none", ""):
