@@ -174,9 +174,10 @@ def _train(config: LMConfig) -> int:
 
 def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -> str:
     """The held-out numbers at the first and the last evaluation. It leads with the reward
-    (greedy, then sampled); accuracy (greedy responses with total reward >= 1) and pass@k follow
-    only for ``pass_fail`` rewards (built-in tasks, or rewards that were all 0 or 1), since for a
-    dense reward a response at 0.9 "fails" and one at 1.0 may be a lucky rounding."""
+    (greedy, then sampled); accuracy (greedy responses with total reward >= 1) and
+    ``any_correct_of_n`` follow only for ``pass_fail`` rewards (built-in tasks, or rewards that
+    were all 0 or 1), since for a dense reward a response at 0.9 "fails" and one at 1.0 may be a
+    lucky rounding. Each number is printed under its metric's name."""
 
     def change(key: str) -> str:
         return f"{first.get(key, math.nan):.3f} -> {final[key]:.3f}"

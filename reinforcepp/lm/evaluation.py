@@ -24,8 +24,8 @@ def held_out_rows(data: Any, max_prompts: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: int, timer: PhaseTimer) -> tuple[dict[str, float], bool]:
-    """Metrics ``eval/*`` of ``rows``: greedy accuracy (``eval/accuracy``, pass@1 of the greedy
-    answer) and mean reward, and with ``eval_samples`` samples at ``eval_temperature`` the
+    """Metrics ``eval/*`` of ``rows``: greedy accuracy (``eval/accuracy``, the fraction of greedy
+    answers that pass) and mean reward, and with ``eval_samples`` samples at ``eval_temperature`` the
     sampled mean reward, ``eval/any_correct_of_n`` and the unbiased ``eval/pass@k`` (Chen et
     al. 2021) for ``k = 1, 2, 4, ... < n``. Also returns whether every reward was 0 or 1."""
     n = config.eval_samples
