@@ -140,9 +140,10 @@ def data_format(columns: Sequence[str], cfg: SFTConfig) -> str:
     a dataset with neither is refused naming its columns."""
     if cfg.prompt_column in columns:
         if cfg.completion_column not in columns:
+            whole = (f"; for whole conversations in {cfg.prompt_column!r} set messages_column={cfg.prompt_column} instead of "
+                     "prompt_column" if cfg.prompt_column != "prompt" else f", or give whole conversations in a {cfg.messages_column!r} column")
             raise InputError(f"{cfg.data} has a {cfg.prompt_column!r} column but no {cfg.completion_column!r} column (columns: "
-                             f"{', '.join(columns)}): set completion_column=..., or give whole conversations in a "
-                             f"{cfg.messages_column!r} column")
+                             f"{', '.join(columns)}): set completion_column=...{whole}")
         return "pairs"
     if cfg.messages_column in columns:
         return "conversations"

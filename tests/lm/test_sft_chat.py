@@ -117,10 +117,12 @@ def test_sft_names_the_bad_row_and_the_missing_columns(chat_user, tmp_path, caps
     for bad, said in ((rows[:2], "row 1: column 'messages' has no assistant turn to learn"),
                       ([rows[0], rows[0], rows[2]], "row 2: column 'messages' is a str ('dbl c'), not a non-empty list of chat messages"),
                       ([{"text": "x"}], "has neither 'prompt' and 'completion' columns nor a 'messages' column of conversations (columns: text)"),
-                      ([{"prompt": "x", "answer": "y"}], "has a 'prompt' column but no 'completion' column (columns: prompt, answer)")):
+                      ([{"prompt": "x", "answer": "y"}], "has a 'prompt' column but no 'completion' column (columns: prompt, answer)"),
+                      ([rows[0]], "set messages_column=messages instead of prompt_column")):
         path = tmp_path / "bad.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in bad))
-        assert main(["sft", *common, f"data={path}", f"output_dir={tmp_path / 'o'}"]) == 2
+        extra = ["prompt_column=messages"] if "messages_column=" in said else []
+        assert main(["sft", *common, f"data={path}", f"output_dir={tmp_path / 'o'}", *extra]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and said in err.strip().splitlines()[-1], err
     # chat messages with a tokenizer that has no chat template: the row and the reason
@@ -179,3 +181,14 @@ def test_a_messages_row_and_its_prompt_completion_split_encode_the_same():
     assert (encode_examples(tok, [{"messages": convo}], "conversations", cfg)
             == encode_examples(tok, [{"prompt": convo[:1], "completion": convo[1:]}], "pairs", cfg)
             == encode_examples(tok, [{"prompt": "ab", "completion": convo[1:]}], "pairs", cfg))
+
+
+def test_rl_data_with_a_messages_column_is_pointed_at_it():
+    import datasets
+
+    from reinforcepp.lm.data import check_prompt_column
+
+    rows = datasets.Dataset.from_list([{"messages": CONVERSATION[1:2], "answer": "aabb"}])
+    with pytest.raises(ValueError, match=r"column 'messages' holds chat messages: set prompt_column='messages' if they end before "
+                                         r"the answer \(whole conversations with the answer are warm-start data"):
+        check_prompt_column(rows, "prompt")
