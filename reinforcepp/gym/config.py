@@ -15,8 +15,14 @@ from ..run.options import RunOptions
 
 
 @dataclass
-class GymConfig(RunOptions, TrustRegionOptions):
+class GymConfig(TrustRegionOptions, RunOptions):
     """REINFORCE++ (and siblings) on a Gymnasium environment. See ``docs/gym.md``."""
+
+    COMMON = ("env_id", "estimator", "total_env_steps", "num_envs", "steps_per_env", "lr", "output_dir", "seed", "eval_every",
+              "save_every", "resume")
+    SECTIONS = (("output_dir", "Run folder and logging"), ("env_id", "Environment"), ("estimator", "Algorithm"),
+                ("trust_region", "Trust region"), ("entropy_coef", "Loss and update"), ("hidden_sizes", "Model"),
+                ("torch_compile", "Speed, evaluation and checkpoints"))
 
     # environment
     env_id: str = option("CartPole-v1", "Gymnasium environment id (any registered id; Box2D/MuJoCo need the box2d/mujoco extras)")

@@ -151,7 +151,7 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
     if rt.builtin_task is not None:
         from .tasks import get_task, write_task_files
 
-        folder = rt.run_dir / "data"
+        folder = rt.folder.staging() / "data"  # RUN_DIR/data once the run folder is open
         if rt.dist.is_main:
             write_task_files(get_task(rt.builtin_task), folder, n_train=5000, n_eval=config.eval_max_prompts, seed=config.seed,
                              wrong_fraction=config.sft_wrong_fraction)

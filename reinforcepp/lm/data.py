@@ -83,10 +83,11 @@ def load_prompt_dataset(
     source: Union[str, Path, datasets.Dataset, datasets.DatasetDict],
     *,
     split: Optional[str] = None,
-    prompt_column: str = "prompt",
+    prompt_column: Optional[str] = "prompt",
     config_name: Optional[str] = None,
 ) -> datasets.Dataset:
-    """Load a prompt dataset and validate its prompt column.
+    """Load a prompt dataset and validate its prompt column (``None``: no check, the caller
+    checks the columns it reads).
 
     Args:
         source: a ``Dataset``; a ``DatasetDict`` (its ``split``, default ``"train"``); a path to a
@@ -123,7 +124,8 @@ def load_prompt_dataset(
         raise TypeError(f"source must be a Dataset, DatasetDict, path or hub name, got {type(source).__name__}")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
-    check_prompt_column(dataset, prompt_column)
+    if prompt_column is not None:
+        check_prompt_column(dataset, prompt_column)
     return dataset
 
 
@@ -138,10 +140,14 @@ def check_prompt_column(dataset: datasets.Dataset, prompt_column: str = "prompt"
         near = difflib.get_close_matches(prompt_column, columns, n=1, cutoff=0.5)
         lower = [c for c in columns if c.lower() == prompt_column.lower()]
         hint = lower[0] if lower else (near[0] if near else None)
-        raise ValueError(
-            f"prompt column {prompt_column!r} not in the dataset; available columns: {columns}"
-            + (f"; did you mean {hint!r}? (set prompt_column={hint!r})" if hint else "")
-        )
+        chat = [c for c in columns if len(dataset) and isinstance(dataset[0][c], list) and _prompt_problem(dataset[0][c]) is None]
+        if hint is None and chat:  # TRL's conversational data: a `messages` column
+            hint = chat[0]
+            said = (f"; column {hint!r} holds chat messages: set prompt_column={hint!r} if they end before the answer "
+                    "(whole conversations with the answer are warm-start data: `reinforcepp sft data=...`)")
+        else:
+            said = f"; did you mean {hint!r}? (set prompt_column={hint!r})" if hint else ""
+        raise ValueError(f"prompt column {prompt_column!r} not in the dataset; available columns: {columns}" + said)
     if len(dataset) == 0:
         raise ValueError("the prompt dataset is empty")
     for i, value in enumerate(dataset[prompt_column]):

@@ -65,8 +65,8 @@ def load_reference(config: LMConfig, rt: Runtime, policy: torch.nn.Module, token
                                      trust_remote_code=config.trust_remote_code))
     if rt.resume_from is not None:
         return _resumed_reference(config, rt, lora)
-    if rt.dist.is_main:
-        _record_initial(config, rt, policy, tokenizer, given_policy=given_policy, lora=lora)
+    if rt.dist.is_main:  # when the run folder opens: at once, or when training starts (runtime.RunFolder)
+        rt.folder.when_open(lambda run_dir: _record_initial(config, run_dir, policy, tokenizer, given_policy=given_policy, lora=lora))
     return None if lora else frozen_copy(policy)
 
 
@@ -80,10 +80,11 @@ def _connect_remote(config: LMConfig, reference: RemoteReference, policy: torch.
     return reference
 
 
-def _record_initial(config: LMConfig, rt: Runtime, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool, lora: bool) -> None:
+def _record_initial(config: LMConfig, run_dir: Path, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool, lora: bool) -> None:
     """What a resumed run reloads the reference from: a record of an unchanged local model
-    directory, or a copy (under LoRA with a named model: nothing, the base is that model)."""
-    saved, record = rt.run_dir / "reference", rt.run_dir / REFERENCE_RECORD
+    directory, or a copy (under LoRA with a named model: nothing, the base is that model). Written
+    before the first update, so ``policy`` is the initial policy."""
+    saved, record = run_dir / "reference", run_dir / REFERENCE_RECORD
     if not given_policy and config.model is not None and Path(config.model).is_dir():
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"path": str(Path(config.model).resolve()), "sha256": weights_fingerprint(config.model)}, indent=1))

@@ -78,7 +78,9 @@ class Trainer:
         self.kl_share_warning = KLShareWarning(config.kl_coef)
         saved = self.load_checkpoint(self.rt.resume_from) if self.rt.resume_from is not None else {}
         self.sampler, self.producer = self._rollout_side(saved)
-        self.logger = self._open_logger()
+        self.logger: Optional[RunLogger] = None
+        if self.rt.folder.eager:
+            self.open_run_folder()
 
     def _rollout_side(self, saved: dict[str, Any]) -> tuple[RolloutSampler, Optional[AsyncRollouts]]:
         """The sampler the trainer rolls out (synchronous) or evaluates with, and with
@@ -105,6 +107,15 @@ class Trainer:
             fuse = bool(cfg.fuse_old_logprobs) and cfg.on_policy and needs_old and not rt.dist.enabled
         return ExperienceMaker(cfg, self.models, self.spec, self.kl_controller, device=rt.device, forward=self.updater.forward,
                                held=self.updater.held, fuse_old=fuse, precision=rt.precision, timer=rt.timer, dist=rt.dist)
+
+    def open_run_folder(self) -> None:
+        """Claim and write the run folder: at construction when the run names it (``output_dir``),
+        resumes or runs on several ranks, else when training starts, so that a trainer built only
+        to evaluate writes nothing (:class:`~.runtime.RunFolder`)."""
+        if not self.rt.folder.opened:
+            self.rt.folder.open()
+        if self.logger is None:
+            self.logger = self._open_logger()
 
     def _open_logger(self) -> Optional[RunLogger]:
         """Rank 0 writes the run folder: the resolved config, metrics, TensorBoard."""
@@ -140,6 +151,7 @@ class Trainer:
         """Run until ``total_steps``; returns the last evaluation's metrics."""
         cfg = self.config
         self._train_loader()
+        self.open_run_folder()
         last_eval: dict[str, float] = {}
         bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
@@ -175,6 +187,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One RL step: rollout, experience, update, engine sync, log."""
         cfg = self.config
+        self.open_run_folder()
         self.step += 1
         rollout = self.rollout()
         if self.producer is None:
@@ -261,6 +274,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Atomic checkpoint of the run at this step (:mod:`.checkpointing`)."""
         cfg = self.config
+        self.open_run_folder()
         counters: dict[str, Any] = {"kl_coef": self.kl_controller.value, "nonfinite_total": self.updater.guard.total,
                                     "tokens_total": self.tokens_total, "prompts_truncated": self.sampler.prompts_truncated}
         loader = self._train_loader().state_dict()

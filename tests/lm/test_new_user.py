@@ -167,8 +167,10 @@ def test_every_spelling_of_a_key_gives_the_same_items():
         assert cli_items(argv, SFTConfig) == canonical
     assert cli_items(["--trust-remote-code", "steps=3"], SFTConfig) == ["trust_remote_code=true", "steps=3"]
     assert cli_items(["my.yaml", "--help"], SFTConfig) == ["my.yaml", "--help"]
-    with pytest.raises(ConfigError, match="did you mean 'output_dir'"):
-        cli_items(["--output-dri", "x"], SFTConfig)
+    # an unknown --key becomes an item, so that the config reports every unknown key at once
+    assert cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig) == ["output_dri=x", "bf16=true", "steps=2"]
+    with pytest.raises(ConfigError, match="2 unknown config keys: 'output_dri'; did you mean 'output_dir'.*'bf16' .TRL's name.: here dtype"):
+        SFTConfig.load(None, cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig))
     with pytest.raises(ConfigError, match="needs a value"):
         cli_items(["--steps"], SFTConfig)
 
@@ -186,6 +188,7 @@ def test_every_example_in_the_help_parses(command, capsys):
     for words in examples:
         cls = SFTConfig if command == "sft" else LMConfig
         items = [w for w in cli_items(words[1:], cls, ("--resume",)) if w != "--resume" and not w.endswith(".yaml")]
+        items = [w if "=" in w else f"model={w}" for w in items]  # eval RUN_DIR: the run folder is the model
         if cls is SFTConfig:
             SFTConfig.load(None, items)
         else:
