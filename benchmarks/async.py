@@ -4,7 +4,7 @@
     python benchmarks/async.py --quick                     # smoke run: timing and reward, a few steps each
     python benchmarks/async.py --quick --thread-vs-process # smoke run of the thread-or-process measurement
     python benchmarks/async.py --out benchmarks/results/async_cpu.json --log benchmarks/results/async_cpu.log
-    python benchmarks/async.py --thread-vs-process --out benchmarks/results/async_thread_vs_process.json \\
+    python benchmarks/async.py --thread-vs-process --rounds 7 --out benchmarks/results/async_thread_vs_process.json \\
         --log benchmarks/results/async_thread_vs_process.log
     PYTHONPATH=$PWD /work/venv-vllm/bin/python benchmarks/async.py --engines vllm \\
         --out benchmarks/results/async_vllm_cpu.json --log benchmarks/results/async_vllm_cpu.log
@@ -71,7 +71,7 @@ out of it on the other). ``--rounds`` rounds, the order of the modes rotated.
 
 Estimated wall time on 2 idle cores: ``--quick`` ~2 min (hf) / ~8 min (vllm: a start-up of
 ~0.5-1 min per run); the default hf run ~35 min (timing ~25, of which the 16 x 4 x 256 cell
-~15; reward ~10); the default vllm run ~60 min; ``--thread-vs-process`` ~3 min.
+~15; reward ~10); the default vllm run ~60 min; ``--thread-vs-process --rounds 7`` ~3 min.
 
 Writes a Markdown summary to stdout and ``--log``, and every step's numbers to ``--out`` (JSON).
 """

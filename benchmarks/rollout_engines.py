@@ -12,8 +12,8 @@
 Without vLLM installed only the ``hf`` side runs (``--sides`` defaults to the sides this
 interpreter can run). Here vLLM lives in its own environment:
 ``PYTHONPATH=$PWD /work/venv-vllm/bin/python benchmarks/rollout_engines.py``. Estimated wall time
-on 2 idle cores: ``--quick`` ~10 s (hf) / ~2 min (with vLLM's start-up); the default grid
-~4 min (hf) / ~8 min (all three sides).
+on 2 idle cores: ``--quick`` ~10 s (hf) / ~30 s (with vLLM's start-up); the default grid
+~6 min (hf) / ~12 min (all three sides).
 
 What is measured (one process, so both engines hold the same weights):
 
