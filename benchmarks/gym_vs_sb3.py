@@ -79,7 +79,8 @@ def run_ours(
                         epochs=s["epochs"], mini_batch_size=s["mini_batch"], lr=s["lr"],
                         lr_schedule="linear" if s["lr_linear"] else "constant", gamma=s["gamma"], lam=s["lam"],
                         entropy_coef=s["ent_coef"], eps_low=0.2, eps_high=0.2, max_grad_norm=0.5, hidden_sizes=[64, 64],
-                        activation="tanh", total_env_steps=steps, seed=seed, output_dir=d, torch_threads=1, progress=False,
+                        activation="tanh", total_env_steps=steps, seed=seed, output_dir=d, torch_threads=1,
+                        progress=False,
                         torch_compile=compiled)
         trainer = GymTrainer(cfg)
         trainer.collector.reset(seed)
