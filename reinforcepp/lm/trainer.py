@@ -157,9 +157,7 @@ class Trainer:
                        keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
         # Rank 0 evaluates; under FSDP every rank does (gathering the sharded weights is collective), rank 0 logs.
         evaluates = bool(cfg.eval_every) and self.eval_data is not None and (self.dist.is_main or self.rt.parallel.sharded)
-        if self.producer is not None:
-            self.producer.publish(self.step, self.models.weights)
-            self.producer.start()
+        self._start_producer(self.step)
         try:
             if self.step == 0 and evaluates:
                 last_eval = self.evaluate()
@@ -232,11 +230,19 @@ class Trainer:
         if self.producer is None:
             rollout = self.sampler.rollout(self._train_loader().next_batch, self.step)
         else:
+            self._start_producer(self.step - 1)  # this step's rollout is sampled by the weights before it
             with self.rt.timer("wait"):
                 rollout = drop_stale(self.producer.next(self.step), self.step - 1, cfg.async_rollouts, cfg.samples_per_prompt)
         if cfg.micro_batch_tokens is not None and self.dist.enabled:  # every rank about as many tokens (balance.py)
             rollout = balance_ranks(rollout, self.dist, cfg.samples_per_prompt, cfg.share_prompt)
         return rollout
+
+    def _start_producer(self, version: int) -> None:
+        """Start the producer once (train(), or the first rollout), the current weights published
+        as ``version``."""
+        if self.producer is not None and not self.producer.thread.is_alive() and not self.producer.finished:
+            self.producer.publish(version, self.models.weights)
+            self.producer.start()
 
     def make_experience(self, rollout: Rollout) -> Experience:
         return self.maker(rollout)

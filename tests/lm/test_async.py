@@ -250,3 +250,11 @@ def test_async_rollouts_with_served_reference_and_reward_equal_local(tmp_path):
         for key, tol in (("reward/mean", 0), ("eval/reward_mean", 0), ("kl/mean_token", 1e-5), ("loss/policy", 1e-4)):
             if key in a:  # which Adam amplifies where the gradient is near zero
                 assert b[key] == pytest.approx(a[key], abs=tol), key
+
+
+def test_train_step_alone_starts_the_producer(tmp_path):
+    t = _trainer(tmp_path, async_rollouts=1, total_steps=3)
+    first = t.train_step()  # without train(): the first rollout starts the producer
+    second = t.train_step()
+    assert first["staleness/sequence_max"] == 0.0 and second["staleness/sequence_max"] == 1.0
+    t.producer.close()
