@@ -32,7 +32,7 @@ from ..remote import is_url, settings_from
 from ..run.rng import set_seed
 from .config import LMConfig
 from .lora import is_lora, load_lora
-from .models import enable_activation_checkpointing, load_causal_lm, load_critic, load_tokenizer
+from .models import enable_activation_checkpointing, frozen, load_causal_lm, load_critic, load_tokenizer
 from .reference import Reference, apply_lora, load_reference
 from .runtime import Runtime
 from .warm_start import warm_start
@@ -76,6 +76,8 @@ class Models:
     weights: WeightProvider
     """the policy's full weights for the engine (gathered when sharded, LoRA merged)"""
     lora: bool
+    teacher: Optional[torch.nn.Module] = None
+    """on-policy distillation's teacher (``teacher``), frozen"""
 
 
 @dataclass
@@ -92,6 +94,7 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
     """Every component of a run, built in the order that keeps the random-number stream (and so
     the results) the same on every launch."""
     env_factory = load_env_factory(config, given.env, rt.builtin_task)
+    check_teacher_tokenizer(config, rt, given.tokenizer)  # before any model loads
     tokenizer, policy = load_policy(config, rt, given.model, given.tokenizer)
     data = load_data(config, rt, given.train_dataset, given.eval_dataset)
     scorer = build_scorer(config, rt.builtin_task, given.reward_funcs, env_factory, data)
@@ -109,8 +112,32 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
         critic = load_critic(config.critic_model, policy, dtype=rt.parallel.master_dtype, device=rt.parallel.load_device,
                              trust_remote_code=config.trust_remote_code)
     models = parallelize(config, rt, tokenizer, policy, reference, critic, lora)
+    if config.teacher is not None:  # on-policy distillation: frozen, held like the reference
+        teacher = load_causal_lm(config.teacher, dtype=rt.dtype, device=rt.parallel.load_device, trust_remote_code=config.trust_remote_code)
+        models.teacher = rt.parallel.frozen(frozen(teacher))
     engine = build_engine(config.engine, policy, tokenizer, rt.device, config)
     return Components(models, engine, data, scorer, env_factory)
+
+
+def check_teacher_tokenizer(config: LMConfig, rt: Runtime, given_tokenizer: Any) -> None:
+    """``teacher`` must share the policy's tokenizer (the same ids mean the same tokens, or its
+    log-probs say nothing about the policy's samples): checked on the tokenizers alone, before
+    any model loads (ConfigError naming both)."""
+    if config.teacher is None:
+        return
+    from ..remote.protocol import tokenizer_hash
+    from .tasks import ALPHABET, build_char_tokenizer, get_task
+
+    if given_tokenizer is not None:
+        policy_tok = given_tokenizer
+    elif config.tokenizer or config.model:
+        policy_tok = load_tokenizer(config.tokenizer or config.model or "", config.trust_remote_code)
+    else:
+        policy_tok = build_char_tokenizer(get_task(rt.builtin_task).alphabet if rt.builtin_task else ALPHABET)
+    teacher_tok = load_tokenizer(config.teacher, config.trust_remote_code)
+    if tokenizer_hash(teacher_tok) != tokenizer_hash(policy_tok):
+        raise ConfigError(f"teacher={config.teacher}: its tokenizer differs from the policy's ({len(teacher_tok)} against "
+                          f"{len(policy_tok)} tokens, or other ids): distillation needs the same tokenizer")
 
 
 def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module], tokenizer: Any) -> tuple[Any, torch.nn.Module]:
@@ -153,7 +180,7 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
 
         folder = rt.folder.staging() / "data"  # RUN_DIR/data once the run folder is open
         if rt.dist.is_main:
-            write_task_files(get_task(rt.builtin_task), folder, n_train=5000, n_eval=config.eval_max_prompts, seed=config.seed,
+            write_task_files(get_task(rt.builtin_task), folder, n_train=config.task_size, n_eval=config.eval_max_prompts, seed=config.seed,
                              wrong_fraction=config.sft_wrong_fraction)
         rt.dist.barrier()
         train_dataset, eval_dataset = str(folder / "train.jsonl"), str(folder / "eval.jsonl")

@@ -97,6 +97,22 @@ class LMConfig(TrustRegionOptions, RunOptions):
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
+    policy_loss: Literal["ppo", "cispo", "clip_cov", "kl_cov"] = option(
+        "ppo", "the per-token policy loss (docs/algorithms.md, 'Loss variants'): ppo = the clipped ratio; cispo = the "
+        "REINFORCE term under a clipped, stop-gradient importance weight (MiniMax-M1); clip_cov / kl_cov = PPO with the "
+        "gradient of a few high-covariance tokens detached / KL-penalised (Cui et al. 2025, verl)")
+    cispo_eps_low: Optional[float] = option(None, "cispo: the weight is at least 1 - cispo_eps_low; None = no lower bound (MiniMax-M1)")
+    cispo_eps_high: float = option(4.0, "cispo: the weight is at most 1 + cispo_eps_high (ScaleRL's and SkyRL's 5)")
+    clip_cov_ratio: float = option(2e-4, "clip_cov: fraction of the real tokens whose gradient is detached (verl: 2e-4)")
+    clip_cov_lb: float = option(1.0, "clip_cov: tokens are drawn among those with covariance in (clip_cov_lb, clip_cov_ub)")
+    clip_cov_ub: float = option(5.0, "clip_cov: upper bound of that covariance band")
+    kl_cov_ratio: float = option(2e-4, "kl_cov: fraction of the real tokens, those of largest covariance, that are KL-penalised (verl: 2e-4)")
+    kl_cov_coef: float = option(1.0, "kl_cov: coefficient of the |logp - old_logp| penalty on them")
+    teacher: Optional[str] = option(
+        None, "on-policy distillation: a model (path or hub name) whose per-token reverse KL to the policy, "
+        "-(logp - teacher_logp) on every sampled token, is added to the token rewards (weighted by teacher_coef); it must "
+        "share the policy's tokenizer; token-level estimators only (reinforce_pp, reinforce_pp_baseline, reinforce, gae)")
+    teacher_coef: float = option(1.0, "teacher: weight of the distillation reward")
     # --- asynchronous rollouts and off-policy correction (docs/algorithms.md) -------------------
     async_rollouts: int = option(
         0, "N > 0: the engine generates the rollouts of steps t+1..t+N (with its own copy of the weights) while the trainer "
@@ -158,6 +174,8 @@ class LMConfig(TrustRegionOptions, RunOptions):
     sft_lr: float = option(3e-3, "warm-start learning rate")
     sft_batch_size: int = option(32, "warm-start batch size")
     sft_wrong_fraction: float = option(0.0, "built-in tasks: fraction of warm-start demonstrations that show the task's plausible wrong behaviour (mixed-quality data)")
+    task_size: int = option(5000, "built-in tasks: training prompts generated (a small set, e.g. 16, to study overfitting against the held-out prompts)")
+    reward_noise: float = option(0.0, "standard deviation of Gaussian noise added to each training sample's reward (seeded by run seed, rank, step and round; evaluations see the clean reward): to study estimators under a noisy reward")
     # --- outputs ------------------------------------------------------------------------------
     save_every: int = option(10, "checkpoint every this many steps and at the end (keep_last are kept), so that a stopped run resumes from at most this many steps back; 0 = only at the end. A checkpoint writes about 12 bytes per policy parameter (weights and AdamW moments); on the built-in task each takes 0.01-0.1 s, under 1.5% of the steps' time (docs/lm.md, \"Outputs, checkpoints, resuming\")")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
@@ -241,6 +259,32 @@ class LMConfig(TrustRegionOptions, RunOptions):
         for what, refused in refusals.items():
             if refused:
                 raise ConfigError(f"trust_region=natural cannot honour {what}: use trust_region=clip, or drop it")
+
+    def _validate_losses(self) -> None:
+        """The policy loss, its own options (refused under another loss), distillation, the task's knobs."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        owners = {"cispo": ("cispo_eps_low", "cispo_eps_high"), "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+                  "kl_cov": ("kl_cov_ratio", "kl_cov_coef")}
+        for loss, keys in owners.items():
+            changed = [k for k in keys if getattr(self, k) != defaults[k]]
+            if changed and self.policy_loss != loss:
+                raise ConfigError(f"{changed[0]} is set but policy_loss={self.policy_loss}; it applies to policy_loss={loss} only")
+        if self.policy_loss != "ppo":
+            for what, on in (("dual_clip", self.dual_clip is not None), ("importance_sampling_level=sequence", self.importance_sampling_level != "token"),
+                             ("trust_region=natural", self.trust_region != "clip")):
+                if on:
+                    raise ConfigError(f"policy_loss={self.policy_loss} with {what}: that goes with policy_loss=ppo only")
+        if self.cispo_eps_high <= 0 or (self.cispo_eps_low is not None and not 0 < self.cispo_eps_low <= 1):
+            raise ConfigError(f"need cispo_eps_high > 0 and 0 < cispo_eps_low <= 1 (or None), got {self.cispo_eps_high}, {self.cispo_eps_low}")
+        if not 0 < self.clip_cov_ratio <= 1 or self.clip_cov_lb >= self.clip_cov_ub or not 0 < self.kl_cov_ratio <= 1 or self.kl_cov_coef < 0:
+            raise ConfigError("need 0 < clip_cov_ratio <= 1, clip_cov_lb < clip_cov_ub, 0 < kl_cov_ratio <= 1 and kl_cov_coef >= 0")
+        if self.teacher is not None and not get_estimator(self.estimator).kl_in_reward:
+            raise ConfigError(f"teacher={self.teacher}: the distillation reward is per token, and estimator {self.estimator!r} "
+                              "broadcasts one advantage per response: use reinforce_pp, reinforce_pp_baseline, reinforce or gae")
+        if self.teacher is None and self.teacher_coef != 1.0:
+            raise ConfigError("teacher_coef is set but teacher is not: name the teacher model with teacher=PATH")
+        if self.task_size < 1 or self.reward_noise < 0:
+            raise ConfigError(f"need task_size >= 1 and reward_noise >= 0, got {self.task_size}, {self.reward_noise}")
 
     @property
     def resolved_rollout_correction(self) -> str:
@@ -379,6 +423,7 @@ class LMConfig(TrustRegionOptions, RunOptions):
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
         self._validate_async()
         self._validate_natural()
+        self._validate_losses()
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

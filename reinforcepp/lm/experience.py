@@ -17,7 +17,15 @@ from torch import Tensor
 
 from ..agents.rollout import split_turn_rewards
 from ..config import ConfigError
-from ..core import AdvantageInputs, AdvantageParams, EstimatorSpec, compute_advantages, kl_penalty, truncated_loss_mask
+from ..core import (
+    AdvantageInputs,
+    AdvantageParams,
+    EstimatorSpec,
+    compute_advantages,
+    distillation_token_rewards,
+    kl_penalty,
+    truncated_loss_mask,
+)
 from ..remote import RemoteReference
 from .batch import PromptResponseBatch, collate
 from .config import LMConfig
@@ -49,6 +57,8 @@ class Experience:
     """``(N, T)`` log-probs the engine sampled the tokens with (``None`` if it does not report them)."""
     token_versions: Optional[Tensor] = None
     """``(N, T)`` long: the policy version that sampled each token (``None``: not reported)."""
+    teacher_logprobs: Optional[Tensor] = None
+    """``(N, T)`` the distillation teacher's log-probs of the sampled tokens (``teacher``)."""
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -126,7 +136,7 @@ class ExperienceMaker:
         """``old_logprobs`` when the update or the KL reward needs them: from the update's own
         forwards (fused) or a no-gradient pass; None when the update is exactly on-policy."""
         cfg, policy = self.config, self.models.policy
-        if cfg.on_policy and self.kl_placement != "reward":
+        if cfg.on_policy and self.kl_placement != "reward" and self.models.teacher is None:
             return None
         if self.fuse_old:
             with self.timer("update"):
@@ -154,6 +164,13 @@ class ExperienceMaker:
             assert old is not None and ref is not None  # reward KL computes both
             kl = kl_penalty(old, ref, cfg.resolved_kl_estimator) * batch.response_mask
         rewards, steps = self.scalar_and_step_rewards(rollout, batch)
+        teacher = None
+        if models.teacher is not None:  # on-policy distillation: -(logp - teacher_logp) on every sampled token
+            assert old is not None
+            with self.precision():
+                teacher = batched_forward(self.logprob_fn(models.teacher), batch, micro, self.device)
+            distill = cfg.teacher_coef * distillation_token_rewards(old, teacher, batch.response_mask)
+            steps = distill if steps is None else steps + distill
         inputs = AdvantageInputs(rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
         params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip,
                                  whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.reduce)
@@ -165,7 +182,8 @@ class ExperienceMaker:
             raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and engine {cfg.engine!r} "
                               "does not return them: set rollout_correction=none")
         return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask,
-                          sampler_logprobs=sampler, token_versions=gen.token_version_tensor(batch.response_length))
+                          sampler_logprobs=sampler, token_versions=gen.token_version_tensor(batch.response_length),
+                          teacher_logprobs=teacher)
 
     def scalar_and_step_rewards(self, rollout: Any, batch: PromptResponseBatch) -> tuple[Tensor, Optional[Tensor]]:
         """``R_i`` ``(N,)`` and the per-token step rewards ``(N, T)`` (process rewards, and the

@@ -46,6 +46,10 @@ def rollout_metrics(rollout: Rollout, exp: Experience, beta: float, version: int
         m["kl/return_share"] = kl_return_share(rollout.rewards, exp.kl, mask, beta)
     if exp.values is not None:
         m["critic/value_mean"] = float(masked_mean(exp.values, mask))
+    if exp.teacher_logprobs is not None and exp.old_logprobs is not None:  # the reverse KL to the teacher
+        diff = (exp.old_logprobs - exp.teacher_logprobs) * mask
+        m["distill/reverse_kl"] = float(diff.sum() / mask.sum().clamp_min(1))
+        m["distill/reverse_kl_sequence"] = float(diff.sum() / mask.shape[0])
     if exp.token_versions is not None:
         m.update(staleness_stats(exp.token_versions, mask, version, reduce))
     return m

@@ -162,7 +162,7 @@ class RolloutSampler:
         mine = slice(rt.dist.rank * rt.prompts_per_rank, (rt.dist.rank + 1) * rt.prompts_per_rank)
         round_ = 0
         for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
-            scored, dropped = self.scored_rollout(next_rows()[mine], step, counts)
+            scored, dropped = self.scored_rollout(next_rows()[mine], step, counts, round_)
             for start in range(0, len(scored.rows), k):
                 group = list(range(start, start + k))
                 if bool(dropped[group].any()):
@@ -180,16 +180,17 @@ class RolloutSampler:
             raise RuntimeError(f"step {step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)
 
-    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
-        """One round: ``k`` scored samples of each row, with length penalties and process
-        rewards, and the ``(N,)`` flags of the samples the reward dropped (counted in ``counts``)."""
+    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float], round_: int = 1) -> tuple[Rollout, torch.Tensor]:
+        """One round: ``k`` scored samples of each row, with length penalties, ``reward_noise``
+        and process rewards, and the ``(N,)`` flags of the samples the reward dropped (counted in
+        ``counts``)."""
         gen, prompts, completions, expanded, result = self.generate_and_score(rows, self.config.samples_per_prompt, self.sampling(), step)
         counts["reward/dropped_samples"] += float(result.dropped.sum())
         counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(
             result.unscored.sum() if result.unscored is not None else 0)
         for key, value in result.extras.items():  # verl's extra keys, OpenRLHF's extra_logs (first round)
             counts.setdefault(f"reward/{key}", value)
-        rewards = result.rewards + self.length_penalties(gen)
+        rewards = result.rewards + self.length_penalties(gen) + self.reward_noise(len(gen), step, round_)
         scored = Rollout(expanded, prompts, completions, gen, rewards, result.per_source, {}, self.process_rewards(result, gen, completions))
         return scored, result.dropped
 
@@ -213,6 +214,15 @@ class RolloutSampler:
                                                    self.config.reward_step_delimiter, where)
                     out[i] = [a + weights[name] * b for a, b in zip(out[i], tokens)]
         return out
+
+    def reward_noise(self, n: int, step: int, round_: int) -> torch.Tensor:
+        """``reward_noise``: Gaussian noise on the ``n`` training rewards of a round, ``(n,)``, drawn
+        from its own generator (run seed, rank, step, round), so resumed runs repeat it."""
+        std = self.config.reward_noise
+        if not std:
+            return torch.zeros(n)
+        seed = ((self.config.seed * 1_000_003 + self.rt.dist.rank) * 1_000_003 + step) * 101 + round_
+        return std * torch.randn(n, generator=torch.Generator().manual_seed(seed % 2**63))
 
     def length_penalties(self, gen: Generation) -> torch.Tensor:
         """DAPO's overlong penalty and the truncation penalty, per response ``(N,)``."""

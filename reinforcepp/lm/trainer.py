@@ -98,7 +98,7 @@ class Trainer:
 
     def _experience_maker(self) -> ExperienceMaker:
         cfg, rt = self.config, self.rt
-        needs_old = cfg.effective_kl_placement == "reward"
+        needs_old = cfg.effective_kl_placement == "reward" or cfg.teacher is not None
         responses = rt.prompts_per_rank * cfg.samples_per_prompt
         if cfg.micro_batch_tokens is None:
             fuse = fuse_old_logprobs(cfg.fuse_old_logprobs, cfg.on_policy, needs_old, responses, cfg.micro_batch_size)

@@ -19,6 +19,7 @@ import torch
 
 from ..core import (
     CorrectionMode,
+    PolicyLossParams,
     RolloutCorrection,
     aggregate,
     approx_kl,
@@ -82,6 +83,9 @@ class PolicyUpdate:
         self.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr) if critic is not None else None
         self.guard = NonFiniteGuard(config.max_nonfinite_steps, hint="Lower lr, check the rewards, or use dtype=float32.")
         self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
+        self.loss_params = PolicyLossParams(config.eps_low, config.eps_high, config.dual_clip, config.importance_sampling_level,
+                                            config.cispo_eps_low, config.cispo_eps_high, config.clip_cov_ratio, config.clip_cov_lb,
+                                            config.clip_cov_ub, config.kl_cov_ratio, config.kl_cov_coef)
         self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
         self.step = 0  # the RL step, for messages
 
@@ -214,8 +218,8 @@ class PolicyUpdate:
                     seen[name].append(value.detach().cpu())
         in_loss = self.kl_placement == "loss"
         assert not in_loss or part.ref_logprobs is not None  # loss KL needs the reference
-        terms = token_loss(logp, old, part.advantages.to(logp.device), real, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                           dual_clip=cfg.dual_clip, importance_sampling_level=cfg.importance_sampling_level, is_weights=weights,
+        terms = token_loss(logp, old, part.advantages.to(logp.device), real, policy=cfg.policy_loss, params=self.loss_params,
+                           is_weights=weights,
                            ref_logprobs=part.ref_logprobs.to(logp.device) if in_loss and part.ref_logprobs is not None else None,
                            kl_coef=self.kl_controller.value, kl_estimator=cfg.resolved_kl_estimator, entropy=out.entropy,
                            entropy_coef=cfg.entropy_coef)
@@ -228,6 +232,8 @@ class PolicyUpdate:
         if cfg.entropy_coef:
             scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))  # the term added to the loss
         pl = terms.policy
+        if pl.selected is not None:
+            seen["selected"].append((pl.selected & real.bool()).cpu())
         for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low),
                             ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask), ("real", real)):
             seen[name].append(value.detach().cpu())
@@ -297,6 +303,8 @@ class PolicyUpdate:
         for key in ("loss/kl", "loss/entropy_bonus", "loss/value", "critic/grad_norm"):
             if scalars[key]:
                 out[key] = mean(key)
+        if seen["selected"]:  # clip_cov / kl_cov: the share of real tokens they acted on
+            out["loss/selected_fraction"] = float(torch.cat(seen["selected"]).sum()) / max(1.0, float(mask.sum()))
         if scalars["loss/empty_windows"]:
             out["loss/empty_windows"] = float(len(scalars["loss/empty_windows"]))
         computed, real = (float(sum(scalars[k])) for k in ("update/computed_tokens", "update/real_tokens"))
