@@ -358,7 +358,7 @@ POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLossName)
 
 @dataclass(frozen=True)
 class PolicyLossParams:
-    """The settings of every policy loss (docs/algorithms.md, "Policy loss" and "Loss variants");
+    """The settings of every policy loss (docs/algorithms.md, "The policy loss" and "Loss variants");
     each loss reads its own."""
 
     eps_low: float = 0.2
@@ -430,7 +430,7 @@ def token_loss(
     entropy: Optional[Tensor] = None,
     entropy_coef: float = 0.0,
 ) -> TokenLoss:
-    """The per-token loss every estimator shares (docs/algorithms.md, "Policy loss"):
+    """The per-token loss every estimator shares (docs/algorithms.md, "The policy loss"):
 
     ``L[i,t] = w[i,t] L_pol[i,t] + beta kl(logp, ref_logp)[i,t] - c_H H[i,t]``
 

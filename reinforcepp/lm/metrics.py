@@ -1,6 +1,6 @@
 """What a step logs about its rollout, the samples file, and the KL-share warning.
 
-docs/algorithms.md, "Metrics every run logs": reward mean/std/min/max and per source, response
+docs/algorithms.md, "What the metrics mean": reward mean/std/min/max and per source, response
 length and truncation, KL to the reference and beta, advantage statistics (token- and
 sample-weighted), the episode counters of multi-turn runs.
 """

@@ -1,4 +1,5 @@
-"""Rollouts: prompts in, scored samples out (docs/algorithms.md, "The training step", steps 1-2).
+"""Rollouts: prompts in, scored samples out (docs/lm.md, "The training step and its batch sizes":
+generate and score).
 
 :class:`RolloutSampler` renders and encodes the prompts, asks the engine for ``k`` samples each
 (or plays multi-turn episodes through it), decodes and scores them, adds length penalties and

@@ -1,6 +1,6 @@
 """The language-model trainer: one loop for every advantage estimator.
 
-Each step reads like docs/algorithms.md, "The training step"::
+Each step reads like docs/lm.md, "The training step and its batch sizes"::
 
     rollout    = generate k samples for P prompts, score them        (RolloutSampler)
     experience = old/ref log-probs, values; shaped rewards -> A      (ExperienceMaker)

@@ -1,5 +1,5 @@
-"""The update: ``epochs`` x mini-batches x micro-batches of the clipped loss (docs/algorithms.md,
-"The training step", step 5).
+"""The update: ``epochs`` x mini-batches x micro-batches of the clipped loss (docs/lm.md, "The
+training step and its batch sizes"; docs/algorithms.md, "Loss aggregation, micro-batches and ranks").
 
 Each mini-batch (a *window*) is one optimizer step, its gradient accumulated over micro-batches.
 The per-token loss is the core's :func:`~reinforcepp.core.token_loss` (clipped surrogate,
