@@ -118,7 +118,13 @@ def test_summary_numbers_on_hand_written_runs(tmp_path):
     verdicts = {c.name: c.verdict for c in C.claims(S, "lm")}
     assert verdicts == {"training-loop time": "HOLDS", "peak RSS of the training loop": "INCONCLUSIVE",
                         "models + grads + optimizer state": "HOLDS", "KL growth": "HOLDS", "seed spread": "HOLDS",
-                        "train vs held-out gap": "HOLDS"}
+                        "train vs held-out gap": "HOLDS", "held-out accuracy": "INCONCLUSIVE"}
+    # REINFORCE++-baseline, when the comparison has it, gets the same claims against GRPO, named
+    both = {c.name: c.verdict for c in C.claims({**S, "reinforce_pp_baseline": rpp}, "lm")}
+    assert both["KL growth (reinforce_pp_baseline)"] == "HOLDS" and both["KL growth"] == "HOLDS"
+    # held-out accuracy: higher is better; 0.6 +- 0.141 against 0.9 +- 0.0 lies wholly below
+    worse = C.EstimatorSummary("grpo", [0, 1], {**grpo.per_seed, "acc_final": [0.9, 0.9]})
+    assert {c.name: c.verdict for c in C.claims({**S, "grpo": worse}, "lm")}["held-out accuracy"] == "DOES NOT HOLD"
 
 
 def test_report_only_rebuilds_markdown_and_png(tmp_path):

@@ -68,7 +68,7 @@ from .natural import (
     scale_to_kl_radius,
     set_flat_params,
 )
-from .metrics import advantage_stats, approx_kl, clip_fractions, kl_return_share, pass_at_k
+from .metrics import advantage_stats, approx_kl, clip_fractions, group_reward_stats, kl_return_share, pass_at_k
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,

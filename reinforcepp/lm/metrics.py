@@ -1,6 +1,7 @@
 """What a step logs about its rollout, the samples file, and the KL-share warning.
 
-docs/algorithms.md, "What the metrics mean": reward mean/std/min/max and per source, response
+docs/algorithms.md, "What the metrics mean": reward mean/std/min/max and per source, the groups
+whose rewards are all equal and the mean within-group std, response
 length and truncation, KL to the reference and beta, advantage statistics (token- and
 sample-weighted), the episode counters of multi-turn runs.
 """
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..agents.rollout import episode_metrics
-from ..core import advantage_stats, kl_return_share, masked_mean, staleness_stats
+from ..core import advantage_stats, group_reward_stats, kl_return_share, masked_mean, staleness_stats
 from .experience import Experience
 from .rollout import Rollout
 
 
-def rollout_metrics(rollout: Rollout, exp: Experience, beta: float, version: int, reduce: Any = None) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout, exp: Experience, beta: float, version: int, samples_per_prompt: int, reduce: Any = None
+) -> dict[str, float]:
     """This rank's rollout metrics (the trainer reduces them over ranks); ``version``: the
     policy version the update starts from (staleness is counted against it)."""
     mask = exp.response_mask
@@ -38,6 +41,8 @@ def rollout_metrics(rollout: Rollout, exp: Experience, beta: float, version: int
         **rollout.counts,
         **episode_metrics(rollout.generation),
     }
+    if samples_per_prompt > 1 and r.numel() % samples_per_prompt == 0:
+        m.update(group_reward_stats(r, samples_per_prompt))
     for name, values in rollout.per_source.items():  # NaN where the source did not score
         m[f"reward/{name}"] = float(values.nanmean())
     if exp.kl is not None:

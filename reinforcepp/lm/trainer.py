@@ -218,7 +218,8 @@ class Trainer:
 
     def rollout_metrics(self, rollout: Rollout, exp: Experience) -> dict[str, float]:
         """This rank's rollout metrics, with the run's token count so far."""
-        m = rollout_metrics(rollout, exp, self.kl_controller.value, self.step - 1, self.dist.reduce)
+        m = rollout_metrics(rollout, exp, self.kl_controller.value, self.step - 1, self.config.samples_per_prompt,
+                            self.dist.reduce)
         self.tokens_total += int(self.dist.sum(float(exp.response_mask.sum())))
         m["response/tokens_total"] = float(self.tokens_total)
         return m
