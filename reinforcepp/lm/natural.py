@@ -163,11 +163,13 @@ class NaturalStep:
         """``approx_kl`` and entropy of the policy after the step, over the rollout's tokens."""
         kept = [(p, s) for p, n, s in zip(parts, counts, start) if n]
         with torch.no_grad():
-            logits = [self.logits(p) for p, _ in kept]
-            logp = torch.cat([logprobs_from_logits(z, p.batch.input_ids[:, -p.batch.response_length:].to(z.device)).logprobs.cpu()
-                              for z, (p, _) in zip(logits, kept)])
-            entropy = torch.cat([logprobs_from_logits(z, p.batch.input_ids[:, -p.batch.response_length:].to(z.device),
-                                                      with_entropy=True).entropy.cpu() for z, (p, _) in zip(logits, kept)])
+            outs = []
+            for p, _ in kept:
+                z = self.logits(p)
+                outs.append(logprobs_from_logits(z, p.batch.input_ids[:, -p.batch.response_length:].to(z.device),
+                                                 with_entropy=True))
+            logp = torch.cat([o.logprobs.cpu() for o in outs])
+            entropy = torch.cat([o.entropy.cpu() for o in outs if o.entropy is not None])
         mask = torch.cat([p.batch.response_mask for p, _ in kept])
         return {"approx_kl": approx_kl(logp, torch.cat([s for _, s in kept]), mask), "entropy": float(masked_mean(entropy, mask))}
 
