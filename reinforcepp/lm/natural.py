@@ -22,6 +22,8 @@ product differentiates twice, which PyTorch's fused attention kernels do not sup
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 from typing import Any, Callable, Iterator
 
@@ -91,7 +93,7 @@ class NaturalStep:
             total = torch.zeros_like(v)
             for part, n in zip(parts, counts):
                 if n:
-                    total += fisher_vector_product(lambda part=part: self.fisher_kl(part, n_tokens), params, v)
+                    total += fisher_vector_product(functools.partial(self.fisher_kl, part, n_tokens), params, v)
             return self.all_reduce(total) + cfg.cg_damping * v
 
         direction = conjugate_gradient(fvp, grad, cfg.cg_iters) if out["grad_norm"] > 0 else grad
