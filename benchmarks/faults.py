@@ -51,11 +51,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("time", "perf/", "tokens_per_s")
 
-LM_ARGS = ["sft_steps=0", "total_steps=8", "prompts_per_step=4", "samples_per_prompt=4", "max_new_tokens=4", "micro_batch_size=16",
-           "save_every=1", "keep_last=2", "eval_every=2", "eval_max_prompts=8", "eval_samples=2", "log_samples_every=1", "tensorboard=true",
-           "progress=false", "deterministic=true", "torch_threads=1", "seed=3"]
-GYM_ARGS = ["--env", "CartPole-v1", "num_envs=4", "steps_per_env=64", "total_env_steps=6144", "save_every=512", "eval_every=1024",
-            "eval_episodes=3", "tensorboard=true", "progress=false", "seed=3", "normalize_obs=true", "normalize_reward=true"]
+LM_ARGS = ["sft_steps=0", "total_steps=8", "prompts_per_step=4", "samples_per_prompt=4", "max_new_tokens=4",
+           "micro_batch_size=16", "save_every=1", "keep_last=2", "eval_every=2", "eval_max_prompts=8", "eval_samples=2",
+           "log_samples_every=1", "tensorboard=true", "progress=false", "deterministic=true", "torch_threads=1",
+           "seed=3"]
+GYM_ARGS = ["--env", "CartPole-v1", "num_envs=4", "steps_per_env=64", "total_env_steps=6144", "save_every=512",
+            "eval_every=1024", "eval_episodes=3", "tensorboard=true", "progress=false", "seed=3", "normalize_obs=true",
+            "normalize_reward=true"]
 
 
 def command(kind: str, run_dir: Path, *extra: str) -> list[str]:
@@ -89,7 +91,7 @@ def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return -9, "random"
-            if kill_on_save is not None and (kill_on_save / "checkpoints").exists() and any(p.name.startswith(".tmp-") for p in (kill_on_save / "checkpoints").iterdir()):
+            if kill_on_save is not None and _saving(kill_on_save / "checkpoints"):
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return -9, "during_save"
@@ -97,10 +99,17 @@ def run(cmd: list[str], log: Path, kill_after: float | None = None, kill_on_save
     return proc.returncode, "finished"
 
 
+def _saving(checkpoints: Path) -> bool:
+    """A checkpoint is being written: its temporary directory exists."""
+    return checkpoints.exists() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+
+
 def done_fraction(kind: str, run_dir: Path) -> float:
     """How far the run's latest complete checkpoint is (0: none), from its step."""
     root = run_dir / "checkpoints"
-    steps = [int(p.name[5:]) for p in root.iterdir() if p.name.startswith("step_") and (p / "COMPLETE").exists()] if root.exists() else []
+    entries = list(root.iterdir()) if root.exists() else []
+    done = [p for p in entries if p.name.startswith("step_") and (p / "COMPLETE").exists()]
+    steps = [int(p.name[5:]) for p in done]
     total = 8 if kind == "lm" else 6144  # LM_ARGS total_steps, GYM_ARGS total_env_steps
     return max(steps, default=0) / total
 
@@ -113,7 +122,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 def rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)} for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)} for line in lines]
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -121,7 +131,9 @@ def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if not tag.split("/", 1)[-1].startswith(VOLATILE) and not tag.startswith(VOLATILE)}
+    tags = [t for t in acc.Tags()["scalars"]
+            if not t.split("/", 1)[-1].startswith(VOLATILE) and not t.startswith(VOLATILE)]
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
 
 
 def weights(run_dir: Path) -> dict[str, Any]:
@@ -129,7 +141,11 @@ def weights(run_dir: Path) -> dict[str, Any]:
 
     root = run_dir / "checkpoints"
     last = max((p for p in root.iterdir() if p.name.startswith("step_")), key=lambda p: p.name)
-    return {str(f.relative_to(last)) + ":" + k: v for f in sorted(last.rglob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return {
+        str(f.relative_to(last)) + ":" + k: v
+        for f in sorted(last.rglob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
 
 
 def tb_raw(run_dir: Path) -> list[tuple[str, int, float]]:
@@ -190,11 +206,15 @@ def faults(kind: str, kills: int, rng: random.Random, work: Path) -> dict[str, A
             started = False
         elif rc != -9:
             raise SystemExit(f"{kind}: a resumed run failed (exit {rc}); see {log}")
-    final = command(kind, got, "--resume") if has_checkpoint(got) else command(kind, got, "--overwrite") if started else command(kind, got)
+    if has_checkpoint(got):
+        final = command(kind, got, "--resume")
+    else:
+        final = command(kind, got, "--overwrite") if started else command(kind, got)
     rc, _ = run(final, log)
     if rc != 0:
         raise SystemExit(f"{kind}: the final resume failed (exit {rc}); see {log}")
-    return {"kind": kind, "kills": kills, "reference_wall_s": round(wall, 1), "reference_setup_s": round(setup, 1), **counts,
+    return {"kind": kind, "kills": kills, "reference_wall_s": round(wall, 1), "reference_setup_s": round(setup, 1),
+            **counts,
             "identical": compare(ref, got)}
 
 
@@ -256,7 +276,8 @@ def record_points_at_zeroed(run_dir: Path, work: Path) -> None:
     from reinforcepp.lm.models import weights_fingerprint
 
     zeroed = zeroed_model(work)
-    (run_dir / "reference.json").write_text(json.dumps({"path": str(zeroed), "sha256": weights_fingerprint(str(zeroed))}))
+    record = {"path": str(zeroed), "sha256": weights_fingerprint(str(zeroed))}
+    (run_dir / "reference.json").write_text(json.dumps(record))
 
 
 def remove(name: str) -> Any:
@@ -278,12 +299,14 @@ def probes(work: Path) -> list[tuple[str, str, Any, list[str], int, str]]:
     evil, colon = work / "evil.py", work / "a:b" / "evil.py"
     lm = ["train", "--resume", "output_dir={run}", "total_steps=9"]
     gym = ["gym", "--output-dir", "{run}", "--resume", "total_env_steps=8192", "progress=false"]
-    code = [(" leading space", f" {evil}:f"), ("verl: prefix", f"verl:{evil}:f"), ("verl: default function", f"verl:{evil}"),
+    code = [(" leading space", f" {evil}:f"), ("verl: prefix", f"verl:{evil}:f"),
+            ("verl: default function", f"verl:{evil}"),
             ("colon inside the path", f"{colon}:f"), ("slash in the function name", f"{evil}:f/g"),
             ("openrlhf: prefix", f"openrlhf:{evil}"), ("tab", f"\t{evil}:f"), ("module:function", "evil_module:f"),
             ("rm: a zeroed model", f"rm:{work / 'zeroed'}"), ("URL", "http://127.0.0.1:9/reward")]
     out: list[tuple[str, str, Any, list[str], int, str]] = []
-    out += [(f"reward_funcs: {name}", "lm", set_key("reward_funcs", [value]), lm, 2, "sets reward_funcs=") for name, value in code]
+    out += [(f"reward_funcs: {name}", "lm", set_key("reward_funcs", [value]), lm, 2, "sets reward_funcs=")
+            for name, value in code]
     out += [(f"environment: {name}", "lm", set_key("environment", value), lm, 2, "sets environment=")
             for name, value in (("file.py:function", f"{evil}:make_env"), ("leading space", f" {evil}:make_env"))]
     out += [(f"{key}: a zeroed model", "lm", set_key(key, str(work / "zeroed")), lm, 2, f"sets {key}=")
@@ -296,18 +319,23 @@ def probes(work: Path) -> list[tuple[str, str, Any, list[str], int, str]]:
         ("config.yaml deleted", "lm", remove("config.yaml"), lm, 2, "config.yaml is missing"),
         ("config.yaml binary", "lm", binary_config, lm, 2, "not a text file"),
         ("env_id: module:Env-v0", "gym", set_key("env_id", "evil_module:Evil-v0"), gym, 2, "sets env_id="),
-        ("env_kwargs: max_episode_steps=3", "gym", set_key("env_kwargs", {"max_episode_steps": 3}), gym, 2, "sets env_kwargs="),
+        ("env_kwargs: max_episode_steps=3", "gym", set_key("env_kwargs", {"max_episode_steps": 3}), gym, 2,
+         "sets env_kwargs="),
         ("state.json: _max_episode_steps=3", "gym", forge_env_state("_max_episode_steps", 3), gym, 2,
          "TimeLimit._max_episode_steps=3"),
-        ("state.json: an attribute of its own", "gym", forge_env_state("evil", 1), gym, 2, "TimeLimit.evil, which a fresh"),
-        ("gym --eval: env_id module:Env-v0", "gym", set_key("env_id", "evil_module:Evil-v0"), ["gym", "--eval", "{run}"], 2,
+        ("state.json: an attribute of its own", "gym", forge_env_state("evil", 1), gym, 2,
+         "TimeLimit.evil, which a fresh"),
+        ("gym --eval: env_id module:Env-v0", "gym", set_key("env_id", "evil_module:Evil-v0"),
+         ["gym", "--eval", "{run}"], 2,
          "eval: the run folder's config.yaml sets env_id="),
         ("gym metrics.jsonl deleted", "gym", remove("metrics.jsonl"), gym, 2, "metrics.jsonl is missing"),
         ("a reward that calls os._exit(0)", "none", None,
          ["train", "output_dir={run}", *LM_ARGS[:5], "total_steps=3", "save_every=1", "progress=false",
           f"reward_funcs={work / 'exits.py'}:exits"], 2, "called os._exit(0) while scoring"),
-        ("kl_coef=inf", "none", None, ["train", "output_dir={run}", "kl_coef=inf"], 2, "kl_coef must be a finite number"),
-        ("gym lr=1e30", "none", None, ["gym", "--env", "CartPole-v1", "--output-dir", "{run}", "total_env_steps=4096", "lr=1e30",
+        ("kl_coef=inf", "none", None, ["train", "output_dir={run}", "kl_coef=inf"], 2,
+         "kl_coef must be a finite number"),
+        ("gym lr=1e30", "none", None, ["gym", "--env", "CartPole-v1", "--output-dir", "{run}", "total_env_steps=4096",
+                                       "lr=1e30",
                                        "progress=false", "tensorboard=false"], 1, "training diverged"),
     ]
     return out
@@ -330,17 +358,21 @@ def run_probes(work: Path) -> list[dict[str, Any]]:
         if base != "none":
             shutil.copytree(work / f"{base}-ref", run_dir)
             tamper(run_dir, work)
-        proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", *[a.format(run=run_dir) for a in argv]], env=env, cwd=ROOT,
+        argv = [a.format(run=run_dir) for a in argv]
+        proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", *argv], env=env, cwd=ROOT,
                               capture_output=True, text=True)
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
         line = lines[-1] if lines else ""
         result = {"probe": name, "exit": proc.returncode, "expected_exit": code, "line": line[:300],
-                  "one_line": "Traceback" not in proc.stderr and line.startswith("reinforcepp "), "planted_code_ran": marker.exists(),
-                  "as_expected": proc.returncode == code and words in line and "Traceback" not in proc.stderr and not marker.exists()}
+                  "one_line": "Traceback" not in proc.stderr and line.startswith("reinforcepp "),
+                  "planted_code_ran": marker.exists(),
+                  "as_expected": (proc.returncode == code and words in line and "Traceback" not in proc.stderr
+                                  and not marker.exists())}
         if name.startswith("a reward that calls"):  # the checkpoint before the exit is intact
             from reinforcepp.run import CheckpointManager
 
-            result["as_expected"] &= CheckpointManager(run_dir).latest_intact() == run_dir / "checkpoints" / "step_00000001"
+            kept = CheckpointManager(run_dir).latest_intact()
+            result["as_expected"] &= kept == run_dir / "checkpoints" / "step_00000001"
         results.append(result)
         print(json.dumps(result), flush=True)
     return results
@@ -372,7 +404,8 @@ def main() -> int:
                     raise SystemExit(f"{kind}: the reference run failed (exit {rc})")
         results = run_probes(work)
         summary = {"kind": "probes", "probes": len(results), "as_expected": sum(r["as_expected"] for r in results),
-                   "one_line": sum(r["one_line"] for r in results), "planted_code_ran": sum(r["planted_code_ran"] for r in results)}
+                   "one_line": sum(r["one_line"] for r in results),
+                   "planted_code_ran": sum(r["planted_code_ran"] for r in results)}
         print(json.dumps(summary), flush=True)
         ok &= summary["as_expected"] == len(results)
     return 0 if ok else 1

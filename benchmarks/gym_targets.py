@@ -43,16 +43,19 @@ def main() -> None:
     args = p.parse_args()
     steps, threshold = TARGETS.get(args.env, (100_000, None))
     steps = args.steps or steps
-    base = {**_COMMON, **PRESETS.get((args.env, args.estimator), {}), "env_id": args.env, "estimator": args.estimator, "total_env_steps": steps}
+    base = {**_COMMON, **PRESETS.get((args.env, args.estimator), {}), "env_id": args.env, "estimator": args.estimator,
+            "total_env_steps": steps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.env} {args.estimator} {steps} steps, target {threshold}: {json.dumps({k: v for k, v in base.items() if k not in _COMMON})}")
+    settings = {k: v for k, v in base.items() if k not in _COMMON}
+    print(f"{args.env} {args.estimator} {steps} steps, target {threshold}: {json.dumps(settings)}")
     passed = 0
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         run_dir = out / f"{args.env}_{args.estimator}_s{seed}"
         values = {**base, "seed": seed, "run_dir": str(run_dir)}
-        cfg = GymConfig.load(None, [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()] + args.overrides)
+        items = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+        cfg = GymConfig.load(None, items + args.overrides)
         t0 = time.time()
         final = train(cfg)
         wall = time.time() - t0
@@ -60,12 +63,15 @@ def main() -> None:
         first_hit = next((s for s, v in evals if threshold is not None and v >= threshold), None)
         ok = threshold is not None and final["eval/return_mean"] >= threshold
         passed += ok
-        row = {"env": args.env, "estimator": args.estimator, "seed": seed, "env_steps": steps, "final_eval": final["eval/return_mean"],
-               "best_eval": max(v for _, v in evals), "first_step_at_target": first_hit, "target": threshold, "pass": ok,
-               "wall_s": round(wall, 1), "curve": evals}
+        row = {"env": args.env, "estimator": args.estimator, "seed": seed, "env_steps": steps,
+               "final_eval": final["eval/return_mean"], "best_eval": max(v for _, v in evals),
+               "first_step_at_target": first_hit, "target": threshold, "pass": ok, "wall_s": round(wall, 1),
+               "curve": evals}
         with (out / "summary.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"seed {seed}: final eval {final['eval/return_mean']:.1f}  best {row['best_eval']:.1f}  first >= target at {first_hit}  ({wall:.0f} s)  {'PASS' if ok else 'below target' if threshold is not None else ''}", flush=True)
+        verdict = "PASS" if ok else "below target" if threshold is not None else ""
+        print(f"seed {seed}: final eval {final['eval/return_mean']:.1f}  best {row['best_eval']:.1f}  "
+              f"first >= target at {first_hit}  ({wall:.0f} s)  {verdict}", flush=True)
     if threshold is not None:
         print(f"{passed}/{len(seeds)} seeds reach {threshold} at {steps} steps")
 

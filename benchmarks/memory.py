@@ -41,8 +41,9 @@ def build_model(vocab: int, hidden: int, layers: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=4096, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
     return LlamaForCausalLM(config)
 
 
@@ -84,7 +85,9 @@ def worker(args) -> dict:
 
         model = add_lora(model, rank=16, alpha=32, dropout=0.0)
     if args.variant == "lora_gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from reinforcepp.lm.models import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     critic = ValueModel.from_causal_lm(model) if args.variant == "gae" else None
     train = par.trained(model)
     train_critic = par.trained(critic) if critic is not None else None
@@ -107,16 +110,21 @@ def worker(args) -> dict:
             ((values**2).mean() * par.loss_scale).backward()
             par.clip_grad_norm(critic.parameters(), 1.0)
             copt.step()
-        grad_bytes = local_bytes(p.grad for p in params if p.grad is not None) + (local_bytes(p.grad for p in critic.parameters() if p.grad is not None) if critic else 0)
+        grad_bytes = local_bytes(p.grad for p in params if p.grad is not None)
+        if critic is not None:
+            grad_bytes += local_bytes(p.grad for p in critic.parameters() if p.grad is not None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if copt is not None:
             copt.zero_grad(set_to_none=True)
     all_params = list(model.parameters()) + (list(critic.parameters()) if critic else [])
-    states = [v for o in (opt, copt) if o is not None for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    states = [
+        v for o in (opt, copt) if o is not None for s in o.state.values() for v in s.values() if torch.is_tensor(v)
+    ]
     out = {
-        "variant": args.variant, "rank": dist.rank, "world_size": dist.world_size, "device": device.type, "dtype": args.dtype,
-        "params": n_params, "param_bytes": local_bytes(all_params), "grad_bytes": grad_bytes, "optimizer_bytes": local_bytes(states),
+        "variant": args.variant, "rank": dist.rank, "world_size": dist.world_size, "device": device.type,
+        "dtype": args.dtype, "params": n_params, "param_bytes": local_bytes(all_params), "grad_bytes": grad_bytes,
+        "optimizer_bytes": local_bytes(states),
         "peak_rss_above_baseline": rss_bytes() - baseline,
     }
     if device.type == "cuda":
@@ -138,7 +146,8 @@ def run_variant(variant: str, argv: list[str]) -> list[dict]:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         for rank in range(nproc):
-            dist_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc), "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else {}
+            dist_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+                        "RANK": str(rank), "LOCAL_RANK": str(rank)} if nproc > 1 else {}
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--out", f"{tmp}/{rank}.json", *argv]
             procs.append(subprocess.Popen(cmd, env={**env, **dist_env}))
         for p in procs:
@@ -167,13 +176,18 @@ def main() -> None:
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args)))
         return
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k in ("device", "dtype", "vocab", "hidden", "layers", "batch", "seq", "steps", "threads")]
+    shared = ("device", "dtype", "vocab", "hidden", "layers", "batch", "seq", "steps", "threads")
+    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k in shared]
     rows = [row for v in args.variants.split(",") for row in run_variant(v, passthrough)]
     mib = 2**20
-    print(f"{'variant':8} {'rank':>4} {'params':>10} {'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} {'sum MiB':>8} {'peak RSS+ MiB':>13}" + ("  cuda max MiB" if args.device == "cuda" else ""))
+    header = (f"{'variant':8} {'rank':>4} {'params':>10} {'param MiB':>10} {'grad MiB':>9} {'optim MiB':>10} "
+              f"{'sum MiB':>8} {'peak RSS+ MiB':>13}")
+    print(header + ("  cuda max MiB" if args.device == "cuda" else ""))
     for r in rows:
         total = (r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]) / mib
-        line = f"{r['variant']:8} {r['rank']:>4} {r['params'] / 1e6:>9.1f}M {r['param_bytes'] / mib:>10.1f} {r['grad_bytes'] / mib:>9.1f} {r['optimizer_bytes'] / mib:>10.1f} {total:>8.1f} {r['peak_rss_above_baseline'] / mib:>13.1f}"
+        line = (f"{r['variant']:8} {r['rank']:>4} {r['params'] / 1e6:>9.1f}M {r['param_bytes'] / mib:>10.1f} "
+                f"{r['grad_bytes'] / mib:>9.1f} {r['optimizer_bytes'] / mib:>10.1f} {total:>8.1f} "
+                f"{r['peak_rss_above_baseline'] / mib:>13.1f}")
         if "cuda_max_allocated" in r:
             line += f"  {r['cuda_max_allocated'] / mib:>12.1f}"
         print(line)

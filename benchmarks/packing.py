@@ -2,6 +2,11 @@
 
     python benchmarks/packing.py                                     # 8 prompts x 4 samples, answers up to 512 tokens
     python benchmarks/packing.py --budgets 1024 2048 --json benchmarks/results/packing_cpu.json
+    python benchmarks/packing.py --bf16 --json benchmarks/results/packing_cpu_bf16.json   # the same grid, bf16 autocast
+    python benchmarks/packing.py --quick                             # smoke run: 4 x 4, answers up to 128, 2 rounds
+
+Estimated wall time on 2 idle cores: the default ~3 min, ``--bf16`` about the same (no AMX
+here), ``--quick`` ~20 s.
 
 A rollout of ``--prompts`` prompts (16 to 64 tokens) with ``--samples`` answers each, the answer
 lengths drawn from a lognormal (median ``--median`` tokens, sigma ``--sigma``) and clipped to
@@ -19,7 +24,10 @@ policy-gradient-shaped loss, gradients accumulated) in four layouts:
 
 Reported: micro-batches, tokens computed and real, ``padding_fraction``, and the median [range]
 CPU seconds of one pass over ``--rounds - 1`` timed rounds (the order rotated every round, the
-first round a warm-up), one torch thread. All layouts must give the same log-probs (checked).
+first round a warm-up), one torch thread. All layouts must give the same log-probs (the largest
+difference from ``padded`` is reported). ``--bf16`` runs every forward under bfloat16 autocast
+over float32 weights, as the trainer's ``autocast=bfloat16`` does (log-probs then differ
+between layouts by bfloat16 rounding).
 """
 
 from __future__ import annotations
@@ -36,12 +44,14 @@ import torch
 
 from reinforcepp.lm.batch import PromptResponseBatch, collate
 from reinforcepp.lm.logprobs import TokenLogprobs, response_logprobs
-from reinforcepp.lm.packing import (
-    packed_response_logprobs,
+from reinforcepp.lm.micro_batches import (
     plan_micro_batches,
     prompt_groups,
     sequence_lengths,
     update_token_counts,
+)
+from reinforcepp.lm.packing import (
+    packed_response_logprobs,
 )
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 
@@ -76,7 +86,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast over the forwards (float32 weights)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 4 prompts x 4 samples, answers up to 128, budget 512, 2 rounds")
     args = p.parse_args()
+    if args.quick:
+        args.prompts, args.samples, args.median, args.max_tokens, args.budgets, args.rounds = 4, 4, 40.0, 128, [512], 2
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     model = build_tiny_model(
@@ -94,7 +109,8 @@ def main() -> None:
         for rows in micro_batches:
             index = torch.tensor(rows)
             part = batch.select(index)
-            out = forward(model, part.input_ids, part.attention_mask, t, with_entropy=True, **kw)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                out = forward(model, part.input_ids, part.attention_mask, t, with_entropy=True, **kw)
             assert out.entropy is not None
             m = part.response_mask
             loss = -(out.logprobs * advantages[index]).sum() / n - 0.01 * (out.entropy * m).sum() / m.sum()
@@ -158,6 +174,7 @@ def main() -> None:
     report = {
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, CPU time",
+        "precision": "bfloat16 autocast over float32 weights" if args.bf16 else "float32",
         "model": f"Llama {args.layers} layers, hidden {args.hidden}, {millions:.1f}M parameters, sdpa",
         "rollout": {
             "responses": n,

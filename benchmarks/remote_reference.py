@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 def start_server(model_dir: str, max_batch_tokens: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", "reference", "--model", model_dir, "--port", "0", "--threads", "1",
-                             "--max-batch-tokens", str(max_batch_tokens)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", "reference", "--model", model_dir,
+                             "--port", "0", "--threads", "1", "--max-batch-tokens", str(max_batch_tokens)],
+                            stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     url = line.rsplit(" on ", 1)[1].strip()
@@ -67,12 +68,18 @@ def per_step(args, url: str) -> dict:
     from reinforcepp.remote import RemoteReference, RemoteSettings
 
     tmp = Path(tempfile.mkdtemp(prefix="remote-bench-"))
-    common = {"sft_steps": 0, "eval_every": 0, "progress": False, "tensorboard": False, "log_samples_every": 0, "total_steps": 10_000, "torch_threads": 1, "task": "reverse"}
+    common = {"sft_steps": 0, "eval_every": 0, "progress": False, "tensorboard": False, "log_samples_every": 0,
+              "total_steps": 10_000, "torch_threads": 1, "task": "reverse"}
     tok = build_char_tokenizer()
-    local = Trainer(LMConfig.tiny(output_dir=str(tmp / "local"), **common), model=build_tiny_model(tok, seed=0), tokenizer=tok)
-    remote = Trainer(LMConfig.tiny(output_dir=str(tmp / "remote"), ref_model=url, **common), model=build_tiny_model(tok, seed=0), tokenizer=tok)
+    local = Trainer(LMConfig.tiny(output_dir=str(tmp / "local"), **common), model=build_tiny_model(tok, seed=0),
+                    tokenizer=tok)
+    remote = Trainer(LMConfig.tiny(output_dir=str(tmp / "remote"), ref_model=url, **common),
+                     model=build_tiny_model(tok, seed=0), tokenizer=tok)
     grid = [(b, c) for b in args.batch_sizes for c in args.concurrency]
-    refs = {(b, c): RemoteReference(url, RemoteSettings(concurrency=c), temperature=local.config.temperature, batch_size=b) for b, c in grid}
+    refs = {
+        (b, c): RemoteReference(url, RemoteSettings(concurrency=c), temperature=local.config.temperature, batch_size=b)
+        for b, c in grid
+    }
     steps: dict[str, list[float]] = {"local": [], "remote": []}
     forward_phase: dict[str, list[float]] = {"local": [], "remote": []}
     ref_pass: dict[str, list[float]] = {"local": [], **{f"remote b={b} c={c}": [] for b, c in grid}}
@@ -87,7 +94,8 @@ def per_step(args, url: str) -> dict:
         rollout = local.rollout()
         batch = collate(rollout.generation.prompt_ids, rollout.generation.response_ids, tok.pad_token_id)
         mb = local.config.micro_batch_size
-        sides = [("local", local._logprob_fn(local.ref_model))] + [(f"remote b={b} c={c}", refs[(b, c)].response_logprobs) for b, c in grid]
+        sides = [("local", local._logprob_fn(local.ref_model))]
+        sides += [(f"remote b={b} c={c}", refs[(b, c)].response_logprobs) for b, c in grid]
         if r % 2:
             sides.reverse()
         for name, fn in sides:
@@ -119,7 +127,9 @@ def throughput(args, model_dir: str) -> dict:
             part = rows[i * args.batch : (i + 1) * args.batch]
             payloads.append({
                 "prompt_ids": [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in part],
-                "response_ids": [tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in part],
+                "response_ids": [
+                    tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in part
+                ],
                 "temperature": 1.0,
             })
         info = RemoteClient(url)
@@ -136,8 +146,9 @@ def throughput(args, model_dir: str) -> dict:
                 client.close()
                 if r:
                     results[c].append(served / wall)
+        first = payloads[0]
         return {"url": url, "batch": args.batch, "requests": args.requests, "max_batch_tokens": args.max_batch_tokens,
-                "tokens_per_request": sum(len(p) + len(y) for p, y in zip(payloads[0]["prompt_ids"], payloads[0]["response_ids"])),
+                "tokens_per_request": sum(len(p) + len(y) for p, y in zip(first["prompt_ids"], first["response_ids"])),
                 "tokens_per_s": {str(c): summary(v) for c, v in results.items()}}
     finally:
         proc.kill()
@@ -149,11 +160,13 @@ def table(result: dict) -> str:
         return f"{s['median'] * unit:.{digits}f} [{s['min'] * unit:.{digits}f}, {s['max'] * unit:.{digits}f}]"
 
     p, srv = result["per_step"], result["server"]
-    lines = [f"load average before/after: {result['load_average_before']} / {result['load_average_after']}  (cpu_count {result['cpu_count']})",
+    lines = [f"load average before/after: {result['load_average_before']} / {result['load_average_after']}  "
+             f"(cpu_count {result['cpu_count']})",
              "", "| | median [min, max] s |", "|---|---|"]
     lines += [f"| train_step, {k} reference | {fmt(v)} |" for k, v in p["train_step_s"].items()]
     lines += [f"| time/forward phase, {k} reference | {fmt(v)} |" for k, v in p["time_forward_phase_s"].items()]
-    lines += [f"| reference pass alone ({p['tokens_per_reference_pass']} tokens), {k} | {fmt(v)} |" for k, v in p["reference_pass_s"].items()]
+    lines += [f"| reference pass alone ({p['tokens_per_reference_pass']} tokens), {k} | {fmt(v)} |"
+              for k, v in p["reference_pass_s"].items()]
     lines += ["", "| concurrent clients | server tokens/s, median [min, max] |", "|---|---|"]
     lines += [f"| {c} | {fmt(v, 1.0, 0)} |" for c, v in srv["tokens_per_s"].items()]
     return "\n".join(lines)
@@ -191,8 +204,9 @@ def main() -> None:
         proc.kill()
         proc.wait()
     part2 = throughput(args, model_dir)
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": started, "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(), "per_step": part1, "server": part2}
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": started,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpu_count": os.cpu_count(),
+              "per_step": part1, "server": part2}
     text = json.dumps(result, indent=1)
     print(table(result))
     if args.out:

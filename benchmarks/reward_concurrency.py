@@ -74,7 +74,8 @@ def main() -> None:
     prompts = [f"p{i}" for i in range(args.batch)]
     completions = [f"completion {i}" for i in range(args.batch)]
     load_start = os.getloadavg()[0]
-    print(f"{args.batch} completions per call, {DELAY} s per source call, {args.rounds} rounds (alternating), load average {load_start:.1f}")
+    print(f"{args.batch} completions per call, {DELAY} s per source call, {args.rounds} rounds (alternating), "
+          f"load average {load_start:.1f}")
     print("| sources | one after another: median (min-max) s | concurrent: median (min-max) s | speed-up (median) |")
     print("|---|---|---|---|")
     for n in (1, 2, 3, 4):
@@ -88,8 +89,10 @@ def main() -> None:
                 times[concurrent].append(time.perf_counter() - t0)
                 assert result.rewards.shape == (args.batch,)
         seq, con = times[False], times[True]
-        print(f"| {n} ({', '.join(s.name for s in sources)}) | {statistics.median(seq):.3f} ({min(seq):.3f}-{max(seq):.3f}) "
-              f"| {statistics.median(con):.3f} ({min(con):.3f}-{max(con):.3f}) | {statistics.median(seq) / statistics.median(con):.2f}x |")
+        speed_up = statistics.median(seq) / statistics.median(con)
+        print(f"| {n} ({', '.join(s.name for s in sources)}) "
+              f"| {statistics.median(seq):.3f} ({min(seq):.3f}-{max(seq):.3f}) "
+              f"| {statistics.median(con):.3f} ({min(con):.3f}-{max(con):.3f}) | {speed_up:.2f}x |")
     print(f"load average at the end {os.getloadavg()[0]:.1f} (2 CPU cores shared with other jobs)")
     server.shutdown()
 

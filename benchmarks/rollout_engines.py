@@ -4,7 +4,16 @@
     bash install.sh vllm                                   # once, in the environment you run it from
     python benchmarks/rollout_engines.py                   # CPU: the corners of the grid, 2 rounds
     python benchmarks/rollout_engines.py --sequences 64 256 512 --new-tokens 32 128 256 --rounds 3
-    python benchmarks/rollout_engines.py --device cuda --hidden 1024 --layers 8 --heads 8 --dtype bfloat16
+    python benchmarks/rollout_engines.py --bf16            # the same grid with bfloat16 weights on both engines
+    python benchmarks/rollout_engines.py --gpu-grid        # the GPU grid: cuda, bfloat16, hidden 1024 x 8 layers,
+                                                           # 64/256/512 sequences x 32/128/256 tokens, 3 rounds
+    python benchmarks/rollout_engines.py --quick           # smoke run: 16 sequences x 16 tokens, 1 round
+
+Without vLLM installed only the ``hf`` side runs (``--sides`` defaults to the sides this
+interpreter can run). Here vLLM lives in its own environment:
+``PYTHONPATH=$PWD /work/venv-vllm/bin/python benchmarks/rollout_engines.py``. Estimated wall time
+on 2 idle cores: ``--quick`` ~10 s (hf) / ~30 s (with vLLM's start-up); the default grid
+~6 min (hf) / ~12 min (all three sides).
 
 What is measured (one process, so both engines hold the same weights):
 
@@ -30,9 +39,11 @@ Writes a Markdown table to stdout and, with ``--out``, the raw numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
@@ -42,8 +53,9 @@ def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.prompt_len + max(args.new_tokens) + 8,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.prompt_len + max(args.new_tokens) + 8,
         bos_token_id=1, eos_token_id=None, pad_token_id=0, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -65,36 +77,60 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (vLLM's CPU worker binds its own)")
-    parser.add_argument("--sides", nargs="+", default=["hf", "vllm", "vllm-raw"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (vLLM's CPU worker binds its own)")
+    parser.add_argument("--sides", nargs="+", default=None, choices=["hf", "vllm", "vllm-raw"],
+                        help="default: all three where vllm imports, else hf")
+    parser.add_argument("--bf16", action="store_true", help="--dtype bfloat16")
+    parser.add_argument("--gpu-grid", action="store_true",
+                        help="--device cuda --dtype bfloat16 --hidden 1024 --layers 8 --heads 8 "
+                        "--sequences 64 256 512 --new-tokens 32 128 256 --rounds 3")
+    parser.add_argument("--quick", action="store_true", help="smoke run: --sequences 16 --new-tokens 16 --rounds 1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.bf16 or args.gpu_grid:
+        args.dtype = "bfloat16"
+    if args.gpu_grid:
+        args.device, args.hidden, args.layers, args.heads, args.rounds = "cuda", 1024, 8, 8, 3
+        args.sequences, args.new_tokens = [64, 256, 512], [32, 128, 256]
+    if args.quick:
+        args.sequences, args.new_tokens, args.rounds = [16], [16], 1
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    args.sides = args.sides or (["hf", "vllm", "vllm-raw"] if have_vllm else ["hf"])
+    uses_vllm = any(s.startswith("vllm") for s in args.sides)
+    if uses_vllm and not have_vllm:
+        parser.error(f"--sides {' '.join(args.sides)}: {sys.executable} cannot import vllm (bash install.sh vllm)")
 
     import torch
-    import vllm
 
     from reinforcepp.engines import SamplingParams, SharedPromptSampler
-    from reinforcepp.engines.vllm import VLLMEngine
 
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}", flush=True)
+    print(f"load average before: {os.getloadavg()}; sides {' '.join(args.sides)}", flush=True)
     model, tok = build_model(args)
-    t0 = time.perf_counter()
-    engine = VLLMEngine(model, tok, device=args.device, config=SimpleNamespace(vllm_gpu_memory_utilization=0.5, vllm_sleep=False, seed=0, trust_remote_code=False))
-    startup = time.perf_counter() - t0
-    print(f"vLLM start-up (model built, weights loaded): {startup:.1f} s", flush=True)
+    engine, startup = None, 0.0
+    if uses_vllm:
+        from reinforcepp.engines.vllm import VLLMEngine
+
+        t0 = time.perf_counter()
+        options = SimpleNamespace(vllm_gpu_memory_utilization=0.5, vllm_sleep=False, seed=0, trust_remote_code=False)
+        engine = VLLMEngine(model, tok, device=args.device, config=options)
+        startup = time.perf_counter() - t0
+        print(f"vLLM start-up (model built, weights loaded): {startup:.1f} s", flush=True)
     hf = SharedPromptSampler(model, tok, device=args.device)
     g = torch.Generator().manual_seed(0)
 
     def sides(prompts, k, new):
         params = SamplingParams(new, temperature=1.0)
-        raw_params = engine.sampling_params(k, params)
-        raw_prompts = [{"prompt_token_ids": p} for p in prompts]
-        return {
-            "hf": lambda: sum(len(r) for r in hf.generate(prompts, k, params).response_ids),
-            "vllm": lambda: sum(len(r) for r in engine.generate(prompts, k, params).response_ids),
-            "vllm-raw": lambda: sum(len(o.token_ids) for r in engine.llm.generate(raw_prompts, raw_params, use_tqdm=False) for o in r.outputs),
-        }
+        fns = {"hf": lambda: sum(len(r) for r in hf.generate(prompts, k, params).response_ids)}
+        if engine is not None:
+            raw_params = engine.sampling_params(k, params)
+            raw_prompts = [{"prompt_token_ids": p} for p in prompts]
+            fns["vllm"] = lambda: sum(len(r) for r in engine.generate(prompts, k, params).response_ids)
+            llm = engine.llm
+            fns["vllm-raw"] = lambda: sum(len(o.token_ids) for r in llm.generate(raw_prompts, raw_params,
+                                                                                   use_tqdm=False) for o in r.outputs)
+        return fns
 
     warm = sides([[5] * args.prompt_len], 2, 4)
     for name in args.sides:
@@ -120,11 +156,15 @@ def main() -> None:
                     dt = time.perf_counter() - t0
                     assert n == seqs * new, f"{name} generated {n} tokens, expected {seqs * new}"
                     rates[name].append(n / dt)
-                    print(f"  {seqs} seqs x {new} tokens, round {r + 1}, {name}: {n / dt:,.0f} tok/s ({dt:.2f} s)", flush=True)
+                    print(f"  {seqs} seqs x {new} tokens, round {r + 1}, {name}: {n / dt:,.0f} tok/s ({dt:.2f} s)",
+                          flush=True)
             results.append({"sequences": seqs, "new_tokens": new, "tokens_per_s": rates})
     print(f"load average after: {os.getloadavg()}")
     print()
-    print(f"vLLM {vllm.__version__}, torch {torch.__version__}, device {args.device}, dtype {args.dtype}, model hidden {args.hidden} x {args.layers} layers x {args.heads} heads, vocab {args.vocab}; "
+    vllm_version = __import__("vllm").__version__ if uses_vllm else "(not used)"
+    print(f"vLLM {vllm_version}, torch {torch.__version__}, device {args.device}, "
+          f"dtype {args.dtype}, model hidden {args.hidden} x {args.layers} layers x {args.heads} heads, "
+          f"vocab {args.vocab}; "
           f"{args.rounds} rounds; vLLM start-up {startup:.0f} s")
     print()
     head = " | ".join(f"{s} tok/s (median, range)" for s in args.sides)

@@ -35,7 +35,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
-    model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, context=args.tokens + 64)
+    model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+                             context=args.tokens + 64)
     no_eos = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=len(tok) + 5, bos_token_id=tok.bos_token_id)
     prompts = [tok.encode("abcdefghijklmnop")[: 4 + i % 12] for i in range(args.rows)]
     engine = SharedPromptSampler(model, no_eos)
@@ -54,7 +55,8 @@ def main() -> None:
                 times[name].append(time.process_time() - t0)
     kv.new_cache = original
     same = outputs["growing"] == outputs["reserved"]
-    print(f"{args.rows * args.samples} rows x {args.tokens} tokens, {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, "
+    n_params = sum(q.numel() for q in model.parameters())
+    print(f"{args.rows * args.samples} rows x {args.tokens} tokens, {n_params / 1e6:.1f}M parameters, "
           f"{args.rounds - 1} timed rounds, CPU seconds per generate, median [range]; same tokens: {same}")
     for name, t in times.items():
         print(f"  {name:<9} {statistics.median(t):6.2f} [{min(t):.2f}-{max(t):.2f}]")

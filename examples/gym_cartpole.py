@@ -30,11 +30,15 @@ EPOCHS, MINI_BATCH, LR, GAMMA = 4, 256, 1e-3, 0.99
 
 torch.set_num_threads(1)  # small MLP: one thread is fastest
 torch.manual_seed(0)
-envs = gym.make_vec("CartPole-v1", NUM_ENVS, vectorization_mode="sync", vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+envs = gym.make_vec(
+    "CartPole-v1", NUM_ENVS, vectorization_mode="sync",
+    vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+)
 policy = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
 optimizer = torch.optim.Adam(policy.parameters(), lr=LR)
 
-running: list[list[tuple]] = [[] for _ in range(NUM_ENVS)]  # per env: (obs, action, logprob, reward) of the current episode
+# per env: (obs, action, logprob, reward) of the current episode
+running: list[list[tuple]] = [[] for _ in range(NUM_ENVS)]
 obs, _ = envs.reset(seed=0)
 
 for iteration in range(ITERATIONS):
@@ -76,14 +80,16 @@ for iteration in range(ITERATIONS):
         for start in range(0, len(flat), MINI_BATCH):
             idx = order[start : start + MINI_BATCH]
             logprobs = torch.log_softmax(policy(b_obs[idx]), -1).gather(-1, b_actions[idx, None]).squeeze(-1)
-            loss = aggregate(policy_loss(logprobs, b_old_logprobs[idx], advantages[idx]).loss, torch.ones(len(idx)), "token-mean")
+            token_loss = policy_loss(logprobs, b_old_logprobs[idx], advantages[idx]).loss
+            loss = aggregate(token_loss, torch.ones(len(idx)), "token-mean")
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
             optimizer.step()
 
     returns = [sum(s[3] for s in ep) for ep in finished]
-    print(f"iter {iteration + 1:3d}  env steps {(iteration + 1) * STEPS_PER_ITER:6d}  episodes {len(finished):3d}  return {np.mean(returns):6.1f}")
+    print(f"iter {iteration + 1:3d}  env steps {(iteration + 1) * STEPS_PER_ITER:6d}  episodes {len(finished):3d}  "
+          f"return {np.mean(returns):6.1f}")
 
 # deterministic evaluation: the argmax action, 10 episodes
 env = gym.make("CartPole-v1")

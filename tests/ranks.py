@@ -30,7 +30,8 @@ def run_ranks(fn: Callable[..., Any], args: tuple, nprocs: int = 2, timeout_s: f
 
 def _trainer_rank(rank: int, body: Callable[..., None], world: int, port: int, args: tuple) -> None:
     # the group described the way torchrun does; the Trainer joins it (init_distributed)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     body(rank, world, *args)  # builds its trainers; they (and DDP's reducer) are released on return
     end_distributed()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -11,8 +12,8 @@ from reinforcepp.cli import main
 from reinforcepp.errors import InputError
 from reinforcepp.run import read_metrics
 
-FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
-        "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0"]
+FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4",
+        "max_new_tokens=4", "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0"]
 REWARD = "reward_funcs=tests.lm.helpers:fraction_of_a"
 
 
@@ -50,29 +51,35 @@ def test_train_config_errors(capsys, tmp_path, argv, expected):
 
 def test_train_data_and_reward_errors(capsys, files):
     out = f"output_dir={files / 'r'}"
-    refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'empty.jsonl'}"], "empty.jsonl: the file holds no rows")
-    refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'bad.jsonl'}"], "bad.jsonl:2: not valid JSON")
-    refused(capsys, ["train", out, *FAST, REWARD, f"train_data={files / 'missing.jsonl'}"], "missing.jsonl", "not found")
-    refused(capsys, ["train", out, *FAST, f"train_data={files / 'good.jsonl'}", "reward_funcs=rm:/no/such/rm"], "rm:/no/such/rm", "does not exist")
+    train = ["train", out, *FAST]
+    refused(capsys, [*train, REWARD, f"train_data={files / 'empty.jsonl'}"], "empty.jsonl: the file holds no rows")
+    refused(capsys, [*train, REWARD, f"train_data={files / 'bad.jsonl'}"], "bad.jsonl:2: not valid JSON")
+    refused(capsys, [*train, REWARD, f"train_data={files / 'missing.jsonl'}"], "missing.jsonl", "not found")
+    refused(capsys, [*train, f"train_data={files / 'good.jsonl'}", "reward_funcs=rm:/no/such/rm"],
+            "rm:/no/such/rm", "does not exist")
 
 
 def test_prompts_longer_than_the_context_are_refused_or_truncated(capsys, files):
     # the built-in tiny model has 64 positions: a 91-token prompt cannot fit
     refused(capsys, ["train", f"output_dir={files / 'a'}", *FAST, REWARD, f"train_data={files / 'long.jsonl'}"],
             "a prompt has 91 tokens > 60 allowed", "truncate_prompts=true")
-    assert main(["train", f"output_dir={files / 'b'}", *FAST, REWARD, f"train_data={files / 'long.jsonl'}", "truncate_prompts=true"]) == 0
+    assert main(["train", f"output_dir={files / 'b'}", *FAST, REWARD, f"train_data={files / 'long.jsonl'}",
+                 "truncate_prompts=true"]) == 0
     row = [r for r in read_metrics(files / "b") if r["kind"] == "train"][-1]
     assert row["data/truncated_prompts"] == 2.0  # the two prompts of the one step
 
 
 def test_sft_eval_gym_compare_errors(capsys, files):
-    refused(capsys, ["sft", "--data", str(files / "missing.jsonl"), "--model", str(files / "nomodel"), "--output-dir", str(files / "o")], "nomodel")
-    refused(capsys, ["sft", "--data", str(files / "x.jsonl"), "--model", "m", "--output-dir", str(files / "o"), "--lr", "-1"], "lr must be > 0")
+    refused(capsys, ["sft", "--data", str(files / "missing.jsonl"), "--model", str(files / "nomodel"),
+                     "--output-dir", str(files / "o")], "nomodel")
+    refused(capsys, ["sft", "--data", str(files / "x.jsonl"), "--model", "m", "--output-dir", str(files / "o"),
+                     "--lr", "-1"], "lr must be > 0")
     refused(capsys, ["eval", "learning_rate=1"], "did you mean 'lr'")
     refused(capsys, ["gym", "--output-dir", str(files / "g"), "lr=-1"], "lr must be > 0")
     refused(capsys, ["gym", "--output-dir", str(files / "g"), "--env", "NoSuchEnv-v9"], "NoSuchEnv")
     refused(capsys, ["gym", "--output-dir", str(files / "g"), "total_timesteps=10"], "did you mean 'total_env_steps'")
-    refused(capsys, ["compare", "--env", "CartPole-v1", "--estimators", "reinforce_pp", "--out", str(files / "c"), "lr=-1"], "lr must be > 0")
+    refused(capsys, ["compare", "--env", "CartPole-v1", "--estimators", "reinforce_pp", "--out", str(files / "c"),
+                     "lr=-1"], "lr must be > 0")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -99,7 +106,8 @@ def test_a_reward_that_exits_is_reported_by_name_and_the_checkpoint_kept(tmp_pat
 
     (tmp_path / "exits.py").write_text(EXITING_REWARD.format(call=call))
     out = tmp_path / "r"
-    argv = ["train", f"output_dir={out}", *FAST, "total_steps=3", "save_every=1", f"reward_funcs={tmp_path / 'exits.py'}:exits"]
+    argv = ["train", f"output_dir={out}", *FAST, "total_steps=3", "save_every=1",
+            f"reward_funcs={tmp_path / 'exits.py'}:exits"]
     # in a child process: os._exit would end this test's process if it were not caught
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", *argv], capture_output=True, text=True, cwd=root,
@@ -131,7 +139,8 @@ def test_a_reward_exit_in_either_error_mode_and_in_python(tmp_path):
     for on_error in ("raise", "drop"):
         for fn, call in ((bye, "sys.exit('bye')"), (hard, "os._exit(7)")):
             scorer = RewardScorer([RewardSource("r", fn)], on_error=on_error)
-            with pytest.raises(RewardExitError, match=rf"reward source 'r' .* called {call.replace('(', '[(]').replace(')', '[)]')}"):
+            pattern = rf"reward source 'r' .* called {re.escape(call)}"
+            with pytest.raises(RewardExitError, match=pattern):
                 scorer(["p"], ["c"], {})
     with pytest.raises(RewardExitError, match="called os._exit"):
         call_reward_function(hard, ["p"], ["c"], {})
@@ -141,7 +150,8 @@ def test_a_reward_exit_in_either_error_mode_and_in_python(tmp_path):
 
     code = ("import os\nfrom reinforcepp.rewards import call_reward_function\n"
             "call_reward_function(lambda prompts, completions: [1.0], ['p'], ['c'], {})\n"
-            "pid = os.fork()\nif pid == 0:\n    os._exit(4)\n_, status = os.waitpid(pid, 0)\nos._exit(os.waitstatus_to_exitcode(status) + 1)\n")
+            "pid = os.fork()\nif pid == 0:\n    os._exit(4)\n_, status = os.waitpid(pid, 0)\n"
+            "os._exit(os.waitstatus_to_exitcode(status) + 1)\n")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 5
 
 
@@ -197,14 +207,15 @@ def test_every_silent_or_deep_exit_is_one_line(capsys, more, argv, expected):
 
 
 def test_gym_config_files_and_floats(capsys, more):
-    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "binary.yaml")], "binary.yaml: not a text file")
-    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "list.yaml")], "must be a mapping of key: value")
+    gym = ["gym", "--output-dir", str(more / "g")]
+    refused(capsys, [*gym, "--config", str(more / "binary.yaml")], "binary.yaml: not a text file")
+    refused(capsys, [*gym, "--config", str(more / "list.yaml")], "must be a mapping of key: value")
     (more / "broken.yaml").write_text("lr: [1e-3\nseed: 2\n")
-    refused(capsys, ["gym", "--output-dir", str(more / "g"), "--config", str(more / "broken.yaml")], "broken.yaml: not valid YAML (",
+    refused(capsys, [*gym, "--config", str(more / "broken.yaml")], "broken.yaml: not valid YAML (",
             "at line 2")
     refused(capsys, ["train", str(more / "broken.yaml"), f"output_dir={more / 'r'}"], "broken.yaml: not valid YAML (")
     refused(capsys, ["gym", "--output-dir", str(more / "g"), "lr=inf"], "lr must be a finite number, got inf")
-    refused(capsys, ["gym", "--output-dir", str(more / "g"), "env_kwargs={a: [1"], "env_kwargs=", "is not a valid mapping")
+    refused(capsys, [*gym, "env_kwargs={a: [1"], "env_kwargs=", "is not a valid mapping")
 
 
 def test_every_float_option_must_be_finite():

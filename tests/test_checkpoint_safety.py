@@ -48,10 +48,12 @@ def test_state_round_trip_and_old_format_refused(tmp_path):
     import numpy as np
     import torch
 
-    state = {"step": 3, "t": torch.arange(4.0), "a": np.arange(3, dtype=np.uint32), "tup": (1, (2.5, "x")), "keys": {0: 1, 1: None}, "nan": float("nan")}
+    state = {"step": 3, "t": torch.arange(4.0), "a": np.arange(3, dtype=np.uint32), "tup": (1, (2.5, "x")),
+             "keys": {0: 1, 1: None}, "nan": float("nan")}
     save_state(tmp_path, "s", state)
     back = load_state(tmp_path, "s")
-    assert back["step"] == 3 and torch.equal(back["t"], state["t"]) and back["a"].dtype == np.uint32 and back["tup"] == (1, (2.5, "x"))
+    assert back["step"] == 3 and torch.equal(back["t"], state["t"])
+    assert back["a"].dtype == np.uint32 and back["tup"] == (1, (2.5, "x"))
     assert back["keys"] == {0: 1, 1: None} and back["nan"] != back["nan"]
     old = tmp_path / "old"
     old.mkdir()
@@ -66,7 +68,8 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
 
     tok, model = tiny_policy()
     # ref_update_every: the checkpoint also holds the refreshed reference model
-    Trainer(small_config(tmp_path / "base", total_steps=1, ref_update_every=1), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
+    Trainer(small_config(tmp_path / "base", total_steps=1, ref_update_every=1), model=model, tokenizer=tok,
+            reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16)).train()
     marker = tmp_path / "PWNED"
     tried = 0
     for rel, copy in planted_copies(tmp_path / "base" / "run", tmp_path, marker):
@@ -81,7 +84,8 @@ def test_planted_pickle_never_runs_on_lm_resume(tmp_path):
 
 
 def _gym_cfg(run: Path, **kw) -> GymConfig:
-    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1, progress=False, tensorboard=False, output_dir=str(run))
+    base = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, total_env_steps=32, eval_every=0, eval_episodes=1,
+                progress=False, tensorboard=False, output_dir=str(run))
     return GymConfig(**{**base, **kw})
 
 
@@ -136,8 +140,9 @@ def test_reference_record_is_checked_against_your_model_and_the_checkpoint(tmp_p
     model.save_pretrained(zeroed)
     tok.save_pretrained(zeroed)
     run = tmp_path / "run"
-    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4", "eval_every=0",
-            "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward", "task=sort"]
+    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
+            "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward",
+            "task=sort"]
     assert cli_main(["train", f"output_dir={run}", f"model={model_dir}", *fast]) == 0
     record = json.loads((run / "reference.json").read_text())
     assert record["path"] == str(model_dir.resolve())
@@ -153,7 +158,8 @@ def test_reference_record_is_checked_against_your_model_and_the_checkpoint(tmp_p
     from reinforcepp.lm.models import weights_fingerprint
 
     original = (run / "reference.json").read_text()
-    (run / "reference.json").write_text(json.dumps({"path": str(zeroed.resolve()), "sha256": weights_fingerprint(str(zeroed))}))
+    forged = {"path": str(zeroed.resolve()), "sha256": weights_fingerprint(str(zeroed))}
+    (run / "reference.json").write_text(json.dumps(forged))
     line = refused(f"model={model_dir}")
     assert "never chooses a model" in line and str(zeroed.resolve()) in line
     # fields the library never writes are not read
@@ -172,8 +178,9 @@ def test_reference_copy_is_checked_against_its_record(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     run = tmp_path / "run"
-    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4", "eval_every=0",
-            "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward", "sft_steps=0"]
+    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
+            "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward",
+            "sft_steps=0"]
     assert cli_main(["train", f"output_dir={run}", *fast]) == 0
     assert json.loads((run / "reference.json").read_text())["copy"] == "reference"
     weights = run / "reference" / "model.safetensors"

@@ -32,7 +32,8 @@ def test_window_takes_ten_percent_of_the_rows_at_least_one():
 
 
 def test_curves_use_the_seeds_that_logged_each_step():
-    seed0 = [{"step": 1, "kind": "train", "x": 1.0}, {"step": 2, "kind": "train", "x": 3.0}, {"step": 2, "kind": "eval", "x": 100.0}]
+    seed0 = [{"step": 1, "kind": "train", "x": 1.0}, {"step": 2, "kind": "train", "x": 3.0},
+             {"step": 2, "kind": "eval", "x": 100.0}]
     seed1 = [{"step": 1, "kind": "train", "x": 3.0}, {"step": 2, "kind": "train"}]  # no x at step 2
     steps, means, stds, counts = C.aggregate_curves([seed0, seed1], "x")
     assert steps == [1, 2] and counts == [2, 1]
@@ -57,11 +58,15 @@ def test_verdict_rules_at_their_boundaries():
 
 # ------------------------------------------------------------ a report from hand-written runs
 # Per (estimator, seed s): train rows at steps 1..10 (so every 10 % window is one row), evals at 0 and 10.
+# Each estimator's tuple: reward/mean(step, s), kl(step, s), final accuracy by seed, held-out sampled reward(s),
+# then update time, train_s by seed, train peak RSS, state MB.
 SYNTH = {
-    #                reward/mean(step, s)             kl(step, s)                      final acc by seed  held-out sampled reward(s)  update time  train_s by seed  train peak RSS  state MB
-    "reinforce_pp": (lambda t, s: t / 10 + 0.1 * s, lambda t, s: 0.01 * t, (0.5, 0.7), lambda s: 1.0 + 0.1 * s, 0.2, (10.0, 12.0), 500.0, 10.0),
-    "gae": (lambda t, s: t / 10 + 0.1 * s, lambda t, s: 0.01 * t, (0.6, 0.6), lambda s: 1.0 + 0.1 * s, 0.4, (20.0, 24.0), 510.0, 20.0),
-    "grpo": (lambda t, s: t / 10 + 0.2, lambda t, s: 0.05 * t + 0.01 * s, (0.2, 0.8), lambda s: 0.5, 0.2, (10.0, 10.0), 500.0, 10.0),
+    "reinforce_pp": (lambda t, s: t / 10 + 0.1 * s, lambda t, s: 0.01 * t, (0.5, 0.7), lambda s: 1.0 + 0.1 * s,
+                     0.2, (10.0, 12.0), 500.0, 10.0),
+    "gae": (lambda t, s: t / 10 + 0.1 * s, lambda t, s: 0.01 * t, (0.6, 0.6), lambda s: 1.0 + 0.1 * s,
+            0.4, (20.0, 24.0), 510.0, 20.0),
+    "grpo": (lambda t, s: t / 10 + 0.2, lambda t, s: 0.05 * t + 0.01 * s, (0.2, 0.8), lambda s: 0.5,
+             0.2, (10.0, 10.0), 500.0, 10.0),
 }
 
 
@@ -73,14 +78,18 @@ def write_synthetic(out: Path) -> dict:
             d.mkdir(parents=True)
             rows = [{"step": 0, "kind": "eval", "eval/accuracy": 0.1, "eval/sampled_reward_mean": 0.3}]
             for t in range(1, 11):
-                rows.append({"step": t, "kind": "train", "reward/mean": reward(t, s), "kl/mean_token": kl(t, s), "response/length_mean": 5.0,
-                             "entropy": 1.0 - 0.01 * t, "time/generate": 0.1 + (5.0 if t == 5 else 0.0), "time/score": 0.0, "time/forward": 0.1, "time/update": upd})
+                rows.append({"step": t, "kind": "train", "reward/mean": reward(t, s), "kl/mean_token": kl(t, s),
+                             "response/length_mean": 5.0, "entropy": 1.0 - 0.01 * t,
+                             "time/generate": 0.1 + (5.0 if t == 5 else 0.0), "time/score": 0.0, "time/forward": 0.1,
+                             "time/update": upd})
             rows.append({"step": 10, "kind": "eval", "eval/accuracy": acc[s], "eval/sampled_reward_mean": held(s)})
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (d / C.RESULT_FILE).write_text(json.dumps({"status": "ok", "wall_s": train_s[s] + 20, "train_s": train_s[s], "peak_rss_mb": rss + 1,
-                                                      "train_peak_rss_mb": rss, "base_rss_mb": 200.0, "state_mb": state}))
-    spec = {"mode": "lm", "target": "reverse", "estimators": list(SYNTH), "seeds": seeds, "steps_label": "10", "overrides": [],
-            "compare_defaults": {}, "machine": "test", "started": "now", "out": str(out), "report_dir": str(out),
+            result = {"status": "ok", "wall_s": train_s[s] + 20, "train_s": train_s[s], "peak_rss_mb": rss + 1,
+                      "train_peak_rss_mb": rss, "base_rss_mb": 200.0, "state_mb": state}
+            (d / C.RESULT_FILE).write_text(json.dumps(result))
+    spec = {"mode": "lm", "target": "reverse", "estimators": list(SYNTH), "seeds": seeds, "steps_label": "10",
+            "overrides": [], "compare_defaults": {}, "machine": "test", "started": "now", "out": str(out),
+            "report_dir": str(out),
             "resolved": {e: "" for e in SYNTH}, "command": "reinforcepp compare --task reverse (synthetic)"}
     (out / C.SPEC_FILE).write_text(json.dumps(spec))
     return spec
@@ -107,8 +116,15 @@ def test_summary_numbers_on_hand_written_runs(tmp_path):
     assert C.ratio(S, "state_mb") == pytest.approx(0.5)
     assert C.paired_ratios(S, "train_s") == pytest.approx([10 / 20, 12 / 24])
     verdicts = {c.name: c.verdict for c in C.claims(S, "lm")}
-    assert verdicts == {"training-loop time": "HOLDS", "peak RSS of the training loop": "INCONCLUSIVE", "models + grads + optimizer state": "HOLDS",
-                        "KL growth": "HOLDS", "seed spread": "HOLDS", "train vs held-out gap": "HOLDS"}
+    assert verdicts == {"training-loop time": "HOLDS", "peak RSS of the training loop": "INCONCLUSIVE",
+                        "models + grads + optimizer state": "HOLDS", "KL growth": "HOLDS", "seed spread": "HOLDS",
+                        "train vs held-out gap": "HOLDS", "held-out accuracy": "INCONCLUSIVE"}
+    # REINFORCE++-baseline, when the comparison has it, gets the same claims against GRPO, named
+    both = {c.name: c.verdict for c in C.claims({**S, "reinforce_pp_baseline": rpp}, "lm")}
+    assert both["KL growth (reinforce_pp_baseline)"] == "HOLDS" and both["KL growth"] == "HOLDS"
+    # held-out accuracy: higher is better; 0.6 +- 0.141 against 0.9 +- 0.0 lies wholly below
+    worse = C.EstimatorSummary("grpo", [0, 1], {**grpo.per_seed, "acc_final": [0.9, 0.9]})
+    assert {c.name: c.verdict for c in C.claims({**S, "grpo": worse}, "lm")}["held-out accuracy"] == "DOES NOT HOLD"
 
 
 def test_report_only_rebuilds_markdown_and_png(tmp_path):
@@ -127,7 +143,8 @@ def test_report_only_rebuilds_markdown_and_png(tmp_path):
 
 def test_missing_and_failed_runs_are_reported(tmp_path):
     write_synthetic(tmp_path)
-    (tmp_path / "runs" / "grpo_s1" / C.RESULT_FILE).write_text(json.dumps({"status": "failed", "error": "exit code 1: boom"}))
+    failed = {"status": "failed", "error": "exit code 1: boom"}
+    (tmp_path / "runs" / "grpo_s1" / C.RESULT_FILE).write_text(json.dumps(failed))
     (tmp_path / "runs" / "gae_s0" / C.RESULT_FILE).unlink()
     assert C.main(["--report-only", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
@@ -136,7 +153,8 @@ def test_missing_and_failed_runs_are_reported(tmp_path):
 
 
 def test_bad_config_is_refused_before_any_run(tmp_path, capsys):
-    assert C.main(["--task", "reverse", "--estimators", "reinforce_pp,grpo", "--seeds", "1", "--out", str(tmp_path / "o"), "samples_per_prompt=1", "mini_batch_size=32"]) == 2
+    assert C.main(["--task", "reverse", "--estimators", "reinforce_pp,grpo", "--seeds", "1",
+                   "--out", str(tmp_path / "o"), "samples_per_prompt=1", "mini_batch_size=32"]) == 2
     assert "samples_per_prompt >= 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert C.main(["--env", "CartPole-v1", "--estimators", "grpo"]) == 2
@@ -145,8 +163,8 @@ def test_bad_config_is_refused_before_any_run(tmp_path, capsys):
 # ----------------------------------------------------------------------------- end to end
 def test_gym_comparison_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["--env", "CartPole-v1", "--estimators", "reinforce_pp,gae", "--seeds", "2", "--steps", "512", "--out", str(out),
-            "num_envs=2", "steps_per_env=128", "eval_episodes=1", "epochs=1"]
+    argv = ["--env", "CartPole-v1", "--estimators", "reinforce_pp,gae", "--seeds", "2", "--steps", "512",
+            "--out", str(out), "num_envs=2", "steps_per_env=128", "eval_episodes=1", "epochs=1"]
     assert C.main(argv) == 0
     md = (out / "report.md").read_text()
     assert (out / "compare.png").exists()
@@ -156,7 +174,8 @@ def test_gym_comparison_end_to_end(tmp_path, capsys):
         for s in (0, 1):
             res = json.loads((out / "runs" / f"{est}_s{s}" / C.RESULT_FILE).read_text())
             assert res["status"] == "ok" and res["wall_s"] > res["train_s"] > 0 and res["peak_rss_mb"] > 50
-            rows = [json.loads(line) for line in (out / "runs" / f"{est}_s{s}" / "metrics.jsonl").read_text().splitlines()]
+            metrics = (out / "runs" / f"{est}_s{s}" / "metrics.jsonl").read_text()
+            rows = [json.loads(line) for line in metrics.splitlines()]
             assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == 512
     runs, failed = C.load_runs(out, spec)
     S = C.summarize(runs, "gym")
@@ -174,7 +193,8 @@ def test_gym_comparison_end_to_end(tmp_path, capsys):
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert C.main([*argv, "lr=0.002"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{out} holds another comparison (its settings differ" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert f"{out} holds another comparison (its settings differ" in err
     assert C.main([*argv[:4], "--seeds", "1", *argv[6:]]) == 2
     assert "(its seeds, settings differ" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
@@ -196,7 +216,9 @@ def test_compare_never_takes_over_a_folder_that_holds_something_else(tmp_path, c
 def test_estimator_variants_carry_their_own_settings():
     from reinforcepp.compare import parse_variant, run_name as _run_name
 
-    assert parse_variant("grpo[kl_estimator=k3+;kl_placement=loss]") == ("grpo", ["kl_estimator=k3+", "kl_placement=loss"])
+    assert parse_variant("grpo[kl_estimator=k3+;kl_placement=loss]") == (
+        "grpo", ["kl_estimator=k3+", "kl_placement=loss"]
+    )
     assert parse_variant("reinforce_pp") == ("reinforce_pp", [])
     assert _run_name("grpo[kl_estimator=k3+;kl_placement=loss]", 1) == "grpo_kl_estimator=k3+_kl_placement=loss__s1"
     with pytest.raises(ValueError, match="not key=value"):

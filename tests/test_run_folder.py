@@ -11,9 +11,11 @@ import yaml
 from reinforcepp.cli import main
 from reinforcepp.run import read_metrics
 
-LM_FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
-           "eval_every=0", "eval_max_prompts=4", "tensorboard=false", "progress=false", "log_samples_every=0"]
-GYM_FAST = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1", "progress=false", "tensorboard=false"]
+LM_FAST = ["sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4",
+           "max_new_tokens=4", "eval_every=0", "eval_max_prompts=4", "tensorboard=false", "progress=false",
+           "log_samples_every=0"]
+GYM_FAST = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1",
+            "progress=false", "tensorboard=false"]
 
 
 def one_line(err: str) -> str:
@@ -37,7 +39,9 @@ def test_lm_run_folder_guard_overwrite_and_resume_security(tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["trust_remote_code"] = True
     marker = tmp_path / "PWNED"
-    (out / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    (out / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+    )
     saved["reward_funcs"] = [f"{out / 'evil.py'}:f"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     # Code named in the folder is not taken, and resuming without it is refused (it would
@@ -77,7 +81,8 @@ def test_gym_run_folder_guard_and_resume_uses_saved_config(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "total_env_steps: saved 32, now 64" in captured.err
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["lr"] == 0.002 and cfg["steps_per_env"] == 16 and cfg["total_env_steps"] == 64 and cfg["save_every"] == 32
+    assert cfg["lr"] == 0.002 and cfg["steps_per_env"] == 16
+    assert cfg["total_env_steps"] == 64 and cfg["save_every"] == 32
     assert json.loads(captured.out.strip().splitlines()[-1])["output_dir"] == str(run)
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [32, 64]
 
@@ -92,11 +97,14 @@ def planted_values(tmp_path):
     colon = tmp_path / "a:b"
     colon.mkdir(exist_ok=True)
     return {
-        "reward_funcs": [[f" {evil}:f"], [f"verl:{evil}:f"], [f"verl:{evil}"], [f"{colon / 'evil.py'}:f"], [f"{evil}:f/g"],
+        "reward_funcs": [[f" {evil}:f"], [f"verl:{evil}:f"], [f"verl:{evil}"], [f"{colon / 'evil.py'}:f"],
+                         [f"{evil}:f/g"],
                          [f"openrlhf:{evil}"], [f"\t{evil}:f"], [f"{evil}:f "], [f"VERL:{evil}"], ["evil_module:f"],
-                         [f"rm:{tmp_path / 'zeroed'}"], ["rm:org/model"], ["http://127.0.0.1:9/reward"], ["https://example.org/r"],
+                         [f"rm:{tmp_path / 'zeroed'}"], ["rm:org/model"], ["http://127.0.0.1:9/reward"],
+                         ["https://example.org/r"],
                          ["tests.lm.helpers:fraction_of_a", f"{evil}:f"], f"{evil}:f"],
-        "environment": [f"{evil}:make_env", f" {evil}:make_env", f"{colon / 'evil.py'}:make_env", "evil_module:make_env"],
+        "environment": [f"{evil}:make_env", f" {evil}:make_env", f"{colon / 'evil.py'}:make_env",
+                        "evil_module:make_env"],
         "model": [str(tmp_path / "zeroed"), "org/model", "~/model", f" {tmp_path / 'zeroed'}"],
         "tokenizer": [str(tmp_path / "zeroed"), "org/tokenizer"],
         "ref_model": [str(tmp_path / "zeroed"), "http://127.0.0.1:9", "org/model"],
@@ -209,7 +217,8 @@ def test_lm_resume_never_runs_or_loads_what_the_folder_names(tmp_path, capsys, m
     (out / "config.yaml").write_text(original)
     assert main(["train", "--resume", f"output_dir={out}", "total_steps=1"]) == 2  # not given again: refused
     assert "reward_funcs=['tests.lm.helpers:fraction_of_a']" in one_line(capsys.readouterr().err)
-    assert main(["train", "--resume", f"output_dir={out}", "total_steps=2", "reward_funcs=tests.lm.helpers:fraction_of_a"]) == 0
+    assert main(["train", "--resume", f"output_dir={out}", "total_steps=2",
+                 "reward_funcs=tests.lm.helpers:fraction_of_a"]) == 0
     assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == [1, 2] and not marker.exists()
 
 
@@ -222,12 +231,14 @@ def test_gym_resume_and_eval_never_take_the_environment_from_the_folder(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     original = (run / "config.yaml").read_text()
     capsys.readouterr()
-    for key, values in (("env_id", planted_values(tmp_path)["env_id"]), ("env_kwargs", planted_values(tmp_path)["env_kwargs"])):
+    planted = planted_values(tmp_path)
+    for key, values in (("env_id", planted["env_id"]), ("env_kwargs", planted["env_kwargs"])):
         for value in values:
             saved = yaml.safe_load(original)
             saved[key] = value
             (run / "config.yaml").write_text(yaml.safe_dump(saved))
-            for argv in (["gym", "--output-dir", str(run), "--resume", "total_env_steps=64"], ["gym", "--eval", str(run)]):
+            resume = ["gym", "--output-dir", str(run), "--resume", "total_env_steps=64"]
+            for argv in (resume, ["gym", "--eval", str(run)]):
                 assert main(argv) == 2, (argv, key, value)
                 msg = one_line(capsys.readouterr().err)
                 assert f"sets {key}=" in msg and "never taken from a run folder" in msg, msg
@@ -235,18 +246,19 @@ def test_gym_resume_and_eval_never_take_the_environment_from_the_folder(tmp_path
     (run / "config.yaml").write_text(original)
     assert main(["gym", "--output-dir", str(run), "--resume", "total_env_steps=64", "progress=false"]) == 0
     assert not marker.exists()
-    # a run on another environment: the folder's env_id is refused, given again (--env or env_id=) it is used
+    # the folder's env_id is refused; given again with --env (or env_id=), yours is used
     saved = yaml.safe_load(original)
-    saved["env_id"] = "CartPole-v0"
+    saved["env_id"] = "Acrobot-v1"
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     capsys.readouterr()
     assert main(["gym", "--eval", str(run), "--episodes", "1"]) == 2
-    assert "eval: the run folder's config.yaml sets env_id='CartPole-v0'" in one_line(capsys.readouterr().err)
-    # given: taken, and then the checkpoint's environment state (CartPole-v1's 500-step limit) does not fit v0's
-    assert main(["gym", "--eval", str(run), "--episodes", "1", "--env", "CartPole-v0"]) == 2
-    assert "TimeLimit._max_episode_steps=500, but a fresh environment has 200" in one_line(capsys.readouterr().err)
-    (run / "config.yaml").write_text(original)
+    assert "eval: the run folder's config.yaml sets env_id='Acrobot-v1'" in one_line(capsys.readouterr().err)
     assert main(["gym", "--eval", str(run), "--episodes", "1", "--env", "CartPole-v1"]) == 0
+    assert "env_id: the run folder had 'Acrobot-v1', using yours, 'CartPole-v1'" in capsys.readouterr().err
+    # env_kwargs given: taken, and then the checkpoint's environment state (its 500-step limit) does not fit
+    (run / "config.yaml").write_text(original)
+    assert main(["gym", "--eval", str(run), "--episodes", "1", "env_kwargs={max_episode_steps: 200}"]) == 2
+    assert "TimeLimit._max_episode_steps=500, but a fresh environment has 200" in one_line(capsys.readouterr().err)
 
 
 def test_a_run_folder_missing_its_files_is_refused_on_resume(tmp_path, capsys):

@@ -116,61 +116,89 @@ class EpisodeRunner:
         Returns the rendered prompts (``N``) and the :class:`Generation`."""
         expanded = [r for r in rows for _ in range(k)]
         envs = [self.factory() for _ in expanded]
-        prompts = [check_prompt(e, p, r, self.prompt_column) for e, r, p in zip(envs, expanded, _resolve([e.reset(r) for e, r in zip(envs, expanded)]))]
+        starts = _resolve([e.reset(r) for e, r in zip(envs, expanded)])
+        prompts = [check_prompt(e, p, r, self.prompt_column) for e, r, p in zip(envs, expanded, starts)]
         rendered = [self.render(p) for p in prompts]
         prompt_ids = [self.encode(t) for t in rendered]
-        n = len(expanded)
-        responses: list[list[int]] = [[] for _ in range(n)]
-        masks: list[list[int]] = [[] for _ in range(n)]
-        truncated = torch.zeros(n, dtype=torch.bool)
-        sampler_lps: list[list[float]] | None = [[] for _ in range(n)]  # the engine's, when every turn reports them
-        final = [""] * n
-        turn_rewards: list[list[tuple[int, float]]] = [[] for _ in range(n)]
-        stats: dict[str, Tensor] = {"turns": torch.zeros(n), "turn_limit": torch.zeros(n)}
-        shared = all(rendered[i] == rendered[i - i % k] for i in range(n))
-        active = list(range(n))
+        shared = all(rendered[i] == rendered[i - i % k] for i in range(len(expanded)))
+        episodes = _Transcripts(len(expanded))
+        active = list(range(len(expanded)))
         for turn in range(1, self.max_turns + 1):
             if turn == 1 and shared:
                 gen = self.engine.generate(prompt_ids[::k], k, params)
             else:
-                gen = self.engine.generate([prompt_ids[i] + responses[i] for i in active], 1, params)
+                gen = self.engine.generate([prompt_ids[i] + episodes.responses[i] for i in active], 1, params)
             texts = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             steps = _resolve([envs[i].step(t) for i, t in zip(active, texts)])
             still = []
             for j, i in enumerate(active):
                 result: StepResult = check_step(envs[i], turn, steps[j])
-                responses[i] += gen.response_ids[j]
-                masks[i] += [1] * len(gen.response_ids[j])
-                if sampler_lps is not None:
-                    sampler_lps = None if gen.sampler_logprobs is None else sampler_lps
-                if sampler_lps is not None and gen.sampler_logprobs is not None:
-                    sampler_lps[i] += list(gen.sampler_logprobs[j])
-                truncated[i] = gen.truncated[j]
-                final[i] = texts[j]
-                stats["turns"][i] += 1
-                turn_rewards[i].append((len(responses[i]) - 1, result.reward))
-                for key, value in result.info.items():
-                    stats.setdefault(key, torch.zeros(n))[i] += value
+                episodes.add_turn(i, gen, j, texts[j], result)
                 if result.done:
                     continue
                 if turn == self.max_turns:
-                    stats["turn_limit"][i] = 1
+                    episodes.stats["turn_limit"][i] = 1
                     continue
-                obs = self.format.observation_ids(result.observation, getattr(envs[i], "observation_role", "tool"))[: self.max_observation_tokens]
+                obs = self.format.observation_ids(result.observation, getattr(envs[i], "observation_role", "tool"))
+                obs = obs[: self.max_observation_tokens]
                 if not obs:
                     raise EnvError(f"environment {env_name(envs[i])}, turn {turn}: an empty observation on a turn that is not done")
-                responses[i] += obs
-                masks[i] += [0] * len(obs)
-                if sampler_lps is not None:
-                    sampler_lps[i] += [0.0] * len(obs)  # masked out: never used
+                episodes.add_observation(i, obs)
                 still.append(i)
             active = still
             if not active:
                 break
-        transcripts = self.tokenizer.batch_decode(responses, skip_special_tokens=False)
-        env_rewards = torch.tensor([sum(r for _, r in tr) for tr in turn_rewards], dtype=torch.float32)
-        info = EpisodeInfo(final, transcripts, env_rewards, turn_rewards, stats)
-        return rendered, Generation(prompt_ids, responses, truncated, sampler_logprobs=sampler_lps, response_masks=masks, episodes=info)
+        return rendered, episodes.generation(prompt_ids, self.tokenizer)
+
+
+class _Transcripts:
+    """The ``n`` episodes of one :meth:`EpisodeRunner.run` as they grow, turn by turn: tokens,
+    masks (1 on the model's tokens), the engine's log-probs and policy versions (kept only when
+    every turn reports them), the final answers, the rewards and counters."""
+
+    def __init__(self, n: int) -> None:
+        self.responses: list[list[int]] = [[] for _ in range(n)]
+        self.masks: list[list[int]] = [[] for _ in range(n)]
+        self.truncated = torch.zeros(n, dtype=torch.bool)
+        self.logprobs: list[list[float]] | None = [[] for _ in range(n)]
+        self.versions: list[list[int]] | None = [[] for _ in range(n)]
+        self.final = [""] * n
+        self.turn_rewards: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+        self.stats: dict[str, Tensor] = {"turns": torch.zeros(n), "turn_limit": torch.zeros(n)}
+
+    def add_turn(self, i: int, gen: Generation, j: int, text: str, result: StepResult) -> None:
+        """Episode ``i``'s model turn: row ``j`` of ``gen``, decoded as ``text``, and the environment's answer."""
+        tokens = gen.response_ids[j]
+        self.responses[i] += tokens
+        self.masks[i] += [1] * len(tokens)
+        self.logprobs = None if gen.sampler_logprobs is None or self.logprobs is None else self.logprobs
+        if self.logprobs is not None and gen.sampler_logprobs is not None:
+            self.logprobs[i] += list(gen.sampler_logprobs[j])
+        self.versions = None if gen.token_versions is None or self.versions is None else self.versions
+        if self.versions is not None and gen.token_versions is not None:
+            self.versions[i] += list(gen.token_versions[j])
+        self.truncated[i] = gen.truncated[j]
+        self.final[i] = text
+        self.stats["turns"][i] += 1
+        self.turn_rewards[i].append((len(self.responses[i]) - 1, result.reward))
+        for key, value in result.info.items():
+            self.stats.setdefault(key, torch.zeros(len(self.responses)))[i] += value
+
+    def add_observation(self, i: int, obs: list[int]) -> None:
+        """The environment's tokens after episode ``i``'s turn (masked out of the loss)."""
+        self.responses[i] += obs
+        self.masks[i] += [0] * len(obs)
+        if self.logprobs is not None:
+            self.logprobs[i] += [0.0] * len(obs)  # masked out: never used
+        if self.versions is not None:
+            self.versions[i] += [self.versions[i][-1] if self.versions[i] else 0] * len(obs)
+
+    def generation(self, prompt_ids: list[list[int]], tokenizer: Any) -> Generation:
+        transcripts = tokenizer.batch_decode(self.responses, skip_special_tokens=False)
+        env_rewards = torch.tensor([sum(r for _, r in tr) for tr in self.turn_rewards], dtype=torch.float32)
+        info = EpisodeInfo(self.final, transcripts, env_rewards, self.turn_rewards, self.stats)
+        return Generation(prompt_ids, self.responses, self.truncated, sampler_logprobs=self.logprobs, response_masks=self.masks,
+                          episodes=info, token_versions=self.versions)
 
 
 def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Tensor | None]:

@@ -131,8 +131,8 @@ def claim_out(out: Path, spec: dict, overwrite: bool) -> bool:
         raise RunDirError(f"{out / SPEC_FILE} is not a comparison's spec: {choices}")
     differ = [name for key, name in IDENTITY.items() if old.get(key) != json.loads(json.dumps(spec[key]))]
     if differ:
-        raise RunDirError(f"{out} holds another comparison (its {', '.join(differ)} differ; it was `{old.get('command', '?')}`): "
-                          f"{choices}")
+        raise RunDirError(f"{out} holds another comparison (its {', '.join(differ)} differ; it was "
+                          f"`{old.get('command', '?')}`): {choices}")
     return True
 
 
@@ -193,7 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except InputError as e:
         return _fail(str(e))
     if resuming:
-        print(f"reinforcepp compare: {out} holds this comparison: resuming it (finished runs are kept)", file=sys.stderr)
+        print(f"reinforcepp compare: {out} holds this comparison: resuming it (finished runs are kept)",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     run_compare(spec, out, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -150,6 +150,10 @@ LM_STATS: list[Stat] = [
     Stat("reward_end", "train reward, end", ".3f", lambda rows, res: _train_window(rows, "reward/mean")),
     Stat("heldout_reward", "held-out reward, final (sampled)", ".3f", lambda rows, res: _heldout_reward_lm(rows)),
     Stat("gap", "train - held-out reward gap", "+.3f", _gap_lm),
+    Stat("uniform_groups", "groups with equal rewards (mean over steps)", ".3f",
+         lambda rows, res: window([v for _, v in series(rows, "reward/uniform_groups", "train")], frac=1.0)),
+    Stat("group_std", "within-group reward std (mean over steps)", ".3f",
+         lambda rows, res: window([v for _, v in series(rows, "reward/group_std_mean", "train")], frac=1.0)),
     Stat("kl_end", "KL per token, end", ".4f", lambda rows, res: _train_window(rows, "kl/mean_token")),
     Stat("kl_growth", "KL growth (end - start)", "+.4f",
          lambda rows, res: _train_window(rows, "kl/mean_token") - _train_window(rows, "kl/mean_token", end=False)),
@@ -175,8 +179,8 @@ GYM_STATS: list[Stat] = [
 ]
 
 TABLE_LEARNING = {
-    "lm": ["acc_final", "acc_start", "reward_end", "heldout_reward", "gap", "kl_end", "kl_growth", "length_end",
-           "entropy_end"],
+    "lm": ["acc_final", "acc_start", "reward_end", "heldout_reward", "gap", "uniform_groups", "group_std", "kl_end",
+           "kl_growth", "length_end", "entropy_end"],
     "gym": ["eval_final", "eval_best", "return_end", "gap", "approx_kl_end", "length_end", "entropy_end"],
 }
 TABLE_COST = ["wall_s", "train_s", "step_s", "peak_rss_mb", "train_peak_rss_mb", "base_rss_mb", "state_mb", "load"]

@@ -111,25 +111,41 @@ def claims(summaries: dict[str, EstimatorSummary], mode: str) -> list[Claim]:
                          "NOT TESTED: GRPO needs several samples of one prompt; a Gymnasium reset draws a new start "
                          "state", ""))
         return out
-    if rpp is None or grpo is None:
-        for name in ("KL growth", "seed spread", "train vs held-out gap"):
+    challengers = [n for n in ("reinforce_pp", "reinforce_pp_baseline") if n in summaries]
+    if grpo is None or not challengers:
+        for name in ("KL growth", "seed spread", "train vs held-out gap", "held-out accuracy"):
             out.append(Claim(name, f"REINFORCE++ beats GRPO on {name}", "", missing("reinforce_pp", "grpo"), ""))
         return out
+    for name in challengers:
+        out += _stability_claims(summaries[name], grpo, "" if name == "reinforce_pp" else f" ({name})")
+    return out
+
+
+def _stability_claims(rpp: EstimatorSummary, grpo: EstimatorSummary, suffix: str) -> list[Claim]:
+    """The paper's claims against GRPO, for ``rpp`` (REINFORCE++ or REINFORCE++-baseline)."""
+    pm = format_mean_std
+    who = "REINFORCE++" + ("-baseline" if suffix else "")
+    out: list[Claim] = []
     a, b = rpp.mean_std("kl_growth"), grpo.mean_std("kl_growth")
-    out.append(Claim("KL growth", "REINFORCE++'s KL to the reference grows less than GRPO's", RULES["interval"],
+    out.append(Claim("KL growth" + suffix, f"{who}'s KL to the reference grows less than GRPO's", RULES["interval"],
                      verdict_interval(a, b),
-                     f"KL growth per token (end - start): REINFORCE++ {pm(a, '+.4f')}, GRPO {pm(b, '+.4f')}; "
+                     f"KL growth per token (end - start): {who} {pm(a, '+.4f')}, GRPO {pm(b, '+.4f')}; "
                      f"KL at the end {pm(rpp.mean_std('kl_end'), '.4f')} vs {pm(grpo.mean_std('kl_end'), '.4f')}"))
     sa, sb = rpp.mean_std("acc_final")[1], grpo.mean_std("acc_final")[1]
-    out.append(Claim("seed spread", "REINFORCE++'s results vary less across seeds than GRPO's", RULES["spread"],
+    out.append(Claim("seed spread" + suffix, f"{who}'s results vary less across seeds than GRPO's", RULES["spread"],
                      verdict_spread(sa, sb),
                      f"std over {len(rpp.seeds)} / {len(grpo.seeds)} seeds of the final held-out accuracy: "
-                     f"REINFORCE++ {sa:.3f}, GRPO {sb:.3f} "
+                     f"{who} {sa:.3f}, GRPO {sb:.3f} "
                      f"(means {rpp.mean_std('acc_final')[0]:.3f} vs {grpo.mean_std('acc_final')[0]:.3f})"))
     a, b = rpp.mean_std("gap"), grpo.mean_std("gap")
-    out.append(Claim("train vs held-out gap",
-                     "REINFORCE++ overfits the training prompts less than GRPO (smaller train - held-out reward gap)",
+    out.append(Claim("train vs held-out gap" + suffix,
+                     f"{who} overfits the training prompts less than GRPO (smaller train - held-out reward gap)",
                      RULES["interval"], verdict_interval(a, b),
-                     f"train reward (end) - held-out sampled reward (final): REINFORCE++ {pm(a, '+.3f')}, "
+                     f"train reward (end) - held-out sampled reward (final): {who} {pm(a, '+.3f')}, "
                      f"GRPO {pm(b, '+.3f')}"))
+    (ma, sa2), (mb, sb2) = rpp.mean_std("acc_final"), grpo.mean_std("acc_final")
+    out.append(Claim("held-out accuracy" + suffix, f"{who} generalises better than GRPO (higher final held-out "
+                     "accuracy)", RULES["interval"] + " (here higher is better: the intervals of the negated "
+                     "accuracies)", verdict_interval((-ma, sa2), (-mb, sb2)),
+                     f"final held-out accuracy (greedy): {who} {pm((ma, sa2), '.3f')}, GRPO {pm((mb, sb2), '.3f')}"))
     return out

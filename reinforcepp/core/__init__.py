@@ -2,7 +2,7 @@
 
 Importing this package imports torch and nothing else of weight: no transformers, datasets,
 gymnasium or vllm, and it never initialises ``torch.distributed``. The math lives here; the
-trainers only move tensors in and out (see ``docs/algorithms.md`` and ALGORITHM.md).
+trainers only move tensors in and out (see ``docs/algorithms.md``).
 """
 
 from .advantages import (
@@ -37,7 +37,11 @@ from .losses import (
     CovPolicyLoss,
     ImportanceSamplingLevel,
     LossAgg,
+    POLICY_LOSSES,
     PolicyLoss,
+    PolicyLossName,
+    PolicyLossParams,
+    compute_policy_loss,
     TokenLoss,
     aggregate,
     cispo_loss,
@@ -64,7 +68,7 @@ from .natural import (
     scale_to_kl_radius,
     set_flat_params,
 )
-from .metrics import advantage_stats, approx_kl, clip_fractions, kl_return_share, pass_at_k
+from .metrics import advantage_stats, approx_kl, clip_fractions, group_reward_stats, kl_return_share, pass_at_k
 from .returns import discounted_returns, discounted_returns_loop, gae, gae_loop
 from .shaping import (
     clip_rewards,

@@ -2,7 +2,7 @@
 
 Every estimator is a function ``(AdvantageInputs, AdvantageParams) -> Advantages``. They differ
 only in how returns and advantages are computed from the same rollout; the policy loss,
-clipping, entropy and KL machinery downstream are shared (ALGORITHM.md, "Advantage estimators").
+clipping, entropy and KL machinery downstream are shared (docs/algorithms.md, "The estimators").
 
 Register your own with :func:`register_estimator`::
 
@@ -236,7 +236,7 @@ def grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     response's tokens; no global whitening. ``params.scale_rewards`` picks the divisor
     (:func:`scaled_group_advantages`)."""
     r = inputs.rewards.float()
-    # Shaping order (ALGORITHM.md): group baseline first, then the clip to [-c, c].
+    # Shaping order (docs/algorithms.md, "The pipeline, in order"): group baseline first, then the clip to [-c, c].
     a = clip_rewards(scaled_group_advantages(r, inputs.samples_per_prompt, params.scale_rewards, params.group_std_eps, params.reduce), params.reward_clip)
     return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
 

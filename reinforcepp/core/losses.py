@@ -1,4 +1,5 @@
-"""Per-token losses and their aggregation (ALGORITHM.md, "Policy loss").
+"""Per-token losses and their aggregation (docs/algorithms.md, "The policy loss (shared by every
+estimator)" and "Loss aggregation, micro-batches and ranks").
 
 Each loss function returns a per-token ``(N, T)`` tensor; :func:`aggregate` turns it into the
 scalar the optimizer sees. Aggregation takes the *window's* normalisers (token count, sequence
@@ -8,6 +9,7 @@ add up to exactly the loss of the whole window computed at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, get_args
 
 import torch
@@ -31,6 +33,8 @@ class PolicyLoss(NamedTuple):
     """bool: the lower clip binds (``A < 0`` and ``ratio < 1 - eps_low``)."""
     clipped_high: Tensor
     """bool: the upper clip binds (``A > 0`` and ``ratio > 1 + eps_high``)."""
+    selected: Optional[Tensor] = None
+    """bool: the tokens a covariance-based loss acted on (Clip-Cov, KL-Cov); None for the others."""
 
 
 def importance_log_ratio(
@@ -348,6 +352,58 @@ def aggregate(
     return per_seq_sum.sum() / (seqs * length)
 
 
+PolicyLossName = Literal["ppo", "cispo", "clip_cov", "kl_cov"]
+POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLossName)
+
+
+@dataclass(frozen=True)
+class PolicyLossParams:
+    """The settings of every policy loss (docs/algorithms.md, "The policy loss" and "Loss variants");
+    each loss reads its own."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: Optional[float] = None
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    cispo_eps_low: Optional[float] = None
+    cispo_eps_high: float = 4.0
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    kl_cov_coef: float = 1.0
+
+
+def compute_policy_loss(
+    name: PolicyLossName,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    params: PolicyLossParams = PolicyLossParams(),
+    generator: Optional[torch.Generator] = None,
+) -> PolicyLoss:
+    """The per-token policy loss ``name``, one signature for all: ``ppo`` (:func:`policy_loss`,
+    clipped ratio, dual clip, GSPO's sequence ratio), ``cispo`` (:func:`cispo_loss`), ``clip_cov``
+    (:func:`clip_cov_loss`, drawing with ``generator``) and ``kl_cov`` (:func:`kl_cov_loss`). All
+    ``(N, T)``; ``selected`` marks the tokens Clip-Cov / KL-Cov acted on."""
+    p = params
+    if name == "ppo":
+        return policy_loss(logprobs, old_logprobs, advantages, p.eps_low, p.eps_high, p.dual_clip, response_mask=response_mask,
+                           importance_sampling_level=p.importance_sampling_level)
+    if name == "cispo":
+        return cispo_loss(logprobs, old_logprobs, advantages, p.cispo_eps_low, p.cispo_eps_high)
+    if name == "clip_cov":
+        cov: CovPolicyLoss = clip_cov_loss(logprobs, old_logprobs, advantages, response_mask, clip_ratio=p.clip_cov_ratio,
+                                           cov_lb=p.clip_cov_lb, cov_ub=p.clip_cov_ub, eps_low=p.eps_low, eps_high=p.eps_high,
+                                           generator=generator)
+    elif name == "kl_cov":
+        cov = kl_cov_loss(logprobs, old_logprobs, advantages, response_mask, kl_ratio=p.kl_cov_ratio, kl_coef=p.kl_cov_coef)
+    else:
+        raise ValueError(f"unknown policy loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
+    return PolicyLoss(cov.loss, cov.ratio, cov.clipped_low, cov.clipped_high, cov.selected)
+
+
 class TokenLoss(NamedTuple):
     """The per-token loss of one micro-batch and its parts. All ``(N, T)``."""
 
@@ -364,10 +420,9 @@ def token_loss(
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    importance_sampling_level: ImportanceSamplingLevel = "token",
+    policy: PolicyLossName = "ppo",
+    params: PolicyLossParams = PolicyLossParams(),
+    generator: Optional[torch.Generator] = None,
     is_weights: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
     kl_coef: float = 0.0,
@@ -375,15 +430,15 @@ def token_loss(
     entropy: Optional[Tensor] = None,
     entropy_coef: float = 0.0,
 ) -> TokenLoss:
-    """The per-token loss every estimator shares (docs/algorithms.md, "Policy loss"):
+    """The per-token loss every estimator shares (docs/algorithms.md, "The policy loss"):
 
-    ``L[i,t] = w[i,t] L_clip[i,t] + beta kl(logp, ref_logp)[i,t] - c_H H[i,t]``
+    ``L[i,t] = w[i,t] L_pol[i,t] + beta kl(logp, ref_logp)[i,t] - c_H H[i,t]``
 
-    with ``L_clip`` from :func:`policy_loss`, ``w`` the importance weights that correct for the
-    sampler (``is_weights``, no gradient; 1 when None), the KL term only when ``ref_logprobs``
-    is given (KL placement ``loss``; placement ``reward`` put it in the token rewards instead)
-    and the entropy bonus only when ``entropy_coef`` is not 0. Aggregate the result with
-    :func:`aggregate`.
+    with ``L_pol`` the policy loss ``policy`` (:func:`compute_policy_loss`: PPO's clipped
+    surrogate by default), ``w`` the importance weights that correct for the sampler
+    (``is_weights``, no gradient; 1 when None), the KL term only when ``ref_logprobs`` is given
+    (KL placement ``loss``; placement ``reward`` put it in the token rewards instead) and the
+    entropy bonus only when ``entropy_coef`` is not 0. Aggregate the result with :func:`aggregate`.
 
     Args:
         logprobs: ``(N, T)`` (grad); old_logprobs, advantages, response_mask: ``(N, T)``.
@@ -391,8 +446,7 @@ def token_loss(
         ref_logprobs: ``(N, T)`` reference log-probs, or None (no KL term in the loss).
         entropy: ``(N, T)``, needed when ``entropy_coef`` is not 0.
     """
-    pl = policy_loss(logprobs, old_logprobs, advantages, eps_low, eps_high, dual_clip, response_mask=response_mask,
-                     importance_sampling_level=importance_sampling_level)
+    pl = compute_policy_loss(policy, logprobs, old_logprobs, advantages, response_mask, params, generator)
     loss = pl.loss if is_weights is None else pl.loss * is_weights
     kl = None
     if ref_logprobs is not None:

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .shaping import group_view
 from .stats import Reduce, masked_mean, masked_mean_var
 
 
@@ -40,6 +41,19 @@ def advantage_stats(advantages: Tensor, mask: Tensor, reduce: Optional[Reduce] =
         "advantage/mean_sample": float(seq_mu),
         "advantage/std_sample": float(seq_var.sqrt()),
     }
+
+
+def group_reward_stats(rewards: Tensor, samples_per_prompt: int, tol: float = 1e-6) -> dict[str, float]:
+    """How much a group baseline has to work with. ``rewards`` ``(N,)``, prompt by prompt.
+
+    ``reward/uniform_groups``: the fraction of groups with ``max_j R_j - min_j R_j <= tol`` (a group
+    baseline gives them advantage 0); ``reward/group_std_mean``: ``mean_g std_g``, the sample
+    (ddof=1) std GRPO divides by. Groups (1, 1, 1, 1) and (0, 1, 0, 1): 0.5 and
+    ``(0 + sqrt(1/3)) / 2 = 0.2887``.
+    """
+    g = group_view(rewards.double(), samples_per_prompt)
+    uniform = (g.amax(1) - g.amin(1)) <= tol
+    return {"reward/uniform_groups": float(uniform.double().mean()), "reward/group_std_mean": float(g.std(1).mean())}
 
 
 def kl_return_share(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> float:

@@ -1,7 +1,7 @@
 """Reward shaping, applied to the scalar rewards before any advantage estimator.
 
-Order (ALGORITHM.md, "Reward shaping"): length penalties, group baseline (if the estimator has
-one), clip to ``[-c, c]``, then token rewards: ``-beta * kl`` on every real token (KL placement
+Order (docs/algorithms.md, "The pipeline, in order"): length penalties, group baseline (if the
+estimator has one), clip to ``[-c, c]``, then token rewards: ``-beta * kl`` on every real token (KL placement
 ``reward`` only) plus the scalar reward on the last real token.
 """
 

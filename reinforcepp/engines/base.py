@@ -32,6 +32,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    seed: Optional[int] = None
+    """the draws' own seed (the same seed, weights and prompts give the same samples); None = the
+    process's global torch generator. Engines registered with ``seeded=False`` ignore it."""
 
 
 @dataclass
@@ -123,6 +126,16 @@ class Generation:
         """This generation with every token marked as sampled by policy ``version``."""
         self.token_versions = [[version] * len(r) for r in self.response_ids]
         return self
+
+    def token_version_tensor(self, response_length: int) -> Optional[Tensor]:
+        """``(N, response_length)`` long, right-padded with 0 (like the response tokens)."""
+        if self.token_versions is None:
+            return None
+        out = torch.zeros(len(self.token_versions), response_length, dtype=torch.long)
+        for i, row in enumerate(self.token_versions):
+            row = row[:response_length]
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
 
     def sampler_logprob_tensor(self, response_length: int) -> Optional[Tensor]:
         """``(N, response_length)`` float32, right-padded with 0 (like the response tokens)."""

@@ -131,6 +131,7 @@ class SharedPromptSampler(HFGenerationEngine):
             if self.static is not None:  # decode over a fixed-size cache: one shape for every step
                 step_fn, cache, attn = self.static.prepare(self.model, cache, attn, params.max_new_tokens)
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+            draws = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
             new_tokens, logprobs = [], []
             for step in range(params.max_new_tokens):
                 if params.greedy:
@@ -138,7 +139,7 @@ class SharedPromptSampler(HFGenerationEngine):
                     token = logits.argmax(-1)
                 else:
                     z = filter_logits(logits, params.temperature, params.top_k, params.top_p)
-                    token = torch.multinomial(torch.softmax(z, dim=-1), 1).squeeze(-1)
+                    token = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=draws).squeeze(-1)
                     logp = torch.log_softmax(z, dim=-1)
                 logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
                 token = token.masked_fill(finished, tok.pad_token_id)
@@ -207,4 +208,4 @@ class DecodeCache:
 
 
 register_engine("hf", SharedPromptSampler, help="cached sampling loop, each prompt prefilled once for its samples (the default)")
-register_engine("hf_generate", HFGenerationEngine, help="transformers' generate")
+register_engine("hf_generate", HFGenerationEngine, help="transformers' generate", seeded=False)

@@ -17,11 +17,15 @@ from typing import Any, Optional, cast
 import torch
 
 
-def _inner(model: Any) -> Any:
-    """The Hugging Face model under DDP, a PEFT wrapper or ``torch.compile``."""
-    for _ in range(4):
+def unwrap(model: Any) -> Any:
+    """The Hugging Face model under DDP, a PEFT wrapper, ``torch.compile`` or a view that names the
+    model it forwards to as ``wrapped_model`` (a LoRA policy's adapters-off reference, whose
+    ``forward`` takes ``*args, **kwargs``)."""
+    for _ in range(5):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
+        elif getattr(model, "wrapped_model", None) is not None:
+            model = model.wrapped_model
         elif hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
@@ -43,7 +47,7 @@ def _name_for(model_type: Any) -> str:
 def cache_argument(model: torch.nn.Module) -> str:
     """``"cache"`` when the model's ``forward`` takes that argument (transformers >= 5.2x),
     otherwise ``"past_key_values"``."""
-    model_type: Any = type(_inner(model))
+    model_type: Any = type(unwrap(model))
     return _name_for(model_type)
 
 
@@ -80,7 +84,9 @@ def _reserved_layer_type() -> type:
             self.capacity = capacity
             self.buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             cur, n = self.get_seq_length(), key_states.shape[-2]

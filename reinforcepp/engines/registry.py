@@ -10,6 +10,8 @@ example)::
   ...): setting one while another engine runs is refused in one line;
 * ``check(config)`` refuses what the engine cannot do, before any model loads;
 * ``logprobs``: whether it reports the log-probs it sampled with (off-policy corrections need them);
+* ``seeded``: whether it honours ``SamplingParams.seed`` (asynchronous rollouts need it: their
+  draws must not touch the global generator the trainer uses);
 * ``own_weights``: whether it holds a copy of the weights of its own (``sync_weights`` then copies),
   instead of sampling with the training model.
 
@@ -36,16 +38,18 @@ class EngineSpec:
     check: Optional[Callable[[Any], None]] = None
     logprobs: bool = True
     own_weights: bool = False
+    seeded: bool = True
 
 
 ENGINES: dict[str, EngineSpec] = {}
 
 
 def register_engine(name: str, build: Callable[..., GenerationEngine], *, help: str = "", options: tuple[str, ...] = (),
-                    check: Optional[Callable[[Any], None]] = None, logprobs: bool = True, own_weights: bool = False) -> EngineSpec:
+                    check: Optional[Callable[[Any], None]] = None, logprobs: bool = True, own_weights: bool = False,
+                    seeded: bool = True) -> EngineSpec:
     """Register ``build(model, tokenizer, *, device, config) -> GenerationEngine`` under ``name``
     (``config`` is the trainer's config); see the module docstring for the other fields."""
-    spec = EngineSpec(name, build, help, tuple(options), check, logprobs, own_weights)
+    spec = EngineSpec(name, build, help, tuple(options), check, logprobs, own_weights, seeded)
     ENGINES[name] = spec
     return spec
 

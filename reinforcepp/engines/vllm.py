@@ -17,8 +17,8 @@ hands its gathered or merged weights instead) and loads them with the model's ow
 
 The prefix cache is reset after each load (its keys and values belong to the old weights).
 Sampling options go through one to one (temperature, top-p, top-k, ``max_new_tokens`` as
-``max_tokens``, ``samples_per_prompt`` as ``n``, EOS ids as ``stop_token_ids``, a per-call seed
-drawn from torch's generator so a seeded run repeats), and the log-probs of the sampled tokens
+``max_tokens``, ``samples_per_prompt`` as ``n``, EOS ids as ``stop_token_ids``, the request's
+seed, or one drawn from torch's generator, so a seeded run repeats), and the log-probs of the sampled tokens
 under the distribution actually sampled from (``logprobs_mode="processed_logprobs"``:
 temperature, top-k and top-p applied) come back as ``Generation.sampler_logprobs``.
 
@@ -138,7 +138,7 @@ class VLLMEngine:
             top_p=1.0 if params.greedy else params.top_p,
             top_k=0 if params.greedy else params.top_k,
             max_tokens=params.max_new_tokens,
-            seed=int(torch.randint(0, 2**31 - 1, ())),
+            seed=int(torch.randint(0, 2**31 - 1, ())) if params.seed is None else params.seed % 2**31,
             stop_token_ids=list(self.stop_ids),
             logprobs=0,
             detokenize=False,

@@ -155,7 +155,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..config import parse_overrides
     from ..run.folder import merge_resumed_config, resumed_config_file
 
-    given = parse_overrides([f"env_id={args.env_id}"] * (args.env_id is not None) + list(args.overrides))  # --env as on resume
+    env = [f"env_id={args.env_id}"] if args.env_id is not None else []  # --env, as on resume
+    given = parse_overrides(env + list(args.overrides))
     saved = resumed_config_file(run_dir)
     assert saved is not None
     values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults(), what="eval")

@@ -10,13 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..config import ConfigError, option
+from ..config import ConfigError, TrustRegionOptions, option
 from ..run.options import RunOptions
 
 
 @dataclass
-class GymConfig(RunOptions):
+class GymConfig(TrustRegionOptions, RunOptions):
     """REINFORCE++ (and siblings) on a Gymnasium environment. See ``docs/gym.md``."""
+
+    COMMON = ("env_id", "estimator", "total_env_steps", "num_envs", "steps_per_env", "lr", "output_dir", "seed", "eval_every",
+              "save_every", "resume")
+    SECTIONS = (("output_dir", "Run folder and logging"), ("env_id", "Environment"), ("estimator", "Algorithm"),
+                ("trust_region", "Trust region"), ("entropy_coef", "Loss and update"), ("hidden_sizes", "Model"),
+                ("torch_compile", "Speed, evaluation and checkpoints"))
 
     # environment
     env_id: str = option("CartPole-v1", "Gymnasium environment id (any registered id; Box2D/MuJoCo need the box2d/mujoco extras)")
@@ -37,23 +43,6 @@ class GymConfig(RunOptions):
     eps_low: float = option(0.2, "lower clip of the importance ratio: ratio >= 1 - eps_low")
     eps_high: float = option(0.2, "upper clip of the importance ratio: ratio <= 1 + eps_high")
     dual_clip: Optional[float] = option(None, "dual-clip constant c > 1 for negative advantages, or None")
-    # trust region (docs/algorithms.md, "Trust regions: clipping and the natural gradient")
-    trust_region: Literal["clip", "natural"] = option(
-        "clip", "clip: PPO's clipped ratio, epochs x mini-batches of Adam steps on the policy; natural: one TRPO "
-        "natural-gradient step of the policy per rollout on mean(ratio * A) (conjugate gradient, KL line search); "
-        "lr, lr_schedule, epochs, mini_batch_size and max_grad_norm then apply to the critic (gae) only")
-    max_kl: float = option(
-        0.01, "natural: trust-region radius, the mean KL from the old to the new policy over the rollout's states "
-        "that one step may reach (TRPO, modular_rl, SB3-contrib: 0.01)")
-    cg_iters: int = option(
-        10, "natural: conjugate-gradient iterations solving (F + cg_damping I) s = g "
-        "(Spinning Up: 10; SB3-contrib: 15)")
-    cg_damping: float = option(
-        0.1, "natural: damping added to the Fisher matrix (Spinning Up, SB3-contrib: 0.1; modular_rl: 1e-3)")
-    line_search_steps: int = option(
-        10, "natural: step fractions 1, shrink, shrink^2, ... tried by the backtracking line search")
-    line_search_shrink: float = option(
-        0.5, "natural: factor between two line-search tries (modular_rl: 0.5; SB3-contrib: 0.8)")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     value_coef: float = option(0.5, "weight of the value loss (gae only)")
     value_clip: Optional[float] = option(None, "clip range of the value loss around the rollout's values, or None for the plain squared error (gae only)")
@@ -119,16 +108,6 @@ class GymConfig(RunOptions):
 
     def _validate_trust_region(self) -> None:
         """The natural step's settings and, with ``trust_region=natural``, the options it cannot honour."""
-        if self.max_kl <= 0:
-            raise ConfigError(f"max_kl must be > 0, got {self.max_kl}")
-        if self.cg_iters < 1:
-            raise ConfigError(f"cg_iters must be >= 1, got {self.cg_iters}")
-        if self.cg_damping < 0:
-            raise ConfigError(f"cg_damping must be >= 0, got {self.cg_damping}")
-        if self.line_search_steps < 1:
-            raise ConfigError(f"line_search_steps must be >= 1, got {self.line_search_steps}")
-        if not 0 < self.line_search_shrink < 1:
-            raise ConfigError(f"line_search_shrink must lie in (0, 1), got {self.line_search_shrink}")
         if self.trust_region != "natural":
             return
         if self.entropy_coef != 0:

@@ -128,7 +128,8 @@ def episode_attributes(make_env: Callable[[], gym.Env], steps: int = PROBE_STEPS
             for i, link in enumerate(links):
                 now = _snapshot(link)
                 seen[i] |= set(now)
-                changed[i] |= {k for k in set(now) | set(first[i]) if not _same(now.get(k, _MISSING), first[i].get(k, _MISSING))}
+                keys = set(now) | set(first[i])
+                changed[i] |= {k for k in keys if not _same(now.get(k, _MISSING), first[i].get(k, _MISSING))}
 
         env.action_space.seed(0)
         env.reset(seed=0)
@@ -144,7 +145,8 @@ def episode_attributes(make_env: Callable[[], gym.Env], steps: int = PROBE_STEPS
         env.close()
 
 
-def check_env_state(env: gym.Env, state: list[dict[str, Any]], probe: list[tuple[set[str], set[str]]], where: str) -> None:
+def check_env_state(env: gym.Env, state: list[dict[str, Any]], probe: list[tuple[set[str], set[str]]],
+                    where: str) -> None:
     """Refuse (:class:`CheckpointFormatError`, naming ``where``, the link and the attribute) a
     saved state that sets an attribute the probe never saw, or changes a setting: an attribute
     episodes never change whose saved value differs from the fresh ``env``'s."""
@@ -153,15 +155,16 @@ def check_env_state(env: gym.Env, state: list[dict[str, Any]], probe: list[tuple
         entries = [*saved["data"].items(), *((k, ("generator", v)) for k, v in saved["generators"].items())]
         for key, value in entries:
             if key not in seen:
-                raise CheckpointFormatError(f"{where}: the saved environment state sets {cls}.{key}, which a fresh environment "
-                                            "does not have; a checkpoint restores only what episodes change")
+                raise CheckpointFormatError(f"{where}: the saved environment state sets {cls}.{key}, which a "
+                                            "fresh environment does not have; a checkpoint restores only what "
+                                            "episodes change")
             if key in changed:
                 continue
             fresh = _snapshot(link).get(key, _MISSING)
             if not _same(value, fresh):
                 raise CheckpointFormatError(
-                    f"{where}: the saved environment state sets {cls}.{key}={_short(value)}, but a fresh environment has "
-                    f"{_short(fresh)} and episodes never change it: a checkpoint restores only an episode's state, "
+                    f"{where}: the saved environment state sets {cls}.{key}={_short(value)}, but a fresh environment "
+                    f"has {_short(fresh)} and episodes never change it: a checkpoint restores only an episode's state, "
                     "never the environment's settings")
 
 
@@ -176,7 +179,8 @@ def set_env_state(env: gym.Env, state: list[dict[str, Any]], probe: Optional[lis
     links = _chain(env)
     names = [type(link).__name__ for link in links]
     if names != [s["class"] for s in state]:
-        raise CheckpointFormatError(f"{where}: saved environment chain {[s['class'] for s in state]} does not match {names}")
+        chain = [s["class"] for s in state]
+        raise CheckpointFormatError(f"{where}: saved environment chain {chain} does not match {names}")
     if probe is not None:
         check_env_state(env, state, probe, where)
     for link, saved in zip(links, state):

@@ -1,7 +1,7 @@
 """The Gymnasium trainer: collect, make experience, update, log -- the same core as the
 language-model trainer (``reinforcepp.core``), the same run directory (``reinforcepp.run``).
 
-One iteration, as in ALGORITHM.md ("The training step"):
+One iteration (docs/gym.md, "Loss and update"; the shared math in docs/algorithms.md):
 
 1. collect ``num_envs * steps_per_env`` environment steps (:class:`~.rollout.Collector`);
 2. advantages with the core registry, ``compute_advantages(estimator, ...)`` (KL placement
@@ -86,7 +86,8 @@ class GymTrainer:
         self.iteration = 0
         self.env_steps = 0
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
-        self.divergence = DivergenceGuard(cfg.max_weight_growth, self.policy.parameters(), hint="Lower lr (or raise max_weight_growth).")
+        self.divergence = DivergenceGuard(cfg.max_weight_growth, self.policy.parameters(),
+                                          hint="Lower lr (or raise max_weight_growth).")
         cfg.output_dir = cfg.output_dir or f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
@@ -146,7 +147,8 @@ class GymTrainer:
             t2 = time.perf_counter()
             update = self.natural_update if self.cfg.trust_region == "natural" else self.update
             metrics.update(update(batch, advantages, returns))
-            metrics["policy/weight_norm"] = self.divergence.check(self.policy.parameters(), where=f"env step {self.env_steps}")
+            where = f"env step {self.env_steps}"
+            metrics["policy/weight_norm"] = self.divergence.check(self.policy.parameters(), where=where)
             metrics.update(advantage_stats(self._pad(advantages, batch), batch.response_mask))
         else:
             t2 = t1

@@ -36,12 +36,12 @@ def _all_ranks_rng(rt: Runtime) -> Any:
     return rng
 
 
-def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: int, counters: dict[str, Any], *,
+def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[str, Any], step: int, counters: dict[str, Any], *,
                     merged: bool, save_reference: bool) -> Path:
     """Write ``checkpoints/step_<step>``: the policy (``merged``: LoRA merged into a full model),
-    the optimizers and scheduler of ``update`` (:class:`~.update.PolicyUpdate`), ``loader``'s
-    position, the RNG of every rank, ``counters`` (plain values), and with ``save_reference``
-    the (refreshed) reference. Returns its path (on every rank)."""
+    the optimizers and scheduler of ``update`` (:class:`~.update.PolicyUpdate`), the data
+    position ``loader_state``, the RNG of every rank, ``counters`` (data: numbers, lists,
+    tensors), and with ``save_reference`` the (refreshed) reference. Returns its path (on every rank)."""
     rng = _all_ranks_rng(rt)
     policy_state = rt.parallel.gather_state(models.policy)  # collectives: every rank takes part
     critic_state = rt.parallel.gather_state(models.critic) if models.critic is not None else None
@@ -56,7 +56,7 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader: Any, step: in
         if save_reference and models.reference is not None:  # the refreshed reference moves with the run
             models.reference.save_pretrained(d / "reference", safe_serialization=True)
         state = {"step": step, "optimizer": optimizer_state, "scheduler": update.scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, "reference_record": record_digest(rt.run_dir),
+                 "loader": loader_state, "rng": rng, "reference_record": record_digest(rt.run_dir),
                  "weight_norm_start": update.divergence.start, **counters}
         if models.critic is not None:
             state["critic"] = critic_state
@@ -86,13 +86,14 @@ def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: A
     state = load_state(path, STATE_NAME)
     recorded = state.get("reference_record")
     if recorded is not None and record_digest(rt.run_dir) != recorded:
-        raise RunDirError(f"cannot resume: {rt.run_dir / REFERENCE_RECORD} is not the reference record the checkpoint {path.name} "
-                          "was written with (sha256): the run folder's reference was replaced or mixed from another run; "
-                          "restore it, or start a new run")
+        raise RunDirError(f"cannot resume: {rt.run_dir / REFERENCE_RECORD} is not the reference record the "
+                          f"checkpoint {path.name} was written with (sha256): the run folder's reference was replaced "
+                          "or mixed from another run; restore it, or start a new run")
     rt.parallel.load_optimizer(models.policy, update.optimizer, path / "optimizer", state["optimizer"])
     update.scheduler.load_state_dict(state["scheduler"])
     apply_resumed_lr(update.optimizer, update.scheduler, update.config.lr)
-    update.divergence.start = float(state.get("weight_norm_start", update.divergence.start))  # the bound of the whole run
+    # the bound of the whole run, from its start
+    update.divergence.start = float(state.get("weight_norm_start", update.divergence.start))
     loader.load_state_dict(state["loader"])
     if models.critic is not None and update.critic_optimizer is not None:
         rt.parallel.load_full_state_dict(models.critic, state["critic"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -33,7 +32,8 @@ SFT_USAGE = """\
   reinforcepp sft model=PATH data=pairs.jsonl output_dir=OUT steps=60 batch_size=32 lr=1e-3"""
 
 EVAL_USAGE = """\
-  reinforcepp eval model=runs/x/checkpoints/step_00000100/model eval_data=eval.jsonl reward_funcs=my_rewards.py:correct
+  reinforcepp eval runs/x                          # a run's latest checkpoint, with the run's data and settings
+  reinforcepp eval model=PATH eval_data=eval.jsonl reward_funcs=my_rewards.py:correct
   reinforcepp eval model=PATH task=sort            # a built-in task's held-out prompts"""
 
 SYNTAX = """\
@@ -68,17 +68,52 @@ def build_config(config_file: str | None, overrides: list[str], resume: bool = F
     from ..run.folder import merge_resumed_config, resumed_config_file
     from .config import LMConfig
 
-    values = read_config_file(config_file) if config_file else {}
-    values.update(parse_overrides(overrides))
+    values = read_values(config_file, overrides)
     if overwrite:
         values["overwrite"] = True
     if resume:
         values["resume"] = True
         saved = resumed_config_file(values.get("output_dir"))
-        if saved is not None:  # None: no checkpoint to resume, refused when the run opens
-            values, notes = merge_resumed_config(read_config_file(saved), values, LMConfig.defaults())
+        if saved is not None:
+            values, notes = merge_resumed_config(read_config_file(saved), typed(values), LMConfig.defaults())
             for note in notes:
                 print(f"resume: {note}", file=sys.stderr)
+        elif (Path(values["output_dir"]) / "config.yaml").is_file():
+            # no checkpoint: refused when the run opens (before anything loads), with the command that
+            # starts it again; the folder's settings only fill in that command
+            values = {**read_config_file(Path(values["output_dir"]) / "config.yaml"), **typed(values)}
+    return config_from_values(values)
+
+
+def read_values(config_file: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The YAML file's mapping (if any) updated by the ``key=value`` items."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update(parse_overrides(overrides))
+    return values
+
+
+def typed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each known key's value converted to its option's type where it converts
+    (``reward_funcs=a.py:f`` -> ``['a.py:f']``), so that a run folder's saved setting and the same
+    setting given again compare equal; anything else is left for the config to report."""
+    from ..config import coerce
+    from .config import LMConfig
+
+    types_ = LMConfig.field_types()
+    out = dict(values)
+    for key, value in values.items():
+        if key in types_:
+            try:
+                out[key] = coerce(key, value, types_[key])
+            except ConfigError:
+                pass
+    return out
+
+
+def config_from_values(values: dict[str, Any]) -> LMConfig:
+    """The built-in tiny job's preset under ``values`` when they name no model, else ``values`` alone."""
+    from .config import LMConfig
+
     if values.get("model") in (None, "None", "none", ""):
         return LMConfig.tiny(**values)
     return LMConfig.from_dict(values)
@@ -118,6 +153,12 @@ def _train(config: LMConfig) -> int:
             trainer.train()
             return 0
         print(f"run directory: {trainer.run_dir}", file=sys.stderr)
+        if trainer.rt.resume_from is not None:
+            if trainer.step >= config.total_steps:
+                print(f"resume: {trainer.run_dir} has done all its {config.total_steps} steps (checkpoint {trainer.rt.resume_from}): "
+                      f"nothing to train; give a larger total_steps to train on", file=sys.stderr)
+                return 0
+            print(f"resume: continuing from step {trainer.step} of {config.total_steps} (checkpoint {trainer.rt.resume_from})", file=sys.stderr)
         final = trainer.train()
     except RemoteError as e:
         raise RunStopped(f"step {trainer.step}: {e}{_kept(trainer, config, 'once the server is back')}") from e
@@ -125,6 +166,8 @@ def _train(config: LMConfig) -> int:
         raise InputError(f"{one_line(e)}{_kept(trainer, config, 'once it is fixed')}") from e
     if final:
         print(summary(_first_eval(trainer.run_dir), final, trainer.eval_pass_fail or trainer.builtin_task is not None))
+    else:
+        print(train_summary(trainer.run_dir))
     print(f"plots: {trainer.run_dir / 'plots.png'}")
     return 0
 
@@ -145,20 +188,34 @@ def _kept(trainer: Any, config: LMConfig, when: str) -> str:
 
 def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -> str:
     """The held-out numbers at the first and the last evaluation. It leads with the reward
-    (greedy, then sampled); accuracy (greedy responses with total reward >= 1) and pass@k follow
-    only for ``pass_fail`` rewards (built-in tasks, or rewards that were all 0 or 1), since for a
-    dense reward a response at 0.9 "fails" and one at 1.0 may be a lucky rounding."""
+    (greedy, then sampled); accuracy (greedy responses with total reward >= 1) and
+    ``any_correct_of_n`` follow only for ``pass_fail`` rewards (built-in tasks, or rewards that
+    were all 0 or 1), since for a dense reward a response at 0.9 "fails" and one at 1.0 may be a
+    lucky rounding. Each number is printed under its metric's name."""
 
     def change(key: str) -> str:
         return f"{first.get(key, math.nan):.3f} -> {final[key]:.3f}"
 
     lines = [f"held-out reward (greedy) {change('eval/reward_mean')}, reward (sampled) {change('eval/sampled_reward_mean')}"]
-    if pass_fail:
-        any_of = next((k for k in final if k.startswith("eval/any_correct_of_")), None)  # = unbiased pass@n for k = n
-        pass_k = any_of or max((k for k in final if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
-        label = f"pass@{any_of.rsplit('_', 1)[1]}" if any_of else pass_k.split("/", 1)[1]
-        lines.append(f"held-out accuracy (greedy, reward >= 1) {change('eval/accuracy')}, {label} {change(pass_k)}")
+    if pass_fail:  # the metric's own name: any_correct_of_n (a correct answer among the n samples)
+        key = next((k for k in final if k.startswith("eval/any_correct_of_")), None)
+        key = key or max((k for k in final if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
+        lines.append(f"held-out accuracy (greedy, reward >= 1) {change('eval/accuracy')}, {key.split('/', 1)[1]} {change(key)}")
     return "\n".join(lines)
+
+
+def train_summary(run_dir: Path) -> str:
+    """A run without evaluation: the training reward (``reward/mean``), mean of the first and
+    of the last tenth of the steps, and where held-out numbers would come from."""
+    from ..run import read_metrics
+
+    rewards = [r["reward/mean"] for r in read_metrics(run_dir) if r.get("kind", "train") == "train" and "reward/mean" in r]
+    if not rewards:
+        return "no training step logged a reward"
+    window = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
+    return (f"train reward {first:.3f} -> {last:.3f} (mean of the first and last {window} of {len(rewards)} steps); "
+            "no held-out evaluation (set eval_data, or eval_fraction, and eval_every > 0)")
 
 
 def _first_eval(run_dir: Path) -> dict:
@@ -181,7 +238,7 @@ def sft_main(argv: list[str]) -> int:
 def run_sft(cfg: Any) -> int:
     """Load, fine-tune and save, as ``reinforcepp sft`` does with the :class:`SFTConfig` ``cfg``."""
     from ..run import Progress
-    from .data import load_prompt_dataset, render_prompt
+    from .data import load_prompt_dataset
     from .models import (
         load_causal_lm,
         load_tokenizer,
@@ -189,25 +246,26 @@ def run_sft(cfg: Any) -> int:
         resolve_dtype,
         set_torch_threads,
     )
-    from .sft import default_sft_lr, sft_train
+    from .sft import data_format, default_sft_lr, encode_examples, sft_on_ids
 
     set_torch_threads(cfg.torch_threads)
     device = resolve_device(cfg.device)
+    model_path, tokenizer_path = claim_sft_output(cfg)
     with setup_phase(f"loading model {cfg.model!r} and data {cfg.data!r}"):
-        data = load_prompt_dataset(cfg.data, prompt_column=cfg.prompt_column)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
-        model: Any = load_causal_lm(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device, trust_remote_code=cfg.trust_remote_code)
-    if cfg.completion_column not in data.column_names:
-        print(f"reinforcepp sft: {cfg.data} has no column {cfg.completion_column!r} (columns: {', '.join(data.column_names)})", file=sys.stderr)
-        return 2
+        data = load_prompt_dataset(cfg.data, prompt_column=None)
+        kind = data_format(list(data.column_names), cfg)
+        tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+        model: Any = load_causal_lm(model_path, dtype=resolve_dtype(cfg.dtype, device), device=device, trust_remote_code=cfg.trust_remote_code)
+    prompt_ids, response_ids, masks = encode_examples(tokenizer, data, kind, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     lr = cfg.lr if cfg.lr is not None else default_sft_lr(n_params)
+    what = "pairs" if kind == "pairs" else "conversations (assistant turns learned)"
     print(f"reinforcepp sft: {n_params / 1e6:.2f}M parameters, lr {lr:g}{'' if cfg.lr is not None else ' (by model size; set lr= to change)'}, "
-          f"{cfg.steps} steps of {cfg.batch_size} pairs", file=sys.stderr)
-    prompts = [render_prompt(tokenizer, p, cfg.use_chat_template) for p in data[cfg.prompt_column]]
+          f"{cfg.steps} steps of {cfg.batch_size} {what}", file=sys.stderr)
     bar = Progress(cfg.steps, desc="sft", keys={"loss": "loss"})
-    losses = sft_train(model, tokenizer, prompts, list(data[cfg.completion_column]), steps=cfg.steps, batch_size=cfg.batch_size, lr=lr,
-                       weight_decay=cfg.weight_decay, seed=cfg.seed, on_step=lambda s, v: bar.update({"loss": v}))
+    losses = sft_on_ids(model, tokenizer.pad_token_id, prompt_ids, response_ids, response_masks=masks, steps=cfg.steps,
+                        batch_size=cfg.batch_size, lr=lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                        on_step=lambda s, v: bar.update({"loss": v}))
     bar.close()
     model.save_pretrained(cfg.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(cfg.output_dir)
@@ -217,6 +275,28 @@ def run_sft(cfg: Any) -> int:
     return 0
 
 
+def claim_sft_output(cfg: Any) -> tuple[str, str]:
+    """The model and tokenizer paths to load. A non-empty ``output_dir`` (or the input model
+    itself) is refused unless ``overwrite``, which moves it aside first (and then loads the model
+    from where it moved)."""
+    from ..errors import InputError
+    from ..run.folder import claim_run_dir
+
+    out, model, tokenizer = Path(cfg.output_dir), cfg.model, cfg.tokenizer or cfg.model
+    if not out.is_dir() or not any(out.iterdir()):
+        if out.is_file():
+            raise InputError(f"output_dir={out} is a file; give a folder for the fine-tuned model")
+        return model, tokenizer
+    same = {p for p in (model, tokenizer) if Path(p).exists() and Path(p).resolve() == out.resolve()}
+    if not cfg.overwrite:
+        what = "is the model being fine-tuned: saving there would replace it" if same else "already holds files"
+        raise InputError(f"output_dir={out} {what}; choose another output_dir, or --overwrite to move it aside (to {out.name}.old-<time>) first")
+    aside = claim_run_dir(out, resume=False, overwrite=True)
+    assert aside is not None
+    print(f"reinforcepp sft: moved the old {out} aside to {aside}", file=sys.stderr)
+    return (str(aside) if model in same else model), (str(aside) if tokenizer in same else tokenizer)
+
+
 def eval_main(argv: list[str]) -> int:
     from .config import LMConfig
 
@@ -224,26 +304,77 @@ def eval_main(argv: list[str]) -> int:
     if args.list_options:
         print(LMConfig.describe())
         return 0
-    fixed = ["total_steps=1", "sft_steps=0", "tensorboard=false", "kl_placement=none", "progress=false"]
-    scratch: Optional[tempfile.TemporaryDirectory] = None
-    if not any(o.split("=", 1)[0] == "output_dir" for o in overrides):
-        scratch = tempfile.TemporaryDirectory(prefix="reinforcepp-eval-")  # nothing left behind
-        fixed.append(f"output_dir={scratch.name}")
+    config, found = eval_config(args.config_file, overrides)
+    return run_eval(config, found, given=set(read_values(args.config_file, [o for o in overrides if "=" in o])))
+
+
+def eval_config(config_file: Optional[str], overrides: list[str]) -> tuple[LMConfig, Any]:
+    """The evaluation's config, and the run checkpoint it evaluates (:mod:`.runs`) or None. A bare
+    folder among the words is ``model=FOLDER``; a run's own ``config.yaml`` is not taken as the
+    settings of another model (its ``model`` is where that run started)."""
+    from ..errors import InputError
+    from .runs import check_model_path, eval_settings, find_checkpoint, is_run_dir
+
+    bare = [o for o in overrides if "=" not in o]
+    for word in bare:
+        if not Path(word).is_dir():
+            raise InputError(f"{word!r} is neither key=value, a CONFIG.yaml nor a folder (a model or a run folder to evaluate)")
+    if len(bare) > 1:
+        raise InputError(f"one model or run folder at a time, got {bare}")
+    items = [o for o in overrides if "=" in o] + [f"model={w}" for w in bare]
+    values = read_values(config_file, items)
+    if config_file and is_run_dir(Path(config_file).resolve().parent) and not any(o.startswith("model=") for o in items):
+        run = Path(config_file).parent
+        started = values.get("model") or "None (the built-in tiny model)"
+        raise InputError(f"{config_file} is the saved config of the run {run}, and its model={started} is the model that run "
+                         f"started from, not the one it trained: `reinforcepp eval {run}` evaluates the run's latest checkpoint; "
+                         f"add model=... to evaluate another model with these settings")
+    found = find_checkpoint(str(values["model"])) if values.get("model") not in (None, "None", "none", "") else None
+    if found is not None:
+        saved = read_config_file(found.run_dir / "config.yaml")
+        values, notes = eval_settings(found, saved, typed(values))
+        for note in notes:
+            print(f"eval: {note}", file=sys.stderr)
+    elif values.get("model") not in (None, "None", "none", ""):
+        check_model_path(str(values["model"]))
+    values.update(total_steps=1, sft_steps=0, tensorboard=False, kl_placement="none", progress=False, resume=False)
+    return config_from_values(values), found
+
+
+def run_eval(config: LMConfig, found: Any = None, given: Optional[set[str]] = None) -> int:
+    """Evaluate as ``reinforcepp eval`` does: ``found`` (a :class:`~.runs.RunCheckpoint`) at its
+    step's seed; a ``max_new_tokens`` the model cannot hold refused (``given``) or lowered."""
+    from ..errors import InputError
+    from .evaluation import fitting_max_new_tokens, held_out_rows
     from .trainer import Trainer
 
-    try:
-        config = build_config(args.config_file, overrides + fixed, False)
-        with setup_phase("setting up the evaluation"):
-            trainer = Trainer(config)
-        if trainer.eval_data is None:
-            print("reinforcepp eval: no held-out prompts: set eval_data (or train_data with eval_fraction > 0)", file=sys.stderr)
-            return 2
+    given = (given or set()) | ({"max_new_tokens"} if found is not None else set())
+    with setup_phase("setting up the evaluation"):
+        trainer = Trainer(config)
+    if trainer.eval_data is None:
+        print("reinforcepp eval: no held-out prompts: set eval_data (or train_data with eval_fraction > 0)", file=sys.stderr)
+        return 2
+    fit = None if trainer.env_factory is not None else fitting_max_new_tokens(
+        trainer.sampler, held_out_rows(trainer.eval_data, config.eval_max_prompts), config.prompt_column)
+    if fit is not None and config.max_new_tokens > fit[0]:
+        room, context, longest = fit
+        if room < 1:
+            raise InputError(f"held-out prompts of up to {longest} tokens leave no room in the model's context of {context} tokens")
+        if "max_new_tokens" in given:
+            raise InputError(f"max_new_tokens={config.max_new_tokens} does not fit the model's context of {context} tokens after held-out "
+                             f"prompts of up to {longest} tokens: set max_new_tokens={room} or less")
+        print(f"eval: max_new_tokens={config.max_new_tokens} (the default) does not fit the model's context of {context} tokens after "
+              f"held-out prompts of up to {longest} tokens: using max_new_tokens={room} (set it to choose)", file=sys.stderr)
+        config.max_new_tokens = room  # the sampler reads it from this config at each call
+    if found is not None:
+        trainer.step = found.step  # the run's own evaluation at this step sampled with seed + 7919 * step
+        print(f"evaluating {found.run_dir}, checkpoint of step {found.step} ({found.model}), on {trainer.eval_source}, with the run's "
+              f"settings (max_new_tokens={config.max_new_tokens}, eval_samples={config.eval_samples}, seed={config.seed}): the samples "
+              f"of the run's own evaluation at step {found.step}", file=sys.stderr)
+    else:
         print(f"evaluating {config.model or 'the built-in tiny model'} on {trainer.eval_source}", file=sys.stderr)
-        for k, v in trainer.evaluate().items():
-            print(f"{k}: {v:.4f}")
-        if trainer.logger is not None:
-            trainer.logger.close()
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    for k, v in trainer.evaluate().items():
+        print(f"{k}: {v:.4f}")
+    if trainer.logger is not None:
+        trainer.logger.close()
     return 0

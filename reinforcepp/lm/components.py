@@ -33,7 +33,14 @@ from ..remote import is_url, settings_from
 from ..run.rng import set_seed
 from .config import LMConfig
 from .lora import is_lora, load_lora
-from .models import check_model_source, enable_activation_checkpointing, load_causal_lm, load_critic, load_tokenizer
+from .models import (
+    check_model_source,
+    enable_activation_checkpointing,
+    frozen,
+    load_causal_lm,
+    load_critic,
+    load_tokenizer,
+)
 from .reference import Reference, apply_lora, load_reference
 from .runtime import Runtime
 from .warm_start import warm_start
@@ -77,6 +84,8 @@ class Models:
     weights: WeightProvider
     """the policy's full weights for the engine (gathered when sharded, LoRA merged)"""
     lora: bool
+    teacher: Optional[torch.nn.Module] = None
+    """on-policy distillation's teacher (``teacher``), frozen"""
 
 
 @dataclass
@@ -93,6 +102,7 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
     """Every component of a run, built in the order that keeps the random-number stream (and so
     the results) the same on every launch."""
     env_factory = load_env_factory(config, given.env, rt.builtin_task)
+    check_teacher_tokenizer(config, rt, given.tokenizer)  # before any model loads
     tokenizer, policy = load_policy(config, rt, given.model, given.tokenizer)
     # multi-turn: the prompts come from the environments' reset, checked when drawn
     check = prompt_checker(config, tokenizer, policy) if env_factory is None else None
@@ -112,8 +122,32 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
         critic = load_critic(config.critic_model, policy, dtype=rt.parallel.master_dtype, device=rt.parallel.load_device,
                              trust_remote_code=config.trust_remote_code)
     models = parallelize(config, rt, tokenizer, policy, reference, critic, lora)
+    if config.teacher is not None:  # on-policy distillation: frozen, held like the reference
+        teacher = load_causal_lm(config.teacher, dtype=rt.dtype, device=rt.parallel.load_device, trust_remote_code=config.trust_remote_code)
+        models.teacher = rt.parallel.frozen(frozen(teacher))
     engine = build_engine(config.engine, policy, tokenizer, rt.device, config)
     return Components(models, engine, data, scorer, env_factory)
+
+
+def check_teacher_tokenizer(config: LMConfig, rt: Runtime, given_tokenizer: Any) -> None:
+    """``teacher`` must share the policy's tokenizer (the same ids mean the same tokens, or its
+    log-probs say nothing about the policy's samples): checked on the tokenizers alone, before
+    any model loads (ConfigError naming both)."""
+    if config.teacher is None:
+        return
+    from ..remote.protocol import tokenizer_hash
+    from .tasks import ALPHABET, build_char_tokenizer, get_task
+
+    if given_tokenizer is not None:
+        policy_tok = given_tokenizer
+    elif config.tokenizer or config.model:
+        policy_tok = load_tokenizer(config.tokenizer or config.model or "", config.trust_remote_code)
+    else:
+        policy_tok = build_char_tokenizer(get_task(rt.builtin_task).alphabet if rt.builtin_task else ALPHABET)
+    teacher_tok = load_tokenizer(config.teacher, config.trust_remote_code)
+    if tokenizer_hash(teacher_tok) != tokenizer_hash(policy_tok):
+        raise ConfigError(f"teacher={config.teacher}: its tokenizer differs from the policy's ({len(teacher_tok)} against "
+                          f"{len(policy_tok)} tokens, or other ids): distillation needs the same tokenizer")
 
 
 def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module], tokenizer: Any) -> tuple[Any, torch.nn.Module]:
@@ -141,7 +175,8 @@ def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer, model.to(device)
     if config.model is not None:
-        with setup_phase(f"loading {'tokenizer=' + config.tokenizer if config.tokenizer and not tokenizer else 'model=' + config.model}"):
+        named = f"tokenizer={config.tokenizer}" if config.tokenizer and not tokenizer else f"model={config.model}"
+        with setup_phase(f"loading {named}"):
             tok = tokenizer or load_tokenizer(config.tokenizer or config.model, trust)
         with setup_phase(f"loading model={config.model}"):
             return tok, load_causal_lm(config.model, dtype=dtype, device=device, trust_remote_code=trust)
@@ -152,20 +187,20 @@ def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
 
 
 def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: Any,
-              check: Optional[Callable[[Any, str], None]] = None) -> PromptData:
+              check: Optional[Callable[[Any, str, bool], None]] = None) -> PromptData:
     """Training and held-out prompts: the built-in task's (written to ``RUN_DIR/data``), the given
     datasets, or ``train_data`` / ``eval_data`` (``eval_fraction`` of ``train_data`` split off
-    when there is no ``eval_data``). ``check(prompts, where)`` sees every training prompt and the
-    held-out prompts evaluated, before any split (:func:`prompt_checker`)."""
+    when there is no ``eval_data``). ``check(prompts, where, lengths)`` sees every training prompt
+    and the held-out prompts evaluated, before any split (:func:`prompt_checker`)."""
     from .data import load_prompt_dataset, split_eval
     from .evaluation import held_out_rows
 
     if rt.builtin_task is not None:
         from .tasks import get_task, write_task_files
 
-        folder = rt.run_dir / "data"
+        folder = rt.folder.staging() / "data"  # RUN_DIR/data once the run folder is open
         if rt.dist.is_main:
-            write_task_files(get_task(rt.builtin_task), folder, n_train=5000, n_eval=config.eval_max_prompts, seed=config.seed,
+            write_task_files(get_task(rt.builtin_task), folder, n_train=config.task_size, n_eval=config.eval_max_prompts, seed=config.seed,
                              wrong_fraction=config.sft_wrong_fraction)
         rt.dist.barrier()
         train_dataset, eval_dataset = str(folder / "train.jsonl"), str(folder / "eval.jsonl")
@@ -173,11 +208,12 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
     evals = eval_dataset if eval_dataset is not None else config.eval_data
     train = load_prompt_dataset(trains, prompt_column=config.prompt_column) if trains is not None else None
     if check is not None and train is not None:
-        check(train[config.prompt_column], _data_name("train_data", trains))
+        check(train[config.prompt_column], _data_name("train_data", trains), True)
     if evals is not None:
         held_out = load_prompt_dataset(evals, prompt_column=config.prompt_column)
         if check is not None:
-            check([row[config.prompt_column] for row in held_out_rows(held_out, config.eval_max_prompts)], _data_name("eval_data", evals))
+            evaluated = held_out_rows(held_out, config.eval_max_prompts)
+            check([row[config.prompt_column] for row in evaluated], _data_name("eval_data", evals), False)
         named = str(evals) if isinstance(evals, (str, Path)) else "eval_dataset"
         return PromptData(train, held_out, f"the built-in task {rt.builtin_task!r}" if rt.builtin_task else named)
     if train is None:
@@ -187,18 +223,26 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
     return PromptData(train, held_out, f"eval_fraction={config.eval_fraction} of {where}")
 
 
-def prompt_checker(config: LMConfig, tokenizer: Any, policy: torch.nn.Module) -> Callable[[Any, str], None]:
-    """``check(prompts, where)``: every prompt tokenized once at start; an empty one, or one longer
-    than the context allows (without ``truncate_prompts``), is refused naming the data and the row
-    (:func:`~.data.check_prompt_lengths`)."""
+def prompt_checker(config: LMConfig, tokenizer: Any, policy: torch.nn.Module) -> Callable[[Any, str, bool], None]:
+    """``check(prompts, where, lengths)``: every prompt tokenized once at start; an empty one, or
+    (``lengths``) one longer than the context allows (without ``truncate_prompts``), is refused
+    naming the data and the row (:func:`~.data.check_prompt_lengths`). Held-out prompts are checked
+    for emptiness only: ``reinforcepp eval`` fits ``max_new_tokens`` to them, and a training run
+    evaluates them at its start."""
     from .data import check_prompt_lengths, render_prompt
     from .models import prompt_limit
 
-    limit = prompt_limit(policy, config.max_prompt_length, config.max_new_tokens)
+    try:
+        limit: Optional[int] = prompt_limit(policy, config.max_prompt_length, config.max_new_tokens)
+    except ConfigError:  # max_new_tokens leaves no room: said when a prompt is drawn (or fitted by eval)
+        limit = None
 
-    def check(prompts: Any, where: str) -> None:
-        check_prompt_lengths(prompts, lambda prompt: render_prompt(tokenizer, prompt, config.use_chat_template), tokenizer,
-                             limit=limit, truncate=config.truncate_prompts, where=where)
+    def check(prompts: Any, where: str, lengths: bool) -> None:
+        def render(prompt: Any) -> str:
+            return render_prompt(tokenizer, prompt, config.use_chat_template)
+
+        check_prompt_lengths(prompts, render, tokenizer, limit=limit if lengths else None,
+                             truncate=config.truncate_prompts, where=where)
 
     return check
 

@@ -11,16 +11,25 @@ passes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional, cast
 
-from ..config import ConfigError, option
+from ..config import ConfigError, TrustRegionOptions, option
 from ..core import ESTIMATORS, KL_ESTIMATORS, LOSS_AGGS, KLEstimatorName, LossAgg, get_estimator
 from ..engines import ENGINES, check_engine_config
 from ..run.options import RunOptions
 
 
 @dataclasses.dataclass
-class LMConfig(RunOptions):
+class LMConfig(TrustRegionOptions, RunOptions):
+    COMMON = ("model", "train_data", "eval_data", "reward_funcs", "output_dir", "estimator", "lr", "total_steps", "prompts_per_step",
+              "samples_per_prompt", "max_new_tokens", "micro_batch_size", "kl_coef", "eval_every", "save_every", "resume")
+    SECTIONS = (("output_dir", "Run folder and logging"), ("model", "Models"), ("remote_timeout", "Remote services"),
+                ("task", "Data and task"), ("environment", "Multi-turn episodes"), ("reward_funcs", "Rewards"),
+                ("estimator", "Algorithm"), ("trust_region", "Trust region"),
+                ("async_rollouts", "Asynchronous rollouts and off-policy correction"),
+                ("total_steps", "Batch and optimisation"), ("engine", "Generation"),
+                ("eval_every", "Evaluation"), ("sft_steps", "Warm start (built-in tasks)"), ("save_every", "Checkpoints and outputs"))
     # --- models -------------------------------------------------------------------------
     model: Optional[str] = option(None, "policy: a Hugging Face hub name or local path; None = the built-in tiny model")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the policy's)")
@@ -88,7 +97,37 @@ class LMConfig(RunOptions):
     eps_high: float = option(0.2, "upper clip of the importance ratio: 1 + eps_high (DAPO clip-higher: 0.28)")
     dual_clip: Optional[float] = option(None, "dual clip constant c > 1 for negative advantages; None = off")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "importance ratio per token (PPO), or per sequence, the length-normalised sequence ratio (GSPO; pair with small eps_low/eps_high such as 3e-4/4e-4)")
-    tis_cap: Optional[float] = option(None, "truncated importance sampling: each token's policy-gradient loss is multiplied by min(exp(old_logprobs - sampler_logprobs), tis_cap), correcting for the engine sampling with other numerics than the trainer; None = off")
+    policy_loss: Literal["ppo", "cispo", "clip_cov", "kl_cov"] = option(
+        "ppo", "the per-token policy loss (docs/algorithms.md, 'Loss variants'): ppo = the clipped ratio; cispo = the "
+        "REINFORCE term under a clipped, stop-gradient importance weight (MiniMax-M1); clip_cov / kl_cov = PPO with the "
+        "gradient of a few high-covariance tokens detached / KL-penalised (Cui et al. 2025, verl)")
+    cispo_eps_low: Optional[float] = option(None, "cispo: the weight is at least 1 - cispo_eps_low; None = no lower bound (MiniMax-M1)")
+    cispo_eps_high: float = option(4.0, "cispo: the weight is at most 1 + cispo_eps_high (ScaleRL's and SkyRL's 5)")
+    clip_cov_ratio: float = option(2e-4, "clip_cov: fraction of the real tokens whose gradient is detached (verl: 2e-4)")
+    clip_cov_lb: float = option(1.0, "clip_cov: tokens are drawn among those with covariance in (clip_cov_lb, clip_cov_ub)")
+    clip_cov_ub: float = option(5.0, "clip_cov: upper bound of that covariance band")
+    kl_cov_ratio: float = option(2e-4, "kl_cov: fraction of the real tokens, those of largest covariance, that are KL-penalised (verl: 2e-4)")
+    kl_cov_coef: float = option(1.0, "kl_cov: coefficient of the |logp - old_logp| penalty on them")
+    teacher: Optional[str] = option(
+        None, "on-policy distillation: a model (path or hub name) whose per-token reverse KL to the policy, "
+        "-(logp - teacher_logp) on every sampled token, is added to the token rewards (weighted by teacher_coef); it must "
+        "share the policy's tokenizer; token-level estimators only (reinforce_pp, reinforce_pp_baseline, reinforce, gae)")
+    teacher_coef: float = option(1.0, "teacher: weight of the distillation reward")
+    # --- asynchronous rollouts and off-policy correction (docs/algorithms.md) -------------------
+    async_rollouts: int = option(
+        0, "N > 0: the engine generates the rollouts of steps t+1..t+N (with its own copy of the weights) while the trainer "
+        "updates on step t; a sample is at most N policy versions old; 0 = the synchronous loop")
+    partial_rollouts: bool = option(
+        False, "async_rollouts: generate each response in N+1 segments, the weights advancing one version per segment (the "
+        "last segment on-policy): a generation in flight when the weights change continues under the new ones")
+    rollout_correction: Optional[Literal["none", "truncate", "mask"]] = option(
+        None, "off-policy correction of each token's policy-gradient loss by w = pi_old / mu (the engine's sampling "
+        "log-probs mu): truncate = min(w, rollout_correction_high); mask = 0 outside [low, high]; none; None = truncate "
+        "with async_rollouts > 0, else none")
+    rollout_correction_level: Literal["token", "sequence", "geometric"] = option(
+        "token", "the weight per token, per response (the product of its tokens' weights) or as their geometric mean")
+    rollout_correction_low: Optional[float] = option(None, "mask: the lower bound of the weight (None = 0)")
+    rollout_correction_high: float = option(2.0, "truncate: the cap of the weight; mask: its upper bound (verl's default: 2)")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]] = option(None, "loss aggregation; None = the estimator's (token-mean; seq-mean-token-sum-norm for dr_grpo)")
     value_clip: Optional[float] = option(0.2, "gae: clip range of the value loss; None = unclipped")
@@ -98,7 +137,15 @@ class LMConfig(RunOptions):
     prompts_per_step: int = option(16, "prompts per rollout")
     samples_per_prompt: int = option(4, "responses sampled per prompt (group size)")
     mini_batch_size: Optional[int] = option(None, "responses per optimizer step; None = the whole rollout")
-    micro_batch_size: int = option(16, "responses per forward/backward (gradient accumulation inside a mini-batch)")
+    micro_batch_size: int = option(16, "responses per forward/backward (gradient accumulation inside a mini-batch); unused with micro_batch_tokens")
+    micro_batch_tokens: Optional[int] = option(
+        None, "micro-batches of at most this many tokens (prompt + response, a shared prompt counted once) instead of a "
+        "count of responses, balanced (first-fit decreasing, then largest-first), and under torchrun the groups spread "
+        "over the ranks by tokens; None = micro_batch_size responses each")
+    pack_sequences: bool = option(
+        False, "run each forward of the update, the old and reference log-probs and the critic as one packed row: no "
+        "padding, positions restarting per sequence, attention kept inside each (with share_prompt a prompt and its "
+        "responses form one tree); llama, qwen2, qwen3 with sdpa, eager, flex or flash attention")
     epochs: int = option(1, "passes over each rollout")
     lr: float = option(1e-6, "policy learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine"] = option("constant", "after warmup: constant, or cosine decay to lr_min_ratio * lr")
@@ -127,8 +174,10 @@ class LMConfig(RunOptions):
     sft_lr: float = option(3e-3, "warm-start learning rate")
     sft_batch_size: int = option(32, "warm-start batch size")
     sft_wrong_fraction: float = option(0.0, "built-in tasks: fraction of warm-start demonstrations that show the task's plausible wrong behaviour (mixed-quality data)")
+    task_size: int = option(5000, "built-in tasks: training prompts generated (a small set, e.g. 16, to study overfitting against the held-out prompts)")
+    reward_noise: float = option(0.0, "standard deviation of Gaussian noise added to each training sample's reward (seeded by run seed, rank, step and round; evaluations see the clean reward): to study estimators under a noisy reward")
     # --- outputs ------------------------------------------------------------------------------
-    save_every: int = option(0, "checkpoint every this many steps; 0 = only at the end")
+    save_every: int = option(10, "checkpoint every this many steps and at the end (keep_last are kept), so that a stopped run resumes from at most this many steps back; 0 = only at the end. A checkpoint writes about 12 bytes per policy parameter (weights and AdamW moments); on the built-in task each takes 0.01-0.1 s, under 1.5% of the steps' time (docs/lm.md, \"Outputs, checkpoints, resuming\")")
     log_samples_every: int = option(10, "write sample completions with rewards every this many steps; 0 = never")
     num_logged_samples: int = option(4, "completions written each time")
     profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")
@@ -156,6 +205,93 @@ class LMConfig(RunOptions):
         if self.fsdp and (self.dynamic_filtering or self.reward_on_error == "drop"):
             key = "dynamic_filtering=true" if self.dynamic_filtering else "reward_on_error=drop"
             raise ConfigError(f"fsdp=true with {key}: sharded forwards need the same number of responses on every rank, which dropping groups breaks")
+
+    def _validate_async(self) -> None:
+        """Asynchronous rollouts and the off-policy correction, before any model loads."""
+        from ..core import check_rollout_correction
+        from ..engines import get_engine
+
+        if self.async_rollouts < 0:
+            raise ConfigError(f"async_rollouts must be >= 0 (0 = synchronous), got {self.async_rollouts}")
+        if self.partial_rollouts and not self.async_rollouts:
+            raise ConfigError("partial_rollouts=true continues generations across weight updates of asynchronous rollouts; "
+                              "set async_rollouts >= 1")
+        mode, low, high = self.resolved_rollout_correction, self.rollout_correction_low, self.rollout_correction_high
+        if mode == "none" and (low is not None or high != 2.0):
+            raise ConfigError("rollout_correction_low/high are set but rollout_correction=none: set rollout_correction=truncate or mask")
+        if not (math.isfinite(high) and high > 0):
+            raise ConfigError(f"rollout_correction_high must be a finite number > 0, got {high}")
+        if low is not None and mode != "mask":
+            raise ConfigError(f"rollout_correction_low={low} applies to rollout_correction=mask only (truncate caps from above)")
+        if mode == "mask" and not ((low or 0.0) <= 1.0 <= high):
+            raise ConfigError(f"rollout_correction_low={low} and rollout_correction_high={high} must bracket 1 (an on-policy "
+                              "token's weight): low <= 1 <= high")
+        bounds = {"low": low, "high": high if mode != "none" else None}
+        try:
+            check_rollout_correction(mode, self.rollout_correction_level, **bounds)
+        except ValueError as e:
+            raise ConfigError(f"rollout_correction={mode}, rollout_correction_level={self.rollout_correction_level}: {e}") from None
+        engine = get_engine(self.engine)
+        if mode != "none" and not engine.logprobs:
+            raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and engine {self.engine!r} "
+                              "does not report them: set rollout_correction=none")
+        if self.async_rollouts and not engine.seeded:
+            raise ConfigError(f"async_rollouts needs an engine that draws from its own seed; engine {self.engine!r} draws from "
+                              "the generator the trainer uses: use engine=hf or vllm")
+        if self.async_rollouts and self.vllm_sleep:
+            raise ConfigError("async_rollouts keeps vLLM generating while the trainer updates; vllm_sleep=true would put it to "
+                              "sleep then: set vllm_sleep=false")
+
+    def _validate_natural(self) -> None:
+        """``trust_region=natural`` and the options it cannot honour, before any model loads."""
+        if self.trust_region != "natural":
+            return
+        critic = get_estimator(self.estimator).needs_critic
+        refusals = {
+            "fsdp=true": self.fsdp,
+            f"entropy_coef={self.entropy_coef} (the natural step follows mean(ratio * A) alone, as TRPO)": self.entropy_coef != 0,
+            f"dual_clip={self.dual_clip} (an option of the clipped ratio)": self.dual_clip is not None,
+            "importance_sampling_level=sequence": self.importance_sampling_level != "token",
+            f"torch_compile={self.torch_compile} (the natural step runs the plain policy)": self.torch_compile in ("update", "all"),
+            f"epochs={self.epochs} / mini_batch_size={self.mini_batch_size} (one natural step per rollout; they apply to a "
+            "critic, and this estimator has none)": not critic and (self.epochs != 1 or self.mini_batch_size is not None),
+        }
+        for what, refused in refusals.items():
+            if refused:
+                raise ConfigError(f"trust_region=natural cannot honour {what}: use trust_region=clip, or drop it")
+
+    def _validate_losses(self) -> None:
+        """The policy loss, its own options (refused under another loss), distillation, the task's knobs."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        owners = {"cispo": ("cispo_eps_low", "cispo_eps_high"), "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+                  "kl_cov": ("kl_cov_ratio", "kl_cov_coef")}
+        for loss, keys in owners.items():
+            changed = [k for k in keys if getattr(self, k) != defaults[k]]
+            if changed and self.policy_loss != loss:
+                raise ConfigError(f"{changed[0]} is set but policy_loss={self.policy_loss}; it applies to policy_loss={loss} only")
+        if self.policy_loss != "ppo":
+            for what, on in (("dual_clip", self.dual_clip is not None), ("importance_sampling_level=sequence", self.importance_sampling_level != "token"),
+                             ("trust_region=natural", self.trust_region != "clip")):
+                if on:
+                    raise ConfigError(f"policy_loss={self.policy_loss} with {what}: that goes with policy_loss=ppo only")
+        if self.cispo_eps_high <= 0 or (self.cispo_eps_low is not None and not 0 < self.cispo_eps_low <= 1):
+            raise ConfigError(f"need cispo_eps_high > 0 and 0 < cispo_eps_low <= 1 (or None), got {self.cispo_eps_high}, {self.cispo_eps_low}")
+        if not 0 < self.clip_cov_ratio <= 1 or self.clip_cov_lb >= self.clip_cov_ub or not 0 < self.kl_cov_ratio <= 1 or self.kl_cov_coef < 0:
+            raise ConfigError("need 0 < clip_cov_ratio <= 1, clip_cov_lb < clip_cov_ub, 0 < kl_cov_ratio <= 1 and kl_cov_coef >= 0")
+        if self.teacher is not None and not get_estimator(self.estimator).kl_in_reward:
+            raise ConfigError(f"teacher={self.teacher}: the distillation reward is per token, and estimator {self.estimator!r} "
+                              "broadcasts one advantage per response: use reinforce_pp, reinforce_pp_baseline, reinforce or gae")
+        if self.teacher is None and self.teacher_coef != 1.0:
+            raise ConfigError("teacher_coef is set but teacher is not: name the teacher model with teacher=PATH")
+        if self.task_size < 1 or self.reward_noise < 0:
+            raise ConfigError(f"need task_size >= 1 and reward_noise >= 0, got {self.task_size}, {self.reward_noise}")
+
+    @property
+    def resolved_rollout_correction(self) -> str:
+        """``rollout_correction``, with None resolved: truncate with asynchronous rollouts, else none."""
+        if self.rollout_correction is not None:
+            return self.rollout_correction
+        return "truncate" if self.async_rollouts else "none"
 
     @classmethod
     def tiny(cls, **overrides) -> "LMConfig":
@@ -225,7 +361,8 @@ class LMConfig(RunOptions):
     def resolved(self) -> dict:
         """The config with every None-means-default choice written out (saved in the run)."""
         d = self.to_dict()
-        d.update(task=self.builtin_task, kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator, loss_agg=self.resolved_loss_agg)
+        d.update(task=self.builtin_task, kl_placement=self.resolved_kl_placement, kl_estimator=self.resolved_kl_estimator,
+                 loss_agg=self.resolved_loss_agg, rollout_correction=self.resolved_rollout_correction)
         return d
 
     def validate(self) -> None:
@@ -255,7 +392,9 @@ class LMConfig(RunOptions):
             raise ConfigError(f"estimator {self.estimator!r} compares samples of one prompt: it needs samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.rollout_size % self.mini_batch_responses:
             raise ConfigError(f"mini_batch_size={self.mini_batch_responses} does not divide the rollout of prompts_per_step x samples_per_prompt = {self.rollout_size} responses")
-        if self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 2:
+            raise ConfigError(f"micro_batch_tokens must be >= 2 (a prompt token and a response token), got {self.micro_batch_tokens}")
+        if self.micro_batch_tokens is None and self.mini_batch_responses % self.micro_batch_size and self.mini_batch_responses > self.micro_batch_size:
             raise ConfigError(f"micro_batch_size={self.micro_batch_size} does not divide mini_batch_size={self.mini_batch_responses}")
         placement = self.resolved_kl_placement
         if self.dynamic_filtering and self.samples_per_prompt < 2:
@@ -282,8 +421,9 @@ class LMConfig(RunOptions):
             raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got {self.eps_low}, {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            raise ConfigError(f"tis_cap must be > 0 (OpenRLHF and verl use 2 to 10), got {self.tis_cap}")
+        self._validate_async()
+        self._validate_natural()
+        self._validate_losses()
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("kl_coef must be >= 0 and kl_target > 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

@@ -48,8 +48,8 @@ def check_jsonl(path: Path) -> None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                 "save the file as UTF-8") from None
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -103,23 +103,26 @@ def check_utf8(path: Path) -> None:
             except UnicodeDecodeError as e:
                 before = block[: max(0, e.start)]
                 column = len(before) - before.rfind(newline)
-                raise InputError(f"{path}:{line + before.count(newline)}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                                 f"column {column}); save the file as UTF-8") from None
+                at = line + before.count(newline)
+                raise InputError(f"{path}:{at}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {column}); "
+                                 "save the file as UTF-8") from None
             line += block.count(newline)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise InputError(f"{path}: not UTF-8 text (the file ends inside a character); save the file as UTF-8") from None
+            raise InputError(f"{path}: not UTF-8 text (the file ends inside a character); "
+                             "save the file as UTF-8") from None
 
 
 def load_prompt_dataset(
     source: Union[str, Path, datasets.Dataset, datasets.DatasetDict],
     *,
     split: Optional[str] = None,
-    prompt_column: str = "prompt",
+    prompt_column: Optional[str] = "prompt",
     config_name: Optional[str] = None,
 ) -> datasets.Dataset:
-    """Load a prompt dataset and validate its prompt column.
+    """Load a prompt dataset and validate its prompt column (``None``: no check, the caller
+    checks the columns it reads).
 
     Args:
         source: a ``Dataset``; a ``DatasetDict`` (its ``split``, default ``"train"``); a path to a
@@ -156,7 +159,8 @@ def load_prompt_dataset(
         raise TypeError(f"source must be a Dataset, DatasetDict, path or hub name, got {type(source).__name__}")
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
-    check_prompt_column(dataset, prompt_column)
+    if prompt_column is not None:
+        check_prompt_column(dataset, prompt_column)
     return dataset
 
 
@@ -171,10 +175,14 @@ def check_prompt_column(dataset: datasets.Dataset, prompt_column: str = "prompt"
         near = difflib.get_close_matches(prompt_column, columns, n=1, cutoff=0.5)
         lower = [c for c in columns if c.lower() == prompt_column.lower()]
         hint = lower[0] if lower else (near[0] if near else None)
-        raise ValueError(
-            f"prompt column {prompt_column!r} not in the dataset; available columns: {columns}"
-            + (f"; did you mean {hint!r}? (set prompt_column={hint!r})" if hint else "")
-        )
+        chat = [c for c in columns if len(dataset) and isinstance(dataset[0][c], list) and _prompt_problem(dataset[0][c]) is None]
+        if hint is None and chat:  # TRL's conversational data: a `messages` column
+            hint = chat[0]
+            said = (f"; column {hint!r} holds chat messages: set prompt_column={hint!r} if they end before the answer "
+                    "(whole conversations with the answer are warm-start data: `reinforcepp sft data=...`)")
+        else:
+            said = f"; did you mean {hint!r}? (set prompt_column={hint!r})" if hint else ""
+        raise ValueError(f"prompt column {prompt_column!r} not in the dataset; available columns: {columns}" + said)
     if len(dataset) == 0:
         raise ValueError("the prompt dataset is empty")
     for i, value in enumerate(dataset[prompt_column]):
@@ -274,7 +282,7 @@ def check_prompt_lengths(
     render: Any,
     tokenizer: Any,
     *,
-    limit: int,
+    limit: Optional[int],
     truncate: bool,
     where: str,
     batch_size: int = 1024,
@@ -289,7 +297,7 @@ def check_prompt_lengths(
         prompts: the dataset's prompt column (strings or chat messages).
         render: prompt -> the text the policy continues (:func:`render_prompt`).
         tokenizer: the policy's tokenizer (called on a list of texts, ``add_special_tokens=False``).
-        limit: the most tokens a prompt may have (:func:`~.models.prompt_limit`).
+        limit: the most tokens a prompt may have (:func:`~.models.prompt_limit`); None: any.
         truncate: ``truncate_prompts``: a longer prompt is cut when drawn, not refused.
         where: the data's name in messages (``train_data=prompts.jsonl``).
     """
@@ -303,10 +311,10 @@ def check_prompt_lengths(
             if n == 0 or (isinstance(prompt, str) and not prompt.strip()):
                 raise InputError(f"{where} row {start + j}: the prompt is empty ({prompt!r}, {n} tokens); "
                                  "every prompt needs text for the policy to continue")
-            if n > limit and not truncate:
-                raise InputError(f"{where} row {start + j}: a prompt has {n} tokens > {limit} allowed (max_prompt_length, or "
-                                 f"the model's context minus max_new_tokens); shorten it or set truncate_prompts=true: "
-                                 f"{text[:60]!r}")
+            if limit is not None and n > limit and not truncate:
+                raise InputError(f"{where} row {start + j}: a prompt has {n} tokens > {limit} allowed "
+                                 "(max_prompt_length, or the model's context minus max_new_tokens); shorten it or set "
+                                 f"truncate_prompts=true: {text[:60]!r}")
 
 
 # --- batching ---------------------------------------------------------------------------------

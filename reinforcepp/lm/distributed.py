@@ -2,7 +2,7 @@
 
 Every rank handles ``prompts_per_step / world_size`` prompts of each step: it generates and scores them, and keeps its groups whole (group baselines
 need no communication). What must be global is made global by summing, never by averaging
-per-rank means (ALGORITHM.md):
+per-rank means (docs/algorithms.md, "Normalisation: token-weighted, over the global batch"):
 
 * whitening statistics: the core's ``reduce`` hook all-reduces the partial sums;
 * the loss normaliser: each optimizer window's token (and sequence) count is all-reduced, so
@@ -48,6 +48,16 @@ class DistContext:
             return value
         return float(all_reduce_sum(torch.tensor([value], dtype=torch.float64))[0])
 
+    def max(self, value: float) -> float:
+        """The largest ``value`` over the ranks."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean over ranks (every rank holds the same number of responses), min/max for keys
         ending in ``/min`` / ``/max``, sums for counts."""
@@ -65,7 +75,7 @@ class DistContext:
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         out = {}
         for i, k in enumerate(keys):
-            if k.endswith("/min"):
+            if k.endswith(("/min", "_min")):
                 out[k] = float(low[i])
             elif k.endswith(("/max", "_max")) or k.startswith("time/"):
                 out[k] = float(high[i])  # the slowest rank sets the step time

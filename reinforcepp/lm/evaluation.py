@@ -6,7 +6,7 @@ uses its own seeded RNG (``seed + 7919 * step``), so evaluating never changes th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -14,6 +14,7 @@ from ..agents.rollout import episode_metrics
 from ..core import pass_at_k
 from ..run.timer import PhaseTimer
 from .config import LMConfig
+from .models import context_length
 from .rollout import RolloutSampler
 
 
@@ -23,8 +24,8 @@ def held_out_rows(data: Any, max_prompts: int) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: int, timer: PhaseTimer) -> tuple[dict[str, float], bool]:
-    """Metrics ``eval/*`` of ``rows``: greedy accuracy (``eval/accuracy``, pass@1 of the greedy
-    answer) and mean reward, and with ``eval_samples`` samples at ``eval_temperature`` the
+    """Metrics ``eval/*`` of ``rows``: greedy accuracy (``eval/accuracy``, the fraction of greedy
+    answers that pass) and mean reward, and with ``eval_samples`` samples at ``eval_temperature`` the
     sampled mean reward, ``eval/any_correct_of_n`` and the unbiased ``eval/pass@k`` (Chen et
     al. 2021) for ``k = 1, 2, 4, ... < n``. Also returns whether every reward was 0 or 1."""
     n = config.eval_samples
@@ -47,3 +48,14 @@ def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: 
             metrics[f"eval/pass@{k}"] = float(pass_at_k(n, correct, k).mean())
     every = torch.cat([greedy.rewards, sampled.rewards])
     return metrics, bool(((every == 0) | (every == 1)).all())
+
+
+def fitting_max_new_tokens(sampler: RolloutSampler, rows: list[dict], prompt_column: str) -> Optional[tuple[int, int, int]]:
+    """``(fit, context, longest)``: the largest ``max_new_tokens`` that the policy's context of
+    ``context`` tokens holds after the longest of ``rows``' rendered prompts (``longest`` tokens);
+    None when the model does not state its context."""
+    context = context_length(sampler.policy)
+    if context is None or not rows:
+        return None
+    longest = max(len(sampler.tokenizer(sampler.render(row[prompt_column]), add_special_tokens=False)["input_ids"]) for row in rows)
+    return context - longest, context, longest

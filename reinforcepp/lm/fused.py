@@ -1,7 +1,8 @@
 """Old log-probs from the update's own forward: REINFORCE++ at the cost of its math.
 
-ALGORITHM.md, "The training step", step 3 computes ``old_logprobs`` with a no-gradient forward
-before the advantages, because REINFORCE++ puts the KL in the token rewards,
+The training step (docs/lm.md, "The training step and its batch sizes") computes
+``old_logprobs`` with a no-gradient forward before the advantages, because REINFORCE++ puts
+the KL in the token rewards,
 ``r[i,t] = -beta * (old_logp - ref_logp)[i,t] (+ R_i on the last token)``, so the advantages
 need them. When the rollout is used once (one epoch, one mini-batch per step), the update
 starts from the very weights that produced the rollout, and its first forward computes exactly
@@ -54,20 +55,21 @@ class HeldForwards:
     def __len__(self) -> int:
         return len(self._held)
 
-    def run(self, forward: Callable[[PromptResponseBatch], TokenLogprobs], batch: PromptResponseBatch, micro_batch_size: int) -> Tensor:
-        """``forward`` over ``batch`` in micro-batches of ``micro_batch_size`` rows (graphs kept).
+    def run(self, forward: Callable[[PromptResponseBatch], TokenLogprobs], batch: PromptResponseBatch, micro: list[list[int]]) -> Tensor:
+        """``forward`` over ``batch`` in the micro-batches ``micro`` (row indices; graphs kept).
 
         Returns:
             ``(N, T)`` float32 ``old_logprobs`` on the CPU, detached.
         """
         self._held = []
-        olds = []
-        for start in range(0, len(batch.input_ids), micro_batch_size):
-            part = batch.select(slice(start, start + micro_batch_size))
+        old = torch.zeros(batch.response_mask.shape)
+        for rows in micro:
+            index = torch.tensor(rows, dtype=torch.long)
+            part = batch.select(index)
             out = forward(part)
             self._held.append((part.input_ids, out))
-            olds.append(out.logprobs.detach().float().cpu())
-        return torch.cat(olds, 0)
+            old[index] = out.logprobs.detach().float().cpu()
+        return old
 
     def take(self, input_ids: Tensor) -> TokenLogprobs | None:
         """The held forward of the micro-batch ``input_ids``, or None (then nothing is held any

@@ -67,6 +67,14 @@ def response_logprobs(
     Returns:
         :class:`TokenLogprobs` with ``(B, T)`` tensors.
     """
+    logits = response_logits(model, input_ids, attention_mask, response_length, temperature=temperature, share_prompt=share_prompt)
+    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
+
+
+def response_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int, *,
+                    temperature: float = 1.0, share_prompt: bool = False) -> Tensor:
+    """``(B, T, V)`` logits that predict the ``T`` response tokens (position ``t`` predicts token
+    ``t``), divided by ``temperature``; with ``share_prompt`` each distinct prompt runs once."""
     logits = shared_prompt_logits(model, input_ids, attention_mask, response_length) if share_prompt else None
     if logits is None:
         out = model(
@@ -77,9 +85,7 @@ def response_logprobs(
             use_cache=False,
         )
         logits = out.logits[:, :-1]  # position j predicts token j + 1
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Optional[Tensor]:

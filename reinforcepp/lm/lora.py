@@ -81,6 +81,11 @@ class AdaptersOff(torch.nn.Module):
         super().__init__()
         self._policy = [policy]
 
+    @property
+    def wrapped_model(self) -> torch.nn.Module:
+        """The policy it forwards to (:func:`reinforcepp.engines.kv_cache.unwrap` reads it)."""
+        return self._policy[0]
+
     def forward(self, *args, **kwargs):
         policy = self._policy[0]
         with policy.disable_adapter():

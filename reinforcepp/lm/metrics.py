@@ -1,6 +1,7 @@
 """What a step logs about its rollout, the samples file, and the KL-share warning.
 
-docs/algorithms.md, "Metrics every run logs": reward mean/std/min/max and per source, response
+docs/algorithms.md, "What the metrics mean": reward mean/std/min/max and per source, the groups
+whose rewards are all equal and the mean within-group std, response
 length and truncation, KL to the reference and beta, advantage statistics (token- and
 sample-weighted), the episode counters of multi-turn runs.
 """
@@ -13,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from ..agents.rollout import episode_metrics
-from ..core import advantage_stats, kl_return_share, masked_mean
+from ..core import advantage_stats, group_reward_stats, kl_return_share, masked_mean, staleness_stats
 from .experience import Experience
 from .rollout import Rollout
 
 
-def rollout_metrics(rollout: Rollout, exp: Experience, beta: float) -> dict[str, float]:
-    """This rank's rollout metrics (the trainer reduces them over ranks)."""
+def rollout_metrics(
+    rollout: Rollout, exp: Experience, beta: float, version: int, samples_per_prompt: int, reduce: Any = None
+) -> dict[str, float]:
+    """This rank's rollout metrics (the trainer reduces them over ranks); ``version``: the
+    policy version the update starts from (staleness is counted against it)."""
     mask = exp.response_mask
     lengths = mask.sum(1)
     r = rollout.rewards
@@ -37,6 +41,8 @@ def rollout_metrics(rollout: Rollout, exp: Experience, beta: float) -> dict[str,
         **rollout.counts,
         **episode_metrics(rollout.generation),
     }
+    if samples_per_prompt > 1 and r.numel() % samples_per_prompt == 0:
+        m.update(group_reward_stats(r, samples_per_prompt))
     for name, values in rollout.per_source.items():  # NaN where the source did not score
         m[f"reward/{name}"] = float(values.nanmean())
     if exp.kl is not None:
@@ -45,6 +51,12 @@ def rollout_metrics(rollout: Rollout, exp: Experience, beta: float) -> dict[str,
         m["kl/return_share"] = kl_return_share(rollout.rewards, exp.kl, mask, beta)
     if exp.values is not None:
         m["critic/value_mean"] = float(masked_mean(exp.values, mask))
+    if exp.teacher_logprobs is not None and exp.old_logprobs is not None:  # the reverse KL to the teacher
+        diff = (exp.old_logprobs - exp.teacher_logprobs) * mask
+        m["distill/reverse_kl"] = float(diff.sum() / mask.sum().clamp_min(1))
+        m["distill/reverse_kl_sequence"] = float(diff.sum() / mask.shape[0])
+    if exp.token_versions is not None:
+        m.update(staleness_stats(exp.token_versions, mask, version, reduce))
     return m
 
 

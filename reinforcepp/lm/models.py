@@ -57,7 +57,8 @@ def check_model_source(key: str, value: str, kind: str = "model") -> None:
     elif path.exists():
         raise InputError(f"{key}={value}: a file, not a {kind} folder ({what})")
     elif value.startswith((".", "/", "~")) or value.count("/") > 1 or not value.strip():
-        raise InputError(f"{key}={value}: no such {kind} folder (cwd {Path.cwd()}); give a local folder or a hub name 'org/model'")
+        raise InputError(f"{key}={value}: no such {kind} folder (cwd {Path.cwd()}); "
+                         "give a local folder or a hub name 'org/model'")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -73,13 +74,18 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, safetensors_only: bool = False) -> torch.nn.Module:
+def load_causal_lm(
+    name_or_path: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+    safetensors_only: bool = False,
+) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained``; ``safetensors_only`` (models in a run directory,
     which reinforcepp always writes as safetensors) refuses pickle weight files."""
     from transformers import AutoModelForCausalLM
 
     extra = {"use_safetensors": True} if safetensors_only else {}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+    )
     return realign(torch.nn.Module.to(model, device))
 
 
@@ -121,19 +127,26 @@ def prompt_limit(model: torch.nn.Module, max_prompt_length: int, max_new_tokens:
     if max_new_tokens >= context:
         from ..config import ConfigError
 
-        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens")
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
     return min(max_prompt_length, context - max_new_tokens)
 
 
 def enable_activation_checkpointing(model: Any) -> None:
-    """Recompute activations in the backward pass (non-reentrant checkpointing of each layer),
-    with the method the installed transformers names for it: ``activation_checkpointing_enable``
-    (5.2x; ``gradient_checkpointing_enable`` is deprecated there, removed in v6) or the older
-    ``gradient_checkpointing_enable`` (5.4)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute activations in the backward pass instead of keeping them (non-reentrant
+    ``torch.utils.checkpoint``), on a Hugging Face model or a PEFT wrapper of one.
+
+    Newer transformers releases (5.25, the newest we support) name this
+    ``activation_checkpointing_enable`` and keep ``gradient_checkpointing_enable`` as a deprecated
+    alias (removed in v6); the older ones (5.4, our floor) know only ``gradient_checkpointing_enable``.
+    Call this rather than either name."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -168,14 +181,27 @@ class ValueModel(torch.nn.Module):
         backbone.requires_grad_(True)
         return cls(backbone, lm.config.hidden_size).to(next(lm.parameters()).device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
-        """``(B, P + T)`` -> ``(B, T)`` float32 values."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int, packed: bool = False) -> Tensor:
+        """``(B, P + T)`` -> ``(B, T)`` float32 values; ``packed``: computed on one packed row
+        (:func:`~.packing.packed_hidden`), 0 after each response's end."""
+        if packed:
+            from .packing import packed_hidden
+
+            h, rows, cols = packed_hidden(self.backbone, input_ids, attention_mask, response_length)
+            values = torch.zeros(input_ids.shape[0], response_length, device=input_ids.device)
+            return values.index_put((rows, cols), self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float())
+        positions = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
         h = hidden[:, -response_length - 1 : -1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
 
-def load_critic(name_or_path: Optional[str], policy: torch.nn.Module, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> ValueModel:
+def load_critic(
+    name_or_path: Optional[str], policy: torch.nn.Module, *, dtype: torch.dtype, device: torch.device,
+    trust_remote_code: bool = False,
+) -> ValueModel:
     if name_or_path is None:
         return ValueModel.from_causal_lm(policy)
     check_model_source("critic_model", name_or_path)

@@ -51,16 +51,13 @@ def summary(rows: list[dict], peak_flops: float) -> str:
 
 
 def update_tokens(batch, micro_batch_size: int, share_prompt: bool) -> int:
-    """Real tokens one pass of the update computes over ``batch`` (a ``PromptResponseBatch``):
-    every response token, plus the prompt tokens, each distinct prompt of a micro-batch counted
-    once when ``share_prompt`` runs it once for all its samples (otherwise once per sample)."""
-    p = batch.input_ids.shape[1] - batch.response_length
-    total = int(batch.response_mask.sum())
-    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
-        ids, attn = batch.input_ids[start : start + micro_batch_size, :p], batch.attention_mask[start : start + micro_batch_size, :p]
-        if share_prompt and ids.shape[0] > 0:
-            _, inverse = torch.unique(ids, dim=0, return_inverse=True)
-            first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=torch.long).scatter_reduce(0, inverse, torch.arange(ids.shape[0]), "amin")
-            attn = attn[first]
-        total += int(attn.sum())
-    return total
+    """Real tokens one pass of the update computes over ``batch`` (a ``PromptResponseBatch``) cut
+    into micro-batches of ``micro_batch_size`` rows: every response token, plus the prompt tokens,
+    each distinct prompt of a micro-batch counted once when ``share_prompt`` runs it once for all
+    its samples (otherwise once per sample). (:func:`~.micro_batches.update_token_counts`)"""
+    from .micro_batches import plan, prompt_groups, update_token_counts
+
+    micro = plan(batch.attention_mask, batch.input_ids, batch.response_length, micro_batch_size=micro_batch_size,
+                 micro_batch_tokens=None, share_prompt=share_prompt)
+    groups = prompt_groups(batch.input_ids, batch.response_length) if share_prompt else None
+    return update_token_counts(batch.attention_mask, batch.response_length, micro, packed=True, groups=groups)[1]

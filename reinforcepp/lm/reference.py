@@ -74,8 +74,8 @@ def load_reference(config: LMConfig, rt: Runtime, policy: torch.nn.Module, token
                                          trust_remote_code=config.trust_remote_code))
     if rt.resume_from is not None:
         return _resumed_reference(config, rt, lora)
-    if rt.dist.is_main:
-        _record_initial(config, rt, policy, tokenizer, given_policy=given_policy, lora=lora)
+    if rt.dist.is_main:  # when the run folder opens: at once, or when training starts (runtime.RunFolder)
+        rt.folder.when_open(lambda run_dir: _record_initial(config, run_dir, policy, tokenizer, given_policy=given_policy, lora=lora))
     return None if lora else frozen_copy(policy)
 
 
@@ -89,10 +89,11 @@ def _connect_remote(config: LMConfig, reference: RemoteReference, policy: torch.
     return reference
 
 
-def _record_initial(config: LMConfig, rt: Runtime, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool, lora: bool) -> None:
+def _record_initial(config: LMConfig, run_dir: Path, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool, lora: bool) -> None:
     """What a resumed run reloads the reference from: a record of an unchanged local model
-    directory, or a copy (under LoRA with a named model: nothing, the base is that model)."""
-    saved, record = rt.run_dir / "reference", rt.run_dir / REFERENCE_RECORD
+    directory, or a copy (under LoRA with a named model: nothing, the base is that model). Written
+    before the first update, so ``policy`` is the initial policy."""
+    saved, record = run_dir / "reference", run_dir / REFERENCE_RECORD
     if not given_policy and config.model is not None and Path(config.model).is_dir():
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"path": str(Path(config.model).resolve()), "sha256": weights_fingerprint(config.model)}, indent=1))
@@ -134,14 +135,15 @@ def check_reference_record(config: LMConfig, rt: Runtime, lora: bool) -> Optiona
     info = read_reference_record(record)
     if "copy" in info:
         if not saved.is_dir() or weights_fingerprint(str(saved)) != info["sha256"]:
-            raise RunDirError(f"cannot resume: the reference copy {saved} does not hold the files recorded in {record} (sha256); "
-                              "restore it from where the run was copied, or set ref_model=PATH to use another reference")
+            raise RunDirError(f"cannot resume: the reference copy {saved} does not hold the files recorded in "
+                              f"{record} (sha256); restore it from where the run was copied, or set ref_model=PATH "
+                              "to use another reference")
         return saved
     path = Path(info["path"])
     if config.model is None or Path(config.model).expanduser().resolve() != path:
-        raise RunDirError(f"cannot resume: {record} names {path} as the initial model and reference, and a run folder never "
-                          f"chooses a model: give model={path} (the run's model) if you trust it, or ref_model=PATH "
-                          f"for another reference (your model: {config.model})")
+        raise RunDirError(f"cannot resume: {record} names {path} as the initial model and reference, and a run "
+                          f"folder never chooses a model: give model={path} (the run's model) if you trust it, or "
+                          f"ref_model=PATH for another reference (your model: {config.model})")
     if not path.is_dir() or weights_fingerprint(str(path)) != info["sha256"]:
         raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run "
                           f"started (sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
@@ -156,9 +158,14 @@ def read_reference_record(record: Path) -> dict[str, Any]:
         info = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RunDirError(f"cannot resume: {record} is not readable JSON ({type(e).__name__})") from None
-    valid = (isinstance(info, dict) and set(info) in ({"path", "sha256"}, {"copy", "sha256"})
-             and isinstance(info["sha256"], dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in info["sha256"].items())
-             and (info.get("copy") == "reference" if "copy" in info else isinstance(info["path"], str) and Path(info["path"]).is_absolute()))
+    valid = isinstance(info, dict) and set(info) in ({"path", "sha256"}, {"copy", "sha256"})
+    hashes = info.get("sha256") if valid else None
+    valid = valid and isinstance(hashes, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in hashes.items())
+    if valid and "copy" in info:
+        valid = info["copy"] == "reference"
+    elif valid:
+        valid = isinstance(info["path"], str) and Path(info["path"]).is_absolute()
     if not valid:
         raise RunDirError(f"cannot resume: {record} is not a reference record as reinforcepp writes it "
                           "({\"path\": DIR, \"sha256\": {...}} or {\"copy\": \"reference\", \"sha256\": {...}})")

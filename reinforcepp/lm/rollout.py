@@ -1,4 +1,5 @@
-"""Rollouts: prompts in, scored samples out (docs/algorithms.md, "The training step", steps 1-2).
+"""Rollouts: prompts in, scored samples out (docs/lm.md, "The training step and its batch sizes":
+generate and score).
 
 :class:`RolloutSampler` renders and encodes the prompts, asks the engine for ``k`` samples each
 (or plays multi-turn episodes through it), decodes and scores them, adds length penalties and
@@ -77,12 +78,14 @@ class RolloutSampler:
         scorer: the reward scorer (None: an environment's rewards only).
         env_factory: multi-turn environments, or None.
         spec: the estimator (process rewards need token-level advantages).
+        timer: where generation and scoring time go (default: the run's phase timer).
     """
 
     def __init__(self, config: LMConfig, rt: Runtime, engine: GenerationEngine, policy: torch.nn.Module, tokenizer: Any,
-                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec) -> None:
+                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec, timer: Optional[PhaseTimer] = None) -> None:
         self.config, self.rt, self.engine, self.policy, self.tokenizer = config, rt, engine, policy, tokenizer
         self.scorer, self.spec = scorer, spec
+        self.timer = timer or rt.timer
         self.prompt_ids_cache: dict[str, list[int]] = {}
         self.prompts_truncated = 0
         self.episodes = self._episode_runner(env_factory) if env_factory is not None else None
@@ -124,7 +127,7 @@ class RolloutSampler:
         """``k`` samples of each row's prompt, scored (``step``: the RL step, for the rewards'
         trainer state)."""
         cfg = self.config
-        timer = timer or self.rt.timer
+        timer = timer or self.timer
         expanded = [r for r in rows for _ in range(k)]
         columns = columns_of(expanded, exclude=(cfg.prompt_column,))
         if self.episodes is not None:  # multi-turn: the environment plays the other side
@@ -160,7 +163,7 @@ class RolloutSampler:
         mine = slice(rt.dist.rank * rt.prompts_per_rank, (rt.dist.rank + 1) * rt.prompts_per_rank)
         round_ = 0
         for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
-            scored, dropped = self.scored_rollout(next_rows()[mine], step, counts)
+            scored, dropped = self.scored_rollout(next_rows()[mine], step, counts, round_)
             for start in range(0, len(scored.rows), k):
                 group = list(range(start, start + k))
                 if bool(dropped[group].any()):
@@ -172,20 +175,23 @@ class RolloutSampler:
             if len(kept) >= rt.prompts_per_rank:
                 break
         counts["filter/rounds"] = round_
+        if cfg.truncate_prompts:
+            counts["data/truncated_prompts"] = float(self.prompts_truncated)
         if not kept:
             raise nothing_to_train_on(step, counts, self.scorer)
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)
 
-    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
-        """One round: ``k`` scored samples of each row, with length penalties and process
-        rewards, and the ``(N,)`` flags of the samples the reward dropped (counted in ``counts``)."""
+    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float], round_: int = 1) -> tuple[Rollout, torch.Tensor]:
+        """One round: ``k`` scored samples of each row, with length penalties, ``reward_noise``
+        and process rewards, and the ``(N,)`` flags of the samples the reward dropped (counted in
+        ``counts``)."""
         gen, prompts, completions, expanded, result = self.generate_and_score(rows, self.config.samples_per_prompt, self.sampling(), step)
         counts["reward/dropped_samples"] += float(result.dropped.sum())
         counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(
             result.unscored.sum() if result.unscored is not None else 0)
         for key, value in result.extras.items():  # verl's extra keys, OpenRLHF's extra_logs (first round)
             counts.setdefault(f"reward/{key}", value)
-        rewards = result.rewards + self.length_penalties(gen)
+        rewards = result.rewards + self.length_penalties(gen) + self.reward_noise(len(gen), step, round_)
         scored = Rollout(expanded, prompts, completions, gen, rewards, result.per_source, {}, self.process_rewards(result, gen, completions))
         return scored, result.dropped
 
@@ -210,6 +216,15 @@ class RolloutSampler:
                     out[i] = [a + weights[name] * b for a, b in zip(out[i], tokens)]
         return out
 
+    def reward_noise(self, n: int, step: int, round_: int) -> torch.Tensor:
+        """``reward_noise``: Gaussian noise on the ``n`` training rewards of a round, ``(n,)``, drawn
+        from its own generator (run seed, rank, step, round), so resumed runs repeat it."""
+        std = self.config.reward_noise
+        if not std:
+            return torch.zeros(n)
+        seed = ((self.config.seed * 1_000_003 + self.rt.dist.rank) * 1_000_003 + step) * 101 + round_
+        return std * torch.randn(n, generator=torch.Generator().manual_seed(seed % 2**63))
+
     def length_penalties(self, gen: Generation) -> torch.Tensor:
         """DAPO's overlong penalty and the truncation penalty, per response ``(N,)``."""
         cfg = self.config
@@ -229,11 +244,13 @@ def nothing_to_train_on(step: int, counts: dict[str, float], scorer: Any) -> Inp
     under ``dynamic_filtering``."""
     why = []
     if counts.get("reward/dropped_groups"):
-        failing = [f"{scorer.where(s)}: {scorer.dropped_counts[s.name]} samples so far" for s in getattr(scorer, "sources", [])
-                   if scorer.dropped_counts.get(s.name)]
+        failing = [f"{scorer.where(s)}: {scorer.dropped_counts[s.name]} samples so far"
+                   for s in getattr(scorer, "sources", []) if scorer.dropped_counts.get(s.name)]
         unscored = int(counts.get("reward/unscored_samples", 0))
-        detail = "; ".join(failing + ([f"{unscored} samples no reward source scored (all returned None)"] if unscored else []))
-        why.append(f"{int(counts['reward/dropped_groups'])} groups held a sample the reward dropped ({detail or 'reward_on_error=drop'})")
+        if unscored:
+            failing.append(f"{unscored} samples no reward source scored (all returned None)")
+        detail = "; ".join(failing) or "reward_on_error=drop"
+        why.append(f"{int(counts['reward/dropped_groups'])} groups held a sample the reward dropped ({detail})")
     if counts.get("filter/dropped_groups"):
         rounds = int(counts.get("filter/rounds", 1))
         why.append(f"{int(counts['filter/dropped_groups'])} groups had all-equal rewards (dynamic_filtering, "

@@ -1,19 +1,28 @@
-"""Supervised fine-tuning (SFT): the warm start before RL, on ``prompt`` / ``completion`` pairs.
+"""Supervised fine-tuning (SFT): the warm start before RL, on the data formats of TRL's SFT.
 
-The loss is the token-mean negative log-likelihood of the completion tokens (and EOS), with
-the prompt masked out: ``L = -sum_{i,t} m[i,t] log p(y_{i,t}) / sum m``, the same
-``token-mean`` aggregation the RL loss uses.
+* ``prompt`` / ``completion`` pairs of strings (the prompt rendered as in RL, chat template
+  included; EOS appended to the completion);
+* the same columns holding chat messages (TRL's conversational prompt-completion format): the
+  prompt's messages, then the completion's, rendered with the tokenizer's chat template;
+* a ``messages`` column of whole conversations (TRL's conversational format): every assistant
+  turn is learned, the other turns are context.
+
+The loss is the token-mean negative log-likelihood of the completion's (or the assistant
+turns') tokens, with everything else masked out: ``L = -sum_{i,t} m[i,t] log p(y_{i,t}) / sum m``,
+the same ``token-mean`` aggregation the RL loss uses. Chat turns are rendered turn by turn
+(:func:`encode_chat`), so the prompt a model learns from is exactly the prompt RL gives it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
 from ..config import Config, ConfigError, option
+from ..errors import InputError, one_line
 from ..core import aggregate
 from .batch import collate
 from .logprobs import response_logprobs
@@ -37,8 +46,10 @@ class SFTConfig(Config):
     data: Optional[str] = option(None, "pairs: .jsonl, .parquet, a save_to_disk directory or a hub dataset name, with prompt and completion columns (required)")
     output_dir: Optional[str] = option(None, "where the fine-tuned model and its tokenizer are saved, a Hugging Face model directory (required)")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the model's)")
+    overwrite: bool = option(False, "output_dir is not empty (or is the model itself): move it aside (to OUTPUT_DIR.old-<time>) instead of refusing")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
-    completion_column: str = option("completion", "column holding the completion the model learns to produce (EOS is appended)")
+    completion_column: str = option("completion", "column holding the completion the model learns: a string (EOS is appended) or chat messages (rendered with the chat template)")
+    messages_column: str = option("messages", "used when the data has no prompt column: whole conversations (TRL's conversational format); every assistant turn is learned, the other turns are context")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
     steps: int = option(200, "optimizer steps, each on batch_size pairs drawn at random")
     batch_size: int = option(16, "pairs per optimizer step")
@@ -60,6 +71,124 @@ class SFTConfig(Config):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def encode_chat(tokenizer, messages: list[dict], learn_from: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt_ids, response_ids, response_mask)`` of a conversation, rendered with the
+    tokenizer's chat template turn by turn.
+
+    The prompt is the conversation up to its first assistant turn at index ``learn_from`` or
+    later, with the template's generation prompt (as RL renders a prompt). Each later turn adds
+    the text the template appends for it, tokenised on its own (as a sampled response is): the
+    assistant turns are learned (mask 1) through the template's end of turn when that is the EOS
+    token (EOS is appended to the last one when the template ends it with something else); the
+    other turns, and the headers the template writes before an assistant turn, are context
+    (mask 0). Trailing context is dropped.
+
+    Raises:
+        ValueError: no assistant turn to learn, or a template that does not render the
+            conversation turn by turn (an earlier turn's text changes when a turn is added).
+    """
+    def render(turns: list[dict], generation_prompt: bool) -> str:
+        clean = [{k: v for k, v in m.items() if v is not None} for m in turns]
+        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+        return text
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    first = next((i for i, m in enumerate(messages) if i >= learn_from and m.get("role") == "assistant"), None)
+    if first is None:
+        raise ValueError("has no assistant turn to learn" + (" in its completion" if learn_from else ""))
+    prompt = render(messages[:first], True)
+    eos = tokenizer.eos_token_id
+    done, response, mask = prompt, [], []
+    for i in range(first, len(messages)):
+        if messages[i].get("role") != "assistant":
+            continue
+        header, whole = render(messages[:i], True), render(messages[: i + 1], False)
+        if not header.startswith(done) or not whole.startswith(header):
+            raise ValueError(f"the chat template does not render this conversation turn by turn (turn {i} changes the text before "
+                             "it), so its assistant turns cannot be told apart; give prompt/completion columns instead")
+        context, turn = ids(header[len(done):]), ids(whole[len(header):])
+        end = turn.index(eos) + 1 if eos in turn else len(turn)
+        learned, after = turn[:end], turn[end:]
+        if eos not in turn and i == len(messages) - 1:
+            learned, after = learned + [eos], []
+        response += context + learned + after
+        mask += [0] * len(context) + [1] * len(learned) + [0] * len(after)
+        done = whole
+    while mask and mask[-1] == 0:
+        mask.pop()
+        response.pop()
+    return ids(prompt), response, mask
+
+
+def _messages_problem(value: Any) -> Optional[str]:
+    if not isinstance(value, list) or not value:
+        return f"is a {type(value).__name__} ({value!r:.60}), not a non-empty list of chat messages"
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            return f"message {j} is not a dict with a string 'role' and 'content': {message!r:.60}"
+    return None
+
+
+def data_format(columns: Sequence[str], cfg: SFTConfig) -> str:
+    """``"pairs"`` (prompt and completion columns) or ``"conversations"`` (a messages column);
+    a dataset with neither is refused naming its columns."""
+    if cfg.prompt_column in columns:
+        if cfg.completion_column not in columns:
+            whole = (f"; for whole conversations in {cfg.prompt_column!r} set messages_column={cfg.prompt_column} instead of "
+                     "prompt_column" if cfg.prompt_column != "prompt" else f", or give whole conversations in a {cfg.messages_column!r} column")
+            raise InputError(f"{cfg.data} has a {cfg.prompt_column!r} column but no {cfg.completion_column!r} column (columns: "
+                             f"{', '.join(columns)}): set completion_column=...{whole}")
+        return "pairs"
+    if cfg.messages_column in columns:
+        return "conversations"
+    raise InputError(f"{cfg.data} has neither {cfg.prompt_column!r} and {cfg.completion_column!r} columns nor a {cfg.messages_column!r} "
+                     f"column of conversations (columns: {', '.join(columns)}): set prompt_column=/completion_column= or messages_column=")
+
+
+def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str, cfg: SFTConfig) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Every row as ``(prompt_ids, response_ids, response_mask)`` (:func:`encode_chat` for chat
+    messages; a string completion is learned whole, EOS appended). A row that cannot be encoded
+    is refused naming its number and column."""
+    from .data import has_chat_template, render_prompt
+
+    chat = cfg.use_chat_template and has_chat_template(tokenizer)
+    eos = tokenizer.eos_token_id
+    out: tuple[list[list[int]], list[list[int]], list[list[int]]] = ([], [], [])
+    for i, row in enumerate(rows):
+        column = cfg.messages_column if kind == "conversations" else cfg.completion_column
+        try:
+            if kind == "conversations":
+                problem = _messages_problem(row[column])
+                if problem:
+                    raise ValueError(problem)
+                if not chat:
+                    raise ValueError("holds chat messages, which need the tokenizer's chat template (it has none, or use_chat_template=false)")
+                ids = encode_chat(tokenizer, row[column])
+            elif isinstance(row[column], str):
+                column = cfg.prompt_column
+                prompt = tokenizer(render_prompt(tokenizer, row[column], cfg.use_chat_template), add_special_tokens=False)["input_ids"]
+                answer = tokenizer(row[cfg.completion_column], add_special_tokens=False)["input_ids"] + [eos]
+                ids = (list(prompt), list(answer), [1] * len(answer))
+            else:
+                problem = _messages_problem(row[column])
+                if problem:
+                    raise ValueError(problem + "; expected a string or chat messages")
+                if not chat:
+                    raise ValueError("holds chat messages, which need the tokenizer's chat template (it has none, or use_chat_template=false)")
+                prompt_value = row[cfg.prompt_column]
+                turns = prompt_value if isinstance(prompt_value, list) else [{"role": "user", "content": prompt_value}]
+                ids = encode_chat(tokenizer, [*turns, *row[column]], learn_from=len(turns))
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{cfg.data}: row {i}: column {column!r} {one_line(e)}") from e
+        for part, values in zip(out, ids):
+            part.append(values)
+    return out
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:

@@ -71,6 +71,44 @@ def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, 
     return LlamaForCausalLM(config)
 
 
+CHAT_ALPHABET = ALPHABET + "\n" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "?!'\"()/_"
+"""Characters of :func:`build_chat_tokenizer`: the built-in alphabet, capitals, newline, punctuation."""
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The ChatML template of Qwen2 (without its default system message): each turn is
+``<|im_start|>ROLE\\nCONTENT<|im_end|>\\n``; the generation prompt is ``<|im_start|>assistant\\n``."""
+
+
+def build_chat_tokenizer(alphabet: str = CHAT_ALPHABET):
+    """A character-level tokenizer with Qwen2's chat format: ``<|im_start|>`` and ``<|im_end|>``
+    as single tokens, ``<|im_end|>`` as EOS (as in Qwen2's instruct models) and
+    :data:`CHATML_TEMPLATE` as its chat template. Saves and loads like any tokenizer."""
+    tok = build_char_tokenizer(alphabet)
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_tiny_qwen2(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0, context: int = 128):
+    """A randomly initialised Qwen2 causal LM (grouped-query attention, biases on q/k/v) sized
+    like :func:`build_tiny_model`, for ``tokenizer`` (:func:`build_chat_tokenizer`)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=context,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
 @dataclass(frozen=True)
 class Task:
     """A built-in task: a seeded example generator and its reward."""

@@ -9,14 +9,6 @@ import torch
 from .base import RewardError
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    import transformers
-    from packaging.version import Version
-
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return {key: dtype}
-
-
 class RewardModel:
     """A Hugging Face sequence-classification reward model as a reward function.
 
@@ -58,7 +50,7 @@ class RewardModel:
         self.display_name = f"RewardModel({self.name_or_path!r})"
         self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.name_or_path, trust_remote_code=trust_remote_code, **_dtype_kwarg(dtype)
+            self.name_or_path, trust_remote_code=trust_remote_code, dtype=dtype
         )
         if self.model.config.num_labels != 1:
             raise RewardError(

@@ -8,4 +8,5 @@ from .logger import RunLogger, read_metrics
 from .plots import plot_run
 from .progress import Progress
 
-__all__ = ["CheckpointManager", "DivergenceGuard", "NonFiniteGuard", "atomic_directory", "RunLogger", "read_metrics", "plot_run", "Progress"]
+__all__ = ["CheckpointManager", "DivergenceGuard", "NonFiniteGuard", "atomic_directory", "RunLogger", "read_metrics",
+           "plot_run", "Progress"]

@@ -89,8 +89,8 @@ def resumed_config_file(run_dir: Any) -> Path | None:
     if CheckpointManager(Path(str(run_dir))).latest() is None:
         return None
     if not saved.is_file():
-        raise RunDirError(f"resume: {saved} is missing: the run's settings are gone, so it cannot continue as the same run; "
-                          "restore the file from where the run was copied, or start a new run")
+        raise RunDirError(f"resume: {saved} is missing: the run's settings are gone, so it cannot continue as the same "
+                          "run; restore the file from where the run was copied, or start a new run")
     return saved
 
 
@@ -103,13 +103,15 @@ def check_run_log(run_dir: str | Path, step: int) -> None:
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise RunDirError(f"resume: {path} is missing, but the checkpoint is at step {step}: the run's history is gone, so it "
-                          "cannot continue as the same run; restore the file from where the run was copied, or start a new run")
+        raise RunDirError(f"resume: {path} is missing, but the checkpoint is at step {step}: the run's history is "
+                          "gone, so it cannot continue as the same run; restore the file from where the run was "
+                          "copied, or start a new run")
     steps = [r.get("step") for r in read_rows(path) if r.get("kind", "train") == "train"]
     if step not in steps:
         last = max((s for s in steps if isinstance(s, (int, float))), default=None)
-        raise RunDirError(f"resume: {path} has no row for step {step}, where the checkpoint is (its last train row is at step "
-                          f"{last}): the file was cut or replaced; restore it from where the run was copied, or start a new run")
+        raise RunDirError(f"resume: {path} has no row for step {step}, where the checkpoint is (its last train row "
+                          f"is at step {last}): the file was cut or replaced; restore it from where the run was "
+                          "copied, or start a new run")
 
 
 def same_setting(saved: Any, given: Any) -> bool:
@@ -155,8 +157,8 @@ def merge_resumed_config(saved: Mapping[str, Any], given: Mapping[str, Any], def
             if key in given and not same_setting(value, given[key]):
                 notes.append(f"{key}: the run folder had {value!r}, using yours, {given[key]!r}")
             elif key in PERMISSIONS and key not in given and not same_setting(defaults.get(key), value):
-                notes.append(f"{key}={value!r} in the run folder is not used (a permission: give it on the command line "
-                             "or in your config if you trust it)")
+                notes.append(f"{key}={value!r} in the run folder is not used (a permission: give it on the command "
+                             "line or in your config if you trust it)")
             continue
         merged[key] = value
     for key, value in given.items():

@@ -54,8 +54,9 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row >= self.max_in_a_row:
-            bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm)) if not math.isfinite(value)]
-            fine = [f"{name} {value:.3g}" for name, value in (("loss", loss), ("gradient norm", grad_norm)) if math.isfinite(value)]
+            values = (("loss", loss), ("gradient norm", grad_norm))
+            bad = [f"{name} {value}" for name, value in values if not math.isfinite(value)]
+            fine = [f"{name} {value:.3g}" for name, value in values if math.isfinite(value)]
             raise NonFiniteError(
                 f"{where}: {self.in_a_row} optimizer steps in a row were not finite (this one: {' and '.join(bad)}"
                 f"{'; ' + fine[0] if fine else ''}); the weights were left untouched. {self.hint}"
@@ -97,8 +98,8 @@ class DivergenceGuard:
             grew = (f"to {norm:.4g} (x{norm / max(self.start, 1e-12):.3g} > max_weight_growth={self.max_growth:g})"
                     if math.isfinite(norm) else "beyond float32's range (its square overflows)")
             raise DivergenceError(
-                f"{where}: training diverged: the policy's weight norm grew from {self.start:.4g} {grew}, while every loss "
-                f"and gradient the non-finite guard saw was finite; the run stopped before saving these weights (a checkpoint "
-                f"written before is intact). {self.hint}"
+                f"{where}: training diverged: the policy's weight norm grew from {self.start:.4g} {grew}, while every "
+                "loss and gradient the non-finite guard saw was finite; the run stopped before saving these weights "
+                f"(a checkpoint written before is intact). {self.hint}"
             )
         return norm

@@ -146,7 +146,9 @@ def rewrite_tensorboard(folder: Path, last_step: int) -> None:
     files = sorted(folder.glob(EVENT_FILES)) if folder.is_dir() else []
     if not files:
         return
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader  # type: ignore[import-untyped]
+    from tensorboard.backend.event_processing.event_file_loader import (  # type: ignore[import-untyped]
+        RawEventFileLoader,
+    )
     from tensorboard.compat.proto.event_pb2 import Event  # type: ignore[import-untyped]
     from tensorboard.summary.writer.record_writer import RecordWriter  # type: ignore[import-untyped]
 

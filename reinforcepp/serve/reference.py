@@ -133,7 +133,8 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
             raise BadRequest(422, f"a prompt + response of {longest} tokens > --max-batch-tokens={max_batch_tokens}")
         if context is not None and longest > context:
             row = next(i for i, (p, r) in enumerate(zip(prompts, responses)) if len(p) + len(r) == longest)
-            raise BadRequest(422, f"row {row}: a prompt + response of {longest} tokens > the model's context of {context} positions")
+            raise BadRequest(422, f"row {row}: a prompt + response of {longest} tokens > the model's context of "
+                                  f"{context} positions")
         temperature = data.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise BadRequest(422, f"temperature must be a number > 0, got {temperature!r}")

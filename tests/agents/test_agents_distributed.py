@@ -16,13 +16,14 @@ PROMPTS, K = 4, 4
 
 
 def _settings(tmp):
-    return {"prompts_per_step": PROMPTS, "samples_per_prompt": K, "micro_batch_size": 4, "epochs": 2, "kl_placement": "loss", "kl_coef": 0.1,
-                "max_new_tokens": 4, "max_turns": 2, "output_dir": str(tmp)}
+    return {"prompts_per_step": PROMPTS, "samples_per_prompt": K, "micro_batch_size": 4, "epochs": 2,
+            "kl_placement": "loss", "kl_coef": 0.1, "max_new_tokens": 4, "max_turns": 2, "output_dir": str(tmp)}
 
 
 def _trainer(tmp) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok, train_dataset=reverse_dataset(16), env=TurnRewardEnv)
+    return Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok,
+                   train_dataset=reverse_dataset(16), env=TurnRewardEnv)
 
 
 def _train_once(trainer: Trainer, rank: int, world: int):
@@ -60,7 +61,8 @@ def test_one_rank_equals_two_ranks_with_episodes(tmp_path):
 
 
 def test_resume_equals_uninterrupted_with_episodes(tmp_path):
-    common = {"total_steps": 4, "save_every": 2, "deterministic": True, "epochs": 2, "mini_batch_size": 8, "max_new_tokens": 4, "max_turns": 2, "kl_placement": "reward"}
+    common = {"total_steps": 4, "save_every": 2, "deterministic": True, "epochs": 2, "mini_batch_size": 8,
+              "max_new_tokens": 4, "max_turns": 2, "kl_placement": "reward"}
 
     def make(path, **kw):
         tok, model = tiny_policy()

@@ -42,7 +42,8 @@ def test_json_parser_hermes_format():
 def test_tool_env_runs_the_tool_and_ends_on_an_answer():
     env = ToolEnv([add], reward_fn=lambda row, answer: float(answer.strip() == row["answer"]))
     env.reset({"prompt": "2+3=", "answer": "5"})
-    assert step(env, "<tool>add 2 3</tool>") == ("<result>5</result>", 0.0, False, {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0})
+    counts = {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0}
+    assert step(env, "<tool>add 2 3</tool>") == ("<result>5</result>", 0.0, False, counts)
     _obs, reward, done, info = step(env, "5")
     assert (reward, done, info["tool_calls"]) == (1.0, True, 0.0)
 
@@ -113,9 +114,12 @@ def test_chat_format_renders_the_observation_as_the_template_does():
     ids = fmt.observation_ids("42", "tool")
     # after the model's own EOS: the space the template puts after it, the tool message, the next assistant header
     assert tok.decode(ids) == " <tool>42<eos> <assistant>"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "call"}, {"role": "tool", "content": "42"}]
+    messages = [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "call"}, {"role": "tool", "content": "42"}
+    ]
     full = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert full == tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) + "call" + tok.eos_token + tok.decode(ids)
+    prefix = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert full == prefix + "call" + tok.eos_token + tok.decode(ids)
 
 
 def test_cli_bad_environment_exits_2_with_one_line(tmp_path):
@@ -133,10 +137,11 @@ def test_cli_bad_environment_exits_2_with_one_line(tmp_path):
     data.write_text("".join('{"prompt": "rev abc="}\n' for _ in range(8)))
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-m", "reinforcepp.cli", "train", f"environment={env_file}:Broken", f"train_data={data}", "sft_steps=0",
-         "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=3", "eval_every=0", "progress=false",
-         "tensorboard=false", f"output_dir={tmp_path / 'run'}", "micro_batch_size=4"],
-        check=False, capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300,
+        [sys.executable, "-m", "reinforcepp.cli", "train", f"environment={env_file}:Broken", f"train_data={data}",
+         "sft_steps=0", "total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "max_new_tokens=3",
+         "eval_every=0", "progress=false", "tensorboard=false", f"output_dir={tmp_path / 'run'}", "micro_batch_size=4"],
+        check=False, capture_output=True, text=True, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300,
     )
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("reinforcepp train: environment")]

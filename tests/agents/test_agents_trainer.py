@@ -70,7 +70,9 @@ def test_zero_gradient_on_environment_tokens(tmp_path):
 
     handle = trainer.policy.lm_head.register_forward_hook(keep)
     try:
-        loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+        loss = trainer.updater.micro_loss(
+            exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+        )
         loss.backward()
     finally:
         handle.remove()
@@ -103,7 +105,9 @@ def test_whitening_counts_only_model_tokens(tmp_path):
 
 
 def test_token_mean_and_lengths_count_only_model_tokens(tmp_path):
-    trainer = make_trainer(tmp_path, kl_placement="none", estimator="reinforce", samples_per_prompt=2, prompts_per_step=1)
+    trainer = make_trainer(
+        tmp_path, kl_placement="none", estimator="reinforce", samples_per_prompt=2, prompts_per_step=1
+    )
     ro = hand_rollout(trainer)
     exp = trainer.make_experience(ro)
     metrics = trainer.update(exp)
@@ -139,7 +143,8 @@ def test_two_turn_logprobs_equal_one_forward(tmp_path, engine):
     exp = trainer.make_experience(Rollout(rows, [""] * 3, [""] * 3, gen, torch.zeros(3), {}, {}))
     b = exp.batch
     one = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
-    torch.testing.assert_close(one * b.response_mask, naive_response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length) * b.response_mask, atol=1e-5, rtol=0)
+    naive = naive_response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length)
+    torch.testing.assert_close(one * b.response_mask, naive * b.response_mask, atol=1e-5, rtol=0)
     for i in range(3):
         mask, resp = gen.response_masks[i], gen.response_ids[i]
         start = 0
@@ -169,7 +174,9 @@ def test_every_estimator_trains_on_episodes(tmp_path, estimator):
     trainer = make_trainer(tmp_path, estimator=estimator, total_steps=2, samples_per_prompt=2, epochs=2)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     metrics = trainer.train_step()
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time"))
+    assert all(
+        torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float) and not k.startswith("time")
+    )
     assert metrics["env/turns"] == 2.0 and metrics["nonfinite/skipped_steps"] == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (ALGORITHM.md, "Advantage estimators"): one hand-computed example per
+"""Advantage estimators (docs/algorithms.md, "The estimators"): one hand-computed example per
 estimator, "reduces to" special cases, the registry and its refusals, edge cases."""
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def test_reinforce_pp_hand_kl_in_reward():
 def test_reinforce_pp_hand_discounted():
     # One response of 3 tokens, R = 4, gamma = 0.5: r = [0, 0, 4] -> G = [1, 2, 4]
     # mu = 7/3; E[G^2] = 21/3 = 7; var = 7 - 49/9 = 14/9; A = (G - 7/3) * 3 / sqrt(14) = [-4, -1, 5] / sqrt(14)
-    out = run("reinforce_pp", rewards=torch.tensor([4.0]), response_mask=torch.ones(1, 3), params=AdvantageParams(gamma=0.5))
+    out = run(
+        "reinforce_pp", rewards=torch.tensor([4.0]), response_mask=torch.ones(1, 3), params=AdvantageParams(gamma=0.5)
+    )
     assert_close(out.returns, torch.tensor([[1.0, 2.0, 4.0]]), **EXACT)
     assert_close(out.advantages, torch.tensor([[-4.0, -1.0, 5.0]]) / math.sqrt(14.0), **EXACT)
 
@@ -78,7 +80,9 @@ def test_reinforce_pp_clips_rewards_at_10_by_default():
     assert_close(out.returns, torch.tensor([[10.0, 0, 0, 0], [0.0, 0, 0, 0]]), **EXACT)
     assert_close(out.advantages, torch.tensor([[2.0, 0, 0, 0], [-0.5, -0.5, -0.5, -0.5]]), **EXACT)
     # another clip value
-    out = run("reinforce_pp", rewards=torch.tensor([50.0, -3.0]), response_mask=M14, params=AdvantageParams(reward_clip=2.0))
+    out = run(
+        "reinforce_pp", rewards=torch.tensor([50.0, -3.0]), response_mask=M14, params=AdvantageParams(reward_clip=2.0)
+    )
     assert_close(out.returns, torch.tensor([[2.0, 0, 0, 0], [-2.0, -2.0, -2.0, -2.0]]), **EXACT)
 
 
@@ -128,7 +132,9 @@ def test_reinforce_pp_baseline_hand():
     # mu = (-1 + 3) / 8 = 0.25; E[G^2] = (1 + 3) / 8 = 0.5; var = 0.5 - 0.0625 = 7/16; std = sqrt(7)/4
     # A = (G - 0.25) * 4 / sqrt(7): [-5 | 3 3 3 | -1 -1 | -1 -1] / sqrt(7)
     m = mask_from_lengths([1, 3, 2, 2], 3)
-    out = run("reinforce_pp_baseline", rewards=torch.tensor([1.0, 3.0, 5.0, 5.0]), response_mask=m, samples_per_prompt=2)
+    out = run(
+        "reinforce_pp_baseline", rewards=torch.tensor([1.0, 3.0, 5.0, 5.0]), response_mask=m, samples_per_prompt=2
+    )
     s7 = math.sqrt(7.0)
     expected = torch.tensor([[-5.0, 0, 0], [3.0, 3, 3], [-1.0, -1, 0], [-1.0, -1, 0]]) / s7
     assert_close(out.advantages, expected, **EXACT)
@@ -160,7 +166,8 @@ def test_reinforce_pp_baseline_with_kl_in_reward():
 
 def test_reinforce_pp_baseline_refuses_gamma_below_one():
     with pytest.raises(ValueError, match="gamma"):
-        run("reinforce_pp_baseline", rewards=torch.zeros(2), response_mask=torch.ones(2, 2), samples_per_prompt=2, params=AdvantageParams(gamma=0.99))
+        run("reinforce_pp_baseline", rewards=torch.zeros(2), response_mask=torch.ones(2, 2), samples_per_prompt=2,
+            params=AdvantageParams(gamma=0.99))
 
 
 # --- grpo, dr_grpo, rloo ------------------------------------------------------------------------
@@ -221,10 +228,12 @@ def test_rloo_whiten_hand():
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
 def test_group_estimators_clip_after_the_group_baseline(name):
     # Spec order: group baseline (the estimator's group statistic), then clip to [-c, c]. c = 1, group [4, 0, 0, 0]:
-    # grpo:    mean 1, devs [3, -1, -1, -1], unbiased std sqrt(12/3) = 2 -> [1.5, -0.5, -0.5, -0.5] / (1 + 5e-7) -> clip -> [1, -0.5, ...]
+    # grpo:    mean 1, devs [3, -1, -1, -1], unbiased std sqrt(12/3) = 2 -> [1.5, -0.5, -0.5, -0.5] / (1 + 5e-7)
+    #          -> clip -> [1, -0.5, ...]
     # dr_grpo: devs [3, -1, -1, -1] -> clip -> [1, -1, -1, -1]
     # rloo:    [4 - 0, 0 - 4/3, 0 - 4/3, 0 - 4/3] -> clip -> [1, -1, -1, -1]
-    # (clipping the raw rewards first, [1, 0, 0, 0], would give grpo [1.5, -0.5, ..], dr_grpo [0.75, -0.25, ..], rloo [1, -1/3, ..])
+    # (clipping the raw rewards first, [1, 0, 0, 0], would give grpo [1.5, -0.5, ..], dr_grpo [0.75, -0.25, ..],
+    # rloo [1, -1/3, ..])
     h = -1.0 / (2.0 + 1e-6)
     expected = {"grpo": [1.0, h, h, h], "dr_grpo": [1.0, -1.0, -1.0, -1.0], "rloo": [1.0, -1.0, -1.0, -1.0]}
     out = run(name, rewards=torch.tensor([4.0, 0.0, 0.0, 0.0]), response_mask=torch.ones(4, 1), samples_per_prompt=4,
@@ -241,10 +250,12 @@ def test_gae_estimator_hand():
     # gamma 0.9, lam 0.8, no KL. Row 0: 2 tokens, R = 1, V = [0.5, 1.0]; row 1: 1 token, R = 0, V = [0.25]
     # row 0: r = [0, 1]; delta1 = 1 - 1 = 0, delta0 = 0.9 * 1 - 0.5 = 0.4 -> A = [0.4, 0], targets A + V = [0.9, 1.0]
     # row 1: delta0 = 0 - 0.25 -> A = [-0.25], target 0
-    # whitening of [0.4, 0, -0.25]: mu = 0.15 / 3 = 0.05; E[A^2] = (0.16 + 0.0625) / 3; var = 0.2225/3 - 0.0025 = 0.215/3
+    # whitening of [0.4, 0, -0.25]: mu = 0.15 / 3 = 0.05; E[A^2] = (0.16 + 0.0625) / 3;
+    # var = 0.2225/3 - 0.0025 = 0.215/3
     values = torch.tensor([[0.5, 1.0], [0.25, BIG]])
     m = mask_from_lengths([2, 1], 2)
-    out = run("gae", rewards=torch.tensor([1.0, 0.0]), response_mask=m, values=values, params=AdvantageParams(gamma=0.9, lam=0.8))
+    params = AdvantageParams(gamma=0.9, lam=0.8)
+    out = run("gae", rewards=torch.tensor([1.0, 0.0]), response_mask=m, values=values, params=params)
     assert_close(out.returns, torch.tensor([[0.9, 1.0], [0.0, 0.0]]), **EXACT)
     raw = torch.tensor([[0.4, 0.0], [-0.25, 0.0]])
     assert_close(out.advantages, (raw - 0.05) / math.sqrt(0.215 / 3) * m, **EXACT)
@@ -312,7 +323,8 @@ def test_broadcast_estimators_refuse_kl_in_reward(name):
 @pytest.mark.parametrize("name", ALL)
 def test_all_zero_mask_raises(name):
     with pytest.raises(ValueError, match="all zero"):
-        run(name, rewards=torch.zeros(2), response_mask=torch.zeros(2, 3), samples_per_prompt=2, values=torch.zeros(2, 3))
+        run(name, rewards=torch.zeros(2), response_mask=torch.zeros(2, 3), samples_per_prompt=2,
+            values=torch.zeros(2, 3))
 
 
 def test_groups_must_divide_the_batch():
@@ -337,7 +349,8 @@ def test_register_estimator(scratch_registry):
     spec = get_estimator("twice_reward")
     assert spec.fn is twice_reward and spec.needs_groups and not spec.kl_in_reward
     assert spec.default_loss_agg == "seq-mean-token-mean"
-    out = run("twice_reward", rewards=torch.tensor([1.0, -3.0]), response_mask=mask_from_lengths([2, 1], 2), samples_per_prompt=2)
+    m = mask_from_lengths([2, 1], 2)
+    out = run("twice_reward", rewards=torch.tensor([1.0, -3.0]), response_mask=m, samples_per_prompt=2)
     assert_close(out.advantages, torch.tensor([[2.0, 2.0], [-6.0, 0.0]]), **EXACT)
     # the registry's checks apply to user estimators too
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
@@ -392,7 +405,9 @@ def test_length_one_responses(name):
     # Every response has one token: returns = R (gamma irrelevant); results finite, padding zero.
     m = mask_from_lengths([1, 1, 1, 1], 3)
     r = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    out = run(name, rewards=r, response_mask=m, samples_per_prompt=2, values=torch.zeros(4, 3), params=AdvantageParams())
+    out = run(
+        name, rewards=r, response_mask=m, samples_per_prompt=2, values=torch.zeros(4, 3), params=AdvantageParams()
+    )
     assert torch.isfinite(out.advantages).all()
     assert (out.advantages[:, 1:] == 0).all()
     first = out.advantages[:, 0]

@@ -1,4 +1,4 @@
-"""KL estimators (ALGORITHM.md, "KL estimators"): hand values, clamping, dtype, gradients."""
+"""KL estimators (docs/algorithms.md, "KL to the reference"): hand values, clamping, dtype, gradients."""
 
 from __future__ import annotations
 

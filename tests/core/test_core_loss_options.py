@@ -122,7 +122,8 @@ def test_scale_rewards_group_batch_none():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])  # two groups of 2: means 0.5 and 1
     assert_close(scaled_group_advantages(r, 2, "none"), torch.tensor([0.5, -0.5, 0.0, 0.0]), **EXACT)
     # group std (ddof 1) of [1, 0] = 1/sqrt(2): 0.5 * sqrt(2); the equal group gets 0
-    assert_close(scaled_group_advantages(r, 2, "group"), torch.tensor([0.5 * 2**0.5, -0.5 * 2**0.5, 0.0, 0.0]), atol=1e-5, rtol=0)
+    expected = torch.tensor([0.5 * 2**0.5, -0.5 * 2**0.5, 0.0, 0.0])
+    assert_close(scaled_group_advantages(r, 2, "group"), expected, atol=1e-5, rtol=0)
     # batch std (ddof 1) of [1, 0, 1, 1] = sqrt(0.75 / 3) = 0.5
     assert_close(scaled_group_advantages(r, 2, "batch"), torch.tensor([1.0, -1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
 

@@ -1,4 +1,4 @@
-"""Policy loss, KL loss, value loss, entropy and loss aggregation (ALGORITHM.md, "Policy loss")."""
+"""Policy loss, KL loss, value loss, entropy and loss aggregation (docs/algorithms.md, "The policy loss")."""
 
 from __future__ import annotations
 
@@ -209,7 +209,9 @@ def test_aggregate_with_window_counts_hand():
     assert_close(aggregate(L, ML, "token-mean", num_tokens=8), torch.tensor(1.25), **EXACT)
     assert_close(aggregate(L, ML, "seq-mean-token-mean", num_sequences=5), torch.tensor(1.2), **EXACT)
     assert_close(aggregate(L, ML, "seq-mean-token-sum", num_sequences=5), torch.tensor(2.0), **EXACT)
-    assert_close(aggregate(L, ML, "seq-mean-token-sum-norm", num_sequences=5, max_response_length=10), torch.tensor(0.2), **EXACT)
+    assert_close(
+        aggregate(L, ML, "seq-mean-token-sum-norm", num_sequences=5, max_response_length=10), torch.tensor(0.2), **EXACT
+    )
 
 
 def test_aggregate_errors():
@@ -251,7 +253,8 @@ def test_k_micro_batches_equal_one_batch(mode, trim):
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):  # K = 3 uneven micro-batches
         width = int(m[rows].sum(-1).max()) if trim else t
         cols = slice(0, width)
-        part = aggregate(policy_loss(lp[rows, cols], old[rows, cols], adv[rows, cols]).loss, m[rows, cols], mode, **counts)
+        token_loss = policy_loss(lp[rows, cols], old[rows, cols], adv[rows, cols]).loss
+        part = aggregate(token_loss, m[rows, cols], mode, **counts)
         part.backward()
         total = total + part.detach()
     assert_close(total, full.detach(), atol=1e-12, rtol=0)
@@ -273,9 +276,9 @@ def test_token_mean_whole_batch_equals_two_halves_with_reduce(split_run):
     logp, old, adv, m = _window()
     loss = policy_loss(logp, old, adv).loss
 
-    def rank_loss(l, mk, reduce):
+    def rank_loss(token_loss, mk, reduce):
         n_tokens = reduce(mk.sum().reshape(1).double())[0]
-        return aggregate(l, mk, "token-mean", num_tokens=n_tokens)
+        return aggregate(token_loss, mk, "token-mean", num_tokens=n_tokens)
 
     a, b, calls = split_run(rank_loss, (loss[:5], m[:5]), (loss[5:], m[5:]))
     assert calls == [1, 1]

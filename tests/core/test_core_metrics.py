@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from reinforcepp.core import AdvantageInputs, AdvantageParams, advantage_stats, approx_kl, clip_fractions, compute_advantages
+from reinforcepp.core import (
+    AdvantageInputs,
+    AdvantageParams,
+    advantage_stats,
+    approx_kl,
+    clip_fractions,
+    compute_advantages,
+)
 
 BIG = 1e6
 
@@ -83,3 +90,13 @@ def test_metrics_whole_batch_equals_two_halves(split_run):
     low, high = adv > 1, adv < -1
     a, b, _ = split_run(clip_fractions, (low[:3], high[:3], m[:3]), (low[3:], high[3:], m[3:]))
     assert a == pytest.approx(clip_fractions(low, high, m), abs=1e-7) and a == b
+
+
+def test_group_reward_stats_hand():
+    from reinforcepp.core import group_reward_stats
+
+    m = group_reward_stats(torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 1]), 4)
+    assert m["reward/uniform_groups"] == 0.5
+    assert m["reward/group_std_mean"] == pytest.approx(math.sqrt(1 / 3) / 2, abs=1e-12)
+    noisy = group_reward_stats(torch.tensor([1.0, 1 + 1e-3, 0.5, 0.5]), 2)
+    assert noisy["reward/uniform_groups"] == 0.5  # 1e-3 apart is not uniform: a std normalisation sees it

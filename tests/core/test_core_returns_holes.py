@@ -38,7 +38,9 @@ def test_vectorised_equals_loop_with_holes():
     v = torch.randn(6, 12, generator=gen)
     last = torch.randn(6, generator=gen)
     for boot in (None, last):
-        torch.testing.assert_close(discounted_returns(r, mask, 0.9, boot), discounted_returns_loop(r, mask, 0.9, boot), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            discounted_returns(r, mask, 0.9, boot), discounted_returns_loop(r, mask, 0.9, boot), atol=1e-5, rtol=0
+        )
         a, ret = gae(r, v, mask, 0.9, 0.8, boot)
         a_ref, ret_ref = gae_loop(r, v, mask, 0.9, 0.8, boot)
         torch.testing.assert_close(a, a_ref, atol=1e-5, rtol=0)

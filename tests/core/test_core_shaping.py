@@ -1,4 +1,4 @@
-"""Reward shaping (ALGORITHM.md, "Reward shaping"): length penalties, group baselines, clip,
+"""Reward shaping (docs/algorithms.md, "The pipeline, in order"): length penalties, group baselines, clip,
 token rewards."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_require_groups_message():
 
 
 def test_clip_rewards():
-    assert_close(clip_rewards(torch.tensor([-12.0, -3.0, 0.0, 9.5, 40.0]), 10.0), torch.tensor([-10.0, -3.0, 0.0, 9.5, 10.0]), **EXACT)
+    clipped = clip_rewards(torch.tensor([-12.0, -3.0, 0.0, 9.5, 40.0]), 10.0)
+    assert_close(clipped, torch.tensor([-10.0, -3.0, 0.0, 9.5, 10.0]), **EXACT)
     with pytest.raises(ValueError):
         clip_rewards(torch.tensor([1.0]), 0.0)
 

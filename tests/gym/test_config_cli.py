@@ -26,8 +26,8 @@ def test_group_estimators_are_refused_with_a_reason():
 
 def test_cli_trains_and_evaluates(tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert main(["--env", "CartPole-v1", "--steps", "256", "--output-dir", run, "num_envs=2", "steps_per_env=64", "progress=false",
-                 "eval_episodes=1", "tensorboard=false"]) == 0
+    assert main(["--env", "CartPole-v1", "--steps", "256", "--output-dir", run, "num_envs=2", "steps_per_env=64",
+                 "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["eval/episodes"] == 1.0
     assert main(["--eval", run, "--episodes", "2"]) == 0
@@ -57,9 +57,11 @@ def test_cli_applies_the_tuned_preset_and_says_so(tmp_path, capsys):
     assert "no tuned preset" in capsys.readouterr().out
     # the CLI's first line names the preset
     run = str(tmp_path / "run")
-    assert main(["--env", "CartPole-v1", "--steps", "128", "--output-dir", run, "steps_per_env=16", "progress=false", "eval_episodes=1", "tensorboard=false"]) == 0
+    assert main(["--env", "CartPole-v1", "--steps", "128", "--output-dir", run, "steps_per_env=16", "progress=false",
+                 "eval_episodes=1", "tensorboard=false"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("reinforcepp gym: CartPole-v1 / reinforce_pp: tuned preset applied") and json.loads(out[-1])["eval/episodes"] == 1.0
+    assert out[0].startswith("reinforcepp gym: CartPole-v1 / reinforce_pp: tuned preset applied")
+    assert json.loads(out[-1])["eval/episodes"] == 1.0
 
 
 def test_policy_logprobs_match_torch_distributions():
@@ -76,7 +78,8 @@ def test_policy_logprobs_match_torch_distributions():
     a, logp = cat.act(obs, torch.Generator().manual_seed(0))
     ref = torch.distributions.Categorical(logits=cat(obs))
     lp2, ent = cat.logprobs_entropy(obs, a)
-    assert torch.allclose(logp, ref.log_prob(a), atol=1e-6) and torch.allclose(lp2, logp) and torch.allclose(ent, ref.entropy(), atol=1e-5)
+    assert torch.allclose(logp, ref.log_prob(a), atol=1e-6) and torch.allclose(lp2, logp)
+    assert torch.allclose(ent, ref.entropy(), atol=1e-5)
     assert torch.equal(cat.act(obs, deterministic=True)[0], cat(obs).argmax(-1))
 
 

@@ -83,7 +83,8 @@ def test_update_equals_per_mini_batch_indexing(tmp_path):
                 lp, ent = policy0.logprobs_entropy(batch.obs[idx], batch.actions[idx])
                 pl = policy_loss(lp, batch.logprobs[idx], adv[idx], cfg.eps_low, cfg.eps_high, cfg.dual_clip)
                 loss = aggregate(pl.loss, ones) - 0.0 * aggregate(ent, ones)
-                loss = loss + cfg.value_coef * aggregate(value_loss(critic0(batch.obs[idx]), batch.values[idx], ret[idx], cfg.value_clip), ones)
+                v_loss = value_loss(critic0(batch.obs[idx]), batch.values[idx], ret[idx], cfg.value_clip)
+                loss = loss + cfg.value_coef * aggregate(v_loss, ones)
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -101,8 +102,9 @@ def test_compiled_update_gives_the_eager_weights_and_metrics(tmp_path):
     import copy
 
     def trainer(name: str, compiled: bool) -> GymTrainer:
-        cfg = GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=100, epochs=2, mini_batch_size=64, entropy_coef=0.01,
-                        output_dir=str(tmp_path / name), progress=False, tensorboard=False, torch_compile=compiled)
+        cfg = GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=100, epochs=2,
+                        mini_batch_size=64, entropy_coef=0.01, output_dir=str(tmp_path / name), progress=False,
+                        tensorboard=False, torch_compile=compiled)
         return GymTrainer(cfg)
 
     eager, compiled = trainer("eager", False), trainer("compiled", True)

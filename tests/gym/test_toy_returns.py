@@ -20,7 +20,8 @@ from gym_toy_env import TOY_ID
 
 
 def make_trainer(tmp_path, **kw) -> GymTrainer:
-    cfg = GymConfig(env_id=TOY_ID, num_envs=1, steps_per_env=10, gamma=0.5, output_dir=str(tmp_path), progress=False, tensorboard=False, **kw)
+    cfg = GymConfig(env_id=TOY_ID, num_envs=1, steps_per_env=10, gamma=0.5, output_dir=str(tmp_path), progress=False,
+                    tensorboard=False, **kw)
     trainer = GymTrainer(cfg)
     trainer.collector.reset(0)
     return trainer
@@ -58,7 +59,8 @@ def test_reinforce_pp_time_limit_terminal_and_carry(tmp_path):
     assert [s.end for s in batch2.segments] == ["truncated", "terminated", "truncated"]
     assert rows(batch2.step_rewards, batch2.response_mask) == [[1, 2, 3, 4], [1, 2, 3], [1, 2, 3, 4]]
     assert batch2.staleness.tolist() == [1, 1, 1] + [0] * 8
-    assert batch2.logprobs[:3].tolist() == pytest.approx(carried_logprobs.tolist())  # old_logprobs of the policy that acted
+    # old_logprobs of the policy that acted
+    assert batch2.logprobs[:3].tolist() == pytest.approx(carried_logprobs.tolist())
     assert len(tr.collector.pending[0]["rewards"]) == 2
     adv2, ret2 = tr.make_experience(batch2)
     g2 = [3.25, 4.5, 5.0, 4.0, 2.75, 3.5, 3.0, 3.25, 4.5, 5.0, 4.0]
@@ -113,5 +115,7 @@ def test_gae_lambda_zero_is_one_step_td(tmp_path):
     batch = tr.collector.collect(0)
     adv, _ = tr.make_experience(batch)
     # delta_t = r_t + 0.5 V_{t+1} - V_t; V after the last step: 14 (truncated), 0 (terminal), 13 (cut)
-    deltas = [1 + 5.5 - 10, 2 + 6 - 11, 3 + 6.5 - 12, 4 + 7 - 13, 1 + 5.5 - 10, 2 + 6 - 11, 3 + 0 - 12, 1 + 5.5 - 10, 2 + 6 - 11, 3 + 6.5 - 12]
+    deltas = [1 + 5.5 - 10, 2 + 6 - 11, 3 + 6.5 - 12, 4 + 7 - 13,
+              1 + 5.5 - 10, 2 + 6 - 11, 3 + 0 - 12,
+              1 + 5.5 - 10, 2 + 6 - 11, 3 + 6.5 - 12]
     assert adv.tolist() == pytest.approx(whiten(deltas), abs=1e-5)

@@ -31,15 +31,15 @@ def test_cartpole_learns_critic_free(tmp_path):
         assert (tmp_path / "run" / name).exists(), name
     assert CheckpointManager(tmp_path / "run").latest() is not None
     assert GymConfig.load(tmp_path / "run" / "config.yaml") == cfg
-    for key in ("loss/policy", "entropy", "clip/frac_low", "clip/frac_high", "approx_kl", "grad_norm", "advantage/mean_token",
-                "advantage/mean_sample", "episode/length_mean", "time/env_steps_per_s"):
+    for key in ("loss/policy", "entropy", "clip/frac_low", "clip/frac_high", "approx_kl", "grad_norm",
+                "advantage/mean_token", "advantage/mean_sample", "episode/length_mean", "time/env_steps_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert abs(rows[-1]["advantage/mean_token"]) < 1e-5  # token-weighted mean of whitened advantages
 
 
 def test_cartpole_learns_with_gae(tmp_path):
-    cfg = GymConfig(env_id="CartPole-v1", estimator="gae", total_env_steps=16_384, lr=1e-3, eval_every=0, eval_episodes=5,
-                    seed=0, output_dir=str(tmp_path), progress=False, tensorboard=False)
+    cfg = GymConfig(env_id="CartPole-v1", estimator="gae", total_env_steps=16_384, lr=1e-3, eval_every=0,
+                    eval_episodes=5, seed=0, output_dir=str(tmp_path), progress=False, tensorboard=False)
     final = train(cfg)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert "loss/value" in rows[-1]
@@ -54,8 +54,9 @@ def _final_weights(run_dir):
 
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "gae"])
 def test_resume_is_exact(tmp_path, estimator):
-    common = dict(env_id="CartPole-v1", estimator=estimator, num_envs=2, steps_per_env=64, eval_every=0, eval_episodes=1,
-                  progress=False, tensorboard=False, normalize_obs=True, normalize_reward=True, lr=1e-3)
+    common = dict(env_id="CartPole-v1", estimator=estimator, num_envs=2, steps_per_env=64, eval_every=0,
+                  eval_episodes=1, progress=False, tensorboard=False, normalize_obs=True, normalize_reward=True,
+                  lr=1e-3)
     full = tmp_path / "full"
     train(GymConfig(**common, total_env_steps=512, save_every=256, output_dir=str(full)))
     part = tmp_path / "part"
@@ -69,7 +70,8 @@ def test_resume_is_exact(tmp_path, estimator):
             assert all(torch.equal(a[k], b[k]) for k in a)
 
     def train_rows(d):
-        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in read_metrics(d) if r["kind"] == "train"]
+        rows = [r for r in read_metrics(d) if r["kind"] == "train"]
+        return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
 
     assert train_rows(full) == train_rows(part)
 
@@ -77,20 +79,23 @@ def test_resume_is_exact(tmp_path, estimator):
 def test_sync_and_async_give_the_same_rollout(tmp_path):
     batches = []
     for mode in ("sync", "async"):
-        tr = GymTrainer(GymConfig(env_id="CartPole-v1", num_envs=2, steps_per_env=40, vectorization=mode, output_dir=str(tmp_path), estimator="gae"))
+        tr = GymTrainer(GymConfig(env_id="CartPole-v1", num_envs=2, steps_per_env=40, vectorization=mode,
+                                  output_dir=str(tmp_path), estimator="gae"))
         try:
             tr.collector.reset(3)
             batches.append(tr.collector.collect(0))
         finally:
             tr.close()
     a, b = batches
-    assert torch.equal(a.obs, b.obs) and torch.equal(a.actions, b.actions) and torch.equal(a.step_rewards, b.step_rewards)
+    assert torch.equal(a.obs, b.obs) and torch.equal(a.actions, b.actions)
+    assert torch.equal(a.step_rewards, b.step_rewards)
     assert torch.equal(a.last_values, b.last_values)
 
 
 def test_continuous_actions_pendulum(tmp_path):
-    cfg = GymConfig(env_id="Pendulum-v1", num_envs=2, steps_per_env=200, total_env_steps=800, normalize_obs=True, normalize_reward=True,
-                    eval_every=0, eval_episodes=1, output_dir=str(tmp_path), progress=False, tensorboard=False)
+    cfg = GymConfig(env_id="Pendulum-v1", num_envs=2, steps_per_env=200, total_env_steps=800, normalize_obs=True,
+                    normalize_reward=True, eval_every=0, eval_episodes=1, output_dir=str(tmp_path), progress=False,
+                    tensorboard=False)
     final = train(cfg)
     rows = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert rows[-1]["episodes"] == 2 and rows[-1]["episode/truncated_frac"] == 1.0  # Pendulum only truncates
@@ -121,8 +126,9 @@ def test_video_recording_or_clear_error(tmp_path):
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     from reinforcepp.errors import NonFiniteError
 
-    trainer = GymTrainer(GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=64, total_env_steps=1024, lr=1e30,
-                                   eval_every=0, progress=False, tensorboard=False, output_dir=str(tmp_path), max_nonfinite_steps=3))
+    trainer = GymTrainer(GymConfig(env_id="CartPole-v1", estimator="gae", num_envs=2, steps_per_env=64,
+                                   total_env_steps=1024, lr=1e30, eval_every=0, progress=False, tensorboard=False,
+                                   output_dir=str(tmp_path), max_nonfinite_steps=3))
     try:
         with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
             trainer.train()

@@ -5,7 +5,6 @@ a copy of the weights (the shape vLLM has) stands in for it."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -88,7 +87,9 @@ def test_a_step_whose_optimizer_steps_were_all_skipped_does_not_sync(tmp_path, c
         return Advantages(a, a)
 
     try:
-        t = _trainer(tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5)
+        t = _trainer(
+            tmp_path, engine="copying", estimator="nan_for_sync_test", kl_placement="none", max_nonfinite_steps=5
+        )
         assert t.train_step()["nonfinite/skipped_steps"] == 1 and t.engine.syncs == 0
     finally:
         ESTIMATORS.pop("nan_for_sync_test", None)
@@ -113,17 +114,19 @@ def test_stale_engine_weights_show_in_the_mismatch(tmp_path, copying_engine):
 def test_tis_weights_enter_the_loss(tmp_path, copying_engine):
     # a stale engine makes sampler != old; TIS with cap C weighs each token's loss by min(exp(old - sampler), C)
     torch.manual_seed(0)
-    t = _trainer(tmp_path, engine="copying", total_steps=1, tis_cap=1.5)
+    t = _trainer(tmp_path, engine="copying", total_steps=1, rollout_correction="truncate", rollout_correction_high=1.5)
     with torch.no_grad():
         for p in t.policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     m = t.train_step()
-    assert 0 < m["rollout/tis_weight_mean"] <= 1.5 and abs(m["rollout/tis_weight_mean"] - 1) > 1e-3
+    assert 0 < m["rollout/is_weight_mean"] <= 1.5 and abs(m["rollout/is_weight_mean"] - 1) > 1e-3
+    assert m["rollout/is_weight_max"] <= 1.5 and m["rollout/truncated_fraction"] > 0
 
 
 def test_tis_needs_an_engine_that_reports_logprobs(tmp_path, copying_engine):
-    t = _trainer(tmp_path, engine="no_logprobs", tis_cap=2.0)
-    with pytest.raises(ConfigError, match="tis_cap needs the log-probs the engine sampled with, and engine 'no_logprobs'"):
+    t = _trainer(tmp_path, engine="no_logprobs", rollout_correction="truncate")
+    message = "rollout_correction=truncate needs the log-probs the engine sampled with, and engine 'no_logprobs'"
+    with pytest.raises(ConfigError, match=message):
         t.train_step()
 
 
@@ -154,8 +157,8 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"vllm_sleep": True})
     with pytest.raises(ConfigError, match="vllm_gpu_memory_utilization is set but engine='hf'"):
         LMConfig.from_dict({"vllm_gpu_memory_utilization": 0.5})
-    with pytest.raises(ConfigError, match="tis_cap must be > 0"):
-        LMConfig.from_dict({"tis_cap": 0})
+    with pytest.raises(ConfigError, match="rollout_correction_high must be a finite number > 0"):
+        LMConfig.from_dict({"rollout_correction": "truncate", "rollout_correction_high": 0})
     import reinforcepp.engines.vllm as ve
 
     monkeypatch.setattr(ve, "vllm_available", lambda: True)
@@ -167,12 +170,16 @@ def test_vllm_config_errors_before_any_model_loads(monkeypatch):
         LMConfig.from_dict({"engine": "vllm", "dtype": "float16", "device": "cpu"})
 
 
-def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys):
+def test_engine_vllm_without_vllm_is_one_line_naming_the_install(monkeypatch, capsys, tmp_path):
     import reinforcepp.engines.vllm as ve
     from reinforcepp.cli import main
 
     monkeypatch.setattr(ve, "vllm_available", lambda: False)
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
     assert main(["train", "engine=vllm", "device=cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bash install.sh vllm" in err[0] and "engine=vllm needs vLLM" in err[0]
-    assert not math.isnan(0.0)
+    out, err = capsys.readouterr()
+    expected = f"reinforcepp train: engine=vllm needs vLLM, which is not installed: run {ve.INSTALL_HINT}"
+    assert err.strip().splitlines() == [expected]
+    assert "bash install.sh vllm" in ve.INSTALL_HINT
+    # refused while the settings are checked: nothing printed, no run directory, no model loaded
+    assert out == "" and list(tmp_path.iterdir()) == []

@@ -29,18 +29,21 @@ from tests.ranks import run_trainer_ranks
 
 def _trainer(tmp: Path, **overrides) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    return Trainer(small_config(tmp, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(16))
 
 
 def _run_settings(tmp: Path, **overrides):
-    base = dict(prompts_per_step=PROMPTS, samples_per_prompt=4, micro_batch_size=4, total_steps=2, save_every=1, keep_last=3, deterministic=True, output_dir=str(tmp))
+    base = dict(prompts_per_step=PROMPTS, samples_per_prompt=4, micro_batch_size=4, total_steps=2, save_every=1,
+                keep_last=3, deterministic=True, output_dir=str(tmp))
     return {**base, **overrides}
 
 
 def _full_optimizer_state(trainer: Trainer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=options)
     return {name: {k: v.clone() for k, v in s.items()} for name, s in state.get("state", {}).items()}  # rank 0 only
 
 
@@ -61,7 +64,8 @@ def _rank_results(rank: int, world: int, tmp: str) -> None:
     final = run.parallel.gather_state(run.policy)
     # resume from its step-1 checkpoint (copied, as a killed run would have left it)
     if rank == 0:
-        shutil.copytree(root / "run" / "checkpoints" / "step_00000001", root / "resumed" / "checkpoints" / "step_00000001")
+        step1 = Path("checkpoints") / "step_00000001"
+        shutil.copytree(root / "run" / step1, root / "resumed" / step1)
         shutil.copytree(root / "run" / "reference", root / "resumed" / "reference")
         shutil.copy(root / "run" / "reference.json", root / "resumed" / "reference.json")
         shutil.copy(root / "run" / "metrics.jsonl", root / "resumed" / "metrics.jsonl")
@@ -72,7 +76,12 @@ def _rank_results(rank: int, world: int, tmp: str) -> None:
     resumed.train()
     resumed_final = resumed.parallel.gather_state(resumed.policy)
     if rank == 0:
-        torch.save({"loss": metrics["loss/policy"], "params": state, "offload_loss": offload_metrics["loss/policy"], "offload_params": offload_state, "final": final, "resumed_final": resumed_final, "step1_optimizer": step1_optimizer}, root / "result.pt")
+        result = {
+            "loss": metrics["loss/policy"], "params": state,
+            "offload_loss": offload_metrics["loss/policy"], "offload_params": offload_state,
+            "final": final, "resumed_final": resumed_final, "step1_optimizer": step1_optimizer,
+        }
+        torch.save(result, root / "result.pt")
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +179,10 @@ def test_cli_fsdp_without_torchrun_says_how_to_launch(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "train", "fsdp=true", f"output_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "train", "fsdp=true", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("reinforcepp train: fsdp=true shards the models over torchrun's ranks")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("reinforcepp train: fsdp=true shards the models over torchrun's ranks")
     assert "torchrun --nproc_per_node N -m reinforcepp.cli train fsdp=true" in proc.stderr

@@ -17,7 +17,8 @@ from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_
 
 def _trainer(tmp_path, **overrides) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(64))
 
 
 def _count_policy_forwards(trainer: Trainer) -> list[bool]:
@@ -48,7 +49,8 @@ def _assert_same_run(a: Trainer, b: Trainer, ma: list[dict], mb: list[dict]) -> 
     for pa, pb in zip(a.policy.parameters(), b.policy.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-7, rtol=1e-6)
     for x, y in zip(ma, mb):
-        for key in ("reward/mean", "kl/mean_token", "advantage/mean_token", "advantage/std_token", "loss/policy", "grad_norm", "entropy"):
+        for key in ("reward/mean", "kl/mean_token", "advantage/mean_token", "advantage/std_token", "loss/policy",
+                    "grad_norm", "entropy"):
             assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(y[key])), (key, x[key], y[key])
         assert x["approx_kl"] == 0 and x["clip/frac_low"] == 0 and x["clip/frac_high"] == 0
 
@@ -71,7 +73,9 @@ def test_fused_old_logprobs_equal_the_separate_pass_with_one_forward_less(tmp_pa
 
 def test_fused_over_several_micro_batches_equals_the_separate_pass(tmp_path):
     fused = _trainer(tmp_path / "fused", micro_batch_size=4, kl_coef=0.5, fuse_old_logprobs=True, share_prompt=False)
-    separate = _trainer(tmp_path / "separate", micro_batch_size=4, kl_coef=0.5, fuse_old_logprobs=False, share_prompt=False)
+    separate = _trainer(
+        tmp_path / "separate", micro_batch_size=4, kl_coef=0.5, fuse_old_logprobs=False, share_prompt=False
+    )
     mf, ff = _steps(fused, 2)
     ms, fs = _steps(separate, 2)
     _assert_same_run(fused, separate, mf, ms)
@@ -101,14 +105,17 @@ def test_zero_kl_coef_skips_the_reference_and_changes_nothing(tmp_path):
     # the run equals today's path, which computed the reference log-probs and multiplied them by 0.
     skipped = _trainer(tmp_path / "skip", kl_coef=0.0, kl_placement="reward", micro_batch_size=16)
     assert skipped.ref_model is None and skipped.kl_placement == "none"
-    today = _trainer(tmp_path / "today", kl_coef=0.0, kl_placement="reward", micro_batch_size=16, fuse_old_logprobs=False)
+    today = _trainer(
+        tmp_path / "today", kl_coef=0.0, kl_placement="reward", micro_batch_size=16, fuse_old_logprobs=False
+    )
     today.maker.kl_placement, today.models.reference = "reward", frozen_copy(today.policy)  # the previous behaviour
     ms, fs = _steps(skipped, 2)
     mt, ft = _steps(today, 2)
     for pa, pb in zip(skipped.policy.parameters(), today.policy.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-7, rtol=1e-6)
     for x, y in zip(ms, mt):
-        assert abs(x["advantage/std_token"] - y["advantage/std_token"]) < 1e-6 and abs(x["loss/policy"] - y["loss/policy"]) < 1e-6
+        assert abs(x["advantage/std_token"] - y["advantage/std_token"]) < 1e-6
+        assert abs(x["loss/policy"] - y["loss/policy"]) < 1e-6
     assert fs == [2, 2] and ft == [4, 4]  # the skipped run does one policy forward (the update), today's two
     # kl_placement=loss with beta = 0: the same, no reference.
     assert _trainer(tmp_path / "loss", kl_coef=0.0, kl_placement="loss", estimator="grpo").ref_model is None
@@ -128,4 +135,5 @@ def test_update_tokens_count_a_shared_prompt_once():
     b = collate([[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]], [[1, 2], [3], [1, 1], [2, 2]], pad_token_id=0)
     assert update_tokens(b, micro_batch_size=4, share_prompt=False) == 7 + 3 + 3 + 2 + 2
     assert update_tokens(b, micro_batch_size=4, share_prompt=True) == 7 + 3 + 2
-    assert update_tokens(b, micro_batch_size=1, share_prompt=True) == 7 + 3 + 3 + 2 + 2  # a prompt is shared within a micro-batch only
+    # a prompt is shared within a micro-batch only
+    assert update_tokens(b, micro_batch_size=1, share_prompt=True) == 7 + 3 + 3 + 2 + 2

@@ -11,7 +11,9 @@ def test_chunked_logprobs_equal_naive_full_log_softmax():
     tok, model = tiny_policy()
     batch = collate([[5, 6, 7], [8, 9]], [[10, 11, 2], [12]], tok.pad_token_id)
     for chunk in (1, 2, 64):
-        fast = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, chunk_size=chunk).logprobs
+        fast = response_logprobs(
+            model, batch.input_ids, batch.attention_mask, batch.response_length, chunk_size=chunk
+        ).logprobs
         naive = naive_response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length)
         torch.testing.assert_close(fast * batch.response_mask, naive * batch.response_mask, atol=1e-6, rtol=0)
 
@@ -32,7 +34,8 @@ def test_entropy_and_temperature():
     targets = torch.randint(0, 7, (2, 3), generator=g)
     out = logprobs_from_logits(logits, targets, with_entropy=True, chunk_size=2)
     torch.testing.assert_close(out.entropy, entropy_from_logits(logits), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1), atol=1e-6, rtol=0)
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, expected, atol=1e-6, rtol=0)
 
 
 def test_shared_prompt_forward_equals_plain_forward_with_gradients():
@@ -42,7 +45,9 @@ def test_shared_prompt_forward_equals_plain_forward_with_gradients():
     responses = [[10, 11, 2], [12], [13, 2], [14, 15, 16], [10], [17, 2]]
     batch = collate(prompts, responses, tok.pad_token_id)
     plain = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True)
-    shared = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True, share_prompt=True)
+    shared = response_logprobs(
+        model, batch.input_ids, batch.attention_mask, batch.response_length, with_entropy=True, share_prompt=True
+    )
     m = batch.response_mask
     torch.testing.assert_close(shared.logprobs * m, plain.logprobs * m, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared.entropy * m, plain.entropy * m, atol=1e-5, rtol=0)

@@ -25,12 +25,15 @@ from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
-SETTINGS = dict(lora_rank=4, lora_alpha=8.0, kl_placement="loss", kl_coef=0.1, prompts_per_step=4, samples_per_prompt=4, micro_batch_size=8, total_steps=2, save_every=1, keep_last=3, deterministic=True, lr=5e-2)
+SETTINGS = dict(lora_rank=4, lora_alpha=8.0, kl_placement="loss", kl_coef=0.1, prompts_per_step=4, samples_per_prompt=4,
+                micro_batch_size=8, total_steps=2, save_every=1, keep_last=3, deterministic=True, lr=5e-2)
 
 
 def _trainer(tmp: Path, model=None, **overrides) -> Trainer:
     tok, fresh = tiny_policy()
-    return Trainer(small_config(tmp, **{**SETTINGS, "output_dir": str(tmp), **overrides}), model=model or fresh, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    config = small_config(tmp, **{**SETTINGS, "output_dir": str(tmp), **overrides})
+    return Trainer(config, model=model or fresh, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(16))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,9 @@ def test_only_adapters_train_and_the_reference_is_the_base(run):
         assert torch.equal(base_now[key], value), name
     # gradients reach the adapters and nothing else
     exp = trainer.make_experience(trainer.rollout())
-    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(
+        exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+    )
     loss.backward()
     with_grad = {n for n, p in trainer.policy.named_parameters() if p.grad is not None}
     assert with_grad == set(trained)
@@ -75,7 +80,9 @@ def test_only_adapters_train_and_the_reference_is_the_base(run):
 def test_lora_resume_equals_uninterrupted(run, tmp_path):
     tmp, trainer, _ = run
     ckpt = tmp / "run" / "checkpoints" / "step_00000001"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "adapter", "trainer_state.json", "trainer_state.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "COMPLETE", "adapter", "trainer_state.json", "trainer_state.safetensors"
+    ]
     shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name)
     shutil.copytree(tmp / "run" / "reference", tmp_path / "reference")
     for name in ("reference.json", "metrics.jsonl"):  # a run folder holds its reference record and its log
@@ -99,7 +106,9 @@ def test_merged_final_model_loads_and_generates_like_the_adapter_model(run):
     ids = torch.tensor([trainer.tokenizer("rev abcd=", add_special_tokens=False)["input_ids"]] * 2)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=trainer.tokenizer.pad_token_id)
     trainer.policy.eval()
-    torch.testing.assert_close(merged.generate(ids, **kwargs), trainer.policy.generate(input_ids=ids, **kwargs), atol=0, rtol=0)
+    torch.testing.assert_close(
+        merged.generate(ids, **kwargs), trainer.policy.generate(input_ids=ids, **kwargs), atol=0, rtol=0
+    )
     from reinforcepp.lm.parallel import full_state_dict
 
     synced = full_state_dict(trainer.policy)  # what a generation engine's weight sync receives
@@ -109,6 +118,7 @@ def test_merged_final_model_loads_and_generates_like_the_adapter_model(run):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     from reinforcepp.lm.batch import collate
+    from reinforcepp.lm.models import enable_activation_checkpointing
     from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 
     tok = build_char_tokenizer()
@@ -117,7 +127,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=1)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
+            assert model.model.layers[0].gradient_checkpointing  # the layers do recompute
         b = collate([[5, 6, 7], [8, 9]], [[10, 11, 2], [12, 2]], tok.pad_token_id)
         out = response_logprobs(model, b.input_ids, b.attention_mask, b.response_length)
         (out.logprobs * b.response_mask).sum().backward()
@@ -142,7 +153,9 @@ def test_impossible_combinations_are_refused(tmp_path, overrides, message):
 
 
 def test_unknown_target_module_lists_the_linear_layers(tmp_path):
-    with pytest.raises(ConfigError, match="qproj is not a linear layer of this model; its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+    message = ("qproj is not a linear layer of this model; "
+               "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    with pytest.raises(ConfigError, match=message):
         _trainer(tmp_path, lora_target_modules=["qproj"])
 
 

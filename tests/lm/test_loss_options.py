@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 
 def make(tmp_path, **overrides):
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(32))
+    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(32))
 
 
 def test_mask_truncated_completions_equals_the_loss_without_them(tmp_path):
@@ -34,10 +35,14 @@ def test_mask_truncated_completions_equals_the_loss_without_them(tmp_path):
     assert exp.loss_mask is not None and bool((exp.loss_mask[truncated] == 0).all())
     kept = torch.nonzero(~truncated).flatten()
     lm = exp.loss_mask
-    masked = trainer.updater.micro_loss(exp, float(lm.sum()), float((lm.sum(1) > 0).sum()), defaultdict(list), defaultdict(list))
+    masked = trainer.updater.micro_loss(
+        exp, float(lm.sum()), float((lm.sum(1) > 0).sum()), defaultdict(list), defaultdict(list)
+    )
     sub = exp.select(kept)
     sub.loss_mask = None
-    alone = trainer.updater.micro_loss(sub, float(sub.response_mask.sum()), float(len(kept)), defaultdict(list), defaultdict(list))
+    alone = trainer.updater.micro_loss(
+        sub, float(sub.response_mask.sum()), float(len(kept)), defaultdict(list), defaultdict(list)
+    )
     assert_close(masked, alone, atol=1e-6, rtol=0)
 
 
@@ -67,7 +72,9 @@ def test_options_run_a_step(tmp_path, overrides):
 def test_entropy_term_is_logged_as_it_enters_the_loss(tmp_path):
     metrics = make(tmp_path, entropy_coef=0.1).train_step()
     # one on-policy window, token-mean: the term is -coef * mean entropy over the real tokens
-    assert_close(torch.tensor(metrics["loss/entropy_bonus"]), torch.tensor(-0.1 * metrics["entropy"]), atol=1e-5, rtol=0)
+    assert_close(
+        torch.tensor(metrics["loss/entropy_bonus"]), torch.tensor(-0.1 * metrics["entropy"]), atol=1e-5, rtol=0
+    )
     assert "loss/entropy" not in metrics
 
 

@@ -45,7 +45,8 @@ def user(tmp_path_factory):
     rows = [{**r, "answer": "MARK"} for r in reverse_dataset(40)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
     (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
-    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["prompt"][4:-1][::-1]}) + "\n" for r in reverse_dataset(64, seed=3)))
+    pairs = ({"prompt": r["prompt"], "completion": r["prompt"][4:-1][::-1]} for r in reverse_dataset(64, seed=3))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (root / "rewards.py").write_text(REWARD_FILE)
     return root
 
@@ -59,8 +60,9 @@ def test_eval_command_scores_eval_data_given_without_train_data(user, tmp_path, 
     # The form docs/lm.md shows: model, eval_data and a reward, no train_data. Before the fix the
     # built-in sort prompts were scored (their answers are digits: reward 0) and runs/ was written.
     monkeypatch.chdir(tmp_path)
-    code = cli.eval_main([f"model={user / 'model'}", f"eval_data={user / 'eval.jsonl'}", f"reward_funcs={user / 'rewards.py'}:marked",
-                          "max_new_tokens=4", "eval_samples=2", "torch_threads=1"])
+    code = cli.eval_main([f"model={user / 'model'}", f"eval_data={user / 'eval.jsonl'}",
+                          f"reward_funcs={user / 'rewards.py'}:marked", "max_new_tokens=4", "eval_samples=2",
+                          "torch_threads=1"])
     out = capsys.readouterr()
     assert code == 0
     lines = dict(line.split(": ") for line in out.out.splitlines())
@@ -71,8 +73,8 @@ def test_eval_command_scores_eval_data_given_without_train_data(user, tmp_path, 
 
 
 def test_python_api_evaluates_eval_data_and_refuses_to_train_without_train_data(user, tmp_path):
-    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), eval_data=str(user / "eval.jsonl"), reward_funcs=[f"{user / 'rewards.py'}:marked"],
-                                    output_dir=str(tmp_path / "run")))
+    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), eval_data=str(user / "eval.jsonl"),
+                                    reward_funcs=[f"{user / 'rewards.py'}:marked"], output_dir=str(tmp_path / "run")))
     trainer = Trainer(cfg)
     assert trainer.builtin_task is None and trainer.evaluate()["eval/reward_mean"] == 1.0
     with pytest.raises(ConfigError, match="no training data"):
@@ -81,8 +83,9 @@ def test_python_api_evaluates_eval_data_and_refuses_to_train_without_train_data(
 
 # ------------------------------------------------------------ 2. no built-in task in custom runs
 def test_custom_run_records_no_builtin_task(user, tmp_path):
-    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), train_data=str(user / "train.jsonl"), reward_funcs=[f"{user / 'rewards.py'}:marked"],
-                                    output_dir=str(tmp_path / "run"), prompts_per_step=4))
+    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), train_data=str(user / "train.jsonl"),
+                                    reward_funcs=[f"{user / 'rewards.py'}:marked"], output_dir=str(tmp_path / "run"),
+                                    prompts_per_step=4))
     Trainer(cfg)
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "task: null" in saved and not (tmp_path / "run" / "data").exists()
@@ -94,7 +97,8 @@ def test_custom_run_records_no_builtin_task(user, tmp_path):
 
 def test_default_run_directory_is_named_after_the_data(user, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), train_data=str(user / "train.jsonl"), reward_funcs=[f"{user / 'rewards.py'}:marked"], prompts_per_step=4))
+    cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), train_data=str(user / "train.jsonl"),
+                                    reward_funcs=[f"{user / 'rewards.py'}:marked"], prompts_per_step=4))
     trainer = Trainer(cfg)
     assert trainer.run_dir.name.startswith("train-reinforce_pp-")
 
@@ -112,8 +116,8 @@ def test_kl_return_share_by_hand():
 
 def _kl_trainer(tmp_path, kl_coef):
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, kl_coef=kl_coef, kl_placement="reward", total_steps=1), model=model, tokenizer=tok,
-                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(tmp_path, kl_coef=kl_coef, kl_placement="reward", total_steps=1), model=model,
+                      tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     with torch.no_grad():  # move the policy away from the reference so that the KL is not 0
         for p in trainer.policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -139,12 +143,14 @@ def test_summary_leads_with_reward_and_shows_accuracy_only_for_pass_fail():
     dense = cli.summary(first, final, pass_fail=False)
     assert dense == "held-out reward (greedy) 0.250 -> 0.900, reward (sampled) 0.300 -> 0.390"
     binary = cli.summary(first, final, pass_fail=True).splitlines()
-    assert binary[0] == dense and binary[1] == "held-out accuracy (greedy, reward >= 1) 0.000 -> 1.000, pass@4 0.100 -> 1.000"
+    assert binary[0] == dense
+    assert binary[1] == "held-out accuracy (greedy, reward >= 1) 0.000 -> 1.000, pass@4 0.100 -> 1.000"
 
 
 def test_evaluation_tells_pass_fail_rewards_from_dense_ones(user, tmp_path):
     def run(reward):
-        cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), eval_data=str(user / "eval.jsonl"), reward_funcs=[f"{user / 'rewards.py'}:{reward}"],
+        cfg = LMConfig.from_dict(_quiet(model=str(user / "model"), eval_data=str(user / "eval.jsonl"),
+                                        reward_funcs=[f"{user / 'rewards.py'}:{reward}"],
                                         output_dir=str(tmp_path / reward)))
         trainer = Trainer(cfg)
         trainer.evaluate()
@@ -161,8 +167,10 @@ def test_every_spelling_of_a_key_gives_the_same_items():
         assert cli_items(argv, SFTConfig) == canonical
     assert cli_items(["--trust-remote-code", "steps=3"], SFTConfig) == ["trust_remote_code=true", "steps=3"]
     assert cli_items(["my.yaml", "--help"], SFTConfig) == ["my.yaml", "--help"]
-    with pytest.raises(ConfigError, match="did you mean 'output_dir'"):
-        cli_items(["--output-dri", "x"], SFTConfig)
+    # an unknown --key becomes an item, so that the config reports every unknown key at once
+    assert cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig) == ["output_dri=x", "bf16=true", "steps=2"]
+    with pytest.raises(ConfigError, match="2 unknown config keys: 'output_dri'; did you mean 'output_dir'.*'bf16' .TRL's name.: here dtype"):
+        SFTConfig.load(None, cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig))
     with pytest.raises(ConfigError, match="needs a value"):
         cli_items(["--steps"], SFTConfig)
 
@@ -180,6 +188,7 @@ def test_every_example_in_the_help_parses(command, capsys):
     for words in examples:
         cls = SFTConfig if command == "sft" else LMConfig
         items = [w for w in cli_items(words[1:], cls, ("--resume",)) if w != "--resume" and not w.endswith(".yaml")]
+        items = [w if "=" in w else f"model={w}" for w in items]  # eval RUN_DIR: the run folder is the model
         if cls is SFTConfig:
             SFTConfig.load(None, items)
         else:
@@ -189,12 +198,14 @@ def test_every_example_in_the_help_parses(command, capsys):
 def test_sft_command_in_key_value_syntax_end_to_end(user, tmp_path):
     out = tmp_path / "sft"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}", f"model={user / 'model'}", f"output_dir={out}",
-                           "steps=3", "torch_threads=1"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    proc = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}",
+                           f"model={user / 'model'}", f"output_dir={out}", "steps=3", "torch_threads=1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert "lr 0.001 (by model size" in proc.stderr and f"saved {out}" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    bad = subprocess.run([sys.executable, "-m", "reinforcepp.cli", "sft", f"data={user / 'pairs.jsonl'}"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "sft needs model=..., output_dir=..." in bad.stderr
 
 
@@ -217,7 +228,8 @@ def test_sft_default_lr_follows_model_size_and_learns_where_the_old_default_did_
 def test_sft_sets_torch_threads(user, tmp_path):
     before = torch.get_num_threads()
     try:
-        cfg = SFTConfig.load(None, [f"model={user / 'model'}", f"data={user / 'pairs.jsonl'}", f"output_dir={tmp_path / 'o'}", "steps=1", "torch_threads=1"])
+        cfg = SFTConfig.load(None, [f"model={user / 'model'}", f"data={user / 'pairs.jsonl'}",
+                                    f"output_dir={tmp_path / 'o'}", "steps=1", "torch_threads=1"])
         assert cli.run_sft(cfg) == 0 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -229,13 +241,15 @@ def test_reference_from_a_directory_is_recorded_not_copied_and_resume_checks_it(
     import shutil
 
     shutil.copytree(user / "model", model_dir)
-    common = _quiet(model=str(model_dir), train_data=str(user / "train.jsonl"), reward_funcs=[f"{user / 'rewards.py'}:fraction_of_a"],
-                    output_dir=str(tmp_path / "run"), prompts_per_step=4, samples_per_prompt=2, micro_batch_size=8, total_steps=2, save_every=1,
+    common = _quiet(model=str(model_dir), train_data=str(user / "train.jsonl"),
+                    reward_funcs=[f"{user / 'rewards.py'}:fraction_of_a"], output_dir=str(tmp_path / "run"),
+                    prompts_per_step=4, samples_per_prompt=2, micro_batch_size=8, total_steps=2, save_every=1,
                     kl_placement="reward", eval_every=0, lr=1e-2)
     first = Trainer(LMConfig.from_dict(common))
     first.train()
     run = tmp_path / "run"
-    assert not (run / "reference").exists() and json.loads((run / REFERENCE_RECORD).read_text())["path"] == str(model_dir.resolve())
+    assert not (run / "reference").exists()
+    assert json.loads((run / REFERENCE_RECORD).read_text())["path"] == str(model_dir.resolve())
     resumed = Trainer(LMConfig.from_dict({**common, "total_steps": 3, "resume": True}))
     from transformers import AutoModelForCausalLM
 
@@ -251,9 +265,11 @@ def test_reference_from_a_directory_is_recorded_not_copied_and_resume_checks_it(
 
 def test_a_policy_passed_in_python_still_gets_its_reference_saved(tmp_path):
     tok, model = tiny_policy()
-    Trainer(small_config(tmp_path, kl_placement="reward"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    Trainer(small_config(tmp_path, kl_placement="reward"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+            train_dataset=reverse_dataset(16))
     assert (tmp_path / "run" / "reference" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "run" / REFERENCE_RECORD).read_text())["copy"] == "reference"  # the copy's files, recorded
+    record = json.loads((tmp_path / "run" / REFERENCE_RECORD).read_text())
+    assert record["copy"] == "reference"  # the copy's files, recorded
 
 
 # ------------------------------------------------------- 7. compare with your model, data, reward
@@ -262,8 +278,9 @@ def test_compare_runs_on_your_model_data_and_reward_without_task(user, tmp_path)
 
     out = tmp_path / "cmp"
     argv = ["--estimators", "grpo", "--seeds", "1", "--steps", "2", "--out", str(out), f"model={user / 'model'}",
-            f"train_data={user / 'train.jsonl'}", f"eval_data={user / 'eval.jsonl'}", f"reward_funcs={user / 'rewards.py'}:fraction_of_a",
-            "prompts_per_step=4", "samples_per_prompt=2", "micro_batch_size=8", "max_new_tokens=4", "eval_every=2", "eval_samples=2", "lr=1e-2"]
+            f"train_data={user / 'train.jsonl'}", f"eval_data={user / 'eval.jsonl'}",
+            f"reward_funcs={user / 'rewards.py'}:fraction_of_a", "prompts_per_step=4", "samples_per_prompt=2",
+            "micro_batch_size=8", "max_new_tokens=4", "eval_every=2", "eval_samples=2", "lr=1e-2"]
     assert C.main(argv) == 0
     md = (out / "report.md").read_text()
     assert md.startswith(f"# Estimator comparison: {user.name}/train (language model)") and "the given model" in md

@@ -9,19 +9,21 @@ import torch
 
 from reinforcepp.lm.batch import collate
 from reinforcepp.lm.logprobs import response_logprobs
-from reinforcepp.lm.packing import (
-    block_causal_mask,
+from reinforcepp.lm.micro_batches import (
     equalize_micro_batch_counts,
     micro_batch_token_count,
-    pack_layout,
-    packed_attention_method,
-    packed_response_logprobs,
     padding_fraction,
     plan_micro_batches,
     prompt_groups,
     sequence_lengths,
     split_to_count,
     update_token_counts,
+)
+from reinforcepp.lm.packing import (
+    block_causal_mask,
+    pack_layout,
+    packed_attention_method,
+    packed_response_logprobs,
 )
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
 

@@ -17,7 +17,8 @@ def test_autocast_setting():
 
 def _trainer(tmp_path, **overrides) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(64))
 
 
 def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_float32_logprobs(tmp_path):
@@ -49,8 +50,11 @@ def test_bf16_full_finetuning_keeps_float32_master_weights_and_adam_state(tmp_pa
     # so an update of 1e-4 of a weight (below bfloat16's 2^-8 resolution) is not rounded away.
     from reinforcepp.lm.tasks import build_char_tokenizer
 
-    trainer = Trainer(small_config(tmp_path, model=None, dtype="bfloat16", total_steps=1, prompts_per_step=4, micro_batch_size=16),
-                      tokenizer=build_char_tokenizer(), reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    config = small_config(
+        tmp_path, model=None, dtype="bfloat16", total_steps=1, prompts_per_step=4, micro_batch_size=16
+    )
+    trainer = Trainer(config, tokenizer=build_char_tokenizer(), reward_funcs=[fraction_of_a],
+                      train_dataset=reverse_dataset(16))
     assert trainer.rt.dtype is torch.bfloat16 and trainer.rt.autocast_dtype is torch.bfloat16
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
     seen: list[torch.dtype] = []

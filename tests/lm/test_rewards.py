@@ -168,7 +168,8 @@ def test_wrong_length_names_source_expected_and_got():
 
 @pytest.mark.parametrize(
     ("bad", "pattern"),
-    [(1e39, r"sample 1: 1e\+39, beyond the float32 range"), (math.nan, r"sample 1: NaN"), (math.inf, r"sample 1: inf"), ("x", "sample 1: a str")],
+    [(1e39, r"sample 1: 1e\+39, beyond the float32 range"), (math.nan, r"sample 1: NaN"), (math.inf, r"sample 1: inf"),
+     ("x", "sample 1: a str")],
 )
 def test_invalid_values_name_source_and_index(bad: Any, pattern: str):
     scorer = RewardScorer([RewardSource("bad", lambda completions: [1.0, bad, 2.0])])
@@ -313,7 +314,8 @@ def test_verl_errors_report_index_directly():
 
     scorer = RewardScorer([RewardSource("v", from_verl(compute_score))])
     completions = ["a", "boom", "c", "boom"]
-    with pytest.raises(RewardError, match=r"'v'.*compute_score.*failed on sample 1 \(failing samples: \[1, 3\]\)") as info:
+    message = r"'v'.*compute_score.*failed on sample 1 \(failing samples: \[1, 3\]\)"
+    with pytest.raises(RewardError, match=message) as info:
         scorer(["p"] * 4, completions, {"answer": ["a"] * 4})
     assert isinstance(info.value.__cause__.__cause__, ValueError)
     with pytest.raises(RewardConfigError, match=r"needs a ground truth.*columns: \[.label.\]"):

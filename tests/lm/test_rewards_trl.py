@@ -74,7 +74,8 @@ def curriculum_reward(completions, trainer_state, **kwargs):
 def test_completion_ids_and_trainer_state_are_passed():
     scorer = RewardScorer([RewardSource("len", reward_len_ids), RewardSource("cur", curriculum_reward)])
     ids = [[1] * 18, [2] * 25]
-    result = scorer(["p", "q"], ["ab", "abc"], {}, completion_ids=ids, trainer_state=TrainerState(global_step=5, max_steps=20))
+    state = TrainerState(global_step=5, max_steps=20)
+    result = scorer(["p", "q"], ["ab", "abc"], {}, completion_ids=ids, trainer_state=state)
     assert_close(result.per_source["len"], torch.tensor([-2.0, -5.0]), **EXACT)
     assert_close(result.per_source["cur"], torch.tensor([1.0, 1.5]), **EXACT)
     assert_close(result.rewards, torch.tensor([-1.0, -3.5]), **EXACT)
@@ -172,9 +173,11 @@ def test_a_reward_that_never_returns_ends_with_one_line_naming_it(on_error):
         release.wait()
         return [0.0] * len(completions)
 
-    scorer = RewardScorer([RewardSource("ok", lambda completions: [1.0]), RewardSource("stuck", stuck)], on_error=on_error, timeout=0.3)
+    sources = [RewardSource("ok", lambda completions: [1.0]), RewardSource("stuck", stuck)]
+    scorer = RewardScorer(sources, on_error=on_error, timeout=0.3)
     try:
-        with pytest.raises(RewardTimeoutError, match=r"reward source 'stuck' \(.*stuck\) did not return within reward_timeout=0.3 s") as info:
+        message = r"reward source 'stuck' \(.*stuck\) did not return within reward_timeout=0.3 s"
+        with pytest.raises(RewardTimeoutError, match=message) as info:
             scorer(["p"], ["x"], {})
         assert "\n" not in str(info.value)
     finally:
@@ -183,10 +186,11 @@ def test_a_reward_that_never_returns_ends_with_one_line_naming_it(on_error):
 
 def test_reward_timeout_from_the_command_line_is_one_line(tmp_path):
     (tmp_path / "slow.py").write_text("import time\n\ndef forever(completions, **kw):\n    time.sleep(3600)\n")
-    cmd = [sys.executable, "-m", "reinforcepp.cli", "train", f"output_dir={tmp_path / 'run'}", "total_steps=1", "sft_steps=0",
-           "prompts_per_step=2", "samples_per_prompt=2", "eval_every=0", "progress=false", "tensorboard=false",
-           f"reward_funcs={tmp_path / 'slow.py'}:forever", "reward_timeout=1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    cmd = [sys.executable, "-m", "reinforcepp.cli", "train", f"output_dir={tmp_path / 'run'}", "total_steps=1",
+           "sft_steps=0", "prompts_per_step=2", "samples_per_prompt=2", "eval_every=0", "progress=false",
+           "tensorboard=false", f"reward_funcs={tmp_path / 'slow.py'}:forever", "reward_timeout=1"]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=env)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert "reward source 'forever'" in last and "reward_timeout=1 s" in last
@@ -209,7 +213,8 @@ def reward_func(queries, prompts, labels):
 
 
 def test_verl_and_openrlhf_extra_metrics_are_reported_per_source():
-    scorer = RewardScorer([RewardSource("compute_score", from_verl(compute_score)), RewardSource("reward_func", from_openrlhf(reward_func))])
+    scorer = RewardScorer([RewardSource("compute_score", from_verl(compute_score)),
+                           RewardSource("reward_func", from_openrlhf(reward_func))])
     result = scorer(["1+1=", "2+2="], ["2", "5"], {"answer": ["2", "4"]})
     assert_close(result.per_source["compute_score"], torch.tensor([1.0, -0.5]), **EXACT)
     assert result.extras == {"compute_score/acc": 0.5, "reward_func/dummy_scores": 1.5}
@@ -218,7 +223,8 @@ def test_verl_and_openrlhf_extra_metrics_are_reported_per_source():
 def test_extra_metrics_reach_the_run_log(tmp_path):
     tok, model = tiny_policy()
     trainer = Trainer(small_config(tmp_path, total_steps=1), model=model, tokenizer=tok,
-                      reward_funcs=[RewardSource("compute_score", from_verl(compute_score))], train_dataset=reverse_dataset(16))
+                      reward_funcs=[RewardSource("compute_score", from_verl(compute_score))],
+                      train_dataset=reverse_dataset(16))
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"][-1]
@@ -235,10 +241,14 @@ def needs_solution(completions, solution, **kwargs):
 
 def test_missing_column_is_found_at_start(tmp_path):
     tok, model = tiny_policy()
-    with pytest.raises(ConfigError, match=r"reward source 'needs_solution' .* needs argument 'solution', which is not a column of the dataset \(columns: answer, demonstration\)"):
-        Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[needs_solution], train_dataset=reverse_dataset(16))
+    message = (r"reward source 'needs_solution' .* needs argument 'solution', which is not a column of the dataset "
+               r"\(columns: answer, demonstration\)")
+    with pytest.raises(ConfigError, match=message):
+        Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[needs_solution],
+                train_dataset=reverse_dataset(16))
     with pytest.raises(ConfigError, match=r"needs argument .ground_truth.*columns: demonstration\)"):
-        Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[from_verl(compute_score, ground_truth_column="gt")],
+        Trainer(small_config(tmp_path), model=model, tokenizer=tok,
+                reward_funcs=[from_verl(compute_score, ground_truth_column="gt")],
                 train_dataset=reverse_dataset(16).remove_columns("answer"))
 
 
@@ -271,8 +281,9 @@ def test_per_token_rewards_become_token_rewards(tmp_path):
         return [1.0] * len(completions)
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, kl_placement="none", estimator="reinforce", reward_weights=[2.0, 1.0]), model=model, tokenizer=tok,
-                      reward_funcs=[per_token, final], train_dataset=reverse_dataset(16))
+    config = small_config(tmp_path, kl_placement="none", estimator="reinforce", reward_weights=[2.0, 1.0])
+    trainer = Trainer(config, model=model, tokenizer=tok, reward_funcs=[per_token, final],
+                      train_dataset=reverse_dataset(16))
     rollout = trainer.rollout()
     exp = trainer.make_experience(rollout)
     lengths = exp.response_mask.sum(1)
@@ -285,7 +296,8 @@ def test_per_token_rewards_become_token_rewards(tmp_path):
 def test_process_rewards_are_refused_by_broadcasting_estimators(tmp_path):
     tok, model = tiny_policy()
     trainer = Trainer(small_config(tmp_path, estimator="grpo"), model=model, tokenizer=tok,
-                      reward_funcs=[lambda completion_ids, **kw: [[0.0] * len(i) for i in completion_ids]], train_dataset=reverse_dataset(16))
+                      reward_funcs=[lambda completion_ids, **kw: [[0.0] * len(i) for i in completion_ids]],
+                      train_dataset=reverse_dataset(16))
     with pytest.raises(ConfigError, match="broadcasts one advantage per response"):
         trainer.rollout()
 
@@ -300,7 +312,8 @@ def with_alarm(completions, **kwargs):
 
 
 def test_a_reward_that_sets_a_signal_handler_runs_in_the_main_thread(caplog):
-    scorer = RewardScorer([RewardSource("alarm", with_alarm), RewardSource("other", lambda completions: [2.0] * len(completions))])
+    scorer = RewardScorer([RewardSource("alarm", with_alarm),
+                           RewardSource("other", lambda completions: [2.0] * len(completions))])
     with caplog.at_level("WARNING"):
         result = scorer(["p"], ["x"], {})
     assert float(result.rewards[0]) == 3.0

@@ -24,7 +24,8 @@ REQUIRED_METRICS = [
 
 def make_trainer(tmp_path, **overrides) -> Trainer:
     tok, model = tiny_policy()
-    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    return Trainer(small_config(tmp_path, **overrides), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                   train_dataset=reverse_dataset(64))
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
@@ -77,12 +78,15 @@ def test_kl_in_reward_enters_advantages_not_loss(tmp_path):
     # Policy loss gradient only: the loss has no KL term.
     from collections import defaultdict
 
-    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(
+        exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+    )
     from reinforcepp.lm.logprobs import response_logprobs
 
     b = exp.batch
     logp = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
-    expected = (policy_loss(logp, exp.old_logprobs, exp.advantages).loss * b.response_mask).sum() / b.response_mask.sum()
+    m = b.response_mask
+    expected = (policy_loss(logp, exp.old_logprobs, exp.advantages).loss * m).sum() / m.sum()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
     # The KL is in the advantages instead: with beta = 0 they change.
     trainer.kl_controller.value = 0.0
@@ -97,7 +101,9 @@ def test_kl_in_loss_has_gradient_and_no_reward_term(tmp_path):
 
     from reinforcepp.lm.logprobs import response_logprobs
 
-    loss = trainer.updater.micro_loss(exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list))
+    loss = trainer.updater.micro_loss(
+        exp, float(exp.response_mask.sum()), float(len(exp)), defaultdict(list), defaultdict(list)
+    )
     b = exp.batch
     logp = response_logprobs(trainer.policy, b.input_ids, b.attention_mask, b.response_length).logprobs
     m = b.response_mask
@@ -126,6 +132,15 @@ def test_on_policy_skips_old_logprob_pass_and_ratio_is_one(tmp_path):
     assert off.make_experience(off.rollout()).old_logprobs is not None
 
 
+def _recording_step(grads: list[list[torch.Tensor]], params: list[torch.nn.Parameter]):
+    """An optimizer step that records the accumulated gradients instead of applying them."""
+
+    def step() -> None:
+        grads.append([p.grad.detach().clone() for p in params])
+
+    return step
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batches_equal_one_batch(tmp_path):
     # token-mean over 4 micro-batches == one micro-batch of the whole mini-batch: the same
@@ -135,8 +150,8 @@ def test_micro_batches_equal_one_batch(tmp_path):
         trainer = make_trainer(tmp_path / str(micro), micro_batch_size=micro, total_steps=1, kl_placement="loss")
         torch.manual_seed(1)
         exp = trainer.make_experience(trainer.rollout())
-        grads = []
-        trainer.optimizer.step = lambda: grads.append([p.grad.detach().clone() for p in trainer.policy.parameters()])
+        grads: list[list[torch.Tensor]] = []
+        trainer.optimizer.step = _recording_step(grads, list(trainer.policy.parameters()))
         trainer.update(exp)
         results.append(grads[0])
     for a, b in zip(*results):
@@ -150,7 +165,9 @@ def test_nan_never_reaches_the_weights(tmp_path):
         return Advantages(a, a)
 
     try:
-        trainer = make_trainer(tmp_path, estimator="nan_for_test", kl_placement="none", max_nonfinite_steps=2, total_steps=5)
+        trainer = make_trainer(
+            tmp_path, estimator="nan_for_test", kl_placement="none", max_nonfinite_steps=2, total_steps=5
+        )
         before = [p.detach().clone() for p in trainer.policy.parameters()]
         metrics = trainer.train_step()
         assert metrics["nonfinite/skipped_steps"] == 1
@@ -168,7 +185,8 @@ def test_reward_function_error_names_function_and_sample(tmp_path):
         return [1.0 if i != 3 else float("nan") for i in range(len(completions))]
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[picky], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(tmp_path), model=model, tokenizer=tok, reward_funcs=[picky],
+                      train_dataset=reverse_dataset(16))
     with pytest.raises(ValueError, match=r"picky.*3|3.*picky"):
         trainer.train_step()
 
@@ -178,7 +196,8 @@ def test_reward_errors_can_drop_the_sample(tmp_path):
         return [None if i == 0 else 1.0 for i in range(len(completions))]
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, reward_on_error="drop"), model=model, tokenizer=tok, reward_funcs=[picky], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(tmp_path, reward_on_error="drop"), model=model, tokenizer=tok, reward_funcs=[picky],
+                      train_dataset=reverse_dataset(16))
     metrics = trainer.train_step()
     assert metrics["reward/dropped_samples"] == 1 and metrics["reward/dropped_groups"] == 1
 
@@ -192,17 +211,27 @@ def test_dataset_errors(tmp_path):
 
 
 def test_dynamic_filtering_drops_all_equal_groups(tmp_path):
+    scored: list[list[float]] = []  # the rewards of each generation round
+
     def constant_for_some(prompts, completions, **_):
         # Groups of prompts starting with 'rev a' get a constant reward; others vary.
-        return [0.0 if p.startswith("rev a") else float(len(c) % 2) for p, c in zip(prompts, completions)]
+        rewards = [0.0 if p.startswith("rev a") else float(len(c) % 2) for p, c in zip(prompts, completions)]
+        scored.append(rewards)
+        return rewards
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(tmp_path, dynamic_filtering=True, max_filter_rounds=3), model=model, tokenizer=tok, reward_funcs=[constant_for_some], train_dataset=reverse_dataset(64))
+    config = small_config(tmp_path, dynamic_filtering=True, max_filter_rounds=3)
+    trainer = Trainer(config, model=model, tokenizer=tok, reward_funcs=[constant_for_some],
+                      train_dataset=reverse_dataset(64))
     rollout = trainer.rollout()
     k = trainer.config.samples_per_prompt
     groups = rollout.rewards.view(-1, k)
+    assert groups.shape[0] == trainer.config.prompts_per_step  # refilled to a whole batch
     assert (groups.max(1).values > groups.min(1).values).all()
-    assert rollout.counts["filter/dropped_groups"] >= 0
+    # every all-equal group of every round was dropped and counted, and there were some
+    all_equal = sum(len(set(r[i : i + k])) == 1 for r in scored for i in range(0, len(r), k))
+    assert all_equal > 0 and rollout.counts["filter/dropped_groups"] == all_equal
+    assert rollout.counts["filter/rounds"] == len(scored) > 1
 
 
 def test_config_errors_before_any_model_load():
@@ -238,7 +267,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         first.train()
     assert first.checkpoints.latest().name.endswith("00000002")
     tok, _ = tiny_policy()
-    resumed = Trainer(small_config(tmp_path / "cut", resume=True, **common), tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+    resumed = Trainer(small_config(tmp_path / "cut", resume=True, **common), tokenizer=tok,
+                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
     assert resumed.step == 2
     resumed.train()
 
@@ -258,7 +288,9 @@ def test_models_load_from_disk_by_path(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in reverse_dataset(16)))
     rewards = tmp_path / "my_reward.py"
-    rewards.write_text("def has_a(prompts, completions, answer, **kw):\n    return [float('a' in c) for c in completions]\n")
+    rewards.write_text(
+        "def has_a(prompts, completions, answer, **kw):\n    return [float('a' in c) for c in completions]\n"
+    )
     cfg = small_config(tmp_path, model=str(tmp_path / "policy"), ref_model=str(tmp_path / "ref"), train_data=str(data),
                        reward_funcs=[f"{rewards}:has_a"], estimator="gae", total_steps=1)
     trainer = Trainer(cfg)

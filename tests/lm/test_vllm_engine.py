@@ -12,12 +12,15 @@ import importlib.util
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)")
-
 from reinforcepp.lm.batch import collate
 from reinforcepp.engines import SamplingParams, SharedPromptSampler
 from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)",
+)
 
 PROMPTS = ("rev abc=", "rev hgfed=", "sort 3142=", "27+45=")
 
@@ -116,7 +119,8 @@ def test_train_engine_vllm_on_the_builtin_task_learns(tmp_path, engine, capsys):
     from reinforcepp.run import read_metrics
 
     run = tmp_path / "run"
-    assert main(["train", "engine=vllm", "device=cpu", f"output_dir={run}", "progress=false", "tensorboard=false", "eval_every=30"]) == 0
+    settings = [f"output_dir={run}", "progress=false", "tensorboard=false", "eval_every=30"]
+    assert main(["train", "engine=vllm", "device=cpu", *settings]) == 0
     rows = read_metrics(run)
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if r.get("kind") == "train"]
@@ -124,3 +128,28 @@ def test_train_engine_vllm_on_the_builtin_task_learns(tmp_path, engine, capsys):
     assert evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"] + 0.3
     # the engine followed the policy: sampler and trainer log-probs agree every step
     assert max(r["rollout/logprob_abs_diff_max"] for r in train) < 1e-3
+
+
+def test_seeded_requests_repeat_and_carry_the_weight_version(engine):
+    tok, model = peaked_policy(2)
+    engine.sync_weights(model, version=5)
+    a = engine.generate(_prompt_ids(tok), 3, SamplingParams(6, temperature=1.5, seed=11))
+    b = engine.generate(_prompt_ids(tok), 3, SamplingParams(6, temperature=1.5, seed=11))
+    assert a.response_ids == b.response_ids and a.token_versions == [[5] * len(r) for r in a.response_ids]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_asynchronous_rollouts_with_vllm_learn_the_builtin_task(tmp_path, engine, n):
+    """`engine=vllm async_rollouts=N`: vLLM generates on the producer's thread (its worker is a
+    process of its own) while the trainer updates; the built-in job still reaches 0.8."""
+    from reinforcepp.cli import main
+    from reinforcepp.run import read_metrics
+
+    run = tmp_path / "run"
+    assert main(["train", "engine=vllm", "device=cpu", f"async_rollouts={n}", f"output_dir={run}", "progress=false",
+                 "tensorboard=false", "eval_every=60"]) == 0
+    rows = read_metrics(run)
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    assert evals[-1]["eval/accuracy"] >= 0.8 and evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"] + 0.3, evals
+    assert max(r["staleness/sequence_max"] for r in train) == n

@@ -31,7 +31,8 @@ class ServeProcess:
 
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 120.0) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", *args, "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", *args, "--threads", "1"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
         deadline = time.monotonic() + timeout
         line = ""
         assert self.proc.stdout is not None

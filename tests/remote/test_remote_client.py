@@ -141,7 +141,8 @@ def test_no_proxy_for_loopback(scripted, monkeypatch):
 def test_unreachable_is_retried_then_one_line(monkeypatch):
     url = f"http://127.0.0.1:{free_port()}"
     client = RemoteClient(url, RemoteSettings(retries=2, **FAST))
-    with pytest.raises(RemoteError, match=rf"^remote service {url}/x could not be reached after 3 attempt\(s\): ") as info:
+    message = rf"^remote service {url}/x could not be reached after 3 attempt\(s\): "
+    with pytest.raises(RemoteError, match=message) as info:
         client.post("/x", {})
     assert "\n" not in str(info.value)
 

@@ -39,7 +39,8 @@ def ref_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(ref_dir):
     # A small token budget, so concurrent requests are packed into several forward passes.
-    server = ServeProcess("reference", "--model", ref_dir, "--port", "0", "--max-batch-tokens", "96", "--max-request-mb", "1")
+    server = ServeProcess("reference", "--model", ref_dir, "--port", "0", "--max-batch-tokens", "96",
+                          "--max-request-mb", "1")
     yield server
     server.kill()
 
@@ -71,7 +72,8 @@ def test_remote_logprobs_equal_local(served, temperature):
     assert (remote[mask == 0] == 0).all()
     for share_prompt in (False, True):
         with torch.no_grad():
-            local = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, temperature=temperature, share_prompt=share_prompt).logprobs
+            local = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length,
+                                      temperature=temperature, share_prompt=share_prompt).logprobs
         torch.testing.assert_close(remote * mask, local * mask, atol=1e-6, rtol=0)
     reference.close()
 
@@ -87,7 +89,9 @@ def _train(tmp_path, name, **overrides):
 @pytest.mark.parametrize("estimator,placement", [("reinforce_pp", "reward"), ("grpo", "loss")])
 def test_run_with_remote_reference_equals_local(served, tmp_path, estimator, placement):
     local = _train(tmp_path, "local", estimator=estimator, kl_placement=placement)
-    remote = _train(tmp_path, "remote", estimator=estimator, kl_placement=placement, ref_model=served.url, remote_batch_size=3)
+    remote = _train(
+        tmp_path, "remote", estimator=estimator, kl_placement=placement, ref_model=served.url, remote_batch_size=3
+    )
     assert len(local) == len(remote) == 3
     assert local[-1]["kl/mean_token"] > 1e-4  # the policy moved away from the reference: the KL is tested
     for a, b in zip(local, remote):
@@ -100,12 +104,15 @@ def test_run_with_remote_reference_equals_local(served, tmp_path, estimator, pla
 def test_trainer_takes_a_remote_reference_object(served, tmp_path):
     tok, model = tiny_policy()
     reference = RemoteReference(served.url, temperature=0.9)
-    trainer = Trainer(small_config(tmp_path, temperature=0.9, kl_placement="loss"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16), ref_model=reference)
+    trainer = Trainer(small_config(tmp_path, temperature=0.9, kl_placement="loss"), model=model, tokenizer=tok,
+                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16), ref_model=reference)
     assert trainer.ref_model is reference and reference.info["kind"] == "reference"
     exp = trainer.make_experience(trainer.rollout())
     b = exp.batch
     with torch.no_grad():
-        local = response_logprobs(tiny_policy()[1], b.input_ids, b.attention_mask, b.response_length, temperature=0.9).logprobs
+        local = response_logprobs(
+            tiny_policy()[1], b.input_ids, b.attention_mask, b.response_length, temperature=0.9
+        ).logprobs
     torch.testing.assert_close(exp.ref_logprobs * b.response_mask, local * b.response_mask, atol=1e-6, rtol=0)
 
 
@@ -121,7 +128,8 @@ def test_server_killed_mid_run_then_resume(ref_dir, tmp_path):
 
     cfg = small_config(tmp_path, total_steps=4, save_every=1, ref_model=server.url, remote_retries=2, remote_timeout=20)
     tok, model = tiny_policy()
-    trainer = Trainer(cfg, model=model, tokenizer=tok, reward_funcs=[reward_that_kills_the_server], train_dataset=reverse_dataset(64))
+    trainer = Trainer(cfg, model=model, tokenizer=tok, reward_funcs=[reward_that_kills_the_server],
+                      train_dataset=reverse_dataset(64))
     with pytest.raises(RemoteError, match=r"^reference server .*/logprobs could not be reached after 3 attempt\(s\)"):
         trainer.train()
     assert trainer.step == 3
@@ -134,7 +142,8 @@ def test_server_killed_mid_run_then_resume(ref_dir, tmp_path):
     back = ServeProcess("reference", "--model", ref_dir, "--port", str(server.port))
     try:
         tok, model = tiny_policy()
-        resumed = Trainer(cfg.replace(resume=True), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+        resumed = Trainer(cfg.replace(resume=True), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
+                          train_dataset=reverse_dataset(64))
         assert resumed.step == 2
         resumed.train()
     finally:
@@ -145,7 +154,8 @@ def test_server_killed_mid_run_then_resume(ref_dir, tmp_path):
 
 def _rank_result(rank, world, tmp, out, url):
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(Path(tmp), **_settings(tmp), ref_model=url), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(Path(tmp), **_settings(tmp), ref_model=url), model=model, tokenizer=tok,
+                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(trainer, rank, world)
     torch.save({"advantages": adv, "loss": metrics["loss/policy"], "params": params}, f"{out}.{rank}")
 
@@ -154,7 +164,8 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
     """Under torch.distributed (gloo) each rank asks the server for its own responses' log-probs;
     the KL-in-loss update then matches one process with the local reference."""
     tok, model = tiny_policy()
-    single = Trainer(small_config(tmp_path / "one", **_settings(tmp_path / "one")), model=model, tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+    single = Trainer(small_config(tmp_path / "one", **_settings(tmp_path / "one")), model=model, tokenizer=tok,
+                     reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     adv, metrics, params = _train_once(single, 0, 1)
     out = str(tmp_path / "result")
     run_trainer_ranks(_rank_result, (str(tmp_path / "two"), out, served.url))
@@ -171,7 +182,8 @@ def test_two_ranks_calling_the_server_equal_one_local_rank(served, tmp_path):
 # ------------------------------------------------------------------ one-line errors at start
 def _cli(tmp_path, capsys, *items):
     run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"  # a fresh run folder per call
-    code = reinforcepp_main(["train", f"output_dir={run}", "total_steps=1", "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
+    code = reinforcepp_main(["train", f"output_dir={run}", "total_steps=1", "sft_steps=0", "progress=false",
+                             "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1]
 
@@ -180,7 +192,8 @@ def test_url_that_does_not_answer(tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     code, line = _cli(tmp_path, capsys, f"ref_model={url}")
     assert code == 2
-    assert line == f"reinforcepp train: reference server {url} does not answer; start one with `reinforcepp serve reference --model PATH --port PORT`"
+    assert line == (f"reinforcepp train: reference server {url} does not answer; "
+                    "start one with `reinforcepp serve reference --model PATH --port PORT`")
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +208,8 @@ def guarded():
 def test_wrong_or_missing_token_is_401(guarded, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("REINFORCEPP_REMOTE_TOKEN", raising=False)
     code, line = _cli(tmp_path, capsys, f"ref_model={guarded.url}")
-    assert code == 2 and line.startswith(f"reinforcepp train: reference server {guarded.url}/info answered HTTP 401 (unauthorized)")
+    assert code == 2
+    assert line.startswith(f"reinforcepp train: reference server {guarded.url}/info answered HTTP 401 (unauthorized)")
     monkeypatch.setenv("REINFORCEPP_REMOTE_TOKEN", "wrong")
     code, line = _cli(tmp_path, capsys, f"ref_model={guarded.url}")
     assert code == 2 and "HTTP 401" in line
@@ -211,14 +225,16 @@ def test_wrong_or_missing_token_is_401(guarded, tmp_path, capsys, monkeypatch):
 def test_other_vocabulary_names_both_sizes(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
     server = ThreadServer(reference_app(other.eval(), None, model_name="other"))
     try:
         code, line = _cli(tmp_path, capsys, f"ref_model={server.url}")
     finally:
         server.stop()
     assert code == 2
-    assert line == f"reinforcepp train: reference server {server.url} has vocab size 60, the policy 48: serve a reference with the policy's vocabulary"
+    assert line == (f"reinforcepp train: reference server {server.url} has vocab size 60, the policy 48: "
+                    "serve a reference with the policy's vocabulary")
 
 
 def test_other_tokenizer_is_refused(served):
@@ -240,13 +256,17 @@ def test_server_refuses_bad_payloads(served):
     bad = httpx.post(url, json={"prompt_ids": [[1, 2]], "response_ids": [[99]]}, trust_env=False)
     assert bad.status_code == 422 and "not a token id in [0, 48)" in bad.json()["error"]
     assert httpx.post(url, content=b"not json", trust_env=False).status_code == 400
-    assert httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, trust_env=False).status_code == 400  # too deep for the parser
+    too_deep = b"[" * 100_000 + b"]" * 100_000  # for the parser
+    assert httpx.post(url, content=too_deep, trust_env=False).status_code == 400
     long = httpx.post(url, json={"prompt_ids": [[5] * 90], "response_ids": [[6] * 10]}, trust_env=False)
     assert long.status_code == 422 and "100 tokens > --max-batch-tokens=96" in long.json()["error"]
     # within the token budget but past the model's 64 positions: refused, naming the limit (it answered 200 before)
-    past = httpx.post(url, json={"prompt_ids": [[5] * 3, [5] * 60], "response_ids": [[6] * 2, [6] * 10]}, trust_env=False)
-    assert past.status_code == 422 and past.json()["error"] == "row 1: a prompt + response of 70 tokens > the model's context of 64 positions"
+    past = httpx.post(url, json={"prompt_ids": [[5] * 3, [5] * 60], "response_ids": [[6] * 2, [6] * 10]},
+                      trust_env=False)
+    assert past.status_code == 422
+    assert past.json()["error"] == "row 1: a prompt + response of 70 tokens > the model's context of 64 positions"
     assert httpx.get(served.url + "/info", trust_env=False).json()["context_length"] == 64
-    assert httpx.post(url, json={"prompt_ids": [[5] * 54], "response_ids": [[6] * 10]}, trust_env=False).status_code == 200  # 64 fits
+    fits = httpx.post(url, json={"prompt_ids": [[5] * 54], "response_ids": [[6] * 10]}, trust_env=False)
+    assert fits.status_code == 200  # 64 tokens fit
     huge = json.dumps({"prompt_ids": [[1] * 1_000_000], "response_ids": [[1]]}).encode()  # > --max-request-mb 1
     assert httpx.post(url, content=huge, trust_env=False).status_code == 413

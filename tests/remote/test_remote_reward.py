@@ -67,7 +67,10 @@ def test_client_and_server_protocol(reward_server):
 
 
 def test_server_takes_openrlhf_requests():
-    server = ThreadServer(reward_app(lambda prompts, completions, labels: [float(c == label) for c, label in zip(completions, labels)], spec="labels"))
+    def exact(prompts, completions, labels):
+        return [float(c == label) for c, label in zip(completions, labels)]
+
+    server = ThreadServer(reward_app(exact, spec="labels"))
     try:
         body = {"query": ["1+1=2", "2+2=5"], "prompts": ["1+1=", "2+2="], "labels": ["2", "4"]}
         got = httpx.post(server.url + "/rewards", json=body, trust_env=False)
@@ -95,7 +98,8 @@ def test_openrlhf_server_gets_labels_from_the_dataset():
         if "labels" not in body or any(label is None for label in body["labels"]):
             send_json(h, 500, {"error": "KeyError: labels"})
         else:
-            send_json(h, 200, {"rewards": openrlhf_style(body["query"], body["prompts"], body["labels"]), "scores": [], "extra_logs": {}})
+            rewards = openrlhf_style(body["query"], body["prompts"], body["labels"])
+            send_json(h, 200, {"rewards": rewards, "scores": [], "extra_logs": {}})
 
     server = ScriptedServer(respond)
     try:
@@ -115,7 +119,8 @@ def test_run_with_served_reward_equals_local(tmp_path):
         runs = {}
         for name, reward in (("local", fraction_of_a), ("remote", server.url)):
             tok, model = tiny_policy()
-            trainer = Trainer(small_config(tmp_path / name, total_steps=2, remote_batch_size=5), model=model, tokenizer=tok, reward_funcs=[reward], train_dataset=reverse_dataset(64))
+            trainer = Trainer(small_config(tmp_path / name, total_steps=2, remote_batch_size=5), model=model,
+                              tokenizer=tok, reward_funcs=[reward], train_dataset=reverse_dataset(64))
             trainer.train()
             runs[name] = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "train"]
     finally:
@@ -137,7 +142,8 @@ def test_run_continues_through_503(tmp_path):
     server = ScriptedServer(respond)
     try:
         tok, model = tiny_policy()
-        trainer = Trainer(small_config(tmp_path, total_steps=2, remote_retries=1), model=model, tokenizer=tok, reward_funcs=[server.url + "/score"], train_dataset=reverse_dataset(64))
+        trainer = Trainer(small_config(tmp_path, total_steps=2, remote_retries=1), model=model, tokenizer=tok,
+                          reward_funcs=[server.url + "/score"], train_dataset=reverse_dataset(64))
         trainer.train()
     finally:
         server.stop()
@@ -148,7 +154,9 @@ def test_run_continues_through_503(tmp_path):
 
 def test_unreachable_reward_url_names_the_serve_command():
     port = free_port()
-    with pytest.raises(RemoteError, match=rf"^reward server http://127.0.0.1:{port}/rewards does not answer; start one with `reinforcepp serve reward --reward SPEC --port {port}`"):
+    message = (rf"^reward server http://127.0.0.1:{port}/rewards does not answer; "
+               rf"start one with `reinforcepp serve reward --reward SPEC --port {port}`")
+    with pytest.raises(RemoteError, match=message):
         connect_remote_reward(f"http://127.0.0.1:{port}/rewards", FAST)
 
 
@@ -156,11 +164,13 @@ def test_serve_refuses_public_host_without_token(capsys, monkeypatch):
     monkeypatch.delenv("REINFORCEPP_REMOTE_TOKEN", raising=False)
     assert reinforcepp_main(["serve", "reward", "--reward", "tests.lm.helpers:fraction_of_a", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "reinforcepp serve: reward: --host 0.0.0.0 is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN"
+    assert err == ("reinforcepp serve: reward: --host 0.0.0.0 is reachable from other machines: "
+                   "give a token with --token-file or REINFORCEPP_REMOTE_TOKEN")
     assert reinforcepp_main(["serve", "reward", "--reward", "tests/missing.py:f"]) == 2
     assert "file 'tests/missing.py' not found" in capsys.readouterr().err
     assert reinforcepp_main(["serve", "reference", "--model", "/no/such/dir"]) == 2
-    assert capsys.readouterr().err.strip() == "reinforcepp serve: reference: --model /no/such/dir: no such model directory"
+    err = capsys.readouterr().err.strip()
+    assert err == "reinforcepp serve: reference: --model /no/such/dir: no such model directory"
 
 
 def test_reward_spec_strings_use_the_shared_client():

@@ -37,7 +37,8 @@ def test_latest_intact_skips_damaged_checkpoints(tmp_path):
 def test_gym_resume_and_eval_fall_back_from_a_damaged_checkpoint(tmp_path, capsys):
     from reinforcepp.cli import main
 
-    common = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, eval_every=0, eval_episodes=1, progress=False, tensorboard=False, output_dir=str(tmp_path), keep_last=3)
+    common = dict(env_id="CartPole-v1", num_envs=2, steps_per_env=16, eval_every=0, eval_episodes=1, progress=False,
+                  tensorboard=False, output_dir=str(tmp_path), keep_last=3)
     train(GymConfig(**common, total_env_steps=96, save_every=32))
     manager = CheckpointManager(tmp_path, keep_last=3)
     assert [p.name for p in manager.complete()] == ["step_00000032", "step_00000064", "step_00000096"]

@@ -20,7 +20,8 @@ def test_nonfinite_message_names_the_value_that_was_not_finite():
     assert guard.check(2.2e-08, float("nan"), where="step 1") is False
     with pytest.raises(NonFiniteError) as err:
         guard.check(2.2e-08, float("nan"), where="step 2")
-    assert "step 2: 2 optimizer steps in a row were not finite (this one: gradient norm nan; loss 2.2e-08)" in str(err.value)
+    expected = "step 2: 2 optimizer steps in a row were not finite (this one: gradient norm nan; loss 2.2e-08)"
+    assert expected in str(err.value)
     guard = NonFiniteGuard(1, hint="")
     with pytest.raises(NonFiniteError, match=r"this one: loss inf and gradient norm nan\)"):
         guard.check(float("inf"), float("nan"), where="step 3")
@@ -34,7 +35,8 @@ def test_weight_norm_and_the_divergence_bound():
     a.mul_(10)  # [30, 0], [0, 4]: sqrt(916) = 30.27 <= 50
     assert guard.check([a, b], where="step 1") == pytest.approx(math.sqrt(916), rel=1e-6)
     b.mul_(20)  # [30, 0], [0, 80]: sqrt(7300) = 85.4 > 10 x 5
-    with pytest.raises(DivergenceError, match=r"step 2: training diverged: the policy's weight norm grew from 5 to 85.44 \(x17.1 > max_weight_growth=10\)"):
+    grew = r"step 2: training diverged: the policy's weight norm grew from 5 to 85.44 \(x17.1 > max_weight_growth=10\)"
+    with pytest.raises(DivergenceError, match=grew):
         guard.check([a, b], where="step 2")
     b.fill_(3e38)  # the square overflows float32
     with pytest.raises(DivergenceError, match="beyond float32's range"):
@@ -42,7 +44,8 @@ def test_weight_norm_and_the_divergence_bound():
     assert DivergenceGuard(None, [a], hint="").check([b], where="x") == math.inf  # off: measured, never raised
 
 
-GYM = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1", "progress=false", "tensorboard=false"]
+GYM = ["--env", "CartPole-v1", "num_envs=2", "steps_per_env=16", "eval_every=0", "eval_episodes=1", "progress=false",
+       "tensorboard=false"]
 
 
 def test_gym_divergence_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys):
@@ -63,8 +66,8 @@ def test_gym_divergence_stops_the_run_and_keeps_the_checkpoint(tmp_path, capsys)
 def test_lm_divergence_and_the_bound_is_kept_on_resume(tmp_path, capsys):
     from reinforcepp.run.state import load_state
 
-    fast = ["sft_steps=0", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4", "eval_every=0",
-            "tensorboard=false", "progress=false", "log_samples_every=0"]
+    fast = ["sft_steps=0", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
+            "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0"]
     out = tmp_path / "r"
     assert main(["train", f"output_dir={out}", *fast, "total_steps=2", "save_every=1", "lr=1e-2"]) == 0
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]

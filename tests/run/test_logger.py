@@ -24,7 +24,8 @@ def test_truncate_drops_rows_after_the_checkpoint_and_a_cut_last_line(tmp_path):
     for step in range(1, 6):
         log.log(step, {"x": float(step)})
     log.close()
-    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s, "completion": "c"}) + "\n" for s in (2, 4)) + '{"step": 6, "compl')
+    samples = "".join(json.dumps({"step": s, "completion": "c"}) + "\n" for s in (2, 4))
+    (tmp_path / "samples.jsonl").write_text(samples + '{"step": 6, "compl')
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "kind": "tr')  # the disk filled up mid-row
     with pytest.warns(UserWarning, match="metrics.jsonl: dropped a truncated last line"):
