@@ -112,6 +112,7 @@ def planted_values(tmp_path):
         "env_id": ["evil_module:Evil-v0", "Acrobot-v1", " CartPole-v0"],
         "env_kwargs": [{"max_episode_steps": 3}],
         "teacher": [str(tmp_path / "zeroed"), "org/teacher"],
+        "rollout_urls": [["http://127.0.0.1:9"], ["vllm+http://example.org:8000"]],
     }
 
 

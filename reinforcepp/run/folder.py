@@ -62,6 +62,7 @@ CHOSEN_BY_YOU: dict[str, str] = {
     "reward_funcs": "reward sources: code, reward models or URLs",
     "environment": "code: an environment factory",
     "teacher": "a teacher model",
+    "rollout_urls": "rollout servers (URLs) that generate and receive the weights",
     "env_id": "the environment",
     "env_kwargs": "the environment's arguments",
 }
