@@ -271,6 +271,7 @@ class RolloutPool:
         self.vllm_busy, self.vllm_pushing = 0, False
         self.threads = ThreadPoolExecutor(max_workers=max(2, len(self.servers) * settings.concurrency), thread_name_prefix="rollout-pool")
         self.last_push: dict[str, float] = {}
+        self.refusals: list[str] = []
         self.failovers = 0
 
     @property
@@ -447,12 +448,13 @@ class RolloutPool:
                 s.alive, s.versions, s.vllm_version = True, set(), None
         targets = [s for s in self.servers if s.alive]
         sent = 0
+        self.refusals = []
         if weights is None:
             for s in targets:
                 try:
                     self._alias(s, version, same_as)
                 except RemoteError as exc:
-                    s.fail(str(exc))
+                    self._failed(s, exc)
         else:
             states = {s.name: _PushState() for s in targets}
             groups: dict[Optional[torch.dtype], list[RolloutServer]] = {}
@@ -473,7 +475,9 @@ class RolloutPool:
                     try:
                         self._commit(s, version, states[s.name])
                     except RemoteError as exc:
-                        s.fail(str(exc))
+                        self._failed(s, exc)
+        if self.refusals:  # a server that refuses the weights (another model): the run cannot go on as asked
+            raise RemoteError(self.refusals[0])
         if not any(s.alive for s in self.servers):
             raise RemoteError("no rollout server left to take weight version "
                               f"{version}: " + "; ".join(f"{s.name}: {s.reason}" for s in self.servers))
@@ -486,8 +490,16 @@ class RolloutPool:
             try:
                 future.result()
             except RemoteError as exc:
-                s.fail(str(exc))
+                self._failed(s, exc)
         return len(piece) * len(live)
+
+    def _failed(self, s: RolloutServer, exc: RemoteError) -> None:
+        """A server failed during a push: left out of it; one that refused the weights (HTTP
+        4xx: another model, a bad token) is reported once the push is over."""
+        if isinstance(exc, RemoteStatusError) and 400 <= exc.status < 500:
+            said = exc.answer.get("error") if isinstance(exc.answer, dict) else None
+            self.refusals.append(f"rollout server {s.name} refused the weights: {said}" if said else str(exc))
+        s.fail(str(exc))
 
     def _send_one(self, s: RolloutServer, piece: bytes, state: _PushState, version: int) -> None:
         if s.vllm:

@@ -174,7 +174,8 @@ class RolloutService:
     def chunk(self, run: str, version: int, index: int, end: bool, digest: str, data: bytes) -> None:
         """One chunk of a push (chunk 0 starts it anew); a piece is read when its last chunk arrives."""
         if sha256(data) != digest:
-            raise BadRequest(422, f"chunk {index} of weight version {version}: its sha256 does not match")
+            self.upload = None
+            raise BadRequest(422, f"chunk {index} of weight version {version}: its sha256 does not match: push again from chunk 0")
         up = self.upload
         if index == 0:
             up = self.upload = Upload(run, version)
