@@ -337,8 +337,10 @@ class RolloutPool:
                     answer = future.result()
                 except RemoteStatusError as exc:
                     if exc.status == VERSION_NOT_HELD:  # it does not hold the version (any more): another server
-                        held = exc.answer.get("versions") if isinstance(exc.answer, dict) and exc.answer.get("run") == self.run else []
-                        server.versions = set(held or [])
+                        answer = exc.answer if isinstance(exc.answer, dict) else {}
+                        server.versions = set(answer.get("versions") or []) if answer.get("run") == self.run else set()
+                        if answer.get("run") not in (self.run, None):
+                            server.reason = f"another run ({answer.get('run')}) pushed its weights to it since"
                     elif exc.status >= 500:
                         server.fail(str(exc))
                     else:
@@ -400,7 +402,7 @@ class RolloutPool:
 
     def _none_left(self, version: int) -> str:
         states = "; ".join(f"{s.name}: {s.reason or 'up, without it'}" if not (s.alive and s.holds(version)) else f"{s.name}: busy"
-                           for s in self.servers)
+                           for s in self.servers)  # reason: why it failed, or that another run took it over
         return f"no rollout server left that holds weight version {version} of this run ({states})"
 
     def _checked(self, server: RolloutServer, answer: Any, rows: int, max_new_tokens: int, version: int) -> dict:
