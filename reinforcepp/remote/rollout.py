@@ -270,6 +270,9 @@ class RolloutPool:
         self.vllm_lock = threading.Condition()
         self.vllm_busy, self.vllm_pushing = 0, False
         self.threads = ThreadPoolExecutor(max_workers=max(2, len(self.servers) * settings.concurrency), thread_name_prefix="rollout-pool")
+        # pushes have threads of their own: generation parts waiting for a push to a vLLM server to end
+        # must not hold every thread the push needs
+        self.push_threads = ThreadPoolExecutor(max_workers=max(2, len(self.servers)), thread_name_prefix="rollout-push")
         self.last_push: dict[str, float] = {}
         self.refusals: list[str] = []
         self.failovers = 0
@@ -286,6 +289,7 @@ class RolloutPool:
 
     def close(self) -> None:
         self.threads.shutdown(wait=False)
+        self.push_threads.shutdown(wait=False)
         for s in self.servers:
             s.client.close()
             s.probe.close()
@@ -487,7 +491,7 @@ class RolloutPool:
 
     def _send(self, piece: bytes, servers: list[RolloutServer], states: dict[str, _PushState], version: int) -> int:
         live = [s for s in servers if s.alive]
-        futures = {self.threads.submit(self._send_one, s, piece, states[s.name], version): s for s in live}
+        futures = {self.push_threads.submit(self._send_one, s, piece, states[s.name], version): s for s in live}
         for future, s in futures.items():
             try:
                 future.result()

@@ -69,10 +69,6 @@ class Backend:
             groups.setdefault(v.data_ptr(), []).append(k)
         self.groups = list(groups.values())
 
-    def initial(self) -> Weights:
-        """A CPU copy of the weights the server started with (version 0 of no run)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-
     def missing(self, tensors: Weights) -> Optional[str]:
         """The first weight a push left out (None when every one is there)."""
         for names in self.groups:
@@ -149,9 +145,10 @@ class RolloutService:
         if keep_versions < 1 or max_batch_prompts < 1:
             raise ValueError(f"need keep_versions >= 1 and max_batch_prompts >= 1, got {keep_versions}, {max_batch_prompts}")
         self.backend, self.keep, self.max_batch_prompts = backend, keep_versions, max_batch_prompts
-        self.held: dict[int, Weights] = {0: backend.initial()}
+        self.held: dict[int, Weights] = {}
         self.run: Optional[str] = None
-        """the run the held versions belong to (None: the weights the server started with)"""
+        """the run the held versions belong to (None: no run has pushed yet; the engine holds the
+        weights the server started with, version 0 of no run, which no request can name)"""
         self.active: Optional[int] = 0
         """the version the engine holds now (None: none of the held ones, after a commit replaced it)"""
         self.upload: Optional[Upload] = None
