@@ -55,8 +55,25 @@ def summary(xs: list[float]) -> dict:
 
 def start_server(model_dir: str, *extra: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", "rollout", "--model", model_dir, "--port", "0", "--threads", "1",
-                             *extra], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reinforcepp.cli",
+            "serve",
+            "rollout",
+            "--model",
+            model_dir,
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     url = line.rsplit(" on ", 1)[1].strip()
@@ -90,14 +107,32 @@ def per_step(args) -> dict:
     servers = [start_server(folder) for _ in range(3)]  # one run per server: the 1-server trainer has its own
     try:
         tmp = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
-        common = {"sft_steps": 0, "eval_every": 0, "progress": False, "tensorboard": False, "log_samples_every": 0, "total_steps": 10_000,
-                  "torch_threads": 1, "task": "reverse", "prompts_per_step": args.prompts, "samples_per_prompt": 8,
-                  "micro_batch_size": 8 * args.prompts}
-        sides = {"colocated hf": {}, "1 server": {"rollout_urls": [servers[0][1]]}, "2 servers": {"rollout_urls": [u for _, u in servers[1:]]}}
+        common = {
+            "sft_steps": 0,
+            "eval_every": 0,
+            "progress": False,
+            "tensorboard": False,
+            "log_samples_every": 0,
+            "total_steps": 10_000,
+            "torch_threads": 1,
+            "task": "reverse",
+            "prompts_per_step": args.prompts,
+            "samples_per_prompt": 8,
+            "micro_batch_size": 8 * args.prompts,
+        }
+        sides = {
+            "colocated hf": {},
+            "1 server": {"rollout_urls": [servers[0][1]]},
+            "2 servers": {"rollout_urls": [u for _, u in servers[1:]]},
+        }
         trainers = {}
         for name, extra in sides.items():
             tok, model = tiny(128, 2)
-            trainers[name] = Trainer(LMConfig.tiny(output_dir=str(tmp / name.replace(" ", "_")), **common, **extra), model=model, tokenizer=tok)
+            trainers[name] = Trainer(
+                LMConfig.tiny(output_dir=str(tmp / name.replace(" ", "_")), **common, **extra),
+                model=model,
+                tokenizer=tok,
+            )
         times: dict[str, dict[str, list[float]]] = {n: {"step": [], "generate": [], "sync": []} for n in sides}
         names = list(sides)
         for r in range(args.rounds + 1):  # round 0 warms up
@@ -140,8 +175,18 @@ def push(args) -> list[dict]:
             finally:
                 proc.kill()
             m = params / 1e6
-            rows.append({"hidden": hidden, "layers": layers, "params_m": m, "wire": dtype, "bytes": sent, "seconds": summary(seconds),
-                         "mb_per_mparam": sent / 1e6 / m, "s_per_mparam": statistics.median(seconds) / m})
+            rows.append(
+                {
+                    "hidden": hidden,
+                    "layers": layers,
+                    "params_m": m,
+                    "wire": dtype,
+                    "bytes": sent,
+                    "seconds": summary(seconds),
+                    "mb_per_mparam": sent / 1e6 / m,
+                    "s_per_mparam": statistics.median(seconds) / m,
+                }
+            )
     return rows
 
 
@@ -150,7 +195,9 @@ def _fsdp_rank(rank: int, world: int, port: int, url: str, hidden: int, layers: 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     from reinforcepp.engines.remote import RemoteEngine
@@ -187,12 +234,21 @@ def fsdp_push(args) -> dict:
     proc, url = start_server(save(model, tok), "--keep-versions", "2", "--max-request-mb", "64")
     out = tempfile.mktemp(suffix=".json")
     try:
-        mp.start_processes(_fsdp_rank, args=(2, free_port(), url, hidden, layers, args.pushes, out), nprocs=2, start_method="spawn")
+        mp.start_processes(
+            _fsdp_rank, args=(2, free_port(), url, hidden, layers, args.pushes, out), nprocs=2, start_method="spawn"
+        )
     finally:
         proc.kill()
     got = json.loads(Path(out).read_text())
-    return {"hidden": hidden, "layers": layers, "params_m": params, "ranks": 2, "bytes": got["bytes"], "seconds": summary(got["seconds"]),
-            "s_per_mparam": statistics.median(got["seconds"]) / params}
+    return {
+        "hidden": hidden,
+        "layers": layers,
+        "params_m": params,
+        "ranks": 2,
+        "bytes": got["bytes"],
+        "seconds": summary(got["seconds"]),
+        "s_per_mparam": statistics.median(got["seconds"]) / params,
+    }
 
 
 # --------------------------------------------------------------------------- part 4
@@ -206,12 +262,14 @@ def seeds(args) -> dict:
 
     tok, model = tiny(128, 2)
     model.eval()
-    never = SimpleNamespace(eos_token_id=model.config.vocab_size, pad_token_id=tok.pad_token_id)  # no EOS: every call decodes 32 tokens
+    never = SimpleNamespace(
+        eos_token_id=model.config.vocab_size, pad_token_id=tok.pad_token_id
+    )  # no EOS: every call decodes 32 tokens
     engine = SharedPromptSampler(model, never)
     prompts = [tok(f"rev {'abcdefgh'[: 1 + i % 8]}=", add_special_tokens=False)["input_ids"] for i in range(32)]
     out: dict[str, list[float]] = {"unseeded": [], "seeded": []}
     for r in range(args.rounds + 1):
-        for name in (["unseeded", "seeded"] if r % 2 == 0 else ["seeded", "unseeded"]):
+        for name in ["unseeded", "seeded"] if r % 2 == 0 else ["seeded", "unseeded"]:
             params = SamplingParams(32, seed=None if name == "unseeded" else r)
             start = time.perf_counter()
             engine.generate(prompts, 8, params)
@@ -238,10 +296,18 @@ def main() -> None:
     results["push"] = push(args)
     results["fsdp_push"] = fsdp_push(args)
     print(json.dumps(results, indent=1))
-    print("\nstep (median s): " + ", ".join(f"{n} {v['step']['median']:.3f} (generate {v['generate']['median']:.3f}, push "
-                                             f"{v['sync']['median']:.3f})" for n, v in results["step"].items()))
+    print(
+        "\nstep (median s): "
+        + ", ".join(
+            f"{n} {v['step']['median']:.3f} (generate {v['generate']['median']:.3f}, push {v['sync']['median']:.3f})"
+            for n, v in results["step"].items()
+        )
+    )
     for row in results["push"]:
-        print(f"push {row['params_m']:.2f}M params, {row['wire']}: {row['mb_per_mparam']:.2f} MB and {row['s_per_mparam']:.3f} s per M params")
+        print(
+            f"push {row['params_m']:.2f}M params, {row['wire']}: {row['mb_per_mparam']:.2f} MB "
+            f"and {row['s_per_mparam']:.3f} s per M params"
+        )
     f = results["fsdp_push"]
     print(f"push under FSDP ({f['ranks']} ranks, {f['params_m']:.2f}M params): {f['s_per_mparam']:.3f} s per M params")
     s = results["seeds"]

@@ -35,7 +35,8 @@ from . import remote as _remote  # registers remote (rollout servers; httpx is i
 
 __all__ = [
     "ENGINES", "EngineSpec", "EpisodeInfo", "Generation", "GenerationEngine", "HFGenerationEngine", "SamplingParams",
-    "SharedPromptSampler", "StagingEngine", "WeightProvider", "build_engine", "can_stage", "check_engine_config", "filter_logits",
-    "full_weights", "get_engine", "left_pad", "position_ids_from_mask", "prompt_seed", "register_engine", "split_responses",
+    "SharedPromptSampler", "StagingEngine", "WeightProvider", "build_engine", "can_stage", "check_engine_config",
+    "filter_logits", "full_weights", "get_engine", "left_pad", "position_ids_from_mask", "prompt_seed",
+    "register_engine", "split_responses",
 ]
 del _vllm, _remote

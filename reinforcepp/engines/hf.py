@@ -147,7 +147,8 @@ class SharedPromptSampler(HFGenerationEngine):
                     if draws is None:
                         token = torch.multinomial(probs, 1).squeeze(-1)
                     else:  # prompt i's k rows draw from prompt i's own generator
-                        token = torch.cat([torch.multinomial(probs[i * k : (i + 1) * k], 1, generator=g) for i, g in enumerate(draws)]).squeeze(-1)
+                        drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(k), draws)]
+                        token = torch.cat(drawn).squeeze(-1)
                     logp = torch.log_softmax(z, dim=-1)
                 logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
                 token = token.masked_fill(finished, tok.pad_token_id)

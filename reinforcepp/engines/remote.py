@@ -47,15 +47,23 @@ class RemoteEngine:
             ``async_rollouts``).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None
+    ) -> None:
         self.pool = RolloutPool(list(config.rollout_urls), settings_from(config), timeout=float(config.rollout_timeout))
         self.rank, self.world = _ranks()
         self.pool.run = _run_id(self.world)
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        self.pool.connect(Expected(model_vocab_size(model), tokenizer_hash(tokenizer), tuple(self.eos_ids),
-                                   int(getattr(config, "async_rollouts", 0)) + 1,
-                                   lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]))
+        self.pool.connect(
+            Expected(
+                model_vocab_size(model),
+                tokenizer_hash(tokenizer),
+                tuple(self.eos_ids),
+                int(getattr(config, "async_rollouts", 0)) + 1,
+                lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            )
+        )
         self.weight_version = 0
         self.staged: Optional[int] = None
         """the newest version pushed (None: none yet; the servers hold only what they started with)"""
@@ -74,7 +82,9 @@ class RemoteEngine:
                 _barrier(self.world)  # no rank has a request on a vLLM server while it loads
             failure: Optional[RemoteError] = None
             try:
-                self.pool.push(version, None if weights is None else weights(), same_as=self.staged, send=self.rank == 0)
+                self.pool.push(
+                    version, None if weights is None else weights(), same_as=self.staged, send=self.rank == 0
+                )
             except RemoteError as exc:
                 failure = exc
             _barrier(self.world)  # the servers hold it before any rank asks for it
@@ -86,7 +96,9 @@ class RemoteEngine:
         """Sample with ``version`` (pushed by :meth:`stage_weights`) from now on."""
         self.weight_version = version
 
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0) -> None:
+    def sync_weights(
+        self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0
+    ) -> None:
         self.stage_weights(weights or full_weights(model), version=version)
         self.use_version(version)
 
@@ -94,7 +106,9 @@ class RemoteEngine:
         pass
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams
+    ) -> Generation:
         if self.staged is None:
             raise RuntimeError("engine=remote: no weights pushed yet (sync_weights or stage_weights first)")
         prompts = [list(p) for p in prompt_ids]
@@ -102,13 +116,25 @@ class RemoteEngine:
         if seeds is None and not params.greedy:  # drawn here: a seeded run repeats, and resumes, exactly
             call = int(torch.randint(0, 2**62, ()))
             seeds = [prompt_seed(call, i) for i in range(len(prompts))]
-        sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                    "top_k": params.top_k, "greedy": params.greedy}
-        rows = self.pool.generate(prompts, samples_per_prompt, sampling, None if params.greedy else seeds, self.weight_version)
+        sampling = {
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "greedy": params.greedy,
+        }
+        rows = self.pool.generate(
+            prompts, samples_per_prompt, sampling, None if params.greedy else seeds, self.weight_version
+        )
         prompt_rows = [p for p in prompts for _ in range(samples_per_prompt)]
         versions = [[v] * len(r) for v, r in zip(rows.versions, rows.response_ids)]
-        return Generation(prompt_rows, rows.response_ids, torch.tensor(rows.truncated, dtype=torch.bool), rows.logprobs,
-                          token_versions=versions)
+        return Generation(
+            prompt_rows,
+            rows.response_ids,
+            torch.tensor(rows.truncated, dtype=torch.bool),
+            rows.logprobs,
+            token_versions=versions,
+        )
 
     def close(self) -> None:
         self.pool.close()
@@ -143,8 +169,10 @@ def check_remote_config(config: Any) -> None:
     """``rollout_urls``, before any model loads: URLs, a token for servers on other machines."""
     urls = list(config.rollout_urls)
     if not urls:
-        raise ConfigError("engine=remote samples on rollout servers: set rollout_urls=http://HOST:PORT[,http://HOST2:PORT] "
-                          "(`reinforcepp serve rollout` on each)")
+        raise ConfigError(
+            "engine=remote samples on rollout servers: set rollout_urls=http://HOST:PORT[,http://HOST2:PORT] "
+            "(`reinforcepp serve rollout` on each)"
+        )
     for url in urls:
         try:
             check_rollout_url(url)
@@ -160,14 +188,24 @@ def check_remote_config(config: Any) -> None:
         raise ConfigError(str(exc)) from None
     far = [u for u in urls if needs_token(u)]
     if far and not token:
-        raise ConfigError(f"rollout server {far[0]} is on another machine and needs a token: give it in remote_token_file "
-                          "or REINFORCEPP_REMOTE_TOKEN (the server's --token-file; vLLM's --api-key)")
+        raise ConfigError(
+            f"rollout server {far[0]} is on another machine and needs a token: give it in remote_token_file "
+            "or REINFORCEPP_REMOTE_TOKEN (the server's --token-file; vLLM's --api-key)"
+        )
 
 
-def _build(model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None) -> RemoteEngine:
+def _build(
+    model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None
+) -> RemoteEngine:
     return RemoteEngine(model, tokenizer, device=device, config=config)
 
 
-register_engine("remote", _build, help="rollout servers (`reinforcepp serve rollout`, or vllm+http:// for a plain `vllm serve`): "
-                "set rollout_urls, which selects it", options=("rollout_urls", "rollout_timeout"), check=check_remote_config,
-                own_weights=True)
+register_engine(
+    "remote",
+    _build,
+    help="rollout servers (`reinforcepp serve rollout`, or vllm+http:// for a plain `vllm serve`): "
+    "set rollout_urls, which selects it",
+    options=("rollout_urls", "rollout_timeout"),
+    check=check_remote_config,
+    own_weights=True,
+)

@@ -19,8 +19,9 @@ The prefix cache is reset after each load (its keys and values belong to the old
 Sampling options go through one to one (temperature, top-p, top-k, ``max_new_tokens`` as
 ``max_tokens``, ``samples_per_prompt`` as ``n``, EOS ids as ``stop_token_ids``, each prompt's
 seed (``SamplingParams.seeds_for``), or one drawn from torch's generator, so a seeded run
-repeats), and the log-probs of the sampled tokens under the distribution actually sampled from (``logprobs_mode="processed_logprobs"``:
-temperature, top-k and top-p applied) come back as ``Generation.sampler_logprobs``.
+repeats), and the log-probs of the sampled tokens under the distribution actually sampled from
+(``logprobs_mode="processed_logprobs"``: temperature, top-k and top-p applied) come back as
+``Generation.sampler_logprobs``.
 
 One ``LLM`` is kept per process for each model architecture and setting (:data:`_LLMS`): a
 second trainer in the same process (``reinforcepp compare``, the tests) reuses it and loads its

@@ -135,9 +135,11 @@ class LMConfig(RunOptions):
     vllm_sleep: bool = option(False, "engine=vllm on a GPU: put vLLM to sleep (KV cache freed, weights offloaded) while the trainer computes log-probs and updates, wake it for the next rollout")
     # --- rollout servers (docs/remote.md, "Rollout servers") -----------------------------------
     rollout_urls: list[str] = option(
-        [], "generate on rollout servers: `reinforcepp serve rollout` URLs (http(s)://host:port) or plain `vllm serve` ones "
-        "(vllm+http(s)://host:port), requests spread by load, weights pushed after every update; selects engine=remote")
-    rollout_timeout: float = option(600.0, "seconds one generation request or one weight chunk to a rollout server may take")
+        [], "generate on rollout servers: `reinforcepp serve rollout` URLs (http(s)://host:port) or plain "
+        "`vllm serve` ones (vllm+http(s)://host:port), requests spread by load, weights pushed after every update; "
+        "selects engine=remote")
+    rollout_timeout: float = option(
+        600.0, "seconds one generation request or one weight chunk to a rollout server may take")
     max_new_tokens: int = option(256, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
@@ -168,8 +170,8 @@ class LMConfig(RunOptions):
         and with any other ``engine`` is refused."""
         urls = values.get("rollout_urls")
         if urls not in (None, "", [], "[]", "None", "none") and values.get("engine", "remote") != "remote":
-            raise ConfigError(f"rollout_urls sends generation to rollout servers (engine=remote), but engine={values['engine']} "
-                              "is set too: drop engine, or rollout_urls")
+            raise ConfigError(f"rollout_urls sends generation to rollout servers (engine=remote), but "
+                              f"engine={values['engine']} is set too: drop engine, or rollout_urls")
         if urls not in (None, "", [], "[]", "None", "none"):
             values = {**values, "engine": "remote"}
         return super().from_dict(values)

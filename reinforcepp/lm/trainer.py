@@ -91,7 +91,7 @@ class Trainer:
         sampler = RolloutSampler(self.config, self.rt, self.engine, self.models.policy, self.models.tokenizer, scorer, self.env_factory,
                                  self.spec)
         sampler.prompts_truncated = int(saved.get("prompts_truncated", 0))
-        if producer is None and can_stage(self.engine):  # rollout servers: push this step's weights before the first rollout
+        if producer is None and can_stage(self.engine):  # rollout servers: this step's weights before the first rollout
             self.engine.sync_weights(self.policy, self.models.weights, version=self.step)
         else:
             self.engine.weight_version = self.step  # it holds the weights of this step (a resumed run's too)
@@ -245,7 +245,7 @@ class Trainer:
         if changed:
             with self.rt.timer("sync"):
                 self.engine.sync_weights(self.policy, self.models.weights, version=self.step)
-        elif self.producer is None and can_stage(self.engine):  # rollout servers: the same weights under the new version
+        elif self.producer is None and can_stage(self.engine):  # rollout servers: the same weights, a new version
             self.engine.stage_weights(None, version=self.step)
             self.engine.use_version(self.step)
         else:

@@ -234,7 +234,8 @@ class RemoteClient:
                 raise RemoteError(f"{self.what} {url}: no complete answer within remote_timeout={s.timeout:g}s") from None
             except httpx.TransportError as exc:
                 if attempt >= s.retries:
-                    raise RemoteUnreachable(f"{self.what} {url} could not be reached after {attempt + 1} attempt(s): {_describe(exc)}") from None
+                    raise RemoteUnreachable(f"{self.what} {url} could not be reached after {attempt + 1} attempt(s): "
+                                            f"{_describe(exc)}") from None
                 wait = min(MAX_BACKOFF_S, s.backoff * 2**attempt)
                 logger.warning("%s %s: %s; retry %d/%d in %.1fs", self.what, url, _describe(exc), attempt + 1, s.retries, wait)
             else:
@@ -269,7 +270,9 @@ class RemoteClient:
             target = headers.get("location", "?")
             raise RemoteError(f"{self.what} {url} answered HTTP {status} redirecting to {target}; redirects are not followed: set the URL to the final address")
         if status in (401, 403):
-            raise RemoteStatusError(f"{self.what} {url} answered HTTP {status} ({'unauthorized' if status == 401 else 'forbidden'}): give the server's token in remote_token_file or {TOKEN_ENV}", status)
+            why = "unauthorized" if status == 401 else "forbidden"
+            raise RemoteStatusError(f"{self.what} {url} answered HTTP {status} ({why}): give the server's token in "
+                                    f"remote_token_file or {TOKEN_ENV}", status)
         if status >= 400:
             tries = f" after {attempt + 1} attempts" if attempt else ""
             try:

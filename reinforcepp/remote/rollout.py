@@ -104,7 +104,9 @@ class RolloutServer:
         self.vllm = url.startswith(VLLM_SCHEME)
         base = url.removeprefix(VLLM_SCHEME).rstrip("/")
         self.client = RemoteClient(base, replace(settings, retries=0, timeout=timeout), what="rollout server")
-        self.probe = RemoteClient(base, replace(settings, retries=0, timeout=min(5.0, timeout), concurrency=1), what="rollout server")
+        self.probe = RemoteClient(
+            base, replace(settings, retries=0, timeout=min(5.0, timeout), concurrency=1), what="rollout server"
+        )
         self.url = self.client.base_url.rstrip("/")
         self.alive, self.reason, self.last_probe = True, "", 0.0
         self.versions: set[int] = set()
@@ -138,21 +140,34 @@ class RolloutServer:
     def _connect_ours(self, expect: Expected) -> None:
         info = self.client.get(INFO)
         if not isinstance(info, dict) or info.get("kind") != "rollout":
-            raise RemoteError(f"{self.url}{INFO} is not a reinforcepp rollout server (answer: {str(info)[:120]}); a plain "
-                              f"vllm serve is given as vllm+{self.url}")
+            raise RemoteError(
+                f"{self.url}{INFO} is not a reinforcepp rollout server (answer: {str(info)[:120]}); a plain "
+                f"vllm serve is given as vllm+{self.url}"
+            )
         if info.get("protocol") != PROTOCOL_VERSION:
-            raise RemoteError(f"rollout server {self.name} speaks protocol {info.get('protocol')}; this client speaks {PROTOCOL_VERSION}")
+            raise RemoteError(
+                f"rollout server {self.name} speaks protocol {info.get('protocol')}; "
+                f"this client speaks {PROTOCOL_VERSION}"
+            )
         self._check_vocab(info.get("vocab_size"), expect)
         theirs, ours = info.get("tokenizer_hash"), expect.tokenizer_hash
         if theirs and ours and theirs != ours:
-            raise RemoteError(f"rollout server {self.name} uses another tokenizer (hash {theirs}, the policy's {ours}): serve the policy's tokenizer")
+            raise RemoteError(
+                f"rollout server {self.name} uses another tokenizer (hash {theirs}, the policy's {ours}): "
+                "serve the policy's tokenizer"
+            )
         if sorted(info.get("eos_token_ids") or []) != sorted(expect.eos_token_ids):
-            raise RemoteError(f"rollout server {self.name} stops at EOS ids {info.get('eos_token_ids')}, the policy's tokenizer at "
-                              f"{list(expect.eos_token_ids)}: serve the policy's tokenizer")
+            raise RemoteError(
+                f"rollout server {self.name} stops at EOS ids {info.get('eos_token_ids')}, the policy's tokenizer at "
+                f"{list(expect.eos_token_ids)}: serve the policy's tokenizer"
+            )
         keep = int(info.get("keep_versions", 1))
         if keep < expect.versions_needed:
-            raise RemoteError(f"rollout server {self.name} holds {keep} weight version(s); async_rollouts={expect.versions_needed - 1} "
-                              f"needs {expect.versions_needed}: start it with --keep-versions {expect.versions_needed}")
+            raise RemoteError(
+                f"rollout server {self.name} holds {keep} weight version(s); "
+                f"async_rollouts={expect.versions_needed - 1} "
+                f"needs {expect.versions_needed}: start it with --keep-versions {expect.versions_needed}"
+            )
         self.info, self.dtype = info, wire_dtype(str(info.get("dtype")))
         self.chunk_bytes = max(1 << 16, min(32 << 20, int(info.get("max_request_bytes", 32 << 20)) // 2))
 
@@ -161,27 +176,40 @@ class RolloutServer:
         try:
             self.model = str(models["data"][0]["id"])
         except (KeyError, IndexError, TypeError):
-            raise RemoteError(f"{self.url}/v1/models is not vLLM's OpenAI-compatible API (answer: {str(models)[:120]})") from None
+            raise RemoteError(
+                f"{self.url}/v1/models is not vLLM's OpenAI-compatible API (answer: {str(models)[:120]})"
+            ) from None
         try:
             described = self.client.post(VLLM_RPC, {"method": "reinforcepp_describe"})
         except RemoteStatusError as exc:
-            raise RemoteError(f"rollout server {self.name} has no /collective_rpc with reinforcepp's worker extension (HTTP {exc.status}): "
-                              "start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
-                              "reinforcepp.engines.vllm_worker.WeightSync (docs/remote.md)") from None
+            raise RemoteError(
+                f"rollout server {self.name} has no /collective_rpc with reinforcepp's worker extension "
+                f"(HTTP {exc.status}): "
+                "start it with VLLM_SERVER_DEV_MODE=1 and --worker-extension-cls "
+                "reinforcepp.engines.vllm_worker.WeightSync (docs/remote.md)"
+            ) from None
         results = described.get("results") if isinstance(described, dict) else None
         if not results or not isinstance(results[0], dict):
             raise RemoteError(f"rollout server {self.name}: reinforcepp_describe answered {str(described)[:120]}")
         self._check_vocab(results[0].get("vocab_size"), expect)
         self.dtype = wire_dtype(str(results[0].get("dtype")))
         if expect.encode is not None:
-            theirs = self.client.post("/tokenize", {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False})
+            theirs = self.client.post(
+                "/tokenize", {"model": self.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+            )
             if not isinstance(theirs, dict) or theirs.get("tokens") != expect.encode(TOKENIZER_PROBE):
-                raise RemoteError(f"rollout server {self.name} tokenizes differently from the policy's tokenizer: serve the policy's tokenizer")
+                raise RemoteError(
+                    f"rollout server {self.name} tokenizes differently from the policy's tokenizer: "
+                    "serve the policy's tokenizer"
+                )
         self.info = {"kind": "vllm", "vocab_size": results[0].get("vocab_size"), "dtype": results[0].get("dtype")}
 
     def _check_vocab(self, theirs: Any, expect: Expected) -> None:
         if theirs != expect.vocab_size:
-            raise RemoteError(f"rollout server {self.name} has vocab size {theirs}, the policy {expect.vocab_size}: serve the policy's model")
+            raise RemoteError(
+                f"rollout server {self.name} has vocab size {theirs}, the policy {expect.vocab_size}: "
+                "serve the policy's model"
+            )
 
     # ------------------------------------------------------------------ what it holds
     def holds(self, version: int) -> bool:
@@ -218,29 +246,59 @@ class RolloutServer:
         self.alive, self.reason, self.last_probe = False, reason, time.monotonic()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], k: int, sampling: dict, seeds: Optional[list[int]], run: str, version: int,
-                 stop_ids: list[int]) -> dict:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        k: int,
+        sampling: dict,
+        seeds: Optional[list[int]],
+        run: str,
+        version: int,
+        stop_ids: list[int],
+    ) -> dict:
         """One part of a call -> ``{"response_ids", "logprobs", "truncated", "weight_version"}``."""
         if not self.vllm:
-            return self.client.post(GENERATE, {"prompt_ids": prompts, "samples_per_prompt": k, **sampling, "seeds": seeds,
-                                               "run": run, "weight_version": version})
+            return self.client.post(
+                GENERATE,
+                {
+                    "prompt_ids": prompts,
+                    "samples_per_prompt": k,
+                    **sampling,
+                    "seeds": seeds,
+                    "run": run,
+                    "weight_version": version,
+                },
+            )
         held = self.vllm_version
         greedy = bool(sampling["greedy"])
         payloads = []
         for i, p in enumerate(prompts):
-            body = {"model": self.model, "prompt": p, "n": k, "max_tokens": sampling["max_new_tokens"],
-                    "temperature": 0.0 if greedy else sampling["temperature"], "top_p": 1.0 if greedy else sampling["top_p"],
-                    "top_k": 0 if greedy else sampling["top_k"], "logprobs": 0, "return_token_ids": True,
-                    "stop_token_ids": stop_ids, "skip_special_tokens": False}
+            body = {
+                "model": self.model,
+                "prompt": p,
+                "n": k,
+                "max_tokens": sampling["max_new_tokens"],
+                "temperature": 0.0 if greedy else sampling["temperature"],
+                "top_p": 1.0 if greedy else sampling["top_p"],
+                "top_k": 0 if greedy else sampling["top_k"],
+                "logprobs": 0,
+                "return_token_ids": True,
+                "stop_token_ids": stop_ids,
+                "skip_special_tokens": False,
+            }
             if seeds is not None:
                 body["seed"] = seeds[i] % 2**63
             payloads.append(body)
         answers = self.client.post_many(VLLM_COMPLETIONS, payloads)
         out: dict[str, list] = {"response_ids": [], "logprobs": [], "truncated": []}
         for answer in answers:
-            choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0)) if isinstance(answer, dict) else []
+            choices = (
+                sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0)) if isinstance(answer, dict) else []
+            )
             if len(choices) != k:
-                raise RemoteError(f"rollout server {self.name}{VLLM_COMPLETIONS} answered {len(choices)} choices for n={k}")
+                raise RemoteError(
+                    f"rollout server {self.name}{VLLM_COMPLETIONS} answered {len(choices)} choices for n={k}"
+                )
             for c in choices:
                 ids, lps = c.get("token_ids"), (c.get("logprobs") or {}).get("token_logprobs")
                 out["response_ids"].append(ids)
@@ -269,7 +327,9 @@ class RolloutPool:
         self.lock = threading.Lock()
         self.vllm_lock = threading.Condition()
         self.vllm_busy, self.vllm_pushing = 0, False
-        self.threads = ThreadPoolExecutor(max_workers=max(2, len(self.servers) * settings.concurrency), thread_name_prefix="rollout-pool")
+        self.threads = ThreadPoolExecutor(
+            max_workers=max(2, len(self.servers) * settings.concurrency), thread_name_prefix="rollout-pool"
+        )
         # pushes have threads of their own: generation parts waiting for a push to a vLLM server to end
         # must not hold every thread the push needs
         self.push_threads = ThreadPoolExecutor(max_workers=max(2, len(self.servers)), thread_name_prefix="rollout-push")
@@ -295,7 +355,9 @@ class RolloutPool:
             s.probe.close()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], k: int, sampling: dict, seeds: Optional[list[int]], version: int) -> Rows:
+    def generate(
+        self, prompts: list[list[int]], k: int, sampling: dict, seeds: Optional[list[int]], version: int
+    ) -> Rows:
         """``k`` samples of each prompt with weight ``version``: the prompts split into parts
         (two per server up), each sent to the least loaded server that holds the version,
         a failed part sent again elsewhere."""
@@ -320,8 +382,16 @@ class RolloutPool:
                 with self.lock:
                     server.inflight += 1
                     server.inflight_tokens += tokens
-                future = self.threads.submit(self._call, server, prompts[lo:hi], k, sampling, None if seeds is None else seeds[lo:hi],
-                                             version, stop_ids)
+                future = self.threads.submit(
+                    self._call,
+                    server,
+                    prompts[lo:hi],
+                    k,
+                    sampling,
+                    None if seeds is None else seeds[lo:hi],
+                    version,
+                    stop_ids,
+                )
                 running[future] = (part, server, tokens)
             if not running:
                 if self._revive(version):
@@ -369,8 +439,16 @@ class RolloutPool:
             rows.versions += [result["weight_version"]] * len(result["response_ids"])
         return rows
 
-    def _call(self, server: RolloutServer, prompts: list[list[int]], k: int, sampling: dict, seeds: Optional[list[int]], version: int,
-              stop_ids: list[int]) -> dict:
+    def _call(
+        self,
+        server: RolloutServer,
+        prompts: list[list[int]],
+        k: int,
+        sampling: dict,
+        seeds: Optional[list[int]],
+        version: int,
+        stop_ids: list[int],
+    ) -> dict:
         if not server.vllm:
             return server.generate(prompts, k, sampling, seeds, self.run, version, stop_ids)
         with self.vllm_lock:  # no generation on a vLLM server while weights are loaded into it
@@ -405,8 +483,10 @@ class RolloutPool:
         return found
 
     def _none_left(self, version: int) -> str:
-        states = "; ".join(f"{s.name}: {s.reason or 'up, without it'}" if not (s.alive and s.holds(version)) else f"{s.name}: busy"
-                           for s in self.servers)  # reason: why it failed, or that another run took it over
+        states = "; ".join(
+            f"{s.name}: {s.reason or 'up, without it'}" if not (s.alive and s.holds(version)) else f"{s.name}: busy"
+            for s in self.servers
+        )  # reason: why it failed, or that another run took it over
         return f"no rollout server left that holds weight version {version} of this run ({states})"
 
     def _checked(self, server: RolloutServer, answer: Any, rows: int, max_new_tokens: int, version: int) -> dict:
@@ -423,17 +503,32 @@ class RolloutPool:
         vocab = self.expect.vocab_size if self.expect is not None else 0
         for i, (row, lp) in enumerate(zip(ids, lps)):
             if not isinstance(row, list) or not row or len(row) > max_new_tokens:
-                raise RemoteError(f"{where}: response {i} has {len(row) if isinstance(row, list) else row!r} tokens (1 to {max_new_tokens} expected)")
+                raise RemoteError(
+                    f"{where}: response {i} has {len(row) if isinstance(row, list) else row!r} tokens "
+                    f"(1 to {max_new_tokens} expected)"
+                )
             bad = next((t for t in row if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
             if bad is not None or any(isinstance(t, bool) for t in row):
-                raise RemoteError(f"{where}: response {i} holds token id {bad!r}, outside the policy's vocabulary [0, {vocab})")
-            if not isinstance(lp, list) or len(lp) != len(row) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in lp):
+                raise RemoteError(
+                    f"{where}: response {i} holds token id {bad!r}, outside the policy's vocabulary [0, {vocab})"
+                )
+            if (
+                not isinstance(lp, list)
+                or len(lp) != len(row)
+                or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in lp)
+            ):
                 raise RemoteError(f"{where}: response {i} has no finite log-prob for each of its {len(row)} tokens")
         return {"response_ids": ids, "logprobs": lps, "truncated": [bool(t) for t in trunc], "weight_version": used}
 
     # ------------------------------------------------------------------ weights
-    def push(self, version: int, weights: Optional[Iterable[tuple[str, torch.Tensor]]], *, same_as: Optional[int] = None,
-             send: bool = True) -> None:
+    def push(
+        self,
+        version: int,
+        weights: Optional[Iterable[tuple[str, torch.Tensor]]],
+        *,
+        same_as: Optional[int] = None,
+        send: bool = True,
+    ) -> None:
         """Give every server weight ``version``: ``weights`` (iterated to the end whatever
         happens: under FSDP each item is a collective), or the same as version ``same_as``.
         ``send=False`` (torchrun ranks but 0) only iterates. Servers that fail are left out;
@@ -485,8 +580,10 @@ class RolloutPool:
         if self.refusals:  # a server that refuses the weights (another model): the run cannot go on as asked
             raise RemoteError(self.refusals[0])
         if not any(s.alive for s in self.servers):
-            raise RemoteError("no rollout server left to take weight version "
-                              f"{version}: " + "; ".join(f"{s.name}: {s.reason}" for s in self.servers))
+            raise RemoteError(
+                "no rollout server left to take weight version "
+                f"{version}: " + "; ".join(f"{s.name}: {s.reason}" for s in self.servers)
+            )
         self.last_push = {"version": float(version), "bytes": float(sent), "seconds": time.perf_counter() - start}
 
     def _send(self, piece: bytes, servers: list[RolloutServer], states: dict[str, _PushState], version: int) -> int:
@@ -512,8 +609,11 @@ class RolloutPool:
             s.client.post(VLLM_RPC, {"method": VLLM_LOAD_METHOD, "args": [base64.b64encode(piece).decode()]})
             return
         for chunk, end in chunks_of(piece, s.chunk_bytes):
-            s.client.post_bytes(WEIGHTS, chunk, {"run": self.run, "version": version, "chunk": state.chunks, "end": int(end),
-                                                  "sha256": sha256(chunk)})
+            s.client.post_bytes(
+                WEIGHTS,
+                chunk,
+                {"run": self.run, "version": version, "chunk": state.chunks, "end": int(end), "sha256": sha256(chunk)},
+            )
             state.chunks += 1
             state.size += len(chunk)
             state.digest.update(chunk)
@@ -522,8 +622,16 @@ class RolloutPool:
         if s.vllm:
             self._vllm_version(s, version)
             return
-        answer = s.client.post(WEIGHTS_COMMIT, {"run": self.run, "version": version, "chunks": state.chunks, "bytes": state.size,
-                                                "sha256": state.digest.hexdigest()})
+        answer = s.client.post(
+            WEIGHTS_COMMIT,
+            {
+                "run": self.run,
+                "version": version,
+                "chunks": state.chunks,
+                "bytes": state.size,
+                "sha256": state.digest.hexdigest(),
+            },
+        )
         s.versions = set(answer.get("versions") or [])
 
     def _alias(self, s: RolloutServer, version: int, same_as: Optional[int]) -> None:

