@@ -316,15 +316,17 @@ def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_
 
 
 # ------------------------------------------------------------------ asynchronous rollouts
-def test_async_rollouts_through_two_servers_equal_the_local_producer(two, tmp_path):
+@pytest.mark.parametrize("settings", [dict(async_rollouts=1), dict(async_rollouts=2, partial_rollouts=True, max_new_tokens=6)],
+                         ids=["n1", "n2-partial"])
+def test_async_rollouts_through_two_servers_equal_the_local_producer(two, tmp_path, settings):
     """The producer stages every version on the servers at publish time (no snapshot of its own)
-    and asks for the version its schedule gives; the samples (per-prompt seeds) and so the run
-    equal the local asynchronous run's."""
+    and asks for the version its schedule gives (with partial rollouts, a newer one per segment);
+    the samples (per-prompt seeds) and so the run equal the local asynchronous run's."""
     runs = {}
     for name, extra in (("local", {}), ("remote", {"rollout_urls": [s.url for s in two]})):
         tok, model = tiny_policy()
         t = Trainer(
-            small_config(tmp_path / name, async_rollouts=1, total_steps=3, **extra),
+            small_config(tmp_path / name, total_steps=4, **settings, **extra),
             model=model,
             tokenizer=tok,
             reward_funcs=[fraction_of_a],
@@ -334,9 +336,11 @@ def test_async_rollouts_through_two_servers_equal_the_local_producer(two, tmp_pa
         runs[name] = (t, [r for r in read_metrics(t.run_dir) if r["kind"] == "train"])
     remote, rows = runs["remote"]
     assert all(snapshot == [] for snapshot in remote.producer.published.values())  # the servers hold the versions
-    assert [r["staleness/sequence_max"] for r in rows] == [0.0, 1.0, 1.0]
+    n = settings["async_rollouts"]
+    assert [r["staleness/sequence_max"] for r in rows] == [float(min(s - 1, n)) for s in range(1, 5)]
     for a, b in zip(runs["local"][1], rows):
         assert a["reward/mean"] == b["reward/mean"] and b["loss/policy"] == pytest.approx(a["loss/policy"], abs=1e-5)
+        assert a.get("staleness/mixed_sequence_fraction") == b.get("staleness/mixed_sequence_fraction")
     for pa, pb in zip(runs["local"][0].policy.parameters(), remote.policy.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=0)
     served = [_info(s.url)["served"] for s in two]
