@@ -161,7 +161,9 @@ def _train(config: LMConfig) -> int:
         final = trainer.train()
     except RemoteError as e:
         latest = trainer.checkpoints.latest()
-        again = "".join(f" {k}={v}" for k, v in (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs))) if v)  # never read back from a run folder
+        urls = (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs)),
+                ("rollout_urls", ",".join(config.rollout_urls)))
+        again = "".join(f" {k}={v}" for k, v in urls if v)  # never read back from a run folder
         kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}{again}`" if latest else ""
         raise RunStopped(f"step {trainer.step}: {e}{kept}") from e
     if final:
