@@ -21,7 +21,8 @@ loss is multiplied by :attr:`Parallel.loss_scale` ``= world_size`` before ``back
 average of the scaled gradients is then exactly that sum (tested: 1 rank = 2 FSDP ranks).
 
 **Lockstep.** Sharded forwards all-gather, so every rank must run the same forwards: generation
-and evaluation run with the weights gathered (:meth:`Parallel.full_weights`), and under DDP a
+(with an engine that runs the policy) and evaluation run with the weights gathered
+(:meth:`Parallel.full_weights`), and under DDP a
 rank with fewer micro-batches joins the others (``Join``) instead of hanging.
 """
 
