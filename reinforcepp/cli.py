@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("reinforcepp.compare", "main", "run several estimators x seeds on one task and write a report"),
     "gym": ("reinforcepp.gym.cli", "main", "train a Gymnasium policy with the same core"),
     "plot": ("reinforcepp.cli", "plot_main", "write the PNG plots of a run directory"),
-    "serve": ("reinforcepp.serve.cli", "main", "serve a reference or reward model over HTTP for training elsewhere"),
+    "serve": ("reinforcepp.serve.cli", "main",
+              "serve a reference, reward or rollout model over HTTP for training elsewhere"),
     "selfcheck": ("reinforcepp.selfcheck", "main", "run every estimator on a small built-in batch and print a table"),
 }
 

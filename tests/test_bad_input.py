@@ -57,6 +57,10 @@ def test_train_data_and_reward_errors(capsys, files):
     refused(capsys, [*train, REWARD, f"train_data={files / 'missing.jsonl'}"], "missing.jsonl", "not found")
     refused(capsys, [*train, f"train_data={files / 'good.jsonl'}", "reward_funcs=rm:/no/such/rm"],
             "rm:/no/such/rm", "does not exist")
+    refused(capsys, [*train, REWARD, f"train_data={files / 'long.jsonl'}", "eval_fraction=0", "prompts_per_step=8"],
+            "long.jsonl: 4 training prompts, fewer than prompts_per_step=8")
+    refused(capsys, ["train", out, *FAST, "task_size=1"],
+            "the built-in task 'sort' (task_size=1): 1 training prompt, fewer than prompts_per_step=2")
 
 
 def test_prompts_longer_than_the_context_are_refused_or_truncated(capsys, files):

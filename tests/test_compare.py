@@ -119,6 +119,11 @@ def test_summary_numbers_on_hand_written_runs(tmp_path):
     assert verdicts == {"training-loop time": "HOLDS", "peak RSS of the training loop": "INCONCLUSIVE",
                         "models + grads + optimizer state": "HOLDS", "KL growth": "HOLDS", "seed spread": "HOLDS",
                         "train vs held-out gap": "HOLDS", "held-out accuracy": "INCONCLUSIVE"}
+    # a loaded machine makes the time claim inconclusive, whatever the ratio
+    gae.per_seed["load"] = [1.5, 2.5]
+    assert {c.name: c.verdict for c in C.claims(S, "lm", cores=2)}["training-loop time"] == "INCONCLUSIVE"
+    gae.per_seed["load"] = [1.5, 1.9]
+    assert {c.name: c.verdict for c in C.claims(S, "lm", cores=2)}["training-loop time"] == "HOLDS"
     # REINFORCE++-baseline, when the comparison has it, gets the same claims against GRPO, named
     both = {c.name: c.verdict for c in C.claims({**S, "reinforce_pp_baseline": rpp}, "lm")}
     assert both["KL growth (reinforce_pp_baseline)"] == "HOLDS" and both["KL growth"] == "HOLDS"

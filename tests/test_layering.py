@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reinforcepp"
 
 FLOORS: dict[str, int] = {
     "errors": 0,
-    "config": 1, "core": 1,
-    "run": 2, "remote": 2, "engines": 2,
+    "config": 1, "core": 1, "remote": 1,
+    "run": 2, "engines": 2,
     "rewards": 3,
     "agents": 4,
     "lm": 5, "gym": 5,

@@ -9,6 +9,7 @@ the claims of :mod:`.verdicts` with their rules, how every number is made, and o
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +69,7 @@ def build_report(spec: dict, runs: Sequence[RunData], failed: Sequence[dict], re
               "| " + " | ".join(stat_by_key[k].label for k in RATIO_KEYS) + " |", "|" + "---|" * len(RATIO_KEYS)]
         L += ["| " + " | ".join(_fmt(ratio(summaries, k), ".3f") for k in RATIO_KEYS) + " |", ""]
     L += ["## Claims of the paper, tested at this small scale", ""]
-    for c in claims(summaries, mode):
+    for c in claims(summaries, mode, _cores(spec)):
         L.append(f"- **{c.name}: {c.verdict}.** {c.statement}." + (f" {c.evidence}." if c.evidence else ""))
     if mode != "lm":
         model = "small MLP policies"
@@ -130,3 +131,9 @@ def _definitions(mode: str) -> list[str]:
         "Eval return: deterministic policy (argmax / mean) on the run's fixed evaluation start states. Gymnasium has "
         "no reference model, so the KL panel shows `approx_kl` between the policy before and after each update.",
     ]
+
+
+def _cores(spec: dict) -> int | None:
+    """The CPU cores of the machine the comparison ran on (from its description in the spec)."""
+    m = re.search(r"(\d+) CPU cores", spec.get("machine", ""))
+    return int(m.group(1)) if m else None

@@ -18,7 +18,9 @@ RULES = {
     "ratio": "ratio of means r = REINFORCE++ / PPO (gae), and the paired ratios of each seed (the two runs of a seed "
              "ran one after the other, under the same machine load): HOLDS if r <= 0.95 and every paired ratio < 1, "
              "DOES NOT HOLD if r >= 1.05 and every paired ratio > 1, INCONCLUSIVE otherwise (timings and RSS on a "
-             "shared machine move by several percent from run to run)",
+             "shared machine move by several percent from run to run); a time is INCONCLUSIVE whatever r is when "
+             "the 1-min load average of a run of either side exceeded the machine's core count (it then measures "
+             "the other jobs as much as the trainer)",
     "interval": "mean +- std over seeds of each estimator: HOLDS if REINFORCE++'s whole interval lies below GRPO's, "
                 "DOES NOT HOLD if it lies above, INCONCLUSIVE if the intervals overlap or a side has fewer than "
                 "2 seeds",
@@ -81,8 +83,9 @@ _COST_CLAIMS = (
 )
 
 
-def claims(summaries: dict[str, EstimatorSummary], mode: str) -> list[Claim]:
-    """The paper's claims that this comparison can test, each with a verdict by :data:`RULES`."""
+def claims(summaries: dict[str, EstimatorSummary], mode: str, cores: int | None = None) -> list[Claim]:
+    """The paper's claims that this comparison can test, each with a verdict by :data:`RULES`;
+    ``cores``: the machine's CPU cores (the time claim is INCONCLUSIVE when a run's load exceeded it)."""
     out: list[Claim] = []
     rpp, gae, grpo = (summaries.get(n) for n in ("reinforce_pp", "gae", "grpo"))
     pm = format_mean_std
@@ -103,7 +106,13 @@ def claims(summaries: dict[str, EstimatorSummary], mode: str) -> list[Claim]:
         elif key == "train_s":
             extra = (f"; median step-time ratio {ratio(summaries, 'step_s'):.3f}, "
                      f"whole-run wall-time ratio {ratio(summaries, 'wall_s'):.3f}")
-        out.append(Claim(what.split(" (")[0], statement, RULES["ratio"], verdict_ratio(r, paired),
+        verdict = verdict_ratio(r, paired)
+        load = max((x for x in rpp.per_seed.get("load", []) + gae.per_seed.get("load", []) if math.isfinite(x)),
+                   default=math.nan)
+        if key == "train_s" and cores and load > cores:
+            verdict = "INCONCLUSIVE"
+            extra += f"; the machine was loaded (1-min load average up to {load:.1f} on {cores} cores)"
+        out.append(Claim(what.split(" (")[0], statement, RULES["ratio"], verdict,
                          f"{what}: REINFORCE++ {pm(rpp.mean_std(key), fmt)}, gae {pm(gae.mean_std(key), fmt)}, "
                          f"ratio {r:.3f} (per seed: {', '.join(f'{p:.3f}' for p in paired)}){extra}"))
     if mode != "lm":

@@ -7,7 +7,8 @@ The trainer asks an engine for samples and knows nothing else about it:
   prompt, with the log-probs the engine sampled each token with and the policy version that
   generated it;
 * :class:`GenerationEngine` -- the protocol (``generate``, ``sync_weights``, ``sleep`` and the
-  ``weight_version`` it samples with);
+  ``weight_version`` it samples with); :class:`StagingEngine` -- the optional capability of
+  taking weight versions ahead of sampling with them (``stage_weights``, ``use_version``);
 * :data:`WeightProvider` / :func:`full_weights` -- how an engine with its own copy of the weights
   gets the policy's current ones after an update.
 
@@ -19,7 +20,7 @@ fields of :class:`Generation` (:class:`EpisodeInfo`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence, TypeGuard
 
 import torch
 from torch import Tensor
@@ -34,7 +35,33 @@ class SamplingParams:
     greedy: bool = False
     seed: Optional[int] = None
     """the draws' own seed (the same seed, weights and prompts give the same samples); None = the
-    process's global torch generator. Engines registered with ``seeded=False`` ignore it."""
+    process's global torch generator. The samples of prompt ``i`` of a call draw from their own
+    generator, seeded with :func:`prompt_seed` ``(seed, i)``, so a call split into parts (over
+    rollout servers) gives the samples of the whole call. Engines registered with
+    ``seeded=False`` ignore it."""
+    prompt_seeds: Optional[tuple[int, ...]] = None
+    """one seed per prompt, used instead of ``seed`` (what a rollout server receives for its share
+    of a call's prompts: ``prompt_seed(seed, i)`` for each prompt ``i`` it got)"""
+
+    def seeds_for(self, n: int) -> Optional[list[int]]:
+        """The seeds of the ``n`` prompts of a call: ``prompt_seeds``, else :func:`prompt_seed`
+        ``(seed, i)`` for ``i < n``, else None (unseeded)."""
+        if self.prompt_seeds is not None:
+            if len(self.prompt_seeds) != n:
+                raise ValueError(f"{len(self.prompt_seeds)} prompt_seeds for {n} prompts")
+            return list(self.prompt_seeds)
+        return None if self.seed is None else [prompt_seed(self.seed, i) for i in range(n)]
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The 63-bit seed of prompt ``index`` of a call seeded with ``seed`` (splitmix64 over the two)."""
+    x = 0
+    for part in (seed, index):
+        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
 
 
 @dataclass
@@ -189,6 +216,34 @@ class GenerationEngine(Protocol):
         """Free memory the engine does not need until its next ``sync_weights`` or
         ``generate`` (the trainer calls it after each rollout; a no-op for most engines)."""
         ...
+
+
+class StagingEngine(GenerationEngine, Protocol):
+    """An engine that takes a weight version ahead of sampling with it (``engine=remote``: rollout
+    servers hold several versions). Optional: the trainer and the asynchronous producer check
+    for it with :func:`can_stage`; every other engine works as before.
+
+    * :meth:`stage_weights` at publish time (the trainer's thread, every rank) hands the version
+      over; the producer keeps no snapshot of the weights for such an engine;
+    * :meth:`use_version` when the producer's schedule reaches the version (no weights move);
+    * ``sync_weights(model, weights, version=v)`` is ``stage_weights(weights, version=v)`` then
+      ``use_version(v)``.
+    """
+
+    def stage_weights(self, weights: Optional[WeightProvider], *, version: int) -> None:
+        """Hand over policy ``version``: ``weights()``, or None when they equal the previous
+        version's (an update that changed nothing). Collective under torchrun: every rank calls
+        it, in the same order, and iterates the provider to its end."""
+        ...
+
+    def use_version(self, version: int) -> None:
+        """Sample with staged ``version`` from now on."""
+        ...
+
+
+def can_stage(engine: object) -> TypeGuard[StagingEngine]:
+    """Whether ``engine`` implements :class:`StagingEngine`."""
+    return callable(getattr(engine, "stage_weights", None)) and callable(getattr(engine, "use_version", None))
 
 
 def split_responses(sequences: Tensor, eos_token_id: int | Sequence[int], max_new_tokens: int) -> tuple[list[list[int]], Tensor]:

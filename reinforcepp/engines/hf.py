@@ -98,7 +98,9 @@ class SharedPromptSampler(HFGenerationEngine):
     One prefill of the distinct (left-padded) prompts, their key/value cache gathered to the
     ``P * k`` rows, then one cached forward per new token with explicit positions,
     :func:`filter_logits` and ``torch.multinomial``, until every row has produced EOS or
-    ``max_new_tokens``. The distribution is ``generate``'s (greedy outputs are identical, see
+    ``max_new_tokens``. With a seed, the ``k`` rows of prompt ``i`` draw from a generator of
+    their own (:meth:`SamplingParams.seeds_for`): the samples of a prompt do not depend on the
+    other prompts of the call. The distribution is ``generate``'s (greedy outputs are identical, see
     the tests); the prefill costs ``P`` rows instead of ``P * k``.
 
     With ``torch_compile`` ``decode`` or ``all`` the decoding step runs ``torch.compile``-d over
@@ -131,7 +133,9 @@ class SharedPromptSampler(HFGenerationEngine):
             if self.static is not None:  # decode over a fixed-size cache: one shape for every step
                 step_fn, cache, attn = self.static.prepare(self.model, cache, attn, params.max_new_tokens)
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-            draws = None if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+            seeds = params.seeds_for(len(prompt_ids))
+            draws = None if seeds is None else [torch.Generator(self.device).manual_seed(s) for s in seeds]
+            k = samples_per_prompt
             new_tokens, logprobs = [], []
             for step in range(params.max_new_tokens):
                 if params.greedy:
@@ -139,7 +143,12 @@ class SharedPromptSampler(HFGenerationEngine):
                     token = logits.argmax(-1)
                 else:
                     z = filter_logits(logits, params.temperature, params.top_k, params.top_p)
-                    token = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=draws).squeeze(-1)
+                    probs = torch.softmax(z, dim=-1)
+                    if draws is None:
+                        token = torch.multinomial(probs, 1).squeeze(-1)
+                    else:  # prompt i's k rows draw from prompt i's own generator
+                        drawn = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(k), draws)]
+                        token = torch.cat(drawn).squeeze(-1)
                     logp = torch.log_softmax(z, dim=-1)
                 logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
                 token = token.masked_fill(finished, tok.pad_token_id)

@@ -64,7 +64,7 @@ def check_engine_config(config: Any) -> EngineSpec:
     """The chosen engine exists, no other engine's option is set, and the engine's own check
     passes. Returns the chosen engine's spec."""
     spec = get_engine(config.engine)
-    defaults = {f.name: f.default for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
+    defaults = {f.name: _default(f) for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else {}
     for other in ENGINES.values():
         if other.name == spec.name:
             continue
@@ -74,6 +74,13 @@ def check_engine_config(config: Any) -> EngineSpec:
     if spec.check is not None:
         spec.check(config)
     return spec
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default (a list option's too: ``default_factory``)."""
+    if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def build_engine(name: str, model: Any, tokenizer: Any, device: Any, config: Any = None) -> GenerationEngine:

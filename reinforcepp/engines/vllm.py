@@ -17,10 +17,11 @@ hands its gathered or merged weights instead) and loads them with the model's ow
 
 The prefix cache is reset after each load (its keys and values belong to the old weights).
 Sampling options go through one to one (temperature, top-p, top-k, ``max_new_tokens`` as
-``max_tokens``, ``samples_per_prompt`` as ``n``, EOS ids as ``stop_token_ids``, the request's
-seed, or one drawn from torch's generator, so a seeded run repeats), and the log-probs of the sampled tokens
-under the distribution actually sampled from (``logprobs_mode="processed_logprobs"``:
-temperature, top-k and top-p applied) come back as ``Generation.sampler_logprobs``.
+``max_tokens``, ``samples_per_prompt`` as ``n``, EOS ids as ``stop_token_ids``, each prompt's
+seed (``SamplingParams.seeds_for``), or one drawn from torch's generator, so a seeded run
+repeats), and the log-probs of the sampled tokens under the distribution actually sampled from
+(``logprobs_mode="processed_logprobs"``: temperature, top-k and top-p applied) come back as
+``Generation.sampler_logprobs``.
 
 One ``LLM`` is kept per process for each model architecture and setting (:data:`_LLMS`): a
 second trainer in the same process (``reinforcepp compare``, the tests) reuses it and loads its
@@ -128,9 +129,13 @@ class VLLMEngine:
             self.asleep = True
 
     # ------------------------------------------------------------------ sampling
-    def sampling_params(self, samples_per_prompt: int, params: SamplingParams) -> Any:
-        """Our :class:`SamplingParams` as vLLM's, one option to one option."""
+    def sampling_params(self, samples_per_prompt: int, params: SamplingParams, seed: int | None = None) -> Any:
+        """Our :class:`SamplingParams` as vLLM's, one option to one option (``seed``: one prompt's
+        seed; None = ``params.seed``, or one drawn from torch's generator)."""
         import vllm
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ())) if params.seed is None else params.seed
 
         return vllm.SamplingParams(
             n=samples_per_prompt,
@@ -138,7 +143,7 @@ class VLLMEngine:
             top_p=1.0 if params.greedy else params.top_p,
             top_k=0 if params.greedy else params.top_k,
             max_tokens=params.max_new_tokens,
-            seed=int(torch.randint(0, 2**31 - 1, ())) if params.seed is None else params.seed % 2**31,
+            seed=seed % 2**31,
             stop_token_ids=list(self.stop_ids),
             logprobs=0,
             detokenize=False,
@@ -151,7 +156,10 @@ class VLLMEngine:
             self.llm.wake_up()
             self.asleep = False
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
-        outputs = self.llm.generate(prompts, self.sampling_params(samples_per_prompt, params), use_tqdm=False)
+        seeds = params.seeds_for(len(prompts))  # seeded: each prompt its own seed (SamplingParams.seed)
+        sampling: Any = (self.sampling_params(samples_per_prompt, params) if seeds is None
+                         else [self.sampling_params(samples_per_prompt, params, s) for s in seeds])
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         prompt_rows, responses, logprobs, truncated = [], [], [], []
         for prompt, request in zip(prompt_ids, outputs):
             if len(request.outputs) != samples_per_prompt:

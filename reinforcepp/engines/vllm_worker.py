@@ -35,7 +35,14 @@ _keep_plain_cpu_weights()
 
 
 class WeightSync:
-    """Mixed into vLLM's worker: ``self`` is the worker."""
+    """Mixed into vLLM's worker: ``self`` is the worker.
+
+    Under ``vllm serve`` (``--worker-extension-cls reinforcepp.engines.vllm_worker.WeightSync``
+    with ``VLLM_SERVER_DEV_MODE=1``) the methods are reached through ``POST /collective_rpc``,
+    whose arguments are strings: a rollout pool (``rollout_urls=vllm+http://...``) pushes each
+    weight piece as base64 (:meth:`reinforcepp_load_weights_b64`) and checks the model with
+    :meth:`reinforcepp_describe`.
+    """
 
     model_runner: Any
 
@@ -50,3 +57,16 @@ class WeightSync:
             weights = list(load(bytes(weights)).items())
         self.model_runner.model.load_weights(iter(weights))
         return len(weights)
+
+    def reinforcepp_load_weights_b64(self, piece: str) -> int:
+        """Load one weight piece: a safetensors file of whole tensors (Hugging Face names),
+        base64-encoded (``/collective_rpc`` passes strings only). Returns the number of tensors."""
+        import base64
+
+        return self.reinforcepp_load_weights(base64.b64decode(piece, validate=True))
+
+    def reinforcepp_describe(self) -> dict:
+        """What a client checks before pushing weights: the vocabulary size and the dtype."""
+        config = self.model_runner.model_config
+        return {"vocab_size": int(config.get_vocab_size()), "dtype": str(config.dtype).removeprefix("torch."),
+                "model": str(config.model)}

@@ -209,17 +209,22 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
     train = load_prompt_dataset(trains, prompt_column=config.prompt_column) if trains is not None else None
     if check is not None and train is not None:
         check(train[config.prompt_column], _data_name("train_data", trains), True)
+    if rt.builtin_task is not None:
+        where = f"the built-in task {rt.builtin_task!r} (task_size={config.task_size})"
+    else:
+        where = str(trains) if isinstance(trains, (str, Path)) else "train_dataset"
     if evals is not None:
         held_out = load_prompt_dataset(evals, prompt_column=config.prompt_column)
         if check is not None:
             evaluated = held_out_rows(held_out, config.eval_max_prompts)
             check([row[config.prompt_column] for row in evaluated], _data_name("eval_data", evals), False)
         named = str(evals) if isinstance(evals, (str, Path)) else "eval_dataset"
+        _check_enough(train, config, where)
         return PromptData(train, held_out, f"the built-in task {rt.builtin_task!r}" if rt.builtin_task else named)
     if train is None:
         raise ConfigError("no data: set train_data (and eval_data), or pass train_dataset=...")
     train, held_out = split_eval(train, config.eval_fraction, config.seed)
-    where = trains if isinstance(trains, (str, Path)) else "train_dataset"
+    _check_enough(train, config, where + (f" after eval_fraction={config.eval_fraction} was split off" if held_out is not None else ""))
     return PromptData(train, held_out, f"eval_fraction={config.eval_fraction} of {where}")
 
 
@@ -250,6 +255,13 @@ def prompt_checker(config: LMConfig, tokenizer: Any, policy: torch.nn.Module) ->
 def _data_name(key: str, data: Any) -> str:
     """The data in messages: ``train_data=prompts.jsonl``, or ``train_dataset`` (given in Python)."""
     return f"{key}={data}" if isinstance(data, (str, Path)) else key.replace("_data", "_dataset")
+
+
+def _check_enough(train: Any, config: LMConfig, where: str) -> None:
+    """One step draws ``prompts_per_step`` distinct prompts: a smaller training set is refused."""
+    if train is not None and len(train) < config.prompts_per_step:
+        raise ConfigError(f"{where}: {len(train)} training prompt{'s' if len(train) != 1 else ''}, fewer than prompts_per_step={config.prompts_per_step} "
+                          f"(the prompts of one step): set prompts_per_step <= {len(train)} or give more prompts")
 
 
 def build_scorer(config: LMConfig, builtin_task: Optional[str], reward_funcs: Optional[Sequence[Any]],

@@ -157,6 +157,13 @@ class LMConfig(TrustRegionOptions, RunOptions):
     engine: str = option("hf", "generation engine registered in reinforcepp.engines: " + "; ".join(f"{s.name}: {s.help}" for s in ENGINES.values()))
     vllm_gpu_memory_utilization: float = option(0.3, "engine=vllm on a GPU: fraction of GPU memory vLLM takes for its weights and KV cache (the rest is the trainer's)")
     vllm_sleep: bool = option(False, "engine=vllm on a GPU: put vLLM to sleep (KV cache freed, weights offloaded) while the trainer computes log-probs and updates, wake it for the next rollout")
+    # --- rollout servers (docs/remote.md, "Rollout servers") -----------------------------------
+    rollout_urls: list[str] = option(
+        [], "generate on rollout servers: `reinforcepp serve rollout` URLs (http(s)://host:port) or plain "
+        "`vllm serve` ones (vllm+http(s)://host:port), requests spread by load, weights pushed after every update; "
+        "selects engine=remote")
+    rollout_timeout: float = option(
+        600.0, "seconds one generation request or one weight chunk to a rollout server may take")
     max_new_tokens: int = option(256, "response length limit")
     temperature: float = option(1.0, "sampling temperature")
     top_p: float = option(1.0, "nucleus sampling")
@@ -182,6 +189,18 @@ class LMConfig(TrustRegionOptions, RunOptions):
     num_logged_samples: int = option(4, "completions written each time")
     profile: bool = option(False, "print time per phase and the update's FLOP/s utilisation at the end")
     deterministic: bool = option(False, "torch deterministic algorithms (bit-exact resume on CPU)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LMConfig":
+        """:meth:`Config.from_dict`; ``rollout_urls`` without ``engine`` selects ``engine=remote``,
+        and with any other ``engine`` is refused."""
+        urls = values.get("rollout_urls")
+        if urls not in (None, "", [], "[]", "None", "none") and values.get("engine", "remote") != "remote":
+            raise ConfigError(f"rollout_urls sends generation to rollout servers (engine=remote), but "
+                              f"engine={values['engine']} is set too: drop engine, or rollout_urls")
+        if urls not in (None, "", [], "[]", "None", "none"):
+            values = {**values, "engine": "remote"}
+        return super().from_dict(values)
 
     def _validate_scale(self) -> None:
         """LoRA and sharding options: refused in combinations that cannot work, naming both keys."""
@@ -367,6 +386,8 @@ class LMConfig(TrustRegionOptions, RunOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.rollout_urls and self.engine == "hf":  # LMConfig(rollout_urls=...): the default engine becomes remote
+            self.engine = "remote"
         spec = get_estimator(self.estimator) if self.estimator in ESTIMATORS else None
         if spec is None:
             raise ConfigError(f"unknown estimator {self.estimator!r}; valid: {', '.join(sorted(ESTIMATORS))}")

@@ -21,7 +21,8 @@ loss is multiplied by :attr:`Parallel.loss_scale` ``= world_size`` before ``back
 average of the scaled gradients is then exactly that sum (tested: 1 rank = 2 FSDP ranks).
 
 **Lockstep.** Sharded forwards all-gather, so every rank must run the same forwards: generation
-and evaluation run with the weights gathered (:meth:`Parallel.full_weights`), and under DDP a
+(with an engine that runs the policy) and evaluation run with the weights gathered
+(:meth:`Parallel.full_weights`), and under DDP a
 rank with fewer micro-batches joins the others (``Join``) instead of hanging.
 """
 
@@ -85,6 +86,42 @@ def full_state_dict(policy: torch.nn.Module, all_ranks: bool = False) -> dict[st
 
     state = gather_state(policy, all_ranks)
     return merged_state_dict(state, scaling(policy)) if is_lora(policy) and state else state
+
+
+def stream_full_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's full weights one tensor at a time, under the base model's Hugging Face names:
+    what :func:`full_state_dict` holds at once (tied weights once), without ever holding it.
+
+    A parameter sharded by ``fully_shard`` is gathered when it is reached
+    (``DTensor.full_tensor()``, a collective: every rank iterates to the end, in the same order,
+    and gets the tensor); a LoRA layer's weight comes merged with its adapters, ``W + scale B A``
+    (:func:`~.lora.merged_state_dict`). Beyond the model itself, at most one whole tensor (and
+    its two adapter matrices) is held at a time: a weight push from a sharded policy never makes
+    a second copy of the model."""
+    from .lora import is_lora, scaling
+
+    lora = is_lora(policy)
+    scale = scaling(policy) if lora else 0.0
+    state = policy.state_dict(keep_vars=True)
+    seen: set[int] = set()
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        full = getattr(t, "full_tensor", None)
+        return (full() if callable(full) else t).detach()
+
+    for key, value in state.items():
+        if ".lora_" in key or id(value) in seen:
+            continue
+        seen.add(id(value))
+        name = key.removeprefix("base_model.model.") if lora else key
+        tensor = whole(value)
+        if lora and ".base_layer." in key:
+            layer = key.split(".base_layer.")[0]
+            name = name.replace(".base_layer.", ".")
+            a, b = state.get(f"{layer}.lora_A.default.weight"), state.get(f"{layer}.lora_B.default.weight")
+            if key.endswith(".weight") and a is not None and b is not None:
+                tensor = (tensor.float() + scale * (whole(b).float() @ whole(a).float())).to(tensor.dtype)
+        yield name, tensor
 
 
 class Parallel:
@@ -179,14 +216,14 @@ class Parallel:
 
     def weights(self, policy: torch.nn.Module):
         """The generation engine's weight provider (``engines.WeightProvider``): the model's
-        own parameters when it is plain, else :func:`full_state_dict` gathered on every rank
-        (sharded) and with LoRA merged, under the base model's names."""
+        own parameters when it is plain, else :func:`stream_full_weights`: gathered tensor by
+        tensor on every rank (sharded) and with LoRA merged, under the base model's names."""
         from ..engines import full_weights
         from .lora import is_lora
 
         if not self.sharded and not is_lora(policy):
             return full_weights(policy)
-        return lambda: list(full_state_dict(policy, all_ranks=True).items())
+        return lambda: stream_full_weights(policy)
 
     def can_hold_forwards(self, forwards: int) -> bool:
         """Whether ``forwards`` training forwards may run before their backward passes (fused

@@ -18,7 +18,8 @@ exactly reproducible (and a resumed run equals the uninterrupted one):
   log-probs it was sampled with (the behaviour policy of the off-policy correction).
 
 After each update the trainer :meth:`publishes <AsyncRollouts.publish>` the new weights with
-their version; the producer loads a version when its schedule reaches it. A checkpoint
+their version; the producer loads a version when its schedule reaches it (an engine that stages
+versions itself, rollout servers, gets them at publish time and only switches then). A checkpoint
 (:meth:`AsyncRollouts.checkpoint`) holds the loader position before the first rollout the trainer
 has not consumed and every engine output since: on resume the producer replays those outputs,
 then generates on, exactly as the uninterrupted run did.
@@ -36,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..engines import Generation, GenerationEngine, SamplingParams, build_engine, get_engine
+from ..engines import Generation, GenerationEngine, SamplingParams, build_engine, can_stage, get_engine
 from ..run.timer import PhaseTimer
 from .config import LMConfig
 from .rollout import Rollout, RolloutSampler
@@ -179,8 +180,13 @@ class AsyncRollouts:
 
     def publish(self, version: int, weights: Optional[Callable[[], Any]]) -> None:
         """Policy ``version`` (the weights after update ``version``): ``weights()`` copied now, or
-        None when they equal the previous version's (every optimizer step was skipped)."""
-        if weights is not None:
+        None when they equal the previous version's (every optimizer step was skipped). An
+        engine that stages versions itself (rollout servers, :func:`~reinforcepp.engines.can_stage`)
+        is handed them instead, and no copy is kept here."""
+        if can_stage(self.engine):
+            self.engine.stage_weights(weights, version=version)
+            snapshot: Weights = []  # a marker: the engine holds the version
+        elif weights is not None:
             snapshot = [(n, t.detach().clone()) for n, t in weights()]
         else:
             with self.cond:
@@ -319,6 +325,9 @@ class AsyncRollouts:
         return version
 
     def _load(self, version: int, weights: Weights) -> None:
+        if can_stage(self.engine):  # staged at publish time: only switch
+            self.engine.use_version(version)
+            return
         if self.model is None:  # an engine with its own copy of the weights (vLLM) loads them itself
             self.engine.sync_weights(torch.nn.Module(), lambda: weights, version=version)
             return

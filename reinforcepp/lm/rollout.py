@@ -10,6 +10,7 @@ prompts). It knows nothing of the update: the trainer, or an asynchronous produc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -17,7 +18,7 @@ import torch
 
 from ..config import ConfigError
 from ..core import EstimatorSpec, overlong_penalty, truncation_penalty
-from ..engines import Generation, GenerationEngine, SamplingParams
+from ..engines import Generation, GenerationEngine, SamplingParams, get_engine
 from ..errors import InputError
 from ..rewards import TrainerState
 from ..run.timer import PhaseTimer
@@ -89,6 +90,7 @@ class RolloutSampler:
         self.prompt_ids_cache: dict[str, list[int]] = {}
         self.prompts_truncated = 0
         self.episodes = self._episode_runner(env_factory) if env_factory is not None else None
+        self.own_weights = get_engine(config.engine).own_weights
 
     def _episode_runner(self, env_factory: Callable[[], Any]) -> Any:
         """Multi-turn episodes through the same engine."""
@@ -139,7 +141,9 @@ class RolloutSampler:
                 assert gen.episodes is not None
                 return gen, prompts, gen.episodes.final_texts, expanded, score_episodes(self.scorer, prompts, gen, columns)
         rendered = [self.render(r[cfg.prompt_column]) for r in rows]
-        with timer("generate"), self.rt.precision(), self.rt.parallel.full_weights(self.policy):
+        # an engine with weights of its own (vllm, remote) never runs the policy: nothing to gather
+        gather = contextlib.nullcontext() if self.own_weights else self.rt.parallel.full_weights(self.policy)
+        with timer("generate"), self.rt.precision(), gather:
             gen = self.engine.generate([self.encode_prompt(text) for text in rendered], k, params)
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]

@@ -23,6 +23,7 @@ import yaml
 
 from ..config import ConfigError
 from ..core import AdaptiveKLController, FixedKLController, get_estimator
+from ..engines import can_stage
 from ..remote import RemoteReference
 from ..run import Progress, RunLogger, plot_run
 from .balance import balance_ranks
@@ -92,7 +93,10 @@ class Trainer:
         sampler = RolloutSampler(self.config, self.rt, self.engine, self.models.policy, self.models.tokenizer, scorer, self.env_factory,
                                  self.spec)
         sampler.prompts_truncated = int(saved.get("prompts_truncated", 0))
-        self.engine.weight_version = self.step  # it holds the weights of this step (a resumed run's too)
+        if producer is None and can_stage(self.engine):  # rollout servers: this step's weights before the first rollout
+            self.engine.sync_weights(self.policy, self.models.weights, version=self.step)
+        else:
+            self.engine.weight_version = self.step  # it holds the weights of this step (a resumed run's too)
         check_packing(self.config, self.models, sampler, self.data.train, self.env_factory is not None)
         return sampler, producer
 
@@ -261,6 +265,9 @@ class Trainer:
         if changed:
             with self.rt.timer("sync"):
                 self.engine.sync_weights(self.policy, self.models.weights, version=self.step)
+        elif self.producer is None and can_stage(self.engine):  # rollout servers: the same weights, a new version
+            self.engine.stage_weights(None, version=self.step)
+            self.engine.use_version(self.step)
         else:
             self.engine.weight_version = self.step
 

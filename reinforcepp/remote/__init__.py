@@ -1,13 +1,16 @@
-"""Reference and reward models as remote services.
+"""Reference, reward and rollout models as remote services.
 
-Only the actor is trained; the reference and the reward models only run inference, so they can
-live on another machine behind a URL:
+Only the actor is trained; the reference and the reward models only run inference, and
+generation can run on machines of its own, so they can live on another machine behind a URL:
 
 - :mod:`.client`: the one HTTP client (deadline, retries, no redirects, token, size limit,
   concurrency) behind every remote call;
 - :mod:`.reference`: :class:`RemoteReference`, reference log-probs from a server, with the local
   reference's interface;
-- :mod:`.reward`: :class:`RemoteRewardFunction`, a reward server as a reward function.
+- :mod:`.reward`: :class:`RemoteRewardFunction`, a reward server as a reward function;
+- :mod:`.rollout`: :class:`~.rollout.RolloutPool`, rollout servers (``reinforcepp serve rollout``
+  or a plain ``vllm serve``) behind one interface, for ``engine=remote``
+  (:mod:`reinforcepp.engines.remote`); :mod:`.weights`: the pieces and chunks of a weight push.
 
 This room is the client side only; the servers (``reinforcepp serve``) are in
 :mod:`reinforcepp.serve`. The protocol is in :mod:`.protocol` and docs/remote.md.

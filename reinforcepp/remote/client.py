@@ -48,6 +48,19 @@ class RemoteError(RuntimeError):
     message is one line naming the URL."""
 
 
+class RemoteUnreachable(RemoteError):
+    """Nothing answered (connection refused or reset, after the retries)."""
+
+
+class RemoteStatusError(RemoteError):
+    """The server answered with an HTTP error status: ``status`` and its decoded JSON answer
+    (``answer``, None when it was not JSON)."""
+
+    def __init__(self, message: str, status: int, answer: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.answer = status, answer
+
+
 @dataclass(frozen=True)
 class RemoteSettings:
     """How a :class:`RemoteClient` calls its server (the ``remote_*`` config keys).
@@ -155,6 +168,11 @@ class RemoteClient:
         """``POST base_url + path`` with ``payload`` as JSON -> the decoded JSON answer."""
         return self._run(self._call("POST", path, self._encode(payload)))
 
+    def post_bytes(self, path: str, data: bytes, params: dict[str, Any] | None = None) -> Any:
+        """``POST base_url + path?params`` with ``data`` as ``application/octet-stream`` -> the
+        decoded JSON answer (weight pieces for a rollout server)."""
+        return self._run(self._call("POST", path, bytes(data), "application/octet-stream", params))
+
     def post_many(self, path: str, payloads: Sequence[Any]) -> list[Any]:
         """One POST per payload, at most ``concurrency`` in flight; answers in order. The first
         failure cancels the others and is raised."""
@@ -201,7 +219,8 @@ class RemoteClient:
         except (TypeError, ValueError) as exc:
             raise RemoteError(f"{self.what} {self.base_url}: the request is not JSON-serialisable ({exc})") from None
 
-    async def _call(self, method: str, path: str, body: bytes | None) -> Any:
+    async def _call(self, method: str, path: str, body: bytes | None, content_type: str = "application/json",
+                    params: dict[str, Any] | None = None) -> Any:
         import httpx
 
         url = self.url(path)
@@ -209,12 +228,14 @@ class RemoteClient:
         attempt = 0
         while True:
             try:
-                status, headers, raw = await asyncio.wait_for(self._attempt(method, url, body), timeout=s.timeout)
+                attempt_call = self._attempt(method, url, body, content_type, params)
+                status, headers, raw = await asyncio.wait_for(attempt_call, timeout=s.timeout)
             except asyncio.TimeoutError:
                 raise RemoteError(f"{self.what} {url}: no complete answer within remote_timeout={s.timeout:g}s") from None
             except httpx.TransportError as exc:
                 if attempt >= s.retries:
-                    raise RemoteError(f"{self.what} {url} could not be reached after {attempt + 1} attempt(s): {_describe(exc)}") from None
+                    raise RemoteUnreachable(f"{self.what} {url} could not be reached after {attempt + 1} attempt(s): "
+                                            f"{_describe(exc)}") from None
                 wait = min(MAX_BACKOFF_S, s.backoff * 2**attempt)
                 logger.warning("%s %s: %s; retry %d/%d in %.1fs", self.what, url, _describe(exc), attempt + 1, s.retries, wait)
             else:
@@ -226,10 +247,11 @@ class RemoteClient:
             attempt += 1
             await asyncio.sleep(wait)
 
-    async def _attempt(self, method: str, url: str, body: bytes | None) -> tuple[int, Any, bytes]:
+    async def _attempt(self, method: str, url: str, body: bytes | None, content_type: str = "application/json",
+                       params: dict[str, Any] | None = None) -> tuple[int, Any, bytes]:
         limit = self.settings.max_response_bytes
-        headers = {"Content-Type": "application/json"} if body is not None else None
-        async with self._http.stream(method, url, content=body, headers=headers) as response:
+        headers = {"Content-Type": content_type} if body is not None else None
+        async with self._http.stream(method, url, content=body, headers=headers, params=params) as response:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit and response.status_code < 300:
                 raise RemoteError(f"{self.what} {url}: the answer declares {int(declared)} bytes > the limit of {limit} bytes")
@@ -248,10 +270,16 @@ class RemoteClient:
             target = headers.get("location", "?")
             raise RemoteError(f"{self.what} {url} answered HTTP {status} redirecting to {target}; redirects are not followed: set the URL to the final address")
         if status in (401, 403):
-            raise RemoteError(f"{self.what} {url} answered HTTP {status} ({'unauthorized' if status == 401 else 'forbidden'}): give the server's token in remote_token_file or {TOKEN_ENV}")
+            why = "unauthorized" if status == 401 else "forbidden"
+            raise RemoteStatusError(f"{self.what} {url} answered HTTP {status} ({why}): give the server's token in "
+                                    f"remote_token_file or {TOKEN_ENV}", status)
         if status >= 400:
             tries = f" after {attempt + 1} attempts" if attempt else ""
-            raise RemoteError(f"{self.what} {url} answered HTTP {status}{tries}: {_snippet(raw)}")
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = None
+            raise RemoteStatusError(f"{self.what} {url} answered HTTP {status}{tries}: {_snippet(raw)}", status, answer)
         try:
             return json.loads(raw)
         except ValueError:

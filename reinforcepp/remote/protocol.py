@@ -1,4 +1,4 @@
-"""What the client and the servers agree on: paths, payloads, the tokenizer fingerprint.
+"""What the clients and the servers agree on: paths, payloads, the tokenizer fingerprint.
 
 docs/remote.md writes the same protocol out for people who write their own server.
 
@@ -23,6 +23,34 @@ Reward server::
 ``query[i] = prompts[i] + completions[i]`` and ``labels`` are there for servers written for
 OpenRLHF's remote reward protocol (``{"query", "prompts", "labels"} -> {"rewards"}``); a server
 may ignore them.
+
+Rollout server (``reinforcepp serve rollout``)::
+
+    GET  /health, GET /info -> {"kind": "rollout", "protocol": 1, "model": str, "engine": "hf" | "vllm",
+                                "vocab_size": int, "tokenizer_hash": str | null, "eos_token_ids": [int],
+                                "dtype": str, "run": str | null, "weight_version": int | null,
+                                "versions": [int], "keep_versions": int, "max_request_bytes": int,
+                                "served": {version: responses}, "tokens_generated": int}
+    POST /generate  {"prompt_ids": [[int]], "samples_per_prompt": k, "max_new_tokens": int,
+                     "temperature": float, "top_p": float, "top_k": int, "greedy": bool,
+                     "seeds": [int] | null, "run": str, "weight_version": int}
+                    -> {"response_ids": [[int]], "logprobs": [[float]], "truncated": [bool],
+                        "finish_reasons": ["stop" | "length"], "weight_version": int}
+                    409 {"error": str, "versions": [int], "run": str | null} when the server
+                    does not hold (run, weight_version)
+    POST /weights?run=R&version=V&chunk=I&end=0|1&sha256=H   body: bytes (application/octet-stream)
+                    -> {"chunk": I}
+    POST /weights/commit {"run": R, "version": V, "chunks": n, "bytes": int, "sha256": str}
+                      or {"run": R, "version": V, "same_as": U}
+                    -> {"run": R, "versions": [int], "weight_version": int | null}
+
+``k`` responses per prompt, prompt by prompt; ``seeds[i]`` seeds prompt ``i``'s draws (the same
+seed, weights and prompt give the same samples on any server). A weight push is a sequence of
+*pieces*, each a safetensors file of whole tensors (Hugging Face names), sent in chunks in order
+(``end=1`` on a piece's last chunk); ``sha256`` checks each chunk, and the commit's ``sha256``
+the concatenation of every chunk in order. A committed version is *held* (staged) beside the
+active one, at most ``keep_versions`` of them; a request for a held version activates it. A
+commit of version ``V`` drops the run's versions above ``V`` and every other run's.
 """
 
 from __future__ import annotations
@@ -33,6 +61,16 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 HEALTH, INFO, LOGPROBS, REWARDS = "/health", "/info", "/logprobs", "/rewards"
+GENERATE, WEIGHTS, WEIGHTS_COMMIT = "/generate", "/weights", "/weights/commit"
+VERSION_NOT_HELD = 409
+"""the status of a request for a weight version the rollout server does not hold"""
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+VLLM_SCHEME = "vllm+"
+"""``vllm+http://host:port``: a plain ``vllm serve`` (OpenAI completions API) as a rollout server"""
+VLLM_COMPLETIONS, VLLM_RPC, VLLM_WEIGHT_VERSION, VLLM_WEIGHT_INFO = (
+    "/v1/completions", "/collective_rpc", "/update_weight_version", "/weight_info")
+VLLM_LOAD_METHOD = "reinforcepp_load_weights_b64"
+"""the worker method (``reinforcepp.engines.vllm_worker.WeightSync``) that loads one base64 safetensors piece"""
 RESERVED_REWARD_FIELDS = ("prompts", "completions", "query", "labels")
 
 

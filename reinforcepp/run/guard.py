@@ -46,7 +46,7 @@ class NonFiniteGuard:
         ``max_in_a_row``-th time in a row, :class:`NonFiniteError` is raised (``where``: the
         step, e.g. ``"step 12"``). ``reset=False``: a finite step does not end the run of
         non-finite ones (a secondary optimizer, e.g. a critic's, beside the policy's step)."""
-        loss, grad_norm = float(loss), float(grad_norm)
+        loss, grad_norm = (float(x.detach()) if hasattr(x, "detach") else float(x) for x in (loss, grad_norm))
         if math.isfinite(loss) and math.isfinite(grad_norm):
             if reset:
                 self.in_a_row = 0

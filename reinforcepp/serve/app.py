@@ -1,10 +1,12 @@
 """What every server of ``reinforcepp serve`` shares (FastAPI on uvicorn, the ``serve`` extra):
 the app with its guard, JSON in and out, binding and running.
 
-Every server speaks JSON only (nothing is ever unpickled), checks a bearer token in constant time
-on every path but ``/health``, refuses request bodies over ``max_request_bytes`` (HTTP 413) and
-bad payloads with HTTP 422 and a one-line ``{"error": ...}``. The protocol is in
-:mod:`reinforcepp.remote.protocol` and docs/remote.md. The apps: :mod:`.reference`, :mod:`.reward`.
+Every server speaks JSON (and safetensors for the weights a rollout server receives: nothing is
+ever unpickled), checks a bearer token in constant time on every path but ``/health``, refuses
+request bodies over ``max_request_bytes`` (HTTP 413) and bad payloads with HTTP 422 and a
+one-line ``{"error": ...}``. The protocol is in
+:mod:`reinforcepp.remote.protocol` and docs/remote.md. The apps: :mod:`.reference`, :mod:`.reward`,
+:mod:`.rollout`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at runtime.
@@ -23,11 +25,12 @@ MISSING_EXTRA = "FastAPI and uvicorn are not installed: run `bash install.sh ser
 
 
 class BadRequest(ValueError):
-    """A request the server refuses, with the HTTP status and a one-line reason."""
+    """A request the server refuses, with the HTTP status, a one-line reason and any further
+    fields of the JSON answer (``extra``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.extra = status, extra
 
 
 def require_fastapi() -> None:
@@ -58,7 +61,7 @@ def make_app(title: str, token: str | None, max_request_bytes: int, lifespan: An
         try:
             return await call_next(request)
         except BadRequest as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            return JSONResponse({"error": str(exc), **exc.extra}, status_code=exc.status)
         except Exception as exc:
             logger.exception("%s %s failed", request.method, request.url.path)
             return JSONResponse({"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"}, status_code=500)
@@ -77,16 +80,22 @@ def json_response(payload: Any) -> Any:
     return Response(content=json.dumps(payload), media_type="application/json")
 
 
-async def read_json(request: Any, max_request_bytes: int) -> dict:
-    """The request body as a JSON object, read in chunks up to ``max_request_bytes``."""
+async def read_body(request: Any, max_request_bytes: int) -> bytes:
+    """The request body, read in chunks up to ``max_request_bytes`` (HTTP 413 beyond)."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_request_bytes:
             raise BadRequest(413, f"request body > the limit of {max_request_bytes} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Any, max_request_bytes: int) -> dict:
+    """The request body as a JSON object, read in chunks up to ``max_request_bytes``."""
+    raw = await read_body(request, max_request_bytes)
     try:
-        data = json.loads(b"".join(chunks))
+        data = json.loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest(400, "the request body is not JSON") from None
     if not isinstance(data, dict):

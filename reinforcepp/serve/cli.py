@@ -1,8 +1,10 @@
-"""``reinforcepp serve reference | reward``: a model that only runs inference, behind a URL.
+"""``reinforcepp serve reference | reward | rollout``: models that only run inference, behind a URL.
 
     reinforcepp serve reference --model RUN/reference --port 8000
     reinforcepp serve reward --reward rewards.py:accuracy --port 8001
-    reinforcepp train ref_model=http://127.0.0.1:8000 reward_funcs=http://127.0.0.1:8001/rewards
+    reinforcepp serve rollout --model MODEL --engine vllm --port 8002
+    reinforcepp train ref_model=http://127.0.0.1:8000 reward_funcs=http://127.0.0.1:8001/rewards \
+        rollout_urls=http://127.0.0.1:8002
 
 The server binds 127.0.0.1 unless told otherwise; any other host needs a token
 (``--token-file``, or the ``REINFORCEPP_REMOTE_TOKEN`` environment variable), which clients send
@@ -19,7 +21,7 @@ from ..remote.client import RemoteError, is_loopback, read_token
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reinforcepp serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="kind", required=True, metavar="{reference,reward}")
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="{reference,reward,rollout}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
@@ -41,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     rew.add_argument("--reward", required=True, help="reward spec, as in reward_funcs")
     rew.add_argument("--workers", type=int, default=1, help="requests scored at once (threads); raise it only for thread-safe reward functions")
     common(rew)
+
+    out = sub.add_parser("rollout", help="generation (token ids in; tokens, log-probs, weight version out) with "
+                         "weights the trainer pushes")
+    out.add_argument("--model", required=True, help="Hugging Face model directory or hub name: the architecture, and "
+                     "the weights until the first push")
+    out.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="hf: this package's sampling loop; vllm: "
+                     "vLLM's offline engine (bash install.sh vllm)")
+    out.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's; its hash and EOS ids let "
+                     "clients check they match)")
+    out.add_argument("--keep-versions", type=int, default=3, help="weight versions held beside the active one's "
+                     "(async_rollouts=N needs N + 1)")
+    out.add_argument("--max-batch-prompts", type=int, default=256, help="concurrent requests are generated together "
+                     "up to this many prompts")
+    out.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
+    out.add_argument("--device", default="auto")
+    out.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="--engine vllm on a GPU: the "
+                     "fraction of its memory vLLM takes")
+    out.add_argument("--seed", type=int, default=0, help="seed of unseeded requests' draws")
+    out.add_argument("--trust-remote-code", action="store_true")
+    common(out)
     return parser
 
 
@@ -78,6 +100,8 @@ def _serve(args: argparse.Namespace) -> int:
     limit = int(args.max_request_mb * (1 << 20))
     if args.kind == "reference":
         app, what = _reference(args, token, limit), f"reference model {args.model}"
+    elif args.kind == "rollout":
+        app, what = _rollout(args, token, limit), f"rollout engine {args.engine} for {args.model}"
     else:
         app, what = _reward(args, token, limit), f"reward {args.reward}"
     sock = bind(args.host, args.port)
@@ -123,3 +147,51 @@ def _reward(args: argparse.Namespace, token: str | None, limit: int):
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     source = load_reward_source(args.reward)
     return reward_app(source.fn, spec=args.reward, token=token, max_request_bytes=limit, threads=args.workers)
+
+
+def _rollout(args: argparse.Namespace, token: str | None, limit: int):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..lm.models import frozen, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from .rollout import hf_backend, rollout_app, vllm_backend
+
+    if args.keep_versions < 1 or args.max_batch_prompts < 1:
+        raise ValueError(f"--keep-versions and --max-batch-prompts must be >= 1, got {args.keep_versions}, "
+                         f"{args.max_batch_prompts}")
+    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"--model {args.model}: no such model directory")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    load_device = torch.device("cpu") if args.engine == "vllm" else device  # vLLM takes the weights from a CPU copy
+    dtype = resolve_dtype(args.dtype, device)
+    trust = args.trust_remote_code
+    model = frozen(load_causal_lm(args.model, dtype=dtype, device=load_device, trust_remote_code=trust))
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        if args.tokenizer:
+            raise
+        print(f"reinforcepp serve rollout: no tokenizer in {args.model}; clients check only the vocabulary size and "
+              "EOS ids", file=sys.stderr)
+        tokenizer = None
+    eos = tokenizer.eos_token_id if tokenizer is not None else getattr(model.config, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not eos_ids:
+        raise ValueError(f"--model {args.model}: neither its tokenizer nor its config names an EOS token")
+    pad = tokenizer.pad_token_id if tokenizer is not None else getattr(model.config, "pad_token_id", None)
+    pad = eos_ids[0] if pad is None else pad
+    ids = tokenizer if tokenizer is not None else SimpleNamespace(eos_token_id=eos, pad_token_id=pad)
+    if args.engine == "vllm":
+        from ..engines.vllm import vllm_available
+
+        if not vllm_available():
+            raise ValueError("--engine vllm: vLLM is not installed (bash install.sh vllm)")
+        backend = vllm_backend(model, ids, device, args.gpu_memory_utilization, args.seed)
+    else:
+        backend = hf_backend(model, ids, device)
+    return rollout_app(backend, tokenizer, model_name=args.model, eos_token_ids=eos_ids, token=token,
+                       keep_versions=args.keep_versions, max_batch_prompts=args.max_batch_prompts,
+                       max_request_bytes=limit)

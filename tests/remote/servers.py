@@ -103,7 +103,10 @@ class ScriptedServer:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                self.body = json.loads(raw) if raw else None
+                try:
+                    self.body = json.loads(raw) if raw else None
+                except ValueError:
+                    self.body = raw  # bytes (a weight chunk)
                 with owner.lock:
                     owner.requests.append((self.command, self.path, self.body))
                     n = len(owner.requests) - 1
