@@ -296,7 +296,7 @@ def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_
         assert line.startswith("reinforcepp train: step 3: no rollout server left to take weight version 3: "), line
         assert line.endswith(
             f"the last checkpoint ({tmp_path / 'cut' / 'checkpoints' / 'step_00000002'}) is intact: once the server is "
-            f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} "
+            f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} model={trainer_dir} "
             f"reward_funcs={tmp_path / 'kill_reward.py'}:reward rollout_urls={','.join(urls)}`"
         ), line
         for s in servers:
