@@ -207,24 +207,27 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
     trains = train_dataset if train_dataset is not None else config.train_data
     evals = eval_dataset if eval_dataset is not None else config.eval_data
     train = load_prompt_dataset(trains, prompt_column=config.prompt_column) if trains is not None else None
-    if check is not None and train is not None:
-        check(train[config.prompt_column], _data_name("train_data", trains), True)
     if rt.builtin_task is not None:
         where = f"the built-in task {rt.builtin_task!r} (task_size={config.task_size})"
     else:
         where = str(trains) if isinstance(trains, (str, Path)) else "train_dataset"
     if evals is not None:
         held_out = load_prompt_dataset(evals, prompt_column=config.prompt_column)
-        if check is not None:
-            evaluated = held_out_rows(held_out, config.eval_max_prompts)
-            check([row[config.prompt_column] for row in evaluated], _data_name("eval_data", evals), False)
         named = str(evals) if isinstance(evals, (str, Path)) else "eval_dataset"
         _check_enough(train, config, where)
+        if check is not None:
+            if train is not None:
+                check(train[config.prompt_column], _data_name("train_data", trains), True)
+            evaluated = held_out_rows(held_out, config.eval_max_prompts)
+            check([row[config.prompt_column] for row in evaluated], _data_name("eval_data", evals), False)
         return PromptData(train, held_out, f"the built-in task {rt.builtin_task!r}" if rt.builtin_task else named)
     if train is None:
         raise ConfigError("no data: set train_data (and eval_data), or pass train_dataset=...")
+    loaded = train
     train, held_out = split_eval(train, config.eval_fraction, config.seed)
     _check_enough(train, config, where + (f" after eval_fraction={config.eval_fraction} was split off" if held_out is not None else ""))
+    if check is not None:  # the rows as in the file, before the split
+        check(loaded[config.prompt_column], _data_name("train_data", trains), True)
     return PromptData(train, held_out, f"eval_fraction={config.eval_fraction} of {where}")
 
 

@@ -746,4 +746,5 @@ def test_rollout_urls_are_given_again_on_resume(tmp_path):
     from reinforcepp.run.folder import RunDirError, merge_resumed_config
 
     with pytest.raises(RunDirError, match="rollout_urls="):
-        merge_resumed_config({"rollout_urls": ["http://10.0.0.1:8000"], "engine": "remote"}, {"output_dir": "x"})
+        merge_resumed_config({"rollout_urls": ["http://10.0.0.1:8000"], "engine": "remote"}, {"output_dir": "x"},
+                             {"rollout_urls": []})
