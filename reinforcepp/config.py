@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,48 @@ from .errors import InputError
 
 class ConfigError(InputError, ValueError):
     """A configuration that cannot run, with a message saying why and how to fix it."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: every float option ends up in float32 tensors or arithmetic."""
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping of key: value (an empty file is ``{}``). A file that
+    cannot be read, is not UTF-8 text, is not valid YAML or holds something other than a mapping
+    (a list, a number) is a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); "
+                          "a config file is a YAML mapping of key: value") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of key: value, got a {type(loaded).__name__}")
+    return dict(loaded)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in a few words: the problem and where (line and column, counted from 1)."""
+    problem = getattr(error, "problem", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
+def _yaml_value(name: str, value: str, what: str) -> Any:
+    """``value`` (a command-line string) parsed as YAML, or a ConfigError naming the key."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}={value!r} is not a valid {what} ({_yaml_problem(e)})") from None
 
 
 def option(default: Any, help: str) -> Any:
@@ -200,13 +243,16 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (str,)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v != ""]
+            if value.startswith("["):
+                value = _yaml_value(name, value, "list ([a, b] or a,b)")
+            else:
+                value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_coerce(name, v, inner) for v in value]
     if origin is dict or tp is dict:
         if isinstance(value, str) and value.startswith("{"):
-            value = yaml.safe_load(value)
+            value = _yaml_value(name, value, "mapping ({key: value})")
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
@@ -268,14 +314,19 @@ class Config:
     @classmethod
     def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
         """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: the config file must be a mapping of key: value")
-            values.update(loaded)
+        values: dict[str, Any] = read_config_file(path) if path is not None else {}
         values.update(parse_overrides(overrides or []))
         return cls.from_dict(values)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every key's default value."""
+        def default(f: Any) -> Any:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return typing.cast(typing.Callable[[], Any], f.default_factory)()
+
+        return {f.name: default(f) for f in dataclasses.fields(cls)}
 
     def replace(self: C, **changes: Any) -> C:
         """A validated copy with ``changes`` applied (same checks as ``from_dict``)."""
@@ -292,6 +343,7 @@ class Config:
         float), check closed choices; subclasses add cross-field rules (and call super)."""
         for name, tp in self.field_types().items():
             setattr(self, name, _coerce(name, getattr(self, name), tp))
+            _check_floats(name, getattr(self, name))
 
     SECTIONS: ClassVar[tuple[tuple[str, str], ...]] = ()
     """``(first key of a section, its title)`` in declaration order: ``--list-options`` and the
@@ -338,6 +390,23 @@ def type_name(tp: Any) -> str:
     if origin is dict or tp is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _check_floats(name: str, value: Any) -> None:
+    """Every float option is finite and within float32's range (a list of floats: each); a
+    learning rate (``lr``, ``*_lr``) ten times below it, since Adam's first step is
+    ``lr / (1 - beta1) = 10 lr``."""
+    values = value if isinstance(value, list) else [value]
+    for x in values:
+        if not isinstance(x, float):
+            continue
+        if not math.isfinite(x):
+            raise ConfigError(f"{name} must be a finite number, got {x}")
+        if abs(x) > FLOAT32_MAX:
+            raise ConfigError(f"{name}={x:g} is beyond float32's range ({FLOAT32_MAX:.3g}), where it is used")
+        if (name == "lr" or name.endswith("_lr")) and x > FLOAT32_MAX / 10:
+            raise ConfigError(f"{name}={x:g} is too large: Adam's first step is 10 x {name}, beyond float32's range "
+                              f"({FLOAT32_MAX:.3g})")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -26,6 +26,11 @@ class NonFiniteError(RunStopped):
     :class:`reinforcepp.run.NonFiniteGuard`)."""
 
 
+class DivergenceError(RunStopped):
+    """Weights that grew past ``max_weight_growth`` times their initial norm while every loss and
+    gradient stayed finite (both trainers; :class:`reinforcepp.run.guard.DivergenceGuard`)."""
+
+
 SETUP_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, ImportError, StopIteration)
 """What the libraries a run sets up (datasets, transformers, gymnasium, a reward module) raise
 for a bad path, name, file or value: during setup these are the user's input."""

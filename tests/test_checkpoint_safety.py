@@ -114,3 +114,111 @@ def test_the_package_never_unpickles():
         assert not re.search(r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load", text), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+# --------------------------------------------- paths and state a run folder records, checked
+def _resign(checkpoint: Path) -> None:
+    """Rewrite a checkpoint's COMPLETE for its current files, as a forger would."""
+    import json
+
+    from reinforcepp.run.checkpoint import MARKER, manifest
+
+    (checkpoint / MARKER).write_text(json.dumps({"files": manifest(checkpoint)}) + "\n")
+
+
+def test_reference_record_is_checked_against_your_model_and_the_checkpoint(tmp_path, capsys):
+    import json
+
+    from tests.lm.helpers import tiny_policy
+
+    model_dir, zeroed = tmp_path / "model", tmp_path / "zeroed"
+    tok, model = tiny_policy()
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    for p in model.parameters():
+        p.data.zero_()
+    model.save_pretrained(zeroed)
+    tok.save_pretrained(zeroed)
+    run = tmp_path / "run"
+    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
+            "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward",
+            "task=sort"]
+    assert cli_main(["train", f"output_dir={run}", f"model={model_dir}", *fast]) == 0
+    record = json.loads((run / "reference.json").read_text())
+    assert record["path"] == str(model_dir.resolve())
+    resume = ["train", "--resume", f"output_dir={run}", "total_steps=2"]
+    capsys.readouterr()
+
+    def refused(*extra: str) -> str:
+        assert cli_main([*resume, *extra]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "sets model=" in refused()  # the folder's model is not taken
+    # the record names another model (with its true hashes): never followed
+    from reinforcepp.lm.models import weights_fingerprint
+
+    original = (run / "reference.json").read_text()
+    forged = {"path": str(zeroed.resolve()), "sha256": weights_fingerprint(str(zeroed))}
+    (run / "reference.json").write_text(json.dumps(forged))
+    line = refused(f"model={model_dir}")
+    assert "never chooses a model" in line and str(zeroed.resolve()) in line
+    # fields the library never writes are not read
+    (run / "reference.json").write_text(json.dumps({**record, "trust_remote_code": True}))
+    assert "not a reference record" in refused(f"model={model_dir}")
+    # a record replaced by another valid one is not the one the checkpoint was written with
+    (run / "reference.json").write_text(json.dumps(record))  # same content, other bytes
+    assert "not the reference record the checkpoint" in refused(f"model={model_dir}")
+    (run / "reference.json").write_text(original)
+    assert cli_main([*resume, f"model={model_dir}"]) == 0
+
+
+def test_reference_copy_is_checked_against_its_record(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    fast = ["total_steps=1", "prompts_per_step=2", "samples_per_prompt=2", "micro_batch_size=4", "max_new_tokens=4",
+            "eval_every=0", "tensorboard=false", "progress=false", "log_samples_every=0", "kl_placement=reward",
+            "sft_steps=0"]
+    assert cli_main(["train", f"output_dir={run}", *fast]) == 0
+    assert json.loads((run / "reference.json").read_text())["copy"] == "reference"
+    weights = run / "reference" / "model.safetensors"
+    zeroed = {k: v * 0 for k, v in load_file(str(weights)).items()}
+    save_file(zeroed, str(weights), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", f"output_dir={run}", "total_steps=2"]) == 2
+    assert "does not hold the files recorded" in capsys.readouterr().err
+
+
+def test_forged_gym_state_cannot_set_environment_settings(tmp_path, capsys):
+    import json
+
+    base = tmp_path / "base"
+    train(_gym_cfg(base, save_every=32))
+    latest = CheckpointManager(base).latest()
+    assert latest is not None
+    good = (latest / "state.json").read_text()
+    doc = json.loads(good)
+    links = doc["state"]["envs"][0]
+    assert [link["class"] for link in links] == ["TimeLimit", "OrderEnforcing", "PassiveEnvChecker", "CartPoleEnv"]
+    forgeries = [
+        (0, "_max_episode_steps", 3, "TimeLimit._max_episode_steps=3"),  # episodes of 3 steps
+        (3, "gravity", 0.0, "CartPoleEnv.gravity=0.0"),
+        (3, "evil", 1, "CartPoleEnv.evil, which a fresh environment does not have"),
+        (0, "_saved_kwargs", "x", "TimeLimit._saved_kwargs"),
+    ]
+    for link, key, value, expected in forgeries:
+        forged = json.loads(good)
+        forged["state"]["envs"][1][link]["data"][key] = value
+        (latest / "state.json").write_text(json.dumps(forged))
+        _resign(latest)
+        capsys.readouterr()
+        for argv in (["gym", "--output-dir", str(base), "--resume", "total_env_steps=64", "progress=false"],
+                     ["gym", "--eval", str(base), "--episodes", "1"]):
+            assert cli_main(argv) == 2, (key, argv)
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert expected in line and "state.json, environment 1" in line, line
+    (latest / "state.json").write_text(good)
+    _resign(latest)
+    assert cli_main(["gym", "--output-dir", str(base), "--resume", "total_env_steps=64", "progress=false"]) == 0

@@ -191,8 +191,31 @@ def test_gym_comparison_end_to_end(tmp_path, capsys):
     # the presets of docs/gym.md were applied, the key=value overrides won
     assert "lr 0.001 (linear)" in md and "2 envs x 128 steps" in md
     capsys.readouterr()
-    assert C.main(argv) == 0  # finished runs are kept, not re-run
-    assert capsys.readouterr().err.count("already done, kept") == 4
+    assert C.main(argv) == 0  # the same comparison again resumes: finished runs are kept, not re-run
+    err = capsys.readouterr().err
+    assert err.count("already done, kept") == 4 and "holds this comparison: resuming it" in err
+    # another comparison in the same folder is refused with one line; nothing is touched
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert C.main([*argv, "lr=0.002"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert f"{out} holds another comparison (its settings differ" in err
+    assert C.main([*argv[:4], "--seeds", "1", *argv[6:]]) == 2
+    assert "(its seeds, settings differ" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_compare_never_takes_over_a_folder_that_holds_something_else(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["--env", "CartPole-v1", "--estimators", "reinforce_pp", "--seeds", "1", "--steps", "64", "--out", str(out),
+            "num_envs=2", "steps_per_env=32", "eval_episodes=1", "epochs=1"]
+    assert C.main(argv) == 2
+    assert "holds no readable comparison" in capsys.readouterr().err
+    assert C.main([*argv, "--overwrite"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("cmp.old-")]
+    assert len(aside) == 1 and (aside[0] / "notes.txt").read_text() == "mine" and (out / "report.md").exists()
 
 
 def test_estimator_variants_carry_their_own_settings():

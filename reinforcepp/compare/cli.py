@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import InputError
 from .report import build_report
 from .runner import (GYM_DEFAULTS, LM_DEFAULTS, SPEC_FILE, build_config, load_runs, overrides_for_run, own_data,
                      parse_variant, pinned_overrides, resolved_summary, run_compare, run_name)
@@ -85,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output directory: runs/, logs/, compare.json (default runs/compare-<task or env>)")
     p.add_argument("--report-dir", default=None, help="where report.md and compare.png go (default: OUT)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds another comparison (or other files): move it aside (to OUT.old-<time>) instead of "
+                   "refusing; nothing is deleted. The same comparison again resumes without it")
     p.add_argument("--no-presets", action="store_true",
                    help="Gymnasium: do not apply the tuned per-(env, estimator) settings of docs/gym.md")
     p.add_argument("overrides", nargs="*", help="key=value config items for every run (the keys of `reinforcepp "
@@ -96,6 +100,40 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> int:
     print(f"reinforcepp compare: {message}", file=sys.stderr)
     return 2
+
+
+IDENTITY = {"mode": "kind", "target": "task or environment", "estimators": "estimators", "seeds": "seeds",
+            "run_overrides": "settings"}
+"""What makes two comparisons the same (the spec's key: what it is called in a message): the
+pinned settings of every run cover the overrides, presets and steps."""
+
+
+def claim_out(out: Path, spec: dict, overwrite: bool) -> bool:
+    """Make ``out`` usable for ``spec``: True when it holds this same comparison (it resumes:
+    finished runs are kept). A folder holding another comparison, or other files, is refused
+    with one line (:class:`~reinforcepp.run.folder.RunDirError`) unless ``overwrite``, which
+    moves it aside; nothing is ever deleted."""
+    from ..run.folder import RunDirError, aside_path
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if overwrite:
+        aside = aside_path(out)
+        os.replace(out, aside)
+        print(f"reinforcepp compare: moved the old {out} aside to {aside}", file=sys.stderr)
+        return False
+    choices = f"use another --out, or --overwrite to move it aside (to {out.name}.old-<time>)"
+    try:
+        old = json.loads((out / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        raise RunDirError(f"{out} is not empty and holds no readable comparison ({SPEC_FILE}): {choices}") from None
+    if not isinstance(old, dict):
+        raise RunDirError(f"{out / SPEC_FILE} is not a comparison's spec: {choices}")
+    differ = [name for key, name in IDENTITY.items() if old.get(key) != json.loads(json.dumps(spec[key]))]
+    if differ:
+        raise RunDirError(f"{out} holds another comparison (its {', '.join(differ)} differ; it was "
+                          f"`{old.get('command', '?')}`): {choices}")
+    return True
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -150,6 +188,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M"), "out": str(out), "report_dir": str(report_dir),
         "resolved": resolved, "run_overrides": run_overrides,
     }
+    try:
+        resuming = claim_out(out, spec, args.overwrite)
+    except InputError as e:
+        return _fail(str(e))
+    if resuming:
+        print(f"reinforcepp compare: {out} holds this comparison: resuming it (finished runs are kept)",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     run_compare(spec, out, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -96,25 +96,20 @@ def load_with_preset(path: Optional[str], overrides: list[str], *, use_preset: b
 
 def _explicit_keys(path: Optional[str], overrides: list[str]) -> set[str]:
     """The config keys the user set, in the YAML file or as ``key=value``."""
-    from pathlib import Path
-
-    import yaml
-
-    from ..config import parse_overrides
+    from ..config import parse_overrides, read_config_file
 
     keys = set(parse_overrides(overrides))
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        keys |= set(loaded) if isinstance(loaded, dict) else set()
+        keys |= set(read_config_file(path))
     return keys
 
 
 def saved_config(path: "Path") -> dict:
     """A run folder's config.yaml, with the key of older versions renamed (``run_dir`` is now
     ``output_dir``, shared with the language-model trainer)."""
-    import yaml
+    from ..config import read_config_file
 
-    values = dict(yaml.safe_load(path.read_text()) or {})
+    values = read_config_file(path)
     if "run_dir" in values:
         values.setdefault("output_dir", values.pop("run_dir"))
     return values
@@ -126,22 +121,21 @@ def _resumed_config(config_file: Optional[str], overrides: list[str]) -> GymConf
     complete checkpoint is refused."""
     from pathlib import Path
 
-    import yaml
-
-    from ..config import parse_overrides
+    from ..config import parse_overrides, read_config_file
     from ..run import CheckpointManager
-    from ..run.folder import RunDirError, merge_resumed_config
+    from ..run.folder import RunDirError, merge_resumed_config, resumed_config_file
 
-    given = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
+    given = read_config_file(config_file) if config_file else {}
     given.update(parse_overrides(overrides))
     if given.get("output_dir") in (None, "", "None", "none"):
         raise RunDirError("--resume continues a run: name its folder with --output-dir RUN (or output_dir=RUN)")
     run_dir = Path(str(given["output_dir"]))
-    saved = run_dir / "config.yaml"
-    if CheckpointManager(run_dir).latest() is None or not saved.exists():
-        raise RunDirError(f"--resume: {run_dir} holds no complete checkpoint (and config.yaml) to resume; "
+    if CheckpointManager(run_dir).latest() is None:
+        raise RunDirError(f"--resume: {run_dir} holds no complete checkpoint to resume; "
                           "drop --resume to start a new run")
-    values, notes = merge_resumed_config(saved_config(saved), given)
+    saved = resumed_config_file(run_dir)
+    assert saved is not None
+    values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults())
     for note in notes:
         print(f"resume: {note}", file=sys.stderr)
     return GymConfig.from_dict(values)
@@ -159,10 +153,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"reinforcepp gym: no complete checkpoint in {run_dir}/checkpoints", file=sys.stderr)
         return 2
     from ..config import parse_overrides
-    from ..run.folder import merge_resumed_config
+    from ..run.folder import merge_resumed_config, resumed_config_file
 
-    given = parse_overrides(list(args.overrides))
-    values, notes = merge_resumed_config(saved_config(run_dir / "config.yaml"), given)
+    env = [f"env_id={args.env_id}"] if args.env_id is not None else []  # --env, as on resume
+    given = parse_overrides(env + list(args.overrides))
+    saved = resumed_config_file(run_dir)
+    assert saved is not None
+    values, notes = merge_resumed_config(saved_config(saved), given, GymConfig.defaults(), what="eval")
     for note in notes:
         print(f"eval: {note}", file=sys.stderr)
     cfg = GymConfig.from_dict(values)

@@ -34,8 +34,9 @@ from ..core.natural import (
     flat_grad,
     scale_to_kl_radius,
 )
-from ..run import CheckpointManager, NonFiniteGuard, Progress, RunLogger, plot_run
-from ..run.folder import RunDirError, claim_run_dir
+from ..run import CheckpointManager, DivergenceGuard, NonFiniteGuard, Progress, RunLogger, plot_run
+from ..run.checkpoint import step_of
+from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.state import load_state, save_state
 from .envstate import restorable, set_vector_env_state, vector_env_state
 from .config import GymConfig
@@ -85,6 +86,8 @@ class GymTrainer:
         self.iteration = 0
         self.env_steps = 0
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
+        self.divergence = DivergenceGuard(cfg.max_weight_growth, self.policy.parameters(),
+                                          hint="Lower lr (or raise max_weight_growth).")
         cfg.output_dir = cfg.output_dir or f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
@@ -99,6 +102,7 @@ class GymTrainer:
         claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None and cfg.resume:
+            check_run_log(self.run_dir, step_of(latest))
             self.load(latest)
         else:
             self.collector.reset(cfg.seed)
@@ -143,6 +147,8 @@ class GymTrainer:
             t2 = time.perf_counter()
             update = self.natural_update if self.cfg.trust_region == "natural" else self.update
             metrics.update(update(batch, advantages, returns))
+            where = f"env step {self.env_steps}"
+            metrics["policy/weight_norm"] = self.divergence.check(self.policy.parameters(), where=where)
             metrics.update(advantage_stats(self._pad(advantages, batch), batch.response_mask))
         else:
             t2 = t1
@@ -402,6 +408,7 @@ class GymTrainer:
             "generator": self.generator.get_state(),
             "collector": self.collector.state_dict(),
             "nonfinite_total": self.guard.total,
+            "weight_norm_start": self.divergence.start,
             "envs": vector_env_state(self.envs) if restorable(self.envs) else None,
             "config": self.cfg.to_dict(),
         }
@@ -416,6 +423,7 @@ class GymTrainer:
         state = load_state(path, STATE_NAME)
         self.iteration, self.env_steps = state["iteration"], state["env_steps"]
         self.guard.total = int(state.get("nonfinite_total", 0))
+        self.divergence.start = float(state.get("weight_norm_start", self.divergence.start))
         self.policy.load_state_dict(state["policy"])
         if self.critic is not None:
             self.critic.load_state_dict(state["critic"])
@@ -424,7 +432,7 @@ class GymTrainer:
         self.reward_norm.load_state_dict(state["reward_norm"])
         self.generator.set_state(state["generator"])
         if state["envs"] is not None and restorable(self.envs):
-            set_vector_env_state(self.envs, state["envs"])
+            set_vector_env_state(self.envs, state["envs"], where=str(Path(path) / f"{STATE_NAME}.json"))
             self.collector.load_state_dict(state["collector"])
         else:
             warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh episodes", stacklevel=2)

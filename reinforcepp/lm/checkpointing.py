@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from ..run.folder import RunDirError
 from ..run.rng import rng_state, set_rng_state, set_seed
 from ..run.state import load_state, save_state
+from .reference import REFERENCE_RECORD, record_digest
 from .runtime import Runtime
 from .sharded_checkpoint import rank_directory, write_policy
 
@@ -54,12 +56,26 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[st
         if save_reference and models.reference is not None:  # the refreshed reference moves with the run
             models.reference.save_pretrained(d / "reference", safe_serialization=True)
         state = {"step": step, "optimizer": optimizer_state, "scheduler": update.scheduler.state_dict(),
-                 "loader": loader_state, "rng": rng, **counters}
+                 "loader": loader_state, "rng": rng, "reference_record": record_digest(rt.run_dir),
+                 "weight_norm_start": update.divergence.start, **counters}
         if models.critic is not None:
             state["critic"] = critic_state
             state["critic_optimizer"] = critic_optimizer_state
         save_state(d, STATE_NAME, state)
     return rt.checkpoints.path(step)
+
+
+def apply_resumed_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """The scheduler's state holds the run's learning rate; an ``lr`` given on resume (reported
+    as ``resume: lr: saved ..., now ... (yours)``) applies from here on, along the same schedule
+    (``lr * factor(step)``). Nothing changes when it is the saved one."""
+    if all(base == lr for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: Any, *, seed: int) -> dict[str, Any]:
@@ -68,8 +84,16 @@ def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: A
     state (another number of ranks: fresh, distinct seeds). Returns the stored state, whose
     ``step`` and counters the trainer takes back."""
     state = load_state(path, STATE_NAME)
+    recorded = state.get("reference_record")
+    if recorded is not None and record_digest(rt.run_dir) != recorded:
+        raise RunDirError(f"cannot resume: {rt.run_dir / REFERENCE_RECORD} is not the reference record the "
+                          f"checkpoint {path.name} was written with (sha256): the run folder's reference was replaced "
+                          "or mixed from another run; restore it, or start a new run")
     rt.parallel.load_optimizer(models.policy, update.optimizer, path / "optimizer", state["optimizer"])
     update.scheduler.load_state_dict(state["scheduler"])
+    apply_resumed_lr(update.optimizer, update.scheduler, update.config.lr)
+    # the bound of the whole run, from its start
+    update.divergence.start = float(state.get("weight_norm_start", update.divergence.start))
     loader.load_state_dict(state["loader"])
     if models.critic is not None and update.critic_optimizer is not None:
         rt.parallel.load_full_state_dict(models.critic, state["critic"])

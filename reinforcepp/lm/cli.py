@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import Config, ConfigError, cli_items, parse_overrides
+from ..config import Config, ConfigError, cli_items, parse_overrides, read_config_file
 from ..errors import setup_phase
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
         words = cli_items(argv, cls, flags)
     except ConfigError as e:
         parser.exit(2, f"{prog}: {e}\n")
-    args = parser.parse_args(words)
+    args = parser.parse_intermixed_args(words)  # flags anywhere: `output_dir=X --overwrite lr=1e-5`
     config_file = [a for a in args.items if "=" not in a and a.endswith((".yaml", ".yml"))]
     if len(config_file) > 1:
         parser.error(f"one config file at most, got {config_file}")
@@ -65,28 +65,29 @@ def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[C
 def build_config(config_file: str | None, overrides: list[str], resume: bool = False, overwrite: bool = False):
     """Preset (the built-in tiny job when no model is named), YAML file, then overrides. On
     resume the run's saved config comes first, except its security settings (reported)."""
-    import yaml
-
-    from ..run.folder import merge_resumed_config
+    from ..run.folder import merge_resumed_config, resumed_config_file
+    from .config import LMConfig
 
     values = read_values(config_file, overrides)
     if overwrite:
         values["overwrite"] = True
     if resume:
         values["resume"] = True
-        saved = Path(values["output_dir"]) / "config.yaml" if values.get("output_dir") else None
-        if saved is not None and saved.exists():
-            values, notes = merge_resumed_config(yaml.safe_load(saved.read_text()) or {}, typed(values))
+        saved = resumed_config_file(values.get("output_dir"))
+        if saved is not None:
+            values, notes = merge_resumed_config(read_config_file(saved), typed(values), LMConfig.defaults())
             for note in notes:
                 print(f"resume: {note}", file=sys.stderr)
+        elif (Path(values["output_dir"]) / "config.yaml").is_file():
+            # no checkpoint: refused when the run opens (before anything loads), with the command that
+            # starts it again; the folder's settings only fill in that command
+            values = {**read_config_file(Path(values["output_dir"]) / "config.yaml"), **typed(values)}
     return config_from_values(values)
 
 
 def read_values(config_file: str | None, overrides: list[str]) -> dict[str, Any]:
     """The YAML file's mapping (if any) updated by the ``key=value`` items."""
-    import yaml
-
-    values = dict(yaml.safe_load(Path(config_file).read_text()) or {}) if config_file else {}
+    values = read_config_file(config_file) if config_file else {}
     values.update(parse_overrides(overrides))
     return values
 
@@ -134,7 +135,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def _train(config: LMConfig) -> int:
-    from ..errors import InputError, RunStopped
+    from ..errors import InputError, RunStopped, one_line
     from ..remote import RemoteError
     from .trainer import Trainer
 
@@ -160,18 +161,29 @@ def _train(config: LMConfig) -> int:
             print(f"resume: continuing from step {trainer.step} of {config.total_steps} (checkpoint {trainer.rt.resume_from})", file=sys.stderr)
         final = trainer.train()
     except RemoteError as e:
-        latest = trainer.checkpoints.latest()
-        urls = (("ref_model", config.ref_model), ("reward_funcs", ",".join(config.reward_funcs)),
-                ("rollout_urls", ",".join(config.rollout_urls)))
-        again = "".join(f" {k}={v}" for k, v in urls if v)  # never read back from a run folder
-        kept = f"; the last checkpoint ({latest}) is intact: once the server is back, continue with `reinforcepp train --resume output_dir={trainer.run_dir}{again}`" if latest else ""
-        raise RunStopped(f"step {trainer.step}: {e}{kept}") from e
+        raise RunStopped(f"step {trainer.step}: {e}{_kept(trainer, config, 'once the server is back')}") from e
+    except InputError as e:  # found mid-run: a reward that failed or exited, a prompt, every group dropped
+        raise InputError(f"{one_line(e)}{_kept(trainer, config, 'once it is fixed')}") from e
     if final:
         print(summary(_first_eval(trainer.run_dir), final, trainer.eval_pass_fail or trainer.builtin_task is not None))
     else:
         print(train_summary(trainer.run_dir))
     print(f"plots: {trainer.run_dir / 'plots.png'}")
     return 0
+
+
+def _kept(trainer: Any, config: LMConfig, when: str) -> str:
+    """``; the last checkpoint (...) is intact: ... continue with `reinforcepp train --resume ...```
+    (with the keys a run folder never supplies, given again), or "" without a checkpoint."""
+    from ..run.folder import CHOSEN_BY_YOU
+
+    latest = trainer.checkpoints.latest()
+    if not latest:
+        return ""
+    given = config.to_dict()
+    again = "".join(f" {k}={','.join(v) if isinstance(v, list) else v}" for k in CHOSEN_BY_YOU if (v := given.get(k)))
+    return (f"; the last checkpoint ({latest}) is intact: {when}, continue with "
+            f"`reinforcepp train --resume output_dir={trainer.run_dir}{again}`")
 
 
 def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -> str:
@@ -300,8 +312,6 @@ def eval_config(config_file: Optional[str], overrides: list[str]) -> tuple[LMCon
     """The evaluation's config, and the run checkpoint it evaluates (:mod:`.runs`) or None. A bare
     folder among the words is ``model=FOLDER``; a run's own ``config.yaml`` is not taken as the
     settings of another model (its ``model`` is where that run started)."""
-    import yaml
-
     from ..errors import InputError
     from .runs import check_model_path, eval_settings, find_checkpoint, is_run_dir
 
@@ -321,7 +331,7 @@ def eval_config(config_file: Optional[str], overrides: list[str]) -> tuple[LMCon
                          f"add model=... to evaluate another model with these settings")
     found = find_checkpoint(str(values["model"])) if values.get("model") not in (None, "None", "none", "") else None
     if found is not None:
-        saved = yaml.safe_load((found.run_dir / "config.yaml").read_text()) or {}
+        saved = read_config_file(found.run_dir / "config.yaml")
         values, notes = eval_settings(found, saved, typed(values))
         for note in notes:
             print(f"eval: {note}", file=sys.stderr)

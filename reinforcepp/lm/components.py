@@ -28,11 +28,19 @@ import torch
 from ..config import ConfigError
 from ..core import EstimatorSpec
 from ..engines import GenerationEngine, WeightProvider, build_engine
+from ..errors import setup_phase
 from ..remote import is_url, settings_from
 from ..run.rng import set_seed
 from .config import LMConfig
 from .lora import is_lora, load_lora
-from .models import enable_activation_checkpointing, frozen, load_causal_lm, load_critic, load_tokenizer
+from .models import (
+    check_model_source,
+    enable_activation_checkpointing,
+    frozen,
+    load_causal_lm,
+    load_critic,
+    load_tokenizer,
+)
 from .reference import Reference, apply_lora, load_reference
 from .runtime import Runtime
 from .warm_start import warm_start
@@ -96,7 +104,9 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
     env_factory = load_env_factory(config, given.env, rt.builtin_task)
     check_teacher_tokenizer(config, rt, given.tokenizer)  # before any model loads
     tokenizer, policy = load_policy(config, rt, given.model, given.tokenizer)
-    data = load_data(config, rt, given.train_dataset, given.eval_dataset)
+    # multi-turn: the prompts come from the environments' reset, checked when drawn
+    check = prompt_checker(config, tokenizer, policy) if env_factory is None else None
+    data = load_data(config, rt, given.train_dataset, given.eval_dataset, check)
     scorer = build_scorer(config, rt.builtin_task, given.reward_funcs, env_factory, data)
     if config.sft_steps and rt.resume_from is None and given.model is None and config.model is None:
         warm_start(policy, tokenizer, data.train, config, builtin_task=rt.builtin_task, env_factory=env_factory,
@@ -146,6 +156,10 @@ def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
     built-in tiny model."""
     dtype, device, trust = rt.parallel.master_dtype, rt.parallel.load_device, config.trust_remote_code
     resume = rt.resume_from
+    if config.model is not None and model is None:
+        check_model_source("model", config.model)
+    if config.tokenizer is not None and tokenizer is None:
+        check_model_source("tokenizer", config.tokenizer, kind="tokenizer")
     if resume is not None and (resume / "adapter").exists():  # the base the adapters were trained on, then the adapter
         base = config.model or str(rt.run_dir / "reference")
         tok = tokenizer or load_tokenizer(config.tokenizer or base, trust)
@@ -161,19 +175,25 @@ def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer, model.to(device)
     if config.model is not None:
-        tok = tokenizer or load_tokenizer(config.tokenizer or config.model, trust)
-        return tok, load_causal_lm(config.model, dtype=dtype, device=device, trust_remote_code=trust)
+        named = f"tokenizer={config.tokenizer}" if config.tokenizer and not tokenizer else f"model={config.model}"
+        with setup_phase(f"loading {named}"):
+            tok = tokenizer or load_tokenizer(config.tokenizer or config.model, trust)
+        with setup_phase(f"loading model={config.model}"):
+            return tok, load_causal_lm(config.model, dtype=dtype, device=device, trust_remote_code=trust)
     from .tasks import ALPHABET, build_char_tokenizer, build_tiny_model, get_task
 
     tok = tokenizer or build_char_tokenizer(get_task(rt.builtin_task).alphabet if rt.builtin_task else ALPHABET)
     return tok, build_tiny_model(tok, seed=config.seed).to(device=device, dtype=dtype)
 
 
-def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: Any) -> PromptData:
+def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: Any,
+              check: Optional[Callable[[Any, str, bool], None]] = None) -> PromptData:
     """Training and held-out prompts: the built-in task's (written to ``RUN_DIR/data``), the given
     datasets, or ``train_data`` / ``eval_data`` (``eval_fraction`` of ``train_data`` split off
-    when there is no ``eval_data``)."""
+    when there is no ``eval_data``). ``check(prompts, where, lengths)`` sees every training prompt
+    and the held-out prompts evaluated, before any split (:func:`prompt_checker`)."""
     from .data import load_prompt_dataset, split_eval
+    from .evaluation import held_out_rows
 
     if rt.builtin_task is not None:
         from .tasks import get_task, write_task_files
@@ -195,12 +215,49 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
         held_out = load_prompt_dataset(evals, prompt_column=config.prompt_column)
         named = str(evals) if isinstance(evals, (str, Path)) else "eval_dataset"
         _check_enough(train, config, where)
+        if check is not None:
+            if train is not None:
+                check(train[config.prompt_column], _data_name("train_data", trains), True)
+            evaluated = held_out_rows(held_out, config.eval_max_prompts)
+            check([row[config.prompt_column] for row in evaluated], _data_name("eval_data", evals), False)
         return PromptData(train, held_out, f"the built-in task {rt.builtin_task!r}" if rt.builtin_task else named)
     if train is None:
         raise ConfigError("no data: set train_data (and eval_data), or pass train_dataset=...")
+    loaded = train
     train, held_out = split_eval(train, config.eval_fraction, config.seed)
     _check_enough(train, config, where + (f" after eval_fraction={config.eval_fraction} was split off" if held_out is not None else ""))
+    if check is not None:  # the rows as in the file, before the split
+        check(loaded[config.prompt_column], _data_name("train_data", trains), True)
     return PromptData(train, held_out, f"eval_fraction={config.eval_fraction} of {where}")
+
+
+def prompt_checker(config: LMConfig, tokenizer: Any, policy: torch.nn.Module) -> Callable[[Any, str, bool], None]:
+    """``check(prompts, where, lengths)``: every prompt tokenized once at start; an empty one, or
+    (``lengths``) one longer than the context allows (without ``truncate_prompts``), is refused
+    naming the data and the row (:func:`~.data.check_prompt_lengths`). Held-out prompts are checked
+    for emptiness only: ``reinforcepp eval`` fits ``max_new_tokens`` to them, and a training run
+    evaluates them at its start."""
+    from .data import check_prompt_lengths, render_prompt
+    from .models import prompt_limit
+
+    try:
+        limit: Optional[int] = prompt_limit(policy, config.max_prompt_length, config.max_new_tokens)
+    except ConfigError:  # max_new_tokens leaves no room: said when a prompt is drawn (or fitted by eval)
+        limit = None
+
+    def check(prompts: Any, where: str, lengths: bool) -> None:
+        def render(prompt: Any) -> str:
+            return render_prompt(tokenizer, prompt, config.use_chat_template)
+
+        check_prompt_lengths(prompts, render, tokenizer, limit=limit if lengths else None,
+                             truncate=config.truncate_prompts, where=where)
+
+    return check
+
+
+def _data_name(key: str, data: Any) -> str:
+    """The data in messages: ``train_data=prompts.jsonl``, or ``train_dataset`` (given in Python)."""
+    return f"{key}={data}" if isinstance(data, (str, Path)) else key.replace("_data", "_dataset")
 
 
 def _check_enough(train: Any, config: LMConfig, where: str) -> None:

@@ -43,8 +43,13 @@ def check_jsonl(path: Path) -> None:
     from ..errors import InputError
 
     rows = 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -76,7 +81,37 @@ def _load_path(path: Path, split: Optional[str], config_name: Optional[str]) -> 
             f"cannot read {str(path)!r}: supported files are {sorted(FILE_BUILDERS)}, or a directory "
             "written by Dataset.save_to_disk"
         )
+    if path.suffix.lower() in (".csv", ".json"):
+        check_utf8(path)
     return datasets.load_dataset(builder, data_files=str(path), split=split or "train")
+
+
+def check_utf8(path: Path) -> None:
+    """A text data file is UTF-8: otherwise an :class:`~reinforcepp.errors.InputError` naming the
+    file, line and byte (the readers of ``datasets`` fail deep inside pandas or pyarrow)."""
+    import codecs
+
+    from ..errors import InputError
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newline = b"\n"
+    line = 1
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                before = block[: max(0, e.start)]
+                column = len(before) - before.rfind(newline)
+                at = line + before.count(newline)
+                raise InputError(f"{path}:{at}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {column}); "
+                                 "save the file as UTF-8") from None
+            line += block.count(newline)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text (the file ends inside a character); "
+                             "save the file as UTF-8") from None
 
 
 def load_prompt_dataset(
@@ -240,6 +275,46 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
+
+
+def check_prompt_lengths(
+    prompts: Sequence[Prompt],
+    render: Any,
+    tokenizer: Any,
+    *,
+    limit: Optional[int],
+    truncate: bool,
+    where: str,
+    batch_size: int = 1024,
+) -> None:
+    """Every prompt of a dataset checked once, before the first step: rendered (``render``), its
+    token count from one batched tokenizer call per ``batch_size`` rows. A prompt that is empty
+    (or only whitespace, or renders to no token) or, unless ``truncate``, longer than ``limit``
+    tokens is an :class:`~reinforcepp.errors.InputError` naming ``where`` (the data), the row
+    and the counts: found at start instead of at the step that first draws it.
+
+    Args:
+        prompts: the dataset's prompt column (strings or chat messages).
+        render: prompt -> the text the policy continues (:func:`render_prompt`).
+        tokenizer: the policy's tokenizer (called on a list of texts, ``add_special_tokens=False``).
+        limit: the most tokens a prompt may have (:func:`~.models.prompt_limit`); None: any.
+        truncate: ``truncate_prompts``: a longer prompt is cut when drawn, not refused.
+        where: the data's name in messages (``train_data=prompts.jsonl``).
+    """
+    from ..errors import InputError
+
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        texts = [render(p) for p in chunk]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for j, (prompt, text, n) in enumerate(zip(chunk, texts, lengths)):
+            if n == 0 or (isinstance(prompt, str) and not prompt.strip()):
+                raise InputError(f"{where} row {start + j}: the prompt is empty ({prompt!r}, {n} tokens); "
+                                 "every prompt needs text for the policy to continue")
+            if limit is not None and n > limit and not truncate:
+                raise InputError(f"{where} row {start + j}: a prompt has {n} tokens > {limit} allowed "
+                                 "(max_prompt_length, or the model's context minus max_new_tokens); shorten it or set "
+                                 f"truncate_prompts=true: {text[:60]!r}")
 
 
 # --- batching ---------------------------------------------------------------------------------

@@ -35,6 +35,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+MODEL_FILES = {"model": "config.json", "tokenizer": "tokenizer_config.json"}
+
+
+def check_model_source(key: str, value: str, kind: str = "model") -> None:
+    """One line (:class:`~reinforcepp.errors.InputError`) naming ``key`` when ``value`` cannot be
+    the local ``kind`` ("model" or "tokenizer") it names: a file, a folder without
+    ``config.json`` (a tokenizer: ``tokenizer_config.json`` or ``tokenizer.json``), or a path
+    that does not exist. Anything else (``gpt2``, ``org/model``) is left to the hub."""
+    from ..errors import InputError
+
+    path = Path(value).expanduser()
+    what = "a Hugging Face model folder holds config.json and the weights" if kind == "model" else \
+        "a tokenizer folder holds tokenizer_config.json or tokenizer.json"
+    if path.is_dir():
+        needed = [MODEL_FILES[kind]] + (["tokenizer.json"] if kind == "tokenizer" else [])
+        if not any((path / name).is_file() for name in needed):
+            found = sorted(p.name for p in path.iterdir())[:5]
+            raise InputError(f"{key}={value}: not a {kind} folder: no {' or '.join(needed)} in it ({what}; "
+                             f"it holds {', '.join(found) or 'nothing'})")
+    elif path.exists():
+        raise InputError(f"{key}={value}: a file, not a {kind} folder ({what})")
+    elif value.startswith((".", "/", "~")) or value.count("/") > 1 or not value.strip():
+        raise InputError(f"{key}={value}: no such {kind} folder (cwd {Path.cwd()}); "
+                         "give a local folder or a hub name 'org/model'")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """``AutoTokenizer`` with left padding and a pad token (EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -178,6 +204,7 @@ def load_critic(
 ) -> ValueModel:
     if name_or_path is None:
         return ValueModel.from_causal_lm(policy)
+    check_model_source("critic_model", name_or_path)
     lm = load_causal_lm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return ValueModel.from_causal_lm(lm)
 

@@ -182,7 +182,7 @@ class RolloutSampler:
         if cfg.truncate_prompts:
             counts["data/truncated_prompts"] = float(self.prompts_truncated)
         if not kept:
-            raise RuntimeError(f"step {step}: every group was dropped (reward errors or all-equal rewards); nothing to train on")
+            raise nothing_to_train_on(step, counts, self.scorer)
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)
 
     def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float], round_: int = 1) -> tuple[Rollout, torch.Tensor]:
@@ -240,3 +240,23 @@ class RolloutSampler:
         if cfg.truncation_penalty:
             penalty += truncation_penalty(gen.truncated, cfg.truncation_penalty)
         return penalty
+
+
+def nothing_to_train_on(step: int, counts: dict[str, float], scorer: Any) -> InputError:
+    """The one-line error of a step whose every group was dropped, saying why: the reward sources
+    that dropped samples (``reward_on_error=drop``), samples no source scored, all-equal rewards
+    under ``dynamic_filtering``."""
+    why = []
+    if counts.get("reward/dropped_groups"):
+        failing = [f"{scorer.where(s)}: {scorer.dropped_counts[s.name]} samples so far"
+                   for s in getattr(scorer, "sources", []) if scorer.dropped_counts.get(s.name)]
+        unscored = int(counts.get("reward/unscored_samples", 0))
+        if unscored:
+            failing.append(f"{unscored} samples no reward source scored (all returned None)")
+        detail = "; ".join(failing) or "reward_on_error=drop"
+        why.append(f"{int(counts['reward/dropped_groups'])} groups held a sample the reward dropped ({detail})")
+    if counts.get("filter/dropped_groups"):
+        rounds = int(counts.get("filter/rounds", 1))
+        why.append(f"{int(counts['filter/dropped_groups'])} groups had all-equal rewards (dynamic_filtering, "
+                   f"{rounds} generation round{'s' if rounds > 1 else ''})")
+    return InputError(f"step {step}: every group was dropped, nothing to train on: {'; '.join(why)}")

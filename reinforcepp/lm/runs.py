@@ -5,8 +5,9 @@ it evaluated with.
 ``model=RUN/checkpoints/step_N/model``) evaluates the checkpoint's model with the run's own
 held-out data, generation settings, chat template, prompt column and reward, each unless given,
 and samples with the seed the run's own evaluation at that step used, so that the numbers are
-the run's. Reward sources that name code or a URL are never taken from a run folder
-(:func:`reinforcepp.run.folder.merge_resumed_config`): the user gives them again.
+the run's. The keys that name code, models, reward sources or environments are never taken
+from a run folder (:data:`reinforcepp.run.folder.CHOSEN_BY_YOU`, decided by key): the user gives
+them again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Mapping, Optional
 from ..errors import InputError
 from ..run import CheckpointManager
 from ..run.checkpoint import STEP_PREFIX
-from ..run.folder import is_remote, merge_resumed_config, names_code
+from ..run.folder import merge_resumed_config
 
 EVAL_KEYS = (
     "task", "train_data", "eval_data", "eval_fraction", "prompt_column", "use_chat_template", "max_prompt_length",
@@ -102,16 +103,15 @@ def check_model_path(model: str) -> None:
 
 def eval_settings(found: RunCheckpoint, saved: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The evaluation's settings: the run's :data:`EVAL_KEYS` from its ``config.yaml`` (``saved``)
-    under the user's (``given``), with the checkpoint's model. Code and URLs are never taken from
-    the folder: a reward that names them must be given again (refused otherwise, naming it).
-    Returns the values and one note per setting of the run that was not used."""
+    under the user's (``given``), with the checkpoint's model. The keys a run folder never decides
+    (reward sources, environments: :data:`~reinforcepp.run.folder.CHOSEN_BY_YOU`) must be given
+    again (refused otherwise, in one line naming them). Returns the values and one note per
+    setting of the run that was not used."""
+    from .config import LMConfig
+
     subset = {k: v for k, v in saved.items() if k in EVAL_KEYS}
     if any(k in given for k in DATA_KEYS):  # your own prompts: none of the run's data settings
         subset = {k: v for k, v in subset.items() if k not in DATA_KEYS}
-    missing = [f"{k}={v!r}" for k, v in subset.items() if k not in given and (is_remote(v) or names_code(v))]
-    if missing:
-        raise InputError(f"eval: {found.run_dir}/config.yaml names code or a URL ({', '.join(missing)}), which is never taken from a "
-                         "run folder: give it again on the command line (key=value) if you trust it")
-    values, notes = merge_resumed_config(subset, given)
+    values, notes = merge_resumed_config(subset, given, LMConfig.defaults(), what="eval")
     values["model"] = str(found.model)
     return values, notes

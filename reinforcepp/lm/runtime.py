@@ -19,7 +19,8 @@ import torch
 
 from ..config import ConfigError
 from ..run import CheckpointManager
-from ..run.folder import RunDirError, claim_run_dir
+from ..run.checkpoint import step_of
+from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.rng import set_seed
 from ..run.timer import PhaseTimer
 from .config import LMConfig
@@ -137,6 +138,8 @@ def open_runtime(config: LMConfig, *, given_data: bool) -> Runtime:
     resume_from = checkpoints.latest_intact() if config.resume else None
     if config.resume and resume_from is None:
         raise RunDirError(nothing_to_resume(config, run_dir))
+    if resume_from is not None and int(os.environ.get("RANK", "0")) == 0:
+        check_run_log(run_dir, step_of(resume_from))
     eager = config.output_dir is not None or config.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1
     folder = RunFolder(run_dir, eager=eager, resume=config.resume, overwrite=config.overwrite)  # rank 0 owns the run folder
     device = resolve_device(config.device)

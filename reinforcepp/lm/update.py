@@ -31,7 +31,7 @@ from ..core import (
     token_loss,
     value_loss,
 )
-from ..run import NonFiniteGuard
+from ..run import DivergenceGuard, NonFiniteGuard
 from .batch import PromptResponseBatch
 from .config import LMConfig
 from .experience import Experience
@@ -82,6 +82,9 @@ class PolicyUpdate:
         critic = models.critic
         self.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr) if critic is not None else None
         self.guard = NonFiniteGuard(config.max_nonfinite_steps, hint="Lower lr, check the rewards, or use dtype=float32.")
+        self.trained = trained
+        self.divergence = DivergenceGuard(config.max_weight_growth, trained,
+                                          hint="Lower lr (or raise max_weight_growth).")
         self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
         self.loss_params = PolicyLossParams(config.eps_low, config.eps_high, config.dual_clip, config.importance_sampling_level,
                                             config.cispo_eps_low, config.cispo_eps_high, config.clip_cov_ratio, config.clip_cov_lb,
@@ -114,7 +117,9 @@ class PolicyUpdate:
                 order = self.shuffled_groups(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
                 for window in order.tensor_split(self.num_mini_batches):
                     self.optimizer_step(exp.select(window), seen, scalars)
-        return self.metrics(seen, scalars)
+        metrics = self.metrics(seen, scalars)
+        metrics["policy/weight_norm"] = self.divergence.check(self.trained, where=f"step {step}")
+        return metrics
 
     def natural(self, exp: Experience, step: int) -> dict[str, float]:
         """``trust_region=natural``: one natural-gradient step of the policy (natural.py), then the

@@ -6,7 +6,8 @@ Reference server::
 
     GET  /health    -> {"status": "ok"}                                   (no token needed)
     GET  /info      -> {"kind": "reference", "protocol": 1, "model": str, "vocab_size": int,
-                        "tokenizer_hash": str | null, "dtype": str, "max_batch_tokens": int}
+                        "tokenizer_hash": str | null, "dtype": str, "max_batch_tokens": int,
+                        "context_length": int | null}
     POST /logprobs  {"prompt_ids": [[int]], "response_ids": [[int]], "temperature": float}
                     -> {"logprobs": [[float]]}    one list per response, len(response_ids[i]) each
 

@@ -35,6 +35,7 @@ from .base import (
     RewardFn,
     RewardResult,
     RewardSource,
+    RewardExitError,
     RewardTimeoutError,
     TrainerState,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "RewardResult",
     "RewardScorer",
     "RewardSource",
+    "RewardExitError",
     "RewardTimeoutError",
     "TrainerState",
     "call_reward_function",

@@ -55,6 +55,13 @@ class RewardTimeoutError(RewardError):
     ``on_error`` modes: a source that hangs once would hang on every retry."""
 
 
+class RewardExitError(RewardError):
+    """A reward call tried to end the process (``sys.exit``, ``os._exit``): reported naming the
+    source and the call, raised in both ``on_error`` modes and never retried. The run stops
+    there, its last checkpoint intact (see ``reinforcepp.rewards.calling`` for what can and
+    cannot be caught in-process)."""
+
+
 @dataclass
 class RewardSource:
     """One named, weighted reward function.

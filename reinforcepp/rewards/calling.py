@@ -10,6 +10,15 @@ servers: ``text_only = True``) always get the rendered strings.
 Every call runs in its own daemon thread (``async def`` functions in an event loop of their
 own), so the scorer can run the sources concurrently and give up on one after ``timeout``
 seconds without waiting for it.
+
+A reward function runs in the trainer's process, so one that ends the process would end the
+run without a word. Within a reward call, ``sys.exit`` (a ``SystemExit``) and ``os._exit``
+(replaced, once, by a function that raises inside reward calls of this process and is the real
+``os._exit`` everywhere else, forked children included) become a
+:class:`~reinforcepp.rewards.base.RewardExitError` naming the source and the call. What cannot be
+caught in-process is not: a function that took ``os._exit`` before the first reward call
+(``from os import _exit``), ``os.abort()``, a signal, a crash in native code. A reward you do not
+trust runs safer in another process: ``reinforcepp serve reward`` and ``reward_funcs=http://...``.
 """
 
 from __future__ import annotations
@@ -19,17 +28,19 @@ import inspect
 import logging
 import math
 import numbers
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from .base import (
     RESERVED_ARGUMENTS,
     RewardConfigError,
+    RewardExitError,
     RewardFn,
     RewardTimeoutError,
     TrainerState,
@@ -164,18 +175,72 @@ def call_reward_function(
 ) -> Any:
     """``fn(**reward_kwargs(fn, prompts, completions, columns))``, unvalidated, in this thread
     (a coroutine is run to completion)."""
-    return _run(fn, reward_kwargs(fn, prompts, completions, columns))
+    try:
+        return _run(fn, reward_kwargs(fn, prompts, completions, columns))
+    except ExitAttempt as exc:
+        raise exited(f"reward function {function_name(fn)}", exc) from None
+
+
+class ExitAttempt(BaseException):
+    """A reward call tried to end the process: ``call`` says how (``sys.exit(3)``, ``os._exit(0)``)."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__(call)
+        self.call = call
+
+
+def exited(where: str, attempt: ExitAttempt) -> RewardExitError:
+    return RewardExitError(f"{where} called {attempt.call} while scoring: a reward function must return its scores, "
+                           "not end the process; the run stopped here")
+
+
+_IN_REWARD = threading.local()
+_EXIT_GUARD_LOCK = threading.Lock()
+_EXIT_GUARDED: list[bool] = []
+
+
+def _depth() -> int:
+    """Reward calls this thread is inside (0: none)."""
+    depth: int = getattr(_IN_REWARD, "depth", 0)
+    return depth
+
+
+def _guard_os_exit() -> None:
+    """Replace ``os._exit``, once, by a function that raises :class:`ExitAttempt` when called
+    inside a reward call of this process (this thread's ``_IN_REWARD.depth`` > 0) and calls the
+    real ``os._exit`` otherwise: in other code, other threads, forked children."""
+    with _EXIT_GUARD_LOCK:
+        if _EXIT_GUARDED:
+            return
+        real_exit, pid = os._exit, os.getpid()
+
+        def guarded_exit(status: int) -> NoReturn:
+            if os.getpid() == pid and _depth() > 0:
+                raise ExitAttempt(f"os._exit({status!r})")
+            real_exit(status)
+
+        os._exit = guarded_exit
+        _EXIT_GUARDED.append(True)
 
 
 def _run(fn: RewardFn, kwargs: dict[str, Any]) -> Any:
-    out: Any = fn(**kwargs)
-    if inspect.isawaitable(out):  # async def: TRL runs these in an event loop
+    """``fn(**kwargs)`` (a coroutine run to completion); ``sys.exit`` and ``os._exit`` inside
+    it raise :class:`ExitAttempt` instead of ending the process."""
+    _guard_os_exit()
+    _IN_REWARD.depth = _depth() + 1
+    try:
+        out: Any = fn(**kwargs)
+        if inspect.isawaitable(out):  # async def: TRL runs these in an event loop
 
-        async def wait() -> Any:
-            return await out
+            async def wait() -> Any:
+                return await out
 
-        out = asyncio.run(wait())
-    return out
+            out = asyncio.run(wait())
+        return out
+    except SystemExit as exc:
+        raise ExitAttempt(f"sys.exit({exc.code!r})") from None
+    finally:
+        _IN_REWARD.depth -= 1
 
 
 _MAIN_THREAD_ONLY: set[int] = set()
@@ -215,6 +280,12 @@ class PendingCall:
             self._box["exc"] = exc
 
     def result(self) -> Any:
+        try:
+            return self._result()
+        except ExitAttempt as exc:
+            raise exited(self.where, exc) from None
+
+    def _result(self) -> Any:
         if self._thread is None:
             return _run(self.fn, self.kwargs)
         left = None if self.timeout is None else max(0.0, self._started + self.timeout - time.monotonic())

@@ -15,6 +15,7 @@ from .base import (
     OnError,
     RewardConfigError,
     RewardError,
+    RewardExitError,
     RewardResult,
     RewardSource,
     RewardTimeoutError,
@@ -65,7 +66,9 @@ class RewardScorer:
 
     The sources run concurrently, each call in its own thread (``async def`` functions in an
     event loop of their own; a URL source's request in its thread), and each call is bounded by
-    ``timeout`` seconds (:class:`RewardTimeoutError`, naming the source, in both modes).
+    ``timeout`` seconds (:class:`RewardTimeoutError`, naming the source, in both modes). A call
+    that tries to end the process (``sys.exit``, ``os._exit``) raises :class:`RewardExitError`,
+    naming the source, in both modes.
     ``concurrent=False`` runs them one after another (still bounded).
 
     Failures, per source (every message names the source, the function and the sample
@@ -230,8 +233,8 @@ class RewardScorer:
         where = self.where(source)
         try:
             out, extras = split_output(call.result())
-        except (RewardConfigError, RewardTimeoutError) as exc:
-            if isinstance(exc, RewardTimeoutError) or where in str(exc):
+        except (RewardConfigError, RewardTimeoutError, RewardExitError) as exc:
+            if isinstance(exc, (RewardTimeoutError, RewardExitError)) or where in str(exc):
                 raise
             raise RewardConfigError(f"{where}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
@@ -282,7 +285,7 @@ class RewardScorer:
             for i in range(n):  # find the first sample that fails alone
                 try:
                     out = self._call_one(source, batch, i)
-                except RewardTimeoutError:
+                except (RewardTimeoutError, RewardExitError):
                     raise
                 except Exception as sample_exc:
                     raise RewardError(f"{where} failed on sample {i}: {sample_exc!r}", indices=[i]) from sample_exc
@@ -319,7 +322,7 @@ class RewardScorer:
         for i in range(n):
             try:
                 out = self._call_one(source, batch, i)
-            except (RewardConfigError, RewardTimeoutError):
+            except (RewardConfigError, RewardTimeoutError, RewardExitError):
                 raise
             except Exception as exc:  # noqa: BLE001 - user code may raise anything
                 values.append(None)

@@ -3,9 +3,10 @@
 progress bar. Shared by the language-model and the Gymnasium trainers."""
 
 from .checkpoint import CheckpointManager, atomic_directory
-from .guard import NonFiniteGuard
+from .guard import DivergenceGuard, NonFiniteGuard
 from .logger import RunLogger, read_metrics
 from .plots import plot_run
 from .progress import Progress
 
-__all__ = ["CheckpointManager", "NonFiniteGuard", "atomic_directory", "RunLogger", "read_metrics", "plot_run", "Progress"]
+__all__ = ["CheckpointManager", "DivergenceGuard", "NonFiniteGuard", "atomic_directory", "RunLogger", "read_metrics",
+           "plot_run", "Progress"]

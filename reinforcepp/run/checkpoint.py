@@ -25,6 +25,11 @@ STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
 
 
+def step_of(checkpoint: str | Path) -> int:
+    """The step of a checkpoint directory ``.../step_00000123`` (123)."""
+    return int(Path(checkpoint).name[len(STEP_PREFIX):])
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

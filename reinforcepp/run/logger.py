@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -66,7 +67,6 @@ class RunLogger:
         self.path = self.run_dir / "metrics.jsonl"
         self._tb: Any = None
         self._tensorboard = tensorboard
-        self._purge_step: Optional[int] = None
         self._wandb = None
         if wandb_project:
             try:
@@ -77,9 +77,9 @@ class RunLogger:
 
     def truncate(self, last_step: int) -> None:
         """On resume from the checkpoint of ``last_step``: drop the rows of metrics.jsonl and
-        samples.jsonl logged after it (a crash between the checkpoint and the kill) and purge
-        TensorBoard's events from ``last_step + 1`` on, so that the run's history is exactly an
-        uninterrupted run's. Each file is rewritten atomically."""
+        samples.jsonl logged after it (a crash between the checkpoint and the kill) and the
+        TensorBoard events after it (:func:`rewrite_tensorboard`), so that the run's history is
+        exactly an uninterrupted run's, in every file. Each file is rewritten atomically."""
         for name in LOG_FILES:
             path = self.run_dir / name
             if path.exists():
@@ -87,19 +87,18 @@ class RunLogger:
                 tmp = path.with_name(f".{name}.tmp")
                 tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in rows))
                 os.replace(tmp, path)
-        if last_step > 0 and self._tensorboard:
-            if self._tb is not None:
-                self._tb.close()
-                self._tb = None
-            self._purge_step = last_step + 1
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        rewrite_tensorboard(self.run_dir / "tensorboard", last_step)
 
     @property
     def tensorboard(self) -> Any:
-        """The TensorBoard writer, opened on first use (with the resume's purge step)."""
+        """The TensorBoard writer, opened on first use (a new event file beside the rewritten one)."""
         if self._tb is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         return self._tb
 
     def log(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
@@ -123,6 +122,70 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+EVENT_FILES = "events.out.tfevents.*"
+
+
+def rewrite_tensorboard(folder: Path, last_step: int) -> None:
+    """Rewrite the TensorBoard event files of ``folder`` as one file holding each event up to
+    ``last_step`` once (per tag and step, the first written), in the order written; later
+    events, and the purge markers older versions wrote, are dropped. TensorBoard itself hides
+    the points a resumed run wrote again (``purge_step``), but the raw files kept them, and other
+    readers saw every step two or three times.
+
+    Crash-safe: the new folder is written beside the old one, then swapped in by two renames; a
+    kill between them leaves ``tensorboard.old``, which the next call puts back first."""
+    old, tmp = folder.with_name(f"{folder.name}.old"), folder.with_name(f".{folder.name}.tmp")
+    if old.is_dir():
+        if folder.is_dir():
+            shutil.rmtree(old)  # the swap had finished
+        else:
+            os.replace(old, folder)  # killed between the renames: the original comes back
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(folder.glob(EVENT_FILES)) if folder.is_dir() else []
+    if not files:
+        return
+    from tensorboard.backend.event_processing.event_file_loader import (  # type: ignore[import-untyped]
+        RawEventFileLoader,
+    )
+    from tensorboard.compat.proto.event_pb2 import Event  # type: ignore[import-untyped]
+    from tensorboard.summary.writer.record_writer import RecordWriter  # type: ignore[import-untyped]
+
+    from .state import fsync_tree
+
+    tmp.mkdir()
+    for entry in folder.iterdir():  # anything else TensorBoard keeps there (plugin data) as it is
+        if not entry.match(EVENT_FILES):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    # named to sort before any file a writer opens later (TensorBoard reads files in name order)
+    stamp, host = files[0].name.split(".")[3:5]
+    seen: set[tuple[str, int]] = set()
+    version = False
+    with open(tmp / f"events.out.tfevents.{stamp}.{host}.0.0", "wb") as out:
+        writer = RecordWriter(out)
+        for path in files:
+            for record in RawEventFileLoader(str(path)).Load():
+                event = Event.FromString(record)
+                kind = event.WhichOneof("what")
+                if kind == "file_version":
+                    if not version:
+                        writer.write(record)
+                    version = True
+                    continue
+                if kind == "session_log" or event.step > last_step:
+                    continue
+                if kind == "summary":
+                    keys = {(v.tag, event.step) for v in event.summary.value}
+                    if keys <= seen:
+                        continue
+                    seen |= keys
+                writer.write(record)
+        writer.flush()
+    fsync_tree(tmp)
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old)
 
 
 def _tag(key: str, kind: str) -> str:

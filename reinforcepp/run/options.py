@@ -30,9 +30,14 @@ class RunOptions(Config):
     max_nonfinite_steps: int = option(
         3, "optimizer steps with a non-finite loss or gradient are skipped (counted in nonfinite/skipped_steps); "
         "this many in a row stop the run")
+    max_weight_growth: Optional[float] = option(
+        100.0, "divergence that stays finite: the run stops when the policy's weight norm (policy/weight_norm, L2 over "
+        "every trained weight) exceeds this many times its value at the start of the run; None = no bound")
 
     def validate(self) -> None:
         super().validate()
         for name in ("keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_weight_growth is not None and not self.max_weight_growth > 1:
+            raise ConfigError(f"max_weight_growth must be > 1 (or None for no bound), got {self.max_weight_growth}")

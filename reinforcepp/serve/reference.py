@@ -17,6 +17,7 @@ import torch
 
 from ..lm.batch import collate
 from ..lm.logprobs import response_logprobs
+from ..lm.models import context_length
 from ..remote.protocol import INFO, LOGPROBS, PROTOCOL_VERSION, model_vocab_size, tokenizer_hash
 from .app import BadRequest, json_response, make_app, read_json, token_lists
 
@@ -96,11 +97,13 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
     from fastapi import Request
 
     vocab = model_vocab_size(model)
+    context = context_length(model)  # None: the model does not say; the forward then decides
     pad = pad_token_id if pad_token_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
     batcher = LogprobBatcher(model, pad, max_batch_tokens)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     info = {"kind": "reference", "protocol": PROTOCOL_VERSION, "model": model_name, "vocab_size": vocab,
-            "tokenizer_hash": tokenizer_hash(tokenizer), "dtype": dtype, "max_batch_tokens": max_batch_tokens}
+            "tokenizer_hash": tokenizer_hash(tokenizer), "dtype": dtype, "max_batch_tokens": max_batch_tokens,
+            "context_length": context}
 
     @asynccontextmanager
     async def lifespan(_app: Any):
@@ -128,6 +131,10 @@ def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, to
         longest = max((len(p) + len(r) for p, r in zip(prompts, responses)), default=0)
         if longest > max_batch_tokens:
             raise BadRequest(422, f"a prompt + response of {longest} tokens > --max-batch-tokens={max_batch_tokens}")
+        if context is not None and longest > context:
+            row = next(i for i, (p, r) in enumerate(zip(prompts, responses)) if len(p) + len(r) == longest)
+            raise BadRequest(422, f"row {row}: a prompt + response of {longest} tokens > the model's context of "
+                                  f"{context} positions")
         temperature = data.get("temperature", 1.0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise BadRequest(422, f"temperature must be a number > 0, got {temperature!r}")

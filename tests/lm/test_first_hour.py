@@ -92,7 +92,10 @@ def test_resume_says_its_step_and_a_folder_without_checkpoint_names_the_command_
     shutil.rmtree(run / "checkpoints" / "step_00000003")  # killed after the checkpoint of step 2
     capsys.readouterr()
     reward = f"reward_funcs={user / 'rewards.py'}:fraction_of_a"  # code is never taken from the folder
-    assert main(["train", "--resume", f"output_dir={run}", reward]) == 0
+    model = f"model={user / 'model'}"  # nor a model
+    assert main(["train", "--resume", f"output_dir={run}", reward]) == 2
+    assert "sets model=" in one_line(capsys.readouterr().err)
+    assert main(["train", "--resume", f"output_dir={run}", model, reward]) == 0
     err = capsys.readouterr().err
     assert f"resume: continuing from step 2 of 3 (checkpoint {run / 'checkpoints' / 'step_00000002'})" in err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
@@ -136,7 +139,8 @@ def test_eval_of_a_run_folder_repeats_the_runs_final_evaluation(user, tmp_path, 
         assert "checkpoint of step 2" in out.err and "max_new_tokens=5" in out.err and "seed=3" in out.err
     # the reward names code: never taken from the folder, so it must be given again
     assert main(["eval", str(run)]) == 2
-    assert "names code or a URL" in one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
+    assert "eval: the run folder's config.yaml sets reward_funcs=" in line and "never taken from a run folder" in line
     # the run's own config.yaml is not the settings of another model
     assert main(["eval", str(run / "config.yaml")]) == 2
     line = one_line(capsys.readouterr().err)
@@ -189,7 +193,7 @@ def test_a_trainer_that_only_evaluates_writes_nothing_and_training_writes_the_ru
     assert list(tmp_path.iterdir()) == []
     builtin.train()  # now the folder is claimed and written, the task's data and the reference included
     assert sorted(p.name for p in builtin.run_dir.iterdir()) == ["checkpoints", "config.yaml", "data", "metrics.jsonl", "plots.png",
-                                                                 "reference"]
+                                                                 "reference", "reference.json"]
     assert builtin.run_dir.resolve().parent == tmp_path / "runs" and (builtin.run_dir / "data" / "eval.jsonl").exists()
     assert [r["kind"] for r in read_metrics(builtin.run_dir)] == ["eval", "train", "eval"]
 

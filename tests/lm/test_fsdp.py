@@ -67,6 +67,7 @@ def _rank_results(rank: int, world: int, tmp: str) -> None:
         step1 = Path("checkpoints") / "step_00000001"
         shutil.copytree(root / "run" / step1, root / "resumed" / step1)
         shutil.copytree(root / "run" / "reference", root / "resumed" / "reference")
+        shutil.copy(root / "run" / "reference.json", root / "resumed" / "reference.json")
         shutil.copy(root / "run" / "metrics.jsonl", root / "resumed" / "metrics.jsonl")
     run.dist.barrier()
     resumed = _trainer(root / "resumed", fsdp=True, resume=True, **_run_settings(root / "resumed"))
@@ -126,6 +127,8 @@ def test_fsdp_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
     AutoModelForCausalLM.from_pretrained(ckpt / "model")  # loads as a plain HF model
     shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name)
     shutil.copytree(root / "run" / "reference", tmp_path / "reference")
+    for name in ("reference.json", "metrics.jsonl"):  # a run folder holds its reference record and its log
+        shutil.copy(root / "run" / name, tmp_path / name)
     one = _trainer(tmp_path, resume=True, **_run_settings(tmp_path, total_steps=2))
     assert one.parallel.kind == "single" and one.step == 1
     names = {id(p): n for n, p in one.policy.named_parameters()}

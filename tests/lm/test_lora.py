@@ -85,6 +85,8 @@ def test_lora_resume_equals_uninterrupted(run, tmp_path):
     ]
     shutil.copytree(ckpt, tmp_path / "checkpoints" / ckpt.name)
     shutil.copytree(tmp / "run" / "reference", tmp_path / "reference")
+    for name in ("reference.json", "metrics.jsonl"):  # a run folder holds its reference record and its log
+        shutil.copy(tmp / "run" / name, tmp_path / name)
     resumed = _trainer(tmp_path, resume=True)
     assert resumed.step == 1 and sum(p.requires_grad for p in resumed.policy.parameters()) > 0
     resumed.train()

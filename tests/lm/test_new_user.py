@@ -268,7 +268,8 @@ def test_a_policy_passed_in_python_still_gets_its_reference_saved(tmp_path):
     Trainer(small_config(tmp_path, kl_placement="reward"), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
             train_dataset=reverse_dataset(16))
     assert (tmp_path / "run" / "reference" / "model.safetensors").exists()
-    assert not (tmp_path / "run" / REFERENCE_RECORD).exists()
+    record = json.loads((tmp_path / "run" / REFERENCE_RECORD).read_text())
+    assert record["copy"] == "reference"  # the copy's files, recorded
 
 
 # ------------------------------------------------------- 7. compare with your model, data, reward

@@ -260,5 +260,13 @@ def test_server_refuses_bad_payloads(served):
     assert httpx.post(url, content=too_deep, trust_env=False).status_code == 400
     long = httpx.post(url, json={"prompt_ids": [[5] * 90], "response_ids": [[6] * 10]}, trust_env=False)
     assert long.status_code == 422 and "100 tokens > --max-batch-tokens=96" in long.json()["error"]
+    # within the token budget but past the model's 64 positions: refused, naming the limit (it answered 200 before)
+    past = httpx.post(url, json={"prompt_ids": [[5] * 3, [5] * 60], "response_ids": [[6] * 2, [6] * 10]},
+                      trust_env=False)
+    assert past.status_code == 422
+    assert past.json()["error"] == "row 1: a prompt + response of 70 tokens > the model's context of 64 positions"
+    assert httpx.get(served.url + "/info", trust_env=False).json()["context_length"] == 64
+    fits = httpx.post(url, json={"prompt_ids": [[5] * 54], "response_ids": [[6] * 10]}, trust_env=False)
+    assert fits.status_code == 200  # 64 tokens fit
     huge = json.dumps({"prompt_ids": [[1] * 1_000_000], "response_ids": [[1]]}).encode()  # > --max-request-mb 1
     assert httpx.post(url, content=huge, trust_env=False).status_code == 413

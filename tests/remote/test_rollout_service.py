@@ -296,7 +296,7 @@ def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_
         assert line.startswith("reinforcepp train: step 3: no rollout server left to take weight version 3: "), line
         assert line.endswith(
             f"the last checkpoint ({tmp_path / 'cut' / 'checkpoints' / 'step_00000002'}) is intact: once the server is "
-            f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} "
+            f"back, continue with `reinforcepp train --resume output_dir={tmp_path / 'cut'} model={trainer_dir} "
             f"reward_funcs={tmp_path / 'kill_reward.py'}:reward rollout_urls={','.join(urls)}`"
         ), line
         for s in servers:
@@ -746,4 +746,5 @@ def test_rollout_urls_are_given_again_on_resume(tmp_path):
     from reinforcepp.run.folder import RunDirError, merge_resumed_config
 
     with pytest.raises(RunDirError, match="rollout_urls="):
-        merge_resumed_config({"rollout_urls": ["http://10.0.0.1:8000"], "engine": "remote"}, {"output_dir": "x"})
+        merge_resumed_config({"rollout_urls": ["http://10.0.0.1:8000"], "engine": "remote"}, {"output_dir": "x"},
+                             {"rollout_urls": []})
