@@ -394,8 +394,8 @@ def launch(role: str, spec: dict, workdir: Path, tag: str) -> dict:
     log_path = workdir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true",
-               PYTHONWARNINGS="ignore")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               WANDB_DISABLED="true", PYTHONWARNINGS="ignore")
     load = os.getloadavg()  # before the run starts (it used to be read after it ended)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:

@@ -16,4 +16,5 @@ tokenizer = build_chat_tokenizer()
 model = build_tiny_qwen2(tokenizer, seed=0)
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
-print(f"saved {out}: Qwen2, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, chat template {tokenizer.chat_template[:40]!r}...")
+print(f"saved {out}: Qwen2, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+      f"chat template {tokenizer.chat_template[:40]!r}...")
