@@ -25,5 +25,6 @@ def test_every_cited_docs_section_exists():
 
 
 def test_nothing_cites_a_file_outside_the_repository():
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "reinforcepp").rglob("*.py") if "ALGORITHM.md" in p.read_text()]
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "reinforcepp").rglob("*.py")
+                 if "ALGORITHM.md" in p.read_text()]
     assert not offenders, offenders

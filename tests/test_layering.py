@@ -73,12 +73,14 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_room_has_a_floor():
     rooms = {room(m) for m in graph()} - {"reinforcepp"}
-    assert rooms <= set(FLOORS), f"rooms without a floor (add them here and to docs/architecture.md): {sorted(rooms - set(FLOORS))}"
+    assert rooms <= set(FLOORS), (
+        f"rooms without a floor (add them here and to docs/architecture.md): {sorted(rooms - set(FLOORS))}")
 
 
 def test_rooms_import_downwards_only():
     wrong = sorted(f"{a} -> {b}" for a, targets in graph().items() for b in targets
-                   if room(a) != room(b) and room(a) in FLOORS and room(b) in FLOORS and FLOORS[room(b)] >= FLOORS[room(a)])
+                   if room(a) != room(b) and room(a) in FLOORS and room(b) in FLOORS
+                   and FLOORS[room(b)] >= FLOORS[room(a)])
     assert not wrong, "imports that are not downwards:\n" + "\n".join(wrong)
 
 

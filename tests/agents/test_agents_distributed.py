@@ -29,7 +29,8 @@ def _trainer(tmp) -> Trainer:
 def _train_once(trainer: Trainer, rank: int, world: int):
     rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
     torch.manual_seed(123)  # the same episodes on every process
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, K, trainer.sampler.sampling(), trainer.step)
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
+        rows, K, trainer.sampler.sampling(), trainer.step)
     full = Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
     n = len(full.prompts) // world
     exp = trainer.make_experience(full.take(list(range(rank * n, (rank + 1) * n))))

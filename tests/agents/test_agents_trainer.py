@@ -31,7 +31,8 @@ def make_trainer(tmp_path, env=TwoTurnEnv, **overrides):
 def rollout_of(trainer, n_rows=4, k=4, seed=0):
     rows = [trainer.train_data[i] for i in range(n_rows)]
     torch.manual_seed(seed)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, k, trainer.sampler.sampling(), trainer.step)
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
+        rows, k, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from reinforcepp.config import ConfigError
-from reinforcepp.engines import ENGINES, Generation, SharedPromptSampler, check_engine_config, get_engine, register_engine
+from reinforcepp.engines import (
+    ENGINES,
+    Generation,
+    SharedPromptSampler,
+    check_engine_config,
+    get_engine,
+    register_engine,
+)
 from reinforcepp.lm.config import LMConfig
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
 
@@ -39,7 +46,8 @@ def greedy_first():
 
 def test_builtin_engines_are_registered_with_their_options():
     assert {"hf", "hf_generate", "vllm"} <= set(ENGINES)
-    assert get_engine("vllm").options == ("vllm_gpu_memory_utilization", "vllm_sleep") and get_engine("vllm").own_weights
+    assert get_engine("vllm").options == ("vllm_gpu_memory_utilization", "vllm_sleep")
+    assert get_engine("vllm").own_weights
     assert not get_engine("hf").own_weights and get_engine("hf").options == ()
 
 
@@ -67,7 +75,8 @@ def test_a_new_engine_is_one_module_and_one_registration(tmp_path, greedy_first)
     rows = [trainer.train_data[i] for i in range(2)]
     gen = trainer.sampler.generate_and_score(rows, 3, trainer.sampler.sampling(), trainer.step)[0]
     greedy = trainer.sampler.generate_and_score(rows, 1, trainer.sampler.sampling(greedy=True), trainer.step)[0]
-    assert [gen.response_ids[0], gen.response_ids[3]] == greedy.response_ids  # the first of each group is the greedy answer
+    # the first of each group is the greedy answer
+    assert [gen.response_ids[0], gen.response_ids[3]] == greedy.response_ids
     assert gen.token_versions == [[0] * len(r) for r in gen.response_ids]
     trainer.train()
     assert trainer.engine.weight_version == 1  # synced after the update, with the step as the version

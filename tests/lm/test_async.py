@@ -69,7 +69,8 @@ def test_partial_rollouts_advance_one_version_per_segment(tmp_path, counting):
     starts = [i for i, c in enumerate(calls) if c[3] == 4]
     assert [calls[i][0] for i in starts] == [0, 0, 1, 2] and all(calls[i][2] == 3 for i in starts)
     for r, (i, end) in enumerate(zip(starts, starts[1:] + [len(calls)]), start=1):
-        assert [c[0] for c in calls[i + 1 : end]] == [r - 1] * (end - i - 1) and all(c[3] == 1 for c in calls[i + 1 : end])
+        assert [c[0] for c in calls[i + 1 : end]] == [r - 1] * (end - i - 1)
+        assert all(c[3] == 1 for c in calls[i + 1 : end])
     rows = _train_rows(t)
     assert rows[-1]["staleness/mixed_sequence_fraction"] > 0  # responses whose tokens come from two versions
 
@@ -96,7 +97,8 @@ def test_zero_is_the_synchronous_loop(tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("settings", [dict(async_rollouts=1), dict(async_rollouts=2), dict(async_rollouts=2, partial_rollouts=True),
+@pytest.mark.parametrize("settings", [dict(async_rollouts=1), dict(async_rollouts=2),
+                                      dict(async_rollouts=2, partial_rollouts=True),
                                       dict(async_rollouts=1, dynamic_filtering=True, max_filter_rounds=3)])
 def test_resume_equals_uninterrupted(tmp_path, settings):
     common = dict(total_steps=5, save_every=2, deterministic=True, **settings)
@@ -119,7 +121,8 @@ def test_resume_equals_uninterrupted(tmp_path, settings):
     resumed.train()
     for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    volatile = lambda r: {k: v for k, v in r.items() if not k.startswith(("time", "perf/", "producer/", "tokens_per_s"))}  # noqa: E731
+    volatile = lambda r: {  # noqa: E731
+        k: v for k, v in r.items() if not k.startswith(("time", "perf/", "producer/", "tokens_per_s"))}
     assert [volatile(r) for r in read_metrics(full.run_dir)] == [volatile(r) for r in read_metrics(resumed.run_dir)]
 
 
@@ -135,7 +138,8 @@ def test_nothing_staler_than_n_is_trained_on():
 
 
 def test_call_seeds_are_distinct_and_repeatable():
-    seeds = {call_seed(s, rank, step, call) for s in (0, 1) for rank in (0, 1) for step in range(50) for call in range(4)}
+    seeds = {call_seed(s, rank, step, call)
+             for s in (0, 1) for rank in (0, 1) for step in range(50) for call in range(4)}
     assert len(seeds) == 2 * 2 * 50 * 4 and all(0 <= x < 2**63 for x in seeds)
     assert call_seed(3, 1, 7, 2) == call_seed(3, 1, 7, 2)
 
@@ -144,10 +148,13 @@ def test_async_settings_are_checked_before_any_model_loads():
     cases = {
         "async_rollouts must be >= 0": {"async_rollouts": -1},
         "partial_rollouts=true continues generations": {"partial_rollouts": True},
-        "must bracket 1": {"async_rollouts": 1, "rollout_correction": "mask", "rollout_correction_low": 1.5, "rollout_correction_high": 3},
-        "rollout_correction_low=0.5 applies to rollout_correction=mask only": {"async_rollouts": 1, "rollout_correction_low": 0.5},
+        "must bracket 1": {"async_rollouts": 1, "rollout_correction": "mask", "rollout_correction_low": 1.5,
+                           "rollout_correction_high": 3},
+        "rollout_correction_low=0.5 applies to rollout_correction=mask only": {"async_rollouts": 1,
+                                                                                "rollout_correction_low": 0.5},
         "rollout_correction_low/high are set but rollout_correction=none": {"rollout_correction_high": 3.0},
-        "engine 'hf_generate' draws from the generator the trainer uses": {"async_rollouts": 1, "engine": "hf_generate"},
+        "engine 'hf_generate' draws from the generator the trainer uses": {"async_rollouts": 1,
+                                                                            "engine": "hf_generate"},
         "rollout_correction_high must be a finite number": {"async_rollouts": 1,
                                                              "rollout_correction_high": float("inf")},
     }
@@ -170,7 +177,8 @@ def test_builtin_task_learns_with_asynchronous_rollouts(tmp_path, n):
     from reinforcepp.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", f"async_rollouts={n}", f"output_dir={run}", "progress=false", "tensorboard=false", "eval_every=60"]) == 0
+    assert main(["train", f"async_rollouts={n}", f"output_dir={run}", "progress=false", "tensorboard=false",
+                 "eval_every=60"]) == 0
     rows = read_metrics(run)
     evals = [r for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if r.get("kind") == "train"]
@@ -196,10 +204,12 @@ def _async_ranks(rank, world, tmp, out):
     for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True}), ("lora", {"lora_rank": 4, "lr": 1e-2})):
         t = _trainer(Path(tmp) / name, async_rollouts=1, total_steps=3, prompts_per_step=4, micro_batch_size=8, **extra)
         t.train()
-        state = t.parallel.gather_state(t.policy) if name == "fsdp" else {k: v.clone() for k, v in t.policy.state_dict().items()}
+        state = (t.parallel.gather_state(t.policy) if name == "fsdp"
+                 else {k: v.clone() for k, v in t.policy.state_dict().items()})
         rows = [r for r in read_metrics(t.run_dir) if r.get("kind") == "train"] if rank == 0 else []
         results[name] = {"state": state, "staleness": [r["staleness/sequence_max"] for r in rows],
-                         "versions": sorted({v for g in t.producer.log.values() for gen in g for row in gen.token_versions for v in row})}
+                         "versions": sorted({v for g in t.producer.log.values() for gen in g
+                                             for row in gen.token_versions for v in row})}
     torch.save(results, f"{out}.{rank}")
 
 
@@ -214,7 +224,8 @@ def test_async_rollouts_under_torchrun_ddp_fsdp_and_lora(tmp_path):
     for name in ("ddp", "lora"):
         for key, value in parts[0][name]["state"].items():
             torch.testing.assert_close(value, parts[1][name]["state"][key], atol=0, rtol=0)
-    assert parts[0]["fsdp"]["state"] and parts[0]["ddp"]["staleness"] == [0.0, 1.0, 1.0] == parts[0]["fsdp"]["staleness"]
+    assert parts[0]["fsdp"]["state"]
+    assert parts[0]["ddp"]["staleness"] == [0.0, 1.0, 1.0] == parts[0]["fsdp"]["staleness"]
     assert parts[0]["lora"]["staleness"] == [0.0, 1.0, 1.0]
 
 
@@ -231,7 +242,8 @@ def test_async_rollouts_with_served_reference_and_reward_equal_local(tmp_path):
     ref_server = ThreadServer(reference_app(ref.eval(), tok, model_name="ref"))
     try:
         runs = {}
-        for name, reward, reference in (("local", fraction_of_a, None), ("remote", reward_server.url + "/rewards", ref_server.url)):
+        for name, reward, reference in (("local", fraction_of_a, None),
+                                        ("remote", reward_server.url + "/rewards", ref_server.url)):
             from reinforcepp.run.rng import set_seed
 
             set_seed(0)

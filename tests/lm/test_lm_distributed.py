@@ -28,7 +28,8 @@ def _full_rollout(trainer: Trainer) -> Rollout:
     """The same rollout on every process: a fixed seed and the same prompts."""
     rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
     torch.manual_seed(123)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, K, trainer.sampler.sampling(), trainer.step)
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
+        rows, K, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 

@@ -34,8 +34,8 @@ def test_each_policy_loss_trains_and_reaches_the_loss(tmp_path, loss):
     b = exp.batch
     out = t.updater.forward(b)
     torch.manual_seed(5)
-    pl = compute_policy_loss(loss, out.logprobs, exp.old_logprobs if exp.old_logprobs is not None else out.logprobs.detach(),
-                             exp.advantages, b.response_mask, t.updater.loss_params)
+    old_logprobs = exp.old_logprobs if exp.old_logprobs is not None else out.logprobs.detach()
+    pl = compute_policy_loss(loss, out.logprobs, old_logprobs, exp.advantages, b.response_mask, t.updater.loss_params)
     expected = aggregate(pl.loss, b.response_mask, "token-mean")
     from collections import defaultdict
 
@@ -46,7 +46,8 @@ def test_each_policy_loss_trains_and_reaches_the_loss(tmp_path, loss):
 
 
 def test_loss_options_are_refused_under_another_loss():
-    with pytest.raises(ConfigError, match="cispo_eps_high is set but policy_loss=ppo; it applies to policy_loss=cispo only"):
+    with pytest.raises(ConfigError,
+                       match="cispo_eps_high is set but policy_loss=ppo; it applies to policy_loss=cispo only"):
         LMConfig.from_dict({"cispo_eps_high": 2.0})
     with pytest.raises(ConfigError, match="policy_loss=cispo with dual_clip"):
         LMConfig.from_dict({"policy_loss": "cispo", "dual_clip": 3.0})
@@ -98,7 +99,8 @@ def test_natural_steps_stay_in_the_trust_region_and_improve(tmp_path):
 
 
 def test_natural_refuses_what_it_cannot_honour():
-    for values, what in (({"fsdp": True}, "fsdp=true"), ({"entropy_coef": 0.1}, "entropy_coef"), ({"epochs": 2}, "epochs=2"),
-                         ({"max_kl": 0}, "max_kl must be > 0"), ({"cg_iters": 0}, "cg_iters must be >= 1")):
+    for values, what in (({"fsdp": True}, "fsdp=true"), ({"entropy_coef": 0.1}, "entropy_coef"),
+                         ({"epochs": 2}, "epochs=2"), ({"max_kl": 0}, "max_kl must be > 0"),
+                         ({"cg_iters": 0}, "cg_iters must be >= 1")):
         with pytest.raises(ConfigError, match=what):
             LMConfig.from_dict({"trust_region": "natural", **values})

@@ -168,8 +168,10 @@ def test_every_spelling_of_a_key_gives_the_same_items():
     assert cli_items(["--trust-remote-code", "steps=3"], SFTConfig) == ["trust_remote_code=true", "steps=3"]
     assert cli_items(["my.yaml", "--help"], SFTConfig) == ["my.yaml", "--help"]
     # an unknown --key becomes an item, so that the config reports every unknown key at once
-    assert cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig) == ["output_dri=x", "bf16=true", "steps=2"]
-    with pytest.raises(ConfigError, match="2 unknown config keys: 'output_dri'; did you mean 'output_dir'.*'bf16' .TRL's name.: here dtype"):
+    assert cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig) == [
+        "output_dri=x", "bf16=true", "steps=2"]
+    with pytest.raises(ConfigError, match="2 unknown config keys: 'output_dri'; did you mean 'output_dir'"
+                                          ".*'bf16' .TRL's name.: here dtype"):
         SFTConfig.load(None, cli_items(["--output-dri", "x", "--bf16", "--steps", "2"], SFTConfig))
     with pytest.raises(ConfigError, match="needs a value"):
         cli_items(["--steps"], SFTConfig)

@@ -41,7 +41,8 @@ def test_a_conversation_learns_its_assistant_turns_through_the_end_of_turn_token
     prompt, response, mask = encode_chat(tok, CONVERSATION)
     # the prompt is the conversation up to the first answer, rendered as RL renders a prompt
     assert prompt == tok(render_prompt(tok, CONVERSATION[:2]), add_special_tokens=False)["input_ids"]
-    assert tok.decode(prompt) == "<|im_start|>system\ndouble<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(prompt) == ("<|im_start|>system\ndouble<|im_end|>\n<|im_start|>user\nab<|im_end|>\n"
+                                  "<|im_start|>assistant\n")
     context = "\n<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
     expected = ([("a", 1), ("a", 1), ("b", 1), ("b", 1), ("<|im_end|>", 1)] + [(x, 0) for x in tok.tokenize(context)]
                 + [("c", 1), ("c", 1), ("<|im_end|>", 1)])  # the template's last "\n" is dropped: nothing learned there
@@ -58,8 +59,10 @@ def test_templates_without_an_eos_turn_end_get_eos_on_the_last_turn_and_rewritin
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     _, response, mask = encode_chat(tok, CONVERSATION[1:3])
     assert pieces(tok, response, mask) == [("a", 1), ("a", 1), ("b", 1), ("b", 1), ("\n", 1), ("<|im_end|>", 1)]
-    tok.chat_template = ("{% for m in messages %}{% if loop.last or m['role'] != 'assistant' %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
-                         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")  # drops old answers
+    # drops old answers
+    tok.chat_template = ("{% for m in messages %}{% if loop.last or m['role'] != 'assistant' %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     with pytest.raises(ValueError, match="does not render this conversation turn by turn"):
         encode_chat(tok, CONVERSATION)
     with pytest.raises(ValueError, match="no assistant turn"):
@@ -75,7 +78,8 @@ def test_string_pairs_train_exactly_as_before(tmp_path):
     for run in range(2):
         _, model = tiny_policy()
         if run == 0:
-            losses.append(sft_train(model, tok, [x["prompt"] for x in rows], [x["completion"] for x in rows], steps=5, batch_size=2, lr=1e-2))
+            losses.append(sft_train(model, tok, [x["prompt"] for x in rows], [x["completion"] for x in rows],
+                                    steps=5, batch_size=2, lr=1e-2))
         else:
             losses.append(sft_on_ids(model, tok.pad_token_id, p, r, response_masks=m, steps=5, batch_size=2, lr=1e-2))
     assert losses[0] == losses[1]
@@ -88,11 +92,14 @@ def chat_user(tmp_path_factory):
     build_tiny_qwen2(tok, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     words = ["ab", "bca", "cab", "abc", "ba", "ca", "bb", "ac"]
-    convo = [[{"role": "user", "content": f"dbl {w}"}, {"role": "assistant", "content": "".join(c + c for c in w)}] for w in words]
+    convo = [[{"role": "user", "content": f"dbl {w}"}, {"role": "assistant", "content": "".join(c + c for c in w)}]
+             for w in words]
     (root / "messages.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in convo))
     (root / "pc.jsonl").write_text("".join(json.dumps({"prompt": m[:1], "completion": m[1:]}) + "\n" for m in convo))
-    (root / "pc_string_prompt.jsonl").write_text("".join(json.dumps({"prompt": m[0]["content"], "completion": m[1:]}) + "\n" for m in convo))
-    (root / "rl.jsonl").write_text("".join(json.dumps({"prompt": m[:1], "answer": m[1]["content"]}) + "\n" for m in convo))
+    (root / "pc_string_prompt.jsonl").write_text("".join(json.dumps({"prompt": m[0]["content"], "completion": m[1:]})
+                                                         + "\n" for m in convo))
+    (root / "rl.jsonl").write_text("".join(json.dumps({"prompt": m[:1], "answer": m[1]["content"]}) + "\n"
+                                           for m in convo))
     (root / "reward.py").write_text(TRL_REWARD)
     return root
 
@@ -100,8 +107,8 @@ def chat_user(tmp_path_factory):
 @pytest.mark.parametrize("data", ["messages.jsonl", "pc.jsonl", "pc_string_prompt.jsonl"])
 def test_sft_takes_trl_chat_formats_and_learns(chat_user, tmp_path, capsys, data):
     out = tmp_path / "sft"
-    assert main(["sft", f"model={chat_user / 'model'}", f"data={chat_user / data}", f"output_dir={out}", "steps=40", "batch_size=8", "lr=5e-3",
-                 "torch_threads=1"]) == 0
+    assert main(["sft", f"model={chat_user / 'model'}", f"data={chat_user / data}", f"output_dir={out}", "steps=40",
+                 "batch_size=8", "lr=5e-3", "torch_threads=1"]) == 0
     captured = capsys.readouterr()
     first, last = (float(x) for x in captured.out.split("loss ")[1].split(" (")[0].split(" -> "))
     assert last < 0.6 * first
@@ -115,9 +122,13 @@ def test_sft_names_the_bad_row_and_the_missing_columns(chat_user, tmp_path, caps
             {"messages": "dbl c"}]
     common = [f"model={chat_user / 'model'}", "steps=1", "batch_size=1", "torch_threads=1"]
     for bad, said in ((rows[:2], "row 1: column 'messages' has no assistant turn to learn"),
-                      ([rows[0], rows[0], rows[2]], "row 2: column 'messages' is a str ('dbl c'), not a non-empty list of chat messages"),
-                      ([{"text": "x"}], "has neither 'prompt' and 'completion' columns nor a 'messages' column of conversations (columns: text)"),
-                      ([{"prompt": "x", "answer": "y"}], "has a 'prompt' column but no 'completion' column (columns: prompt, answer)"),
+                      ([rows[0], rows[0], rows[2]],
+                       "row 2: column 'messages' is a str ('dbl c'), not a non-empty list of chat messages"),
+                      ([{"text": "x"}],
+                       "has neither 'prompt' and 'completion' columns nor a 'messages' column of conversations "
+                       "(columns: text)"),
+                      ([{"prompt": "x", "answer": "y"}],
+                       "has a 'prompt' column but no 'completion' column (columns: prompt, answer)"),
                       ([rows[0]], "set messages_column=messages instead of prompt_column")):
         path = tmp_path / "bad.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in bad))
@@ -129,8 +140,10 @@ def test_sft_names_the_bad_row_and_the_missing_columns(chat_user, tmp_path, caps
     tok, model = tiny_policy()
     model.save_pretrained(tmp_path / "plain")
     tok.save_pretrained(tmp_path / "plain")
-    assert main(["sft", f"model={tmp_path / 'plain'}", f"data={chat_user / 'messages.jsonl'}", f"output_dir={tmp_path / 'o'}", "steps=1"]) == 2
-    assert "row 0: column 'messages' holds chat messages, which need the tokenizer's chat template" in capsys.readouterr().err
+    assert main(["sft", f"model={tmp_path / 'plain'}", f"data={chat_user / 'messages.jsonl'}",
+                 f"output_dir={tmp_path / 'o'}", "steps=1"]) == 2
+    assert ("row 0: column 'messages' holds chat messages, which need the tokenizer's chat template"
+            in capsys.readouterr().err)
 
 
 def test_sft_refuses_a_used_output_dir_and_its_own_model_unless_overwrite(chat_user, tmp_path, capsys):
@@ -157,13 +170,14 @@ def test_sft_refuses_a_used_output_dir_and_its_own_model_unless_overwrite(chat_u
 
 def test_rl_on_conversational_prompts_with_a_trl_reward_after_chat_sft(chat_user, tmp_path, capsys):
     sft = tmp_path / "sft"
-    assert main(["sft", f"model={chat_user / 'model'}", f"data={chat_user / 'messages.jsonl'}", f"output_dir={sft}", "steps=40",
-                 "batch_size=8", "torch_threads=1"]) == 0
+    assert main(["sft", f"model={chat_user / 'model'}", f"data={chat_user / 'messages.jsonl'}", f"output_dir={sft}",
+                 "steps=40", "batch_size=8", "torch_threads=1"]) == 0
     run = tmp_path / "run"
     assert main(["train", f"model={sft}", f"train_data={chat_user / 'rl.jsonl'}", f"eval_data={chat_user / 'rl.jsonl'}",
-                 f"reward_funcs={chat_user / 'reward.py'}:doubled", "estimator=grpo", "prompts_per_step=4", "samples_per_prompt=4",
-                 "micro_batch_size=16", "max_new_tokens=8", "total_steps=2", "eval_every=2", "eval_samples=2", "lr=1e-3",
-                 "torch_threads=1", "progress=false", "tensorboard=false", f"output_dir={run}"]) == 0
+                 f"reward_funcs={chat_user / 'reward.py'}:doubled", "estimator=grpo", "prompts_per_step=4",
+                 "samples_per_prompt=4", "micro_batch_size=16", "max_new_tokens=8", "total_steps=2", "eval_every=2",
+                 "eval_samples=2", "lr=1e-3", "torch_threads=1", "progress=false", "tensorboard=false",
+                 f"output_dir={run}"]) == 0
     rows = read_metrics(run)
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 2 and all("reward/doubled" in r for r in train)
@@ -189,6 +203,7 @@ def test_rl_data_with_a_messages_column_is_pointed_at_it():
     from reinforcepp.lm.data import check_prompt_column
 
     rows = datasets.Dataset.from_list([{"messages": CONVERSATION[1:2], "answer": "aabb"}])
-    with pytest.raises(ValueError, match=r"column 'messages' holds chat messages: set prompt_column='messages' if they end before "
-                                         r"the answer \(whole conversations with the answer are warm-start data"):
+    with pytest.raises(ValueError, match=r"column 'messages' holds chat messages: set prompt_column='messages' "
+                                         r"if they end before the answer \(whole conversations with the answer "
+                                         r"are warm-start data"):
         check_prompt_column(rows, "prompt")

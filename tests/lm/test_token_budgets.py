@@ -21,8 +21,8 @@ from tests.ranks import run_trainer_ranks
 def _trainer(path, **overrides):
     tok, model = tiny_policy()
     base = dict(total_steps=2, max_new_tokens=8, temperature=1.3, micro_batch_size=16)
-    return Trainer(small_config(path, **{**base, **overrides}), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
-                   train_dataset=reverse_dataset(64))
+    return Trainer(small_config(path, **{**base, **overrides}), model=model, tokenizer=tok,
+                   reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(64))
 
 
 def _run(path, **overrides):
@@ -76,7 +76,8 @@ def test_one_micro_batch_equals_many_under_a_token_budget(tmp_path):
 
 
 def test_token_budget_and_packing_are_checked_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"micro_batch_tokens=12 is smaller than the longest sequence this run can make, \d+ tokens"):
+    with pytest.raises(ConfigError, match=r"micro_batch_tokens=12 is smaller than the longest sequence "
+                                          r"this run can make, \d+ tokens"):
         _trainer(tmp_path / "small", micro_batch_tokens=12)
     with pytest.raises(ConfigError, match="micro_batch_tokens must be >= 2"):
         small_config(tmp_path, micro_batch_tokens=1)
@@ -85,8 +86,8 @@ def test_token_budget_and_packing_are_checked_before_training(tmp_path):
     tok, _ = tiny_policy()
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(ConfigError, match=r"pack_sequences=true, the policy: packed forward: model type 'gpt2'"):
-        Trainer(small_config(tmp_path / "gpt2", pack_sequences=True), model=gpt2, tokenizer=tok, reward_funcs=[fraction_of_a],
-                train_dataset=reverse_dataset(16))
+        Trainer(small_config(tmp_path / "gpt2", pack_sequences=True), model=gpt2, tokenizer=tok,
+                reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
 
 
 PROMPTS, K = 4, 4
@@ -95,21 +96,22 @@ PROMPTS, K = 4, 4
 def _full_rollout(trainer: Trainer) -> Rollout:
     rows = [reverse_dataset(PROMPTS, seed=5)[i] for i in range(PROMPTS)]
     torch.manual_seed(321)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(rows, K, trainer.sampler.sampling(), trainer.step)
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
+        rows, K, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 
 def _settings(tmp):
-    return dict(prompts_per_step=PROMPTS, samples_per_prompt=K, micro_batch_tokens=60, epochs=2, kl_placement="loss", kl_coef=0.1,
-                max_new_tokens=8, temperature=1.5, pack_sequences=True, output_dir=str(tmp))
+    return dict(prompts_per_step=PROMPTS, samples_per_prompt=K, micro_batch_tokens=60, epochs=2, kl_placement="loss",
+                kl_coef=0.1, max_new_tokens=8, temperature=1.5, pack_sequences=True, output_dir=str(tmp))
 
 
 def _rank_result(rank, world, tmp, out):
     from reinforcepp.lm.balance import balance_ranks
 
     tok, model = tiny_policy()
-    trainer = Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok, reward_funcs=[fraction_of_a],
-                      train_dataset=reverse_dataset(16))
+    trainer = Trainer(small_config(Path(tmp), **_settings(tmp)), model=model, tokenizer=tok,
+                      reward_funcs=[fraction_of_a], train_dataset=reverse_dataset(16))
     full = _full_rollout(trainer)
     lengths = [sum(len(full.generation.response_ids[i]) for i in range(g * K, (g + 1) * K)) for g in range(PROMPTS)]
     order = sorted(range(PROMPTS), key=lambda g: lengths[g])  # the two shortest groups on rank 0: unbalanced

@@ -316,7 +316,8 @@ def test_no_server_left_stops_the_run_with_the_resume_command_and_resume_equals_
 
 
 # ------------------------------------------------------------------ asynchronous rollouts
-@pytest.mark.parametrize("settings", [dict(async_rollouts=1), dict(async_rollouts=2, partial_rollouts=True, max_new_tokens=6)],
+@pytest.mark.parametrize("settings",
+                         [dict(async_rollouts=1), dict(async_rollouts=2, partial_rollouts=True, max_new_tokens=6)],
                          ids=["n1", "n2-partial"])
 def test_async_rollouts_through_two_servers_equal_the_local_producer(two, tmp_path, settings):
     """The producer stages every version on the servers at publish time (no snapshot of its own)
