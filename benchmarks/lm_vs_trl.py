@@ -523,6 +523,17 @@ def cell_name(cell: dict) -> str:
             + (f" +{cell['prompt_extra']}ch prompt" if cell["prompt_extra"] else "") + kind)
 
 
+def side_threads(args) -> dict[str, int]:
+    """``--side-threads trl=2 grpo=2`` -> ``{"trl": 2, "grpo": 2}``."""
+    out = {}
+    for item in args.side_threads:
+        side, _, n = item.partition("=")
+        if side not in SIDES or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--side-threads {item!r}: expected SIDE=N with SIDE one of {', '.join(SIDES)}, N >= 1")
+        out[side] = int(n)
+    return out
+
+
 def run_cell(args, cell: dict, tmp: Path) -> dict:
     """Prepare one starting model, then ``args.rounds`` alternating rounds of every side."""
     spec = dict(model_dir=str(tmp / "model"), threads=args.threads, seed=args.seed, prompts=cell["prompts"],
@@ -543,7 +554,8 @@ def run_cell(args, cell: dict, tmp: Path) -> dict:
         order = args.sides[rnd % len(args.sides):] + args.sides[: rnd % len(args.sides)]
         for side in order:
             # Same sampling seed for every side within a round; a new one each round.
-            run_spec = {**spec, "seed": args.seed + rnd, "data_seed": args.seed, "run_dir": str(tmp / f"{side}-{rnd}")}
+            run_spec = {**spec, "seed": args.seed + rnd, "data_seed": args.seed, "run_dir": str(tmp / f"{side}-{rnd}"),
+                        "threads": side_threads(args).get(side, args.threads)}
             r = launch(side, run_spec, tmp, f"{side}-{rnd}")
             runs[side].append(r)
             med = statistics.median(s["time"] for s in r["steps"])
@@ -643,6 +655,9 @@ def main() -> None:
                         "the cell's tokens on both sides (for long-generation cells; rewards then mean nothing)")
     p.add_argument("--sft-steps", type=int, default=100, help="warm start before RL (shared by all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every worker")
+    p.add_argument("--side-threads", action="append", default=[], metavar="SIDE=N",
+                   help="torch threads for one side instead of --threads (repeatable), e.g. trl=2: TRL at its best "
+                   "thread count against grpo_async, whose producer and trainer take a core each at --threads 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--final-window", type=int, default=3, help="final reward = mean over this many last steps")
     p.add_argument("--sides", nargs="+", default=None, choices=SIDES,
@@ -687,6 +702,7 @@ def main() -> None:
           f"{'on' if args.gradient_checkpointing else 'off'} on both sides; "
           f"{'bfloat16 autocast' if args.bf16 else 'float32'} on both sides; AdamW {args.adamw} on every side; "
           f"sides {' '.join(args.sides)}", flush=True)
+    side_threads(args)  # a bad --side-threads stops here, before any cell
     t_all = time.perf_counter()
     results = []
     for i, cell in enumerate(cells):
@@ -698,7 +714,8 @@ def main() -> None:
     lines = grid_table(results, args.sides)
     print()
     print(f"{args.steps} steps x {args.rounds} rounds per cell, lr {args.lr}, reinforce_pp KL coef {args.rpp_kl_coef}, "
-          f"{args.threads} torch thread(s); "
+          f"{args.threads} torch thread(s)"
+          + "".join(f", {side} {n}" for side, n in side_threads(args).items()) + "; "
           "ratios = ours / TRL's median step time, paired within each round (median over rounds [range])")
     print("\n".join(lines))
     print(f"\nload average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
@@ -713,6 +730,7 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "load_start": load_start, "load_end": load_end},
         "versions": versions,
+        "threads": {"default": args.threads, **side_threads(args)},
         "cells": results,
         "table": lines,
     }
