@@ -28,7 +28,7 @@ from reinforcepp.remote.client import wait_until_up
 from reinforcepp.run import read_metrics
 from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config
 from tests.lm.test_vllm_engine import PROMPTS, peaked_policy
-from tests.remote.servers import ROOT, ServeProcess, free_port
+from tests.remote.servers import ROOT, ServeProcess, free_port, kill_group
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -90,17 +90,17 @@ def plain(model_dir):
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.Popen(
-        plain_vllm_command(model_dir, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        plain_vllm_command(model_dir, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # kill_group() takes vLLM's engine core with it
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, timeout=600)
     except Exception:
-        proc.kill()
+        kill_group(proc)
         raise RuntimeError(f"vllm serve did not start: {proc.stderr.read()[-3000:] if proc.stderr else ''}") from None
     yield "vllm+" + url
-    proc.kill()
-    proc.wait(timeout=60)
+    kill_group(proc)
 
 
 def _ids(tok):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,13 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group that ``proc`` leads (started with ``start_new_session=True``), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone already
+    proc.wait(timeout=30)
+
+
 class ServeProcess:
     """``python -m reinforcepp.cli serve ARGS`` in a subprocess; ``url`` from its first line."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 120.0) -> None:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        # its own process group: kill() takes the children too (vLLM's engine core outlives a killed server)
         self.proc = subprocess.Popen([sys.executable, "-m", "reinforcepp.cli", "serve", *args, "--threads", "1"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         line = ""
         assert self.proc.stdout is not None
@@ -52,9 +64,7 @@ class ServeProcess:
         return int(self.base.rsplit(":", 1)[1])
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
+        kill_group(self.proc)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
