@@ -67,4 +67,5 @@ def collate(
             if len(m) != len(y):
                 raise ValueError(f"response {i}: {len(m)} mask values for {len(y)} tokens")
             response_mask[i, : min(len(m), t)] = torch.tensor(list(m)[:t], dtype=torch.float32)
-    return PromptResponseBatch(torch.cat([prompt, response], 1), torch.cat([prompt_attn, response_attn], 1), response_mask)
+    return PromptResponseBatch(torch.cat([prompt, response], 1), torch.cat([prompt_attn, response_attn], 1),
+                               response_mask)

@@ -36,8 +36,8 @@ def _all_ranks_rng(rt: Runtime) -> Any:
     return rng
 
 
-def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[str, Any], step: int, counters: dict[str, Any], *,
-                    merged: bool, save_reference: bool) -> Path:
+def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[str, Any], step: int,
+                    counters: dict[str, Any], *, merged: bool, save_reference: bool) -> Path:
     """Write ``checkpoints/step_<step>``: the policy (``merged``: LoRA merged into a full model),
     the optimizers and scheduler of ``update`` (:class:`~.update.PolicyUpdate`), the data
     position ``loader_state``, the RNG of every rank, ``counters`` (data: numbers, lists,
@@ -49,7 +49,8 @@ def save_checkpoint(rt: Runtime, models: Any, update: Any, loader_state: dict[st
         optimizer_state = rt.parallel.save_optimizer(models.policy, update.optimizer, d / "optimizer")
         critic_optimizer_state = None
         if models.critic is not None and update.critic_optimizer is not None:
-            critic_optimizer_state = rt.parallel.save_optimizer(models.critic, update.critic_optimizer, d / "critic_optimizer")
+            critic_optimizer_state = rt.parallel.save_optimizer(models.critic, update.critic_optimizer,
+                                                                d / "critic_optimizer")
         if not rt.dist.is_main:
             return rt.checkpoints.path(step)
         write_policy(models.policy, policy_state, d, models.tokenizer, merged=merged)
@@ -97,7 +98,8 @@ def load_checkpoint(path: Path, rt: Runtime, models: Any, update: Any, loader: A
     loader.load_state_dict(state["loader"])
     if models.critic is not None and update.critic_optimizer is not None:
         rt.parallel.load_full_state_dict(models.critic, state["critic"])
-        rt.parallel.load_optimizer(models.critic, update.critic_optimizer, path / "critic_optimizer", state["critic_optimizer"])
+        rt.parallel.load_optimizer(models.critic, update.critic_optimizer, path / "critic_optimizer",
+                                   state["critic_optimizer"])
     rng: Optional[Any] = state["rng"]
     if isinstance(rng, list):
         if len(rng) != rt.dist.world_size:  # another number of ranks: fresh, distinct sampling seeds

@@ -41,13 +41,16 @@ Every key of --list-options can be given as key=value (as above) or, the same, a
 --key=value or --key-with-dashes value."""
 
 
-def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[Config], resume: bool = False) -> tuple[argparse.Namespace, list[str]]:
+def _parse(argv: list[str], prog: str, description: str, usage: str, cls: type[Config],
+           resume: bool = False) -> tuple[argparse.Namespace, list[str]]:
     """``argv`` -> (flags, key=value items); a CONFIG.yaml among the words is ``args.config_file``."""
-    parser = argparse.ArgumentParser(prog=prog, description=f"{description}\n\nexamples:\n{usage}\n\n{SYNTAX}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=f"{description}\n\nexamples:\n{usage}\n\n{SYNTAX}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml, then key=value items")
     if resume:
         parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-        parser.add_argument("--overwrite", action="store_true", help="output_dir holds an old run: move it aside (to OUTPUT_DIR.old-<time>) and start a new one")
+        parser.add_argument("--overwrite", action="store_true", help="output_dir holds an old run: move it aside "
+                            "(to OUTPUT_DIR.old-<time>) and start a new one")
     parser.add_argument("--list-options", action="store_true", help="print every key with its default and meaning")
     flags = ("-h", "--help", "--list-options") + (("--resume", "--overwrite") if resume else ())
     try:
@@ -122,11 +125,14 @@ def config_from_values(values: dict[str, Any]) -> LMConfig:
 def train_main(argv: list[str]) -> int:
     from .config import LMConfig
 
-    args, overrides = _parse(argv, "reinforcepp train", "Train a language model with REINFORCE++ (or another estimator).", TRAIN_USAGE, LMConfig, resume=True)
+    args, overrides = _parse(argv, "reinforcepp train",
+                             "Train a language model with REINFORCE++ (or another estimator).",
+                             TRAIN_USAGE, LMConfig, resume=True)
     if args.list_options:
         print(LMConfig.describe())
         return 0
-    config = build_config(args.config_file, overrides, args.resume, args.overwrite)  # bad input: reinforcepp.cli prints one line
+    # bad input: reinforcepp.cli prints one line
+    config = build_config(args.config_file, overrides, args.resume, args.overwrite)
     code = _train(config)
     from .distributed import end_distributed
 
@@ -142,7 +148,8 @@ def _train(config: LMConfig) -> int:
     if config.model is None:
         what = f"task {config.builtin_task!r}" if config.builtin_task else "your data"
         print(f"reinforcepp train: no model given, so training the built-in tiny model on {what} "
-              f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)", file=sys.stderr)
+              f"({config.sft_steps} warm-start steps, then {config.total_steps} {config.estimator} steps)",
+              file=sys.stderr)
     with setup_phase("setting up the run"):
         try:
             trainer = Trainer(config)
@@ -155,10 +162,12 @@ def _train(config: LMConfig) -> int:
         print(f"run directory: {trainer.run_dir}", file=sys.stderr)
         if trainer.rt.resume_from is not None:
             if trainer.step >= config.total_steps:
-                print(f"resume: {trainer.run_dir} has done all its {config.total_steps} steps (checkpoint {trainer.rt.resume_from}): "
-                      f"nothing to train; give a larger total_steps to train on", file=sys.stderr)
+                print(f"resume: {trainer.run_dir} has done all its {config.total_steps} steps "
+                      f"(checkpoint {trainer.rt.resume_from}): nothing to train; give a larger total_steps to train on",
+                      file=sys.stderr)
                 return 0
-            print(f"resume: continuing from step {trainer.step} of {config.total_steps} (checkpoint {trainer.rt.resume_from})", file=sys.stderr)
+            print(f"resume: continuing from step {trainer.step} of {config.total_steps} "
+                  f"(checkpoint {trainer.rt.resume_from})", file=sys.stderr)
         final = trainer.train()
     except RemoteError as e:
         raise RunStopped(f"step {trainer.step}: {e}{_kept(trainer, config, 'once the server is back')}") from e
@@ -196,11 +205,13 @@ def summary(first: dict[str, float], final: dict[str, float], pass_fail: bool) -
     def change(key: str) -> str:
         return f"{first.get(key, math.nan):.3f} -> {final[key]:.3f}"
 
-    lines = [f"held-out reward (greedy) {change('eval/reward_mean')}, reward (sampled) {change('eval/sampled_reward_mean')}"]
+    lines = [f"held-out reward (greedy) {change('eval/reward_mean')}, "
+             f"reward (sampled) {change('eval/sampled_reward_mean')}"]
     if pass_fail:  # the metric's own name: any_correct_of_n (a correct answer among the n samples)
         key = next((k for k in final if k.startswith("eval/any_correct_of_")), None)
         key = key or max((k for k in final if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
-        lines.append(f"held-out accuracy (greedy, reward >= 1) {change('eval/accuracy')}, {key.split('/', 1)[1]} {change(key)}")
+        lines.append("held-out accuracy (greedy, reward >= 1) "
+                     f"{change('eval/accuracy')}, {key.split('/', 1)[1]} {change(key)}")
     return "\n".join(lines)
 
 
@@ -209,7 +220,8 @@ def train_summary(run_dir: Path) -> str:
     of the last tenth of the steps, and where held-out numbers would come from."""
     from ..run import read_metrics
 
-    rewards = [r["reward/mean"] for r in read_metrics(run_dir) if r.get("kind", "train") == "train" and "reward/mean" in r]
+    rewards = [r["reward/mean"] for r in read_metrics(run_dir)
+               if r.get("kind", "train") == "train" and "reward/mean" in r]
     if not rewards:
         return "no training step logged a reward"
     window = max(1, len(rewards) // 10)
@@ -228,7 +240,9 @@ def _first_eval(run_dir: Path) -> dict:
 def sft_main(argv: list[str]) -> int:
     from .sft import SFTConfig
 
-    args, items = _parse(argv, "reinforcepp sft", "Supervised warm start on prompt/completion pairs; saves a Hugging Face model directory.", SFT_USAGE, SFTConfig)
+    args, items = _parse(argv, "reinforcepp sft",
+                         "Supervised warm start on prompt/completion pairs; saves a Hugging Face model directory.",
+                         SFT_USAGE, SFTConfig)
     if args.list_options:
         print(SFTConfig.describe())
         return 0
@@ -255,12 +269,14 @@ def run_sft(cfg: Any) -> int:
         data = load_prompt_dataset(cfg.data, prompt_column=None)
         kind = data_format(list(data.column_names), cfg)
         tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
-        model: Any = load_causal_lm(model_path, dtype=resolve_dtype(cfg.dtype, device), device=device, trust_remote_code=cfg.trust_remote_code)
+        model: Any = load_causal_lm(model_path, dtype=resolve_dtype(cfg.dtype, device), device=device,
+                                    trust_remote_code=cfg.trust_remote_code)
     prompt_ids, response_ids, masks = encode_examples(tokenizer, data, kind, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     lr = cfg.lr if cfg.lr is not None else default_sft_lr(n_params)
     what = "pairs" if kind == "pairs" else "conversations (assistant turns learned)"
-    print(f"reinforcepp sft: {n_params / 1e6:.2f}M parameters, lr {lr:g}{'' if cfg.lr is not None else ' (by model size; set lr= to change)'}, "
+    how = "" if cfg.lr is not None else " (by model size; set lr= to change)"
+    print(f"reinforcepp sft: {n_params / 1e6:.2f}M parameters, lr {lr:g}{how}, "
           f"{cfg.steps} steps of {cfg.batch_size} {what}", file=sys.stderr)
     bar = Progress(cfg.steps, desc="sft", keys={"loss": "loss"})
     losses = sft_on_ids(model, tokenizer.pad_token_id, prompt_ids, response_ids, response_masks=masks, steps=cfg.steps,
@@ -270,7 +286,8 @@ def run_sft(cfg: Any) -> int:
     model.save_pretrained(cfg.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(cfg.output_dir)
     window = max(1, len(losses) // 10)
-    print(f"loss {sum(losses[:window]) / window:.3f} -> {sum(losses[-window:]) / window:.3f} (mean of the first and last {window} steps)")
+    print(f"loss {sum(losses[:window]) / window:.3f} -> "
+          f"{sum(losses[-window:]) / window:.3f} (mean of the first and last {window} steps)")
     print(f"saved {cfg.output_dir}")
     return 0
 
@@ -290,7 +307,8 @@ def claim_sft_output(cfg: Any) -> tuple[str, str]:
     same = {p for p in (model, tokenizer) if Path(p).exists() and Path(p).resolve() == out.resolve()}
     if not cfg.overwrite:
         what = "is the model being fine-tuned: saving there would replace it" if same else "already holds files"
-        raise InputError(f"output_dir={out} {what}; choose another output_dir, or --overwrite to move it aside (to {out.name}.old-<time>) first")
+        raise InputError(f"output_dir={out} {what}; choose another output_dir, or "
+                         f"--overwrite to move it aside (to {out.name}.old-<time>) first")
     aside = claim_run_dir(out, resume=False, overwrite=True)
     assert aside is not None
     print(f"reinforcepp sft: moved the old {out} aside to {aside}", file=sys.stderr)
@@ -300,7 +318,9 @@ def claim_sft_output(cfg: Any) -> tuple[str, str]:
 def eval_main(argv: list[str]) -> int:
     from .config import LMConfig
 
-    args, overrides = _parse(argv, "reinforcepp eval", "Evaluate a model on held-out prompts: greedy and sampled reward, accuracy, pass@k.", EVAL_USAGE, LMConfig)
+    args, overrides = _parse(argv, "reinforcepp eval",
+                             "Evaluate a model on held-out prompts: greedy and sampled reward, accuracy, pass@k.",
+                             EVAL_USAGE, LMConfig)
     if args.list_options:
         print(LMConfig.describe())
         return 0
@@ -318,17 +338,19 @@ def eval_config(config_file: Optional[str], overrides: list[str]) -> tuple[LMCon
     bare = [o for o in overrides if "=" not in o]
     for word in bare:
         if not Path(word).is_dir():
-            raise InputError(f"{word!r} is neither key=value, a CONFIG.yaml nor a folder (a model or a run folder to evaluate)")
+            raise InputError(f"{word!r} is neither key=value, a CONFIG.yaml nor "
+                             "a folder (a model or a run folder to evaluate)")
     if len(bare) > 1:
         raise InputError(f"one model or run folder at a time, got {bare}")
     items = [o for o in overrides if "=" in o] + [f"model={w}" for w in bare]
     values = read_values(config_file, items)
-    if config_file and is_run_dir(Path(config_file).resolve().parent) and not any(o.startswith("model=") for o in items):
+    if (config_file and is_run_dir(Path(config_file).resolve().parent)
+            and not any(o.startswith("model=") for o in items)):
         run = Path(config_file).parent
         started = values.get("model") or "None (the built-in tiny model)"
-        raise InputError(f"{config_file} is the saved config of the run {run}, and its model={started} is the model that run "
-                         f"started from, not the one it trained: `reinforcepp eval {run}` evaluates the run's latest checkpoint; "
-                         f"add model=... to evaluate another model with these settings")
+        raise InputError(f"{config_file} is the saved config of the run {run}, and its model={started} is the "
+                         f"model that run started from, not the one it trained: `reinforcepp eval {run}` evaluates "
+                         "the run's latest checkpoint; add model=... to evaluate another model with these settings")
     found = find_checkpoint(str(values["model"])) if values.get("model") not in (None, "None", "none", "") else None
     if found is not None:
         saved = read_config_file(found.run_dir / "config.yaml")
@@ -352,25 +374,29 @@ def run_eval(config: LMConfig, found: Any = None, given: Optional[set[str]] = No
     with setup_phase("setting up the evaluation"):
         trainer = Trainer(config)
     if trainer.eval_data is None:
-        print("reinforcepp eval: no held-out prompts: set eval_data (or train_data with eval_fraction > 0)", file=sys.stderr)
+        print("reinforcepp eval: no held-out prompts: set eval_data (or train_data with eval_fraction > 0)",
+              file=sys.stderr)
         return 2
     fit = None if trainer.env_factory is not None else fitting_max_new_tokens(
         trainer.sampler, held_out_rows(trainer.eval_data, config.eval_max_prompts), config.prompt_column)
     if fit is not None and config.max_new_tokens > fit[0]:
         room, context, longest = fit
         if room < 1:
-            raise InputError(f"held-out prompts of up to {longest} tokens leave no room in the model's context of {context} tokens")
+            raise InputError(f"held-out prompts of up to {longest} tokens leave "
+                             f"no room in the model's context of {context} tokens")
         if "max_new_tokens" in given:
-            raise InputError(f"max_new_tokens={config.max_new_tokens} does not fit the model's context of {context} tokens after held-out "
-                             f"prompts of up to {longest} tokens: set max_new_tokens={room} or less")
-        print(f"eval: max_new_tokens={config.max_new_tokens} (the default) does not fit the model's context of {context} tokens after "
-              f"held-out prompts of up to {longest} tokens: using max_new_tokens={room} (set it to choose)", file=sys.stderr)
+            raise InputError(f"max_new_tokens={config.max_new_tokens} does not fit the "
+                             f"model's context of {context} tokens after held-out prompts "
+                             f"of up to {longest} tokens: set max_new_tokens={room} or less")
+        print(f"eval: max_new_tokens={config.max_new_tokens} (the default) does not fit the model's context of "
+              f"{context} tokens after held-out prompts of up to {longest} tokens: using max_new_tokens={room} "
+              "(set it to choose)", file=sys.stderr)
         config.max_new_tokens = room  # the sampler reads it from this config at each call
     if found is not None:
         trainer.step = found.step  # the run's own evaluation at this step sampled with seed + 7919 * step
-        print(f"evaluating {found.run_dir}, checkpoint of step {found.step} ({found.model}), on {trainer.eval_source}, with the run's "
-              f"settings (max_new_tokens={config.max_new_tokens}, eval_samples={config.eval_samples}, seed={config.seed}): the samples "
-              f"of the run's own evaluation at step {found.step}", file=sys.stderr)
+        print(f"evaluating {found.run_dir}, checkpoint of step {found.step} ({found.model}), on {trainer.eval_source}, "
+              f"with the run's settings (max_new_tokens={config.max_new_tokens}, eval_samples={config.eval_samples}, "
+              f"seed={config.seed}): the samples of the run's own evaluation at step {found.step}", file=sys.stderr)
     else:
         print(f"evaluating {config.model or 'the built-in tiny model'} on {trainer.eval_source}", file=sys.stderr)
     for k, v in trainer.evaluate().items():

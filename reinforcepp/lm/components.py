@@ -112,18 +112,20 @@ def build_components(config: LMConfig, rt: Runtime, spec: EstimatorSpec, given: 
         warm_start(policy, tokenizer, data.train, config, builtin_task=rt.builtin_task, env_factory=env_factory,
                    progress=config.progress and rt.dist.is_main)
     lora = bool(config.lora_rank) or is_lora(policy)  # a PEFT model passed in trains as LoRA too
-    reference = load_reference(config, rt, policy, tokenizer, given.ref_model, given_policy=given.model is not None, lora=lora)
+    reference = load_reference(config, rt, policy, tokenizer, given.ref_model, given_policy=given.model is not None,
+                               lora=lora)
     if lora:
         policy, reference = apply_lora(policy, config)
     if rt.dist.enabled:  # identical initial weights on every rank, then different samples
         set_seed(config.seed + 100_003 * rt.dist.rank)
     critic = None
     if spec.needs_critic:
-        critic = load_critic(config.critic_model, policy, dtype=rt.parallel.master_dtype, device=rt.parallel.load_device,
-                             trust_remote_code=config.trust_remote_code)
+        critic = load_critic(config.critic_model, policy, dtype=rt.parallel.master_dtype,
+                             device=rt.parallel.load_device, trust_remote_code=config.trust_remote_code)
     models = parallelize(config, rt, tokenizer, policy, reference, critic, lora)
     if config.teacher is not None:  # on-policy distillation: frozen, held like the reference
-        teacher = load_causal_lm(config.teacher, dtype=rt.dtype, device=rt.parallel.load_device, trust_remote_code=config.trust_remote_code)
+        teacher = load_causal_lm(config.teacher, dtype=rt.dtype, device=rt.parallel.load_device,
+                                 trust_remote_code=config.trust_remote_code)
         models.teacher = rt.parallel.frozen(frozen(teacher))
     engine = build_engine(config.engine, policy, tokenizer, rt.device, config)
     return Components(models, engine, data, scorer, env_factory)
@@ -146,11 +148,12 @@ def check_teacher_tokenizer(config: LMConfig, rt: Runtime, given_tokenizer: Any)
         policy_tok = build_char_tokenizer(get_task(rt.builtin_task).alphabet if rt.builtin_task else ALPHABET)
     teacher_tok = load_tokenizer(config.teacher, config.trust_remote_code)
     if tokenizer_hash(teacher_tok) != tokenizer_hash(policy_tok):
-        raise ConfigError(f"teacher={config.teacher}: its tokenizer differs from the policy's ({len(teacher_tok)} against "
-                          f"{len(policy_tok)} tokens, or other ids): distillation needs the same tokenizer")
+        raise ConfigError(f"teacher={config.teacher}: its tokenizer differs from the policy's ({len(teacher_tok)} "
+                          f"against {len(policy_tok)} tokens, or other ids): distillation needs the same tokenizer")
 
 
-def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module], tokenizer: Any) -> tuple[Any, torch.nn.Module]:
+def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
+                tokenizer: Any) -> tuple[Any, torch.nn.Module]:
     """The tokenizer (left padding, a pad token) and the unchanged policy: from the checkpoint a
     run resumes (LoRA: its base, then the adapter), a given object, ``config.model``, or the
     built-in tiny model."""
@@ -163,10 +166,12 @@ def load_policy(config: LMConfig, rt: Runtime, model: Optional[torch.nn.Module],
     if resume is not None and (resume / "adapter").exists():  # the base the adapters were trained on, then the adapter
         base = config.model or str(rt.run_dir / "reference")
         tok = tokenizer or load_tokenizer(config.tokenizer or base, trust)
-        return tok, load_lora(load_causal_lm(base, dtype=dtype, device=device, trust_remote_code=trust), resume / "adapter")
+        base_model = load_causal_lm(base, dtype=dtype, device=device, trust_remote_code=trust)
+        return tok, load_lora(base_model, resume / "adapter")
     if resume is not None:
         tok = tokenizer or load_tokenizer(str(resume / "model"), trust)
-        return tok, load_causal_lm(str(resume / "model"), dtype=dtype, device=device, trust_remote_code=trust, safetensors_only=True)
+        return tok, load_causal_lm(str(resume / "model"), dtype=dtype, device=device, trust_remote_code=trust,
+                                   safetensors_only=True)
     if model is not None:
         if tokenizer is None:
             raise ValueError("Trainer(model=...) needs tokenizer=... as well")
@@ -200,7 +205,8 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
 
         folder = rt.folder.staging() / "data"  # RUN_DIR/data once the run folder is open
         if rt.dist.is_main:
-            write_task_files(get_task(rt.builtin_task), folder, n_train=config.task_size, n_eval=config.eval_max_prompts, seed=config.seed,
+            write_task_files(get_task(rt.builtin_task), folder, n_train=config.task_size,
+                             n_eval=config.eval_max_prompts, seed=config.seed,
                              wrong_fraction=config.sft_wrong_fraction)
         rt.dist.barrier()
         train_dataset, eval_dataset = str(folder / "train.jsonl"), str(folder / "eval.jsonl")
@@ -225,7 +231,8 @@ def load_data(config: LMConfig, rt: Runtime, train_dataset: Any, eval_dataset: A
         raise ConfigError("no data: set train_data (and eval_data), or pass train_dataset=...")
     loaded = train
     train, held_out = split_eval(train, config.eval_fraction, config.seed)
-    _check_enough(train, config, where + (f" after eval_fraction={config.eval_fraction} was split off" if held_out is not None else ""))
+    split_off = f" after eval_fraction={config.eval_fraction} was split off" if held_out is not None else ""
+    _check_enough(train, config, where + split_off)
     if check is not None:  # the rows as in the file, before the split
         check(loaded[config.prompt_column], _data_name("train_data", trains), True)
     return PromptData(train, held_out, f"eval_fraction={config.eval_fraction} of {where}")
@@ -263,8 +270,9 @@ def _data_name(key: str, data: Any) -> str:
 def _check_enough(train: Any, config: LMConfig, where: str) -> None:
     """One step draws ``prompts_per_step`` distinct prompts: a smaller training set is refused."""
     if train is not None and len(train) < config.prompts_per_step:
-        raise ConfigError(f"{where}: {len(train)} training prompt{'s' if len(train) != 1 else ''}, fewer than prompts_per_step={config.prompts_per_step} "
-                          f"(the prompts of one step): set prompts_per_step <= {len(train)} or give more prompts")
+        raise ConfigError(f"{where}: {len(train)} training prompt{'s' if len(train) != 1 else ''}, "
+                          f"fewer than prompts_per_step={config.prompts_per_step} (the prompts of "
+                          f"one step): set prompts_per_step <= {len(train)} or give more prompts")
 
 
 def build_scorer(config: LMConfig, builtin_task: Optional[str], reward_funcs: Optional[Sequence[Any]],
@@ -280,8 +288,8 @@ def build_scorer(config: LMConfig, builtin_task: Optional[str], reward_funcs: Op
         if builtin_task is None:
             if env_factory is not None:
                 return None
-            raise ConfigError("no reward: set reward_funcs (module:function, path/file.py:function, rm:MODEL, http://...) "
-                              "or pass reward_funcs=[...]")
+            raise ConfigError("no reward: set reward_funcs (module:function, path/file.py:function, "
+                              "rm:MODEL, http://...) or pass reward_funcs=[...]")
         from .tasks import char_match, get_task
 
         funcs = [get_task(builtin_task).reward or char_match]
@@ -291,7 +299,8 @@ def build_scorer(config: LMConfig, builtin_task: Optional[str], reward_funcs: Op
     sources = []
     for fn, w in zip(funcs, weights):
         if is_url(fn):
-            sources.append(RewardSource(fn, connect_remote_reward(fn, settings_from(config), config.remote_batch_size), w))
+            remote = connect_remote_reward(fn, settings_from(config), config.remote_batch_size)
+            sources.append(RewardSource(fn, remote, w))
         elif isinstance(fn, str):
             sources.append(load_reward_source(fn, weight=w))
         elif isinstance(fn, RewardSource):
@@ -307,7 +316,8 @@ def build_scorer(config: LMConfig, builtin_task: Optional[str], reward_funcs: Op
     return scorer
 
 
-def load_env_factory(config: LMConfig, env: Optional[Callable[[], Any]], builtin_task: Optional[str]) -> Optional[Callable[[], Any]]:
+def load_env_factory(config: LMConfig, env: Optional[Callable[[], Any]],
+                     builtin_task: Optional[str]) -> Optional[Callable[[], Any]]:
     """Multi-turn environments: given, named by ``environment``, or the built-in task's."""
     if env is not None:
         return env

@@ -55,9 +55,11 @@ def check_jsonl(path: Path) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): {line.strip()[:60]!r}") from None
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}): "
+                                 f"{line.strip()[:60]!r}") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: each line must be a JSON object with a prompt, got {type(row).__name__}")
+                raise InputError(f"{path}:{lineno}: each line must be a JSON "
+                                 f"object with a prompt, got {type(row).__name__}")
             rows += 1
     if rows == 0:
         raise InputError(f"{path}: the file holds no rows")
@@ -175,7 +177,8 @@ def check_prompt_column(dataset: datasets.Dataset, prompt_column: str = "prompt"
         near = difflib.get_close_matches(prompt_column, columns, n=1, cutoff=0.5)
         lower = [c for c in columns if c.lower() == prompt_column.lower()]
         hint = lower[0] if lower else (near[0] if near else None)
-        chat = [c for c in columns if len(dataset) and isinstance(dataset[0][c], list) and _prompt_problem(dataset[0][c]) is None]
+        chat = [c for c in columns
+                if len(dataset) and isinstance(dataset[0][c], list) and _prompt_problem(dataset[0][c]) is None]
         if hint is None and chat:  # TRL's conversational data: a `messages` column
             hint = chat[0]
             said = (f"; column {hint!r} holds chat messages: set prompt_column={hint!r} if they end before the answer "

@@ -1,8 +1,9 @@
 """Data parallelism over ``torch.distributed`` ranks (launched with ``torchrun``).
 
-Every rank handles ``prompts_per_step / world_size`` prompts of each step: it generates and scores them, and keeps its groups whole (group baselines
-need no communication). What must be global is made global by summing, never by averaging
-per-rank means (docs/algorithms.md, "Normalisation: token-weighted, over the global batch"):
+Every rank handles ``prompts_per_step / world_size`` prompts of each step: it generates and scores
+them, and keeps its groups whole (group baselines need no communication). What must be global is
+made global by summing, never by averaging per-rank means (docs/algorithms.md, "Normalisation:
+token-weighted, over the global batch"):
 
 * whitening statistics: the core's ``reduce`` hook all-reduces the partial sums;
 * the loss normaliser: each optimizer window's token (and sequence) count is all-reduced, so

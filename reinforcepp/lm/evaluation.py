@@ -23,7 +23,8 @@ def held_out_rows(data: Any, max_prompts: int) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: int, timer: PhaseTimer) -> tuple[dict[str, float], bool]:
+def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: int,
+             timer: PhaseTimer) -> tuple[dict[str, float], bool]:
     """Metrics ``eval/*`` of ``rows``: greedy accuracy (``eval/accuracy``, the fraction of greedy
     answers that pass) and mean reward, and with ``eval_samples`` samples at ``eval_temperature`` the
     sampled mean reward, ``eval/any_correct_of_n`` and the unbiased ``eval/pass@k`` (Chen et
@@ -33,14 +34,16 @@ def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: 
         torch.manual_seed(config.seed + 7919 * step)
         inner = PhaseTimer()  # evaluation time is counted once, as time/eval
         greedy_gen, _, _, _, greedy = sampler.generate_and_score(rows, 1, sampler.sampling(greedy=True), step, inner)
-        sampled = sampler.generate_and_score(rows, n, sampler.sampling(temperature=config.eval_temperature), step, inner)[-1]
+        sampling = sampler.sampling(temperature=config.eval_temperature)
+        sampled = sampler.generate_and_score(rows, n, sampling, step, inner)[-1]
     passed = (sampled.rewards >= 1.0).view(-1, n)
     metrics = {
         "eval/reward_mean": float(greedy.rewards.mean()),
         "eval/sampled_reward_mean": float(sampled.rewards.mean()),
         "eval/accuracy": float((greedy.rewards >= 1.0).float().mean()),
         f"eval/any_correct_of_{n}": float(passed.any(dim=1).float().mean()),
-        **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy_gen).items() if key in ("env/tool_call_rate", "env/turns")},
+        **{f"eval/{key[4:]}": v for key, v in episode_metrics(greedy_gen).items()
+           if key in ("env/tool_call_rate", "env/turns")},
     }
     correct = passed.sum(dim=1)
     for k in sorted({1, *(2**j for j in range(1, n.bit_length()) if 2**j < n)}):
@@ -50,12 +53,14 @@ def evaluate(sampler: RolloutSampler, rows: list[dict], config: LMConfig, step: 
     return metrics, bool(((every == 0) | (every == 1)).all())
 
 
-def fitting_max_new_tokens(sampler: RolloutSampler, rows: list[dict], prompt_column: str) -> Optional[tuple[int, int, int]]:
+def fitting_max_new_tokens(sampler: RolloutSampler, rows: list[dict],
+                           prompt_column: str) -> Optional[tuple[int, int, int]]:
     """``(fit, context, longest)``: the largest ``max_new_tokens`` that the policy's context of
     ``context`` tokens holds after the longest of ``rows``' rendered prompts (``longest`` tokens);
     None when the model does not state its context."""
     context = context_length(sampler.policy)
     if context is None or not rows:
         return None
-    longest = max(len(sampler.tokenizer(sampler.render(row[prompt_column]), add_special_tokens=False)["input_ids"]) for row in rows)
+    longest = max(len(sampler.tokenizer(sampler.render(row[prompt_column]), add_special_tokens=False)["input_ids"])
+                  for row in rows)
     return context - longest, context, longest

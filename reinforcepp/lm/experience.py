@@ -75,7 +75,10 @@ class Experience:
         picked: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = value.select(index) if isinstance(value, PromptResponseBatch) else (None if value is None else value[index])
+            if isinstance(value, PromptResponseBatch):
+                picked[f.name] = value.select(index)
+            else:
+                picked[f.name] = None if value is None else value[index]
         return Experience(**picked)
 
 
@@ -88,7 +91,8 @@ def batched_forward(fn, batch: PromptResponseBatch, micro: list[list[int]], devi
     out = torch.zeros(batch.response_mask.shape)
     for rows in micro:
         index = torch.tensor(rows or [0], dtype=torch.long)
-        values = fn(batch.input_ids[index].to(device), batch.attention_mask[index].to(device), batch.response_length).float().cpu()
+        values = fn(batch.input_ids[index].to(device), batch.attention_mask[index].to(device),
+                    batch.response_length).float().cpu()
         if rows:
             out[index] = values
     return out
@@ -125,8 +129,8 @@ class ExperienceMaker:
         if isinstance(model, RemoteReference):
             return model.response_logprobs
         fn = packed_response_logprobs if cfg.pack_sequences else response_logprobs
-        return lambda ids, attn, t: fn(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
-                                       share_prompt=cfg.share_prompt).logprobs
+        return lambda ids, attn, t: fn(model, ids, attn, t, chunk_size=cfg.logprob_chunk_size,
+                                       temperature=cfg.temperature, share_prompt=cfg.share_prompt).logprobs
 
     def value_fn(self, critic: torch.nn.Module) -> Callable[[Tensor, Tensor, int], Tensor]:
         """``(input_ids, attention_mask, T) -> (B, T)`` values of the critic, packed or padded."""
@@ -151,11 +155,13 @@ class ExperienceMaker:
         """Forward passes without gradient, then shaped rewards, returns and advantages."""
         cfg, models = self.config, self.models
         gen = rollout.generation
-        batch = collate(gen.prompt_ids, gen.response_ids, models.tokenizer.pad_token_id, response_masks=gen.response_masks)
+        batch = collate(gen.prompt_ids, gen.response_ids, models.tokenizer.pad_token_id,
+                        response_masks=gen.response_masks)
         micro = micro_batches_of(batch, cfg, self.dist)
         old = self.old_logprobs(batch, micro)
         with self.precision():
-            ref = batched_forward(self.logprob_fn(models.reference), batch, micro, self.device) if models.reference is not None else None
+            ref = (batched_forward(self.logprob_fn(models.reference), batch, micro, self.device)
+                   if models.reference is not None else None)
             values = None
             if models.critic is not None:
                 values = batched_forward(self.value_fn(models.critic), batch, micro, self.device) * batch.response_mask
@@ -171,19 +177,21 @@ class ExperienceMaker:
                 teacher = batched_forward(self.logprob_fn(models.teacher), batch, micro, self.device)
             distill = cfg.teacher_coef * distillation_token_rewards(old, teacher, batch.response_mask)
             steps = distill if steps is None else steps + distill
-        inputs = AdvantageInputs(rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values, step_rewards=steps)
-        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value, reward_clip=cfg.reward_clip,
-                                 whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards, reduce=self.reduce)
+        inputs = AdvantageInputs(rewards, batch.response_mask, cfg.samples_per_prompt, kl=kl, values=values,
+                                 step_rewards=steps)
+        params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam, kl_coef=self.kl_controller.value,
+                                 reward_clip=cfg.reward_clip, whiten=cfg.rloo_whiten, scale_rewards=cfg.scale_rewards,
+                                 reduce=self.reduce)
         adv = compute_advantages(cfg.estimator, inputs, params)
         loss_mask = truncated_loss_mask(batch.response_mask, gen.truncated) if cfg.mask_truncated_completions else None
         sampler = gen.sampler_logprob_tensor(batch.response_length)
         mode = cfg.resolved_rollout_correction
         if mode != "none" and sampler is None:
-            raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and engine {cfg.engine!r} "
-                              "does not return them: set rollout_correction=none")
-        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl, loss_mask=loss_mask,
-                          sampler_logprobs=sampler, token_versions=gen.token_version_tensor(batch.response_length),
-                          teacher_logprobs=teacher)
+            raise ConfigError(f"rollout_correction={mode} needs the log-probs the engine sampled with, and "
+                              f"engine {cfg.engine!r} does not return them: set rollout_correction=none")
+        return Experience(batch, rollout.rewards, adv.advantages, adv.returns, old, ref, values, kl,
+                          loss_mask=loss_mask, sampler_logprobs=sampler,
+                          token_versions=gen.token_version_tensor(batch.response_length), teacher_logprobs=teacher)
 
     def scalar_and_step_rewards(self, rollout: Any, batch: PromptResponseBatch) -> tuple[Tensor, Optional[Tensor]]:
         """``R_i`` ``(N,)`` and the per-token step rewards ``(N, T)`` (process rewards, and the
@@ -193,7 +201,8 @@ class ExperienceMaker:
             steps = torch.zeros_like(batch.response_mask)
             for i, row in enumerate(rollout.token_rewards):
                 steps[i, : len(row)] = torch.tensor(row[: steps.shape[1]])
-        rewards, turn_steps = split_turn_rewards(rollout.rewards, rollout.generation, batch.response_length, self.spec.kl_in_reward)
+        rewards, turn_steps = split_turn_rewards(rollout.rewards, rollout.generation, batch.response_length,
+                                                 self.spec.kl_in_reward)
         if turn_steps is not None:
             steps = turn_steps if steps is None else steps + turn_steps
         return rewards, steps

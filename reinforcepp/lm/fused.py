@@ -27,7 +27,8 @@ from .batch import PromptResponseBatch
 from .logprobs import TokenLogprobs
 
 
-def fuse_old_logprobs(setting: bool | None, on_policy: bool, needs_old_logprobs: bool, rollout_size: int, micro_batch_size: int) -> bool:
+def fuse_old_logprobs(setting: bool | None, on_policy: bool, needs_old_logprobs: bool, rollout_size: int,
+                      micro_batch_size: int) -> bool:
     """Whether this run takes ``old_logprobs`` from the update's forward.
 
     Args:
@@ -55,7 +56,8 @@ class HeldForwards:
     def __len__(self) -> int:
         return len(self._held)
 
-    def run(self, forward: Callable[[PromptResponseBatch], TokenLogprobs], batch: PromptResponseBatch, micro: list[list[int]]) -> Tensor:
+    def run(self, forward: Callable[[PromptResponseBatch], TokenLogprobs], batch: PromptResponseBatch,
+            micro: list[list[int]]) -> Tensor:
         """``forward`` over ``batch`` in the micro-batches ``micro`` (row indices; graphs kept).
 
         Returns:

@@ -25,7 +25,8 @@ class TokenLogprobs(NamedTuple):
     hidden: Optional[Tensor] = None
 
 
-def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64, entropy_grad: bool = True) -> TokenLogprobs:
+def logprobs_from_logits(logits: Tensor, targets: Tensor, *, with_entropy: bool = False, chunk_size: int = 64,
+                         entropy_grad: bool = True) -> TokenLogprobs:
     """``(B, T, V)`` logits and ``(B, T)`` targets -> float32 log-probs (and entropy),
     processed ``chunk_size`` time steps at a time. ``entropy_grad=False`` computes the entropy
     without building its graph (when it is only logged)."""
@@ -67,8 +68,10 @@ def response_logprobs(
     Returns:
         :class:`TokenLogprobs` with ``(B, T)`` tensors.
     """
-    logits = response_logits(model, input_ids, attention_mask, response_length, temperature=temperature, share_prompt=share_prompt)
-    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
+    logits = response_logits(model, input_ids, attention_mask, response_length, temperature=temperature,
+                             share_prompt=share_prompt)
+    return logprobs_from_logits(logits, input_ids[:, -response_length:], with_entropy=with_entropy,
+                                chunk_size=chunk_size, entropy_grad=entropy_grad)
 
 
 def response_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int, *,
@@ -88,7 +91,8 @@ def response_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: T
     return logits / temperature if temperature != 1.0 else logits
 
 
-def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Optional[Tensor]:
+def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         response_length: int) -> Optional[Tensor]:
     """Logits that predict the response tokens, computing each distinct prompt only once.
 
     The ``k`` samples of a prompt share its tokens. The distinct prompts go through the model
@@ -109,19 +113,24 @@ def shared_prompt_logits(model: torch.nn.Module, input_ids: Tensor, attention_ma
     unique, inverse = torch.unique(prompts, dim=0, return_inverse=True)
     if unique.shape[0] == n:
         return None
-    first = torch.full((unique.shape[0],), n, dtype=torch.long, device=input_ids.device).scatter_reduce(0, inverse, torch.arange(n, device=input_ids.device), "amin")
+    first = torch.full((unique.shape[0],), n, dtype=torch.long, device=input_ids.device).scatter_reduce(
+        0, inverse, torch.arange(n, device=input_ids.device), "amin")
     prompt_mask = attention_mask[first, :p]
     positions = position_ids_from_mask(prompt_mask)
     cache = new_cache()
-    head = model(input_ids=prompts[first], attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1, **with_cache(model, cache))
+    head = model(input_ids=prompts[first], attention_mask=prompt_mask, position_ids=positions, logits_to_keep=1,
+                 **with_cache(model, cache))
     cache.batch_select_indices(inverse)
     response_positions = positions[inverse, -1:] + 1 + torch.arange(response_length, device=input_ids.device)
-    tail = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=response_positions, **with_cache(model, cache))
+    tail = model(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=response_positions,
+                 **with_cache(model, cache))
     return torch.cat([head.logits[inverse, -1:], tail.logits[:, :-1]], dim=1)
 
 
-def naive_response_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
+def naive_response_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                            response_length: int) -> Tensor:
     """Reference: full float32 log-softmax over every position, then gather (tests only)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
     logp = torch.log_softmax(logits.float(), dim=-1)[:, -response_length - 1 : -1]
     return logp.gather(-1, input_ids[:, -response_length:, None]).squeeze(-1)

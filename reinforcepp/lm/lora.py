@@ -45,10 +45,12 @@ def is_lora(model: torch.nn.Module) -> bool:
 def linear_module_names(model: Any) -> list[str]:
     """Short names of the model's linear layers (``q_proj``, ``up_proj``...), the LM head excluded."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
 
 
-def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: Sequence[str] = ()) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float,
+             target_modules: Sequence[str] = ()) -> torch.nn.Module:
     """Wrap ``model`` with fresh adapters on ``target_modules`` (default: every linear layer
     of attention and MLP); the base weights are frozen."""
     peft = _peft()
@@ -56,8 +58,10 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, dropout: float,
     targets = list(target_modules) or available
     unknown = [t for t in targets if t not in available]
     if unknown:
-        raise ConfigError(f"lora_target_modules: {', '.join(unknown)} is not a linear layer of this model; its linear layers are {', '.join(available)}")
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        raise ConfigError(f"lora_target_modules: {', '.join(unknown)} is not a linear layer "
+                          f"of this model; its linear layers are {', '.join(available)}")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                             task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 
@@ -98,7 +102,8 @@ def save_base(policy: Any, directory: str | Path) -> None:
         policy.save_pretrained(directory, safe_serialization=True)
         return
     state = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
-    policy.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(state, 0.0), safe_serialization=True)
+    policy.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(state, 0.0),
+                                            safe_serialization=True)
 
 
 def scaling(model: Any) -> float:

@@ -83,7 +83,8 @@ class KLShareWarning:
         if share <= 0.5 or self.warned:
             return
         self.warned = True
-        print(f"reinforcepp: warning: at step {step} the KL penalty is {share:.0%} of the return (kl/return_share), more than the "
-              f"task reward: the policy gains more by staying near the reference than by solving the task. Lower kl_coef (now "
-              f"{self.kl_coef}), or move the KL out of the reward (kl_placement=loss or none); see docs/lm.md, 'Choosing the KL'.",
+        print(f"reinforcepp: warning: at step {step} the KL penalty is {share:.0%} of the return "
+              "(kl/return_share), more than the task reward: the policy gains more by staying near the "
+              f"reference than by solving the task. Lower kl_coef (now {self.kl_coef}), or move the KL "
+              "out of the reward (kl_placement=loss or none); see docs/lm.md, 'Choosing the KL'.",
               file=sys.stderr)

@@ -300,7 +300,8 @@ def padding_fraction(
 
 
 def plan(attention_mask: Tensor, input_ids: Tensor, response_length: int, *, micro_batch_size: int,
-         micro_batch_tokens: Optional[int], share_prompt: bool, count: Optional[Callable[[int], int]] = None) -> list[list[int]]:
+         micro_batch_tokens: Optional[int], share_prompt: bool,
+         count: Optional[Callable[[int], int]] = None) -> list[list[int]]:
     """The micro-batches of a batch of ``N`` rows: consecutive runs of ``micro_batch_size`` rows,
     or with ``micro_batch_tokens`` :func:`plan_micro_batches` (prompt groups kept together and
     counted once with ``share_prompt``). ``count(n)``: the number of micro-batches every rank

@@ -189,7 +189,8 @@ class ValueModel(torch.nn.Module):
 
             h, rows, cols = packed_hidden(self.backbone, input_ids, attention_mask, response_length)
             values = torch.zeros(input_ids.shape[0], response_length, device=input_ids.device)
-            return values.index_put((rows, cols), self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float())
+            head = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            return values.index_put((rows, cols), head)
         positions = position_ids_from_mask(attention_mask)
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False

@@ -75,7 +75,8 @@ class NaturalStep:
     def step(self, exp: Experience, step: int) -> dict[str, float]:
         cfg, rt = self.config, self.rt
         params = [p for p in self.models.policy.parameters() if p.requires_grad]
-        parts = [exp.select(torch.tensor(rows or [0], dtype=torch.long)) for rows in micro_batches_of(exp.batch, cfg, rt.dist)]
+        parts = [exp.select(torch.tensor(rows or [0], dtype=torch.long))
+                 for rows in micro_batches_of(exp.batch, cfg, rt.dist)]
         counts = [float(len(rows)) for rows in micro_batches_of(exp.batch, cfg, rt.dist)]
         lm = exp.loss_mask_or_response_mask
         n_tokens, n_seqs = rt.dist.sum(float(lm.sum())), rt.dist.sum(float((lm.sum(1) > 0).sum()))
@@ -120,9 +121,11 @@ class NaturalStep:
 
     def logprobs(self, part: Experience) -> torch.Tensor:
         logits = self.logits(part)
-        return logprobs_from_logits(logits, part.batch.input_ids[:, -part.batch.response_length:].to(logits.device)).logprobs.cpu()
+        targets = part.batch.input_ids[:, -part.batch.response_length:].to(logits.device)
+        return logprobs_from_logits(logits, targets).logprobs.cpu()
 
-    def surrogate(self, parts: list[Experience], counts: list[float], n_tokens: float, n_seqs: float, *, grad: bool) -> torch.Tensor:
+    def surrogate(self, parts: list[Experience], counts: list[float], n_tokens: float, n_seqs: float, *,
+                  grad: bool) -> torch.Tensor:
         """This rank's share of ``L`` (with a graph when ``grad``)."""
         cfg, update = self.config, self.update
         total = torch.zeros(())
@@ -138,9 +141,10 @@ class NaturalStep:
                     correction = update.correction(old, part.sampler_logprobs, real)
                     per_token = per_token if correction is None else per_token * correction.weights
                 if update.kl_placement == "loss" and part.ref_logprobs is not None:
-                    per_token = per_token + update.kl_controller.value * kl_loss(logp, part.ref_logprobs, cfg.resolved_kl_estimator)
-                total = total + aggregate(per_token * mask, real, cfg.resolved_loss_agg, num_tokens=n_tokens, num_sequences=n_seqs,
-                                          max_response_length=cfg.max_new_tokens)
+                    kl = kl_loss(logp, part.ref_logprobs, cfg.resolved_kl_estimator)
+                    per_token = per_token + update.kl_controller.value * kl
+                total = total + aggregate(per_token * mask, real, cfg.resolved_loss_agg, num_tokens=n_tokens,
+                                          num_sequences=n_seqs, max_response_length=cfg.max_new_tokens)
         return total
 
     def fisher_kl(self, part: Experience, n_tokens: float) -> torch.Tensor:
@@ -173,7 +177,8 @@ class NaturalStep:
             logp = torch.cat([o.logprobs.cpu() for o in outs])
             entropy = torch.cat([o.entropy.cpu() for o in outs if o.entropy is not None])
         mask = torch.cat([p.batch.response_mask for p, _ in kept])
-        return {"approx_kl": approx_kl(logp, torch.cat([s for _, s in kept]), mask), "entropy": float(masked_mean(entropy, mask))}
+        return {"approx_kl": approx_kl(logp, torch.cat([s for _, s in kept]), mask),
+                "entropy": float(masked_mean(entropy, mask))}
 
     def all_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         """The sum of ``flat`` over the ranks (the identity on one process)."""

@@ -280,7 +280,8 @@ def packed_response_logprobs(
     return TokenLogprobs(logprobs, entropy)
 
 
-def packed_hidden(backbone: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor, Tensor]:
+def packed_hidden(backbone: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                  response_length: int) -> tuple[Tensor, Tensor, Tensor]:
     """The decoder ``backbone``'s last hidden states at the packed positions that predict the
     response tokens (what a critic's value head reads), on one packed row: ``(M, H)`` and the
     ``(M,)`` row and column of each in the ``(N, T)`` layout."""
@@ -319,6 +320,8 @@ def check_packing(config: Any, models: Any, sampler: Any, train: Any, episodes: 
     turns = config.max_turns if episodes else 1
     longest = longest_prompt + turns * config.max_new_tokens + (turns - 1) * config.max_observation_tokens
     if config.micro_batch_tokens < longest:
-        raise ConfigError(f"micro_batch_tokens={config.micro_batch_tokens} is smaller than the longest sequence this run can make, "
-                          f"{longest} tokens (the longest training prompt, {longest_prompt}, + max_new_tokens={config.max_new_tokens}"
-                          f"{f' x max_turns={turns} and the observations' if episodes else ''}): raise it to at least {longest}")
+        raise ConfigError(f"micro_batch_tokens={config.micro_batch_tokens} is smaller than the longest sequence this "
+                          f"run can make, {longest} tokens (the longest training prompt, {longest_prompt}, "
+                          f"+ max_new_tokens={config.max_new_tokens}"
+                          f"{f' x max_turns={turns} and the observations' if episodes else ''}): "
+                          f"raise it to at least {longest}")

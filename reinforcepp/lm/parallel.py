@@ -45,9 +45,11 @@ LAUNCH_HINT = "torchrun --nproc_per_node N -m reinforcepp.cli train fsdp=true ..
 def check_launch(fsdp: bool, ref_offload: bool, world_size: int) -> None:
     """Refuse, before any model loads, what cannot run under this launch."""
     if fsdp and world_size < 2:
-        raise ConfigError(f"fsdp=true shards the models over torchrun's ranks, but this is one process; launch with `{LAUNCH_HINT}`")
+        raise ConfigError("fsdp=true shards the models over torchrun's ranks, "
+                          f"but this is one process; launch with `{LAUNCH_HINT}`")
     if ref_offload and not fsdp:
-        raise ConfigError("ref_offload=true offloads the sharded reference (FSDP2 CPUOffloadPolicy); it needs fsdp=true")
+        raise ConfigError("ref_offload=true offloads the sharded reference "
+                          "(FSDP2 CPUOffloadPolicy); it needs fsdp=true")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -127,7 +129,9 @@ def stream_full_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Te
 class Parallel:
     """The parallelism of one run. ``kind`` is decided once, from the launch and ``fsdp``."""
 
-    def __init__(self, dist: DistContext, device: torch.device, *, fsdp: bool = False, compute_dtype: torch.dtype = torch.float32, ref_offload: bool = False, full_finetune: bool = True) -> None:
+    def __init__(self, dist: DistContext, device: torch.device, *, fsdp: bool = False,
+                 compute_dtype: torch.dtype = torch.float32, ref_offload: bool = False,
+                 full_finetune: bool = True) -> None:
         self.dist = dist
         self.device = device
         self.kind: Kind = "fsdp" if fsdp else ("ddp" if dist.enabled else "single")
@@ -180,7 +184,8 @@ class Parallel:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if frozen and self.ref_offload else OffloadPolicy()
+        offload = (CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if frozen and self.ref_offload
+                   else OffloadPolicy())
         mesh = self._mesh()
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
@@ -201,7 +206,8 @@ class Parallel:
             # 2.13 renamed the switch, and warns on the old name
             import inspect
 
-            name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers"
+            switches = inspect.signature(DistributedDataParallel.__init__).parameters
+            name = "forward_sync_buffers" if "forward_sync_buffers" in switches else "broadcast_buffers"
             no_sync: dict[str, Any] = {name: False}
             return DistributedDataParallel(model, device_ids=ids, **no_sync)
         return model
@@ -268,7 +274,8 @@ class Parallel:
         finally:
             for m in modules:
                 m.reshard()
-                m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's default: the root keeps its weights
+                # FSDP2's default: the root keeps its weights
+                m.set_reshard_after_forward(m is not model, recurse=False)
 
     # ------------------------------------------------------------------ state
     def gather_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -289,7 +296,8 @@ class Parallel:
 
         set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
 
-    def save_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Optional[dict[str, Any]]:
+    def save_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       path: Path) -> Optional[dict[str, Any]]:
         """Sharded: every rank writes its shard under ``path`` (DCP) and ``None`` is returned.
         Otherwise the state dict is returned, to be stored with the trainer state."""
         if self.kind != "fsdp":
@@ -299,7 +307,8 @@ class Parallel:
         save_optimizer(model, optimizer, path)
         return None
 
-    def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, stored: Optional[dict[str, Any]]) -> None:
+    def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
+                       stored: Optional[dict[str, Any]]) -> None:
         """Load whichever form the checkpoint holds: a DCP directory (written by any number
         of ranks, resharded to this run's) or the stored state dict."""
         if stored is not None:

@@ -79,8 +79,8 @@ def generation_state(gen: Generation) -> dict[str, Any]:
 
 
 def generation_from_state(state: dict[str, Any]) -> Generation:
-    return Generation([list(p) for p in state["prompt_ids"]], [list(r) for r in state["response_ids"]], state["truncated"].bool(),
-                      state["sampler_logprobs"], None, None, state["token_versions"])
+    return Generation([list(p) for p in state["prompt_ids"]], [list(r) for r in state["response_ids"]],
+                      state["truncated"].bool(), state["sampler_logprobs"], None, None, state["token_versions"])
 
 
 class _ProducerEngine:
@@ -98,18 +98,21 @@ class _ProducerEngine:
     def sleep(self) -> None:
         pass
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int,
+                 params: SamplingParams) -> Generation:
         if not self.owner.partial:
             return self.owner.call(prompt_ids, samples_per_prompt, params)
         size = math.ceil(params.max_new_tokens / (self.owner.n + 1))
-        gen = self.owner.call(prompt_ids, samples_per_prompt, replace(params, max_new_tokens=min(size, params.max_new_tokens)))
+        gen = self.owner.call(prompt_ids, samples_per_prompt,
+                              replace(params, max_new_tokens=min(size, params.max_new_tokens)))
         eos = self.owner.eos_ids
         while True:
             going = [i for i, r in enumerate(gen.response_ids) if r[-1] not in eos and len(r) < params.max_new_tokens]
             if not going:
                 return gen
             self.owner.segment += 1
-            left = params.max_new_tokens - len(gen.response_ids[going[0]])  # every unfinished response has the same length
+            # every unfinished response has the same length
+            left = params.max_new_tokens - len(gen.response_ids[going[0]])
             more = self.owner.call([gen.prompt_ids[i] + gen.response_ids[i] for i in going], 1,
                                    replace(params, max_new_tokens=min(size, left)))
             gen = _extend(gen, going, more, params.max_new_tokens)
@@ -118,8 +121,10 @@ class _ProducerEngine:
 def _extend(gen: Generation, rows: list[int], more: Generation, max_new_tokens: int) -> Generation:
     """``gen`` with ``more``'s responses appended to its ``rows`` (log-probs and versions too)."""
     responses = [list(r) for r in gen.response_ids]
-    logprobs = None if gen.sampler_logprobs is None or more.sampler_logprobs is None else [list(x) for x in gen.sampler_logprobs]
-    versions = None if gen.token_versions is None or more.token_versions is None else [list(x) for x in gen.token_versions]
+    logprobs = (None if gen.sampler_logprobs is None or more.sampler_logprobs is None
+                else [list(x) for x in gen.sampler_logprobs])
+    versions = (None if gen.token_versions is None or more.token_versions is None
+                else [list(x) for x in gen.token_versions])
     for j, i in enumerate(rows):
         responses[i] += more.response_ids[j]
         if logprobs is not None and more.sampler_logprobs is not None:
@@ -146,8 +151,9 @@ class AsyncRollouts:
         saved: :meth:`checkpoint`'s state when resuming, else None.
     """
 
-    def __init__(self, config: LMConfig, sampler: RolloutSampler, engine: GenerationEngine, model: Optional[torch.nn.Module],
-                 loader: Any, *, rank: int, start_step: int, saved: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, config: LMConfig, sampler: RolloutSampler, engine: GenerationEngine,
+                 model: Optional[torch.nn.Module], loader: Any, *, rank: int, start_step: int,
+                 saved: Optional[dict[str, Any]] = None) -> None:
         self.config, self.n, self.partial = config, config.async_rollouts, config.partial_rollouts
         self.engine, self.model, self.loader, self.rank = engine, model, loader, rank
         self.sampler = sampler
@@ -280,7 +286,8 @@ class AsyncRollouts:
         if gen is None:
             version = min(r - 1, self.start_version(r) + self.segment) if self.partial else self.start_version(r)
             version = self._wait_and_load(version)
-            gen = self.engine.generate(prompt_ids, k, replace(params, seed=call_seed(self.config.seed, self.rank, r, index)))
+            seeded = replace(params, seed=call_seed(self.config.seed, self.rank, r, index))
+            gen = self.engine.generate(prompt_ids, k, seeded)
             if gen.token_versions is None:  # an engine that does not stamp its samples
                 gen.with_version(version)
         with self.cond:
@@ -346,21 +353,24 @@ def copy_weights(model: torch.nn.Module, weights: Any) -> None:
             mine[name].copy_(tensor)
 
 
-def build_producer(config: LMConfig, rt: Any, models: Any, engine: GenerationEngine, scorer: Any, env_factory: Any, spec: Any,
-                   loader: Any, start_step: int, saved: Optional[dict[str, Any]]) -> tuple[AsyncRollouts, GenerationEngine, Any]:
+def build_producer(config: LMConfig, rt: Any, models: Any, engine: GenerationEngine, scorer: Any, env_factory: Any,
+                   spec: Any, loader: Any, start_step: int,
+                   saved: Optional[dict[str, Any]]) -> tuple[AsyncRollouts, GenerationEngine, Any]:
     """The producer (with its own engine, weights, tokenizer and sampler), the engine the
     trainer keeps for evaluation (``hf`` on the policy itself: always the current weights) and
     the scorer both share under a lock."""
     tokenizer = copy.deepcopy(models.tokenizer)  # fast tokenizers must not be used by two threads at once
     locked = LockedScorer(scorer, threading.Lock()) if scorer is not None else None
     if get_engine(config.engine).own_weights:
-        producer_engine, model, trainer_engine = engine, None, build_engine("hf", models.policy, models.tokenizer, rt.device, config)
+        trainer_engine = build_engine("hf", models.policy, models.tokenizer, rt.device, config)
+        producer_engine, model = engine, None
     else:
         model = _plain_copy(models, rt, config.trust_remote_code)
         producer_engine, trainer_engine = build_engine(config.engine, model, tokenizer, rt.device, config), engine
-    sampler = RolloutSampler(config, rt, producer_engine, model if model is not None else models.policy, tokenizer, locked, env_factory,
-                             spec, timer=PhaseTimer())
-    producer = AsyncRollouts(config, sampler, producer_engine, model, loader, rank=rt.dist.rank, start_step=start_step, saved=saved)
+    sampler = RolloutSampler(config, rt, producer_engine, model if model is not None else models.policy, tokenizer,
+                             locked, env_factory, spec, timer=PhaseTimer())
+    producer = AsyncRollouts(config, sampler, producer_engine, model, loader, rank=rt.dist.rank, start_step=start_step,
+                             saved=saved)
     return producer, trainer_engine, locked
 
 

@@ -13,7 +13,8 @@ import time
 import torch
 
 
-def matmul_flops_per_s(size: int = 512, seconds: float = 0.3, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> float:
+def matmul_flops_per_s(size: int = 512, seconds: float = 0.3, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> float:
     """Measured dense matmul throughput (``2 n^3`` FLOPs per ``n x n`` product) with the current
     thread setting: the denominator of the utilisation."""
     a = torch.randn(size, size, dtype=dtype, device=device)
@@ -46,7 +47,8 @@ def summary(rows: list[dict], peak_flops: float) -> str:
     tps = sum(r.get("tokens_per_s", 0.0) for r in rows) / n
     achieved = sum(r.get("perf/update_flops_per_s", 0.0) for r in rows) / n
     lines.append(f"generated tokens/s: {tps:,.0f}")
-    lines.append(f"update: {achieved / 1e9:,.2f} GFLOP/s achieved of {peak_flops / 1e9:,.2f} GFLOP/s measured matmul peak = {achieved / peak_flops:.1%} utilisation")
+    lines.append(f"update: {achieved / 1e9:,.2f} GFLOP/s achieved of {peak_flops / 1e9:,.2f} "
+                 f"GFLOP/s measured matmul peak = {achieved / peak_flops:.1%} utilisation")
     return "\n".join(lines)
 
 

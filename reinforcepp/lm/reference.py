@@ -75,13 +75,16 @@ def load_reference(config: LMConfig, rt: Runtime, policy: torch.nn.Module, token
     if rt.resume_from is not None:
         return _resumed_reference(config, rt, lora)
     if rt.dist.is_main:  # when the run folder opens: at once, or when training starts (runtime.RunFolder)
-        rt.folder.when_open(lambda run_dir: _record_initial(config, run_dir, policy, tokenizer, given_policy=given_policy, lora=lora))
+        rt.folder.when_open(lambda run_dir: _record_initial(config, run_dir, policy, tokenizer,
+                                                            given_policy=given_policy, lora=lora))
     return None if lora else frozen_copy(policy)
 
 
-def _connect_remote(config: LMConfig, reference: RemoteReference, policy: torch.nn.Module, tokenizer: Any) -> RemoteReference:
+def _connect_remote(config: LMConfig, reference: RemoteReference, policy: torch.nn.Module,
+                    tokenizer: Any) -> RemoteReference:
     if config.ref_update_every:
-        raise ConfigError("ref_update_every refreshes a local reference from the policy; a served reference (ref_model=URL) cannot be refreshed")
+        raise ConfigError("ref_update_every refreshes a local reference from the policy; "
+                          "a served reference (ref_model=URL) cannot be refreshed")
     if reference.temperature != config.temperature:
         raise ConfigError(f"RemoteReference(temperature={reference.temperature}) but temperature={config.temperature}: "
                           "reference log-probs must use the sampling temperature")
@@ -89,17 +92,20 @@ def _connect_remote(config: LMConfig, reference: RemoteReference, policy: torch.
     return reference
 
 
-def _record_initial(config: LMConfig, run_dir: Path, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool, lora: bool) -> None:
+def _record_initial(config: LMConfig, run_dir: Path, policy: torch.nn.Module, tokenizer: Any, *, given_policy: bool,
+                    lora: bool) -> None:
     """What a resumed run reloads the reference from: a record of an unchanged local model
     directory, or a copy (under LoRA with a named model: nothing, the base is that model). Written
     before the first update, so ``policy`` is the initial policy."""
     saved, record = run_dir / "reference", run_dir / REFERENCE_RECORD
     if not given_policy and config.model is not None and Path(config.model).is_dir():
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"path": str(Path(config.model).resolve()), "sha256": weights_fingerprint(config.model)}, indent=1))
+        initial = {"path": str(Path(config.model).resolve()), "sha256": weights_fingerprint(config.model)}
+        record.write_text(json.dumps(initial, indent=1))
     elif not (lora and config.model):
         save_base(policy, saved)
-        tokenizer.save_pretrained(saved)  # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
+        # so that `reinforcepp serve reference --model RUN/reference` can check the tokenizer
+        tokenizer.save_pretrained(saved)
         record.write_text(json.dumps({"copy": saved.name, "sha256": weights_fingerprint(str(saved))}, indent=1))
 
 
@@ -145,8 +151,9 @@ def check_reference_record(config: LMConfig, rt: Runtime, lora: bool) -> Optiona
                           f"folder never chooses a model: give model={path} (the run's model) if you trust it, or "
                           f"ref_model=PATH for another reference (your model: {config.model})")
     if not path.is_dir() or weights_fingerprint(str(path)) != info["sha256"]:
-        raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files have changed or gone since the run "
-                          f"started (sha256 recorded in {record}); restore them, or set ref_model=PATH to use another reference")
+        raise RunDirError(f"cannot resume: the reference is the initial model {path}, whose files "
+                          "have changed or gone since the run started (sha256 recorded in "
+                          f"{record}); restore them, or set ref_model=PATH to use another reference")
     return path
 
 

@@ -56,7 +56,8 @@ class Rollout:
     def concat(parts: list[Rollout], counts: dict[str, float]) -> Rollout:
         tokens = None if parts[0].token_rewards is None else [x for p in parts for x in (p.token_rewards or [])]
         return Rollout(
-            [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts], [x for p in parts for x in p.completions],
+            [x for p in parts for x in p.rows], [x for p in parts for x in p.prompts],
+            [x for p in parts for x in p.completions],
             Generation.concat([p.generation for p in parts]), torch.cat([p.rewards for p in parts]),
             {n: torch.cat([p.per_source[n] for p in parts]) for n in parts[0].per_source}, counts, tokens,
         )
@@ -83,7 +84,8 @@ class RolloutSampler:
     """
 
     def __init__(self, config: LMConfig, rt: Runtime, engine: GenerationEngine, policy: torch.nn.Module, tokenizer: Any,
-                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec, timer: Optional[PhaseTimer] = None) -> None:
+                 scorer: Any, env_factory: Optional[Callable[[], Any]], spec: EstimatorSpec,
+                 timer: Optional[PhaseTimer] = None) -> None:
         self.config, self.rt, self.engine, self.policy, self.tokenizer = config, rt, engine, policy, tokenizer
         self.scorer, self.spec = scorer, spec
         self.timer = timer or rt.timer
@@ -99,7 +101,8 @@ class RolloutSampler:
         cfg = self.config
         return EpisodeRunner(env_factory, self.engine, self.tokenizer, render=self.render, encode=self.encode_prompt,
                              max_turns=cfg.max_turns, max_observation_tokens=cfg.max_observation_tokens,
-                             chat=cfg.use_chat_template and has_chat_template(self.tokenizer), prompt_column=cfg.prompt_column)
+                             chat=cfg.use_chat_template and has_chat_template(self.tokenizer),
+                             prompt_column=cfg.prompt_column)
 
     def render(self, prompt: Any) -> str:
         return render_prompt(self.tokenizer, prompt, self.config.use_chat_template)
@@ -113,8 +116,9 @@ class RolloutSampler:
             limit = prompt_limit(self.policy, self.config.max_prompt_length, self.config.max_new_tokens)
             if len(ids) > limit:
                 if not self.config.truncate_prompts:
-                    raise InputError(f"a prompt has {len(ids)} tokens > {limit} allowed (max_prompt_length, or the model's context "
-                                     f"minus max_new_tokens); shorten it or set truncate_prompts=true: {text[:60]!r}")
+                    raise InputError(f"a prompt has {len(ids)} tokens > {limit} allowed "
+                                     "(max_prompt_length, or the model's context minus max_new_tokens); "
+                                     f"shorten it or set truncate_prompts=true: {text[:60]!r}")
                 ids = ids[len(ids) - limit :]
                 self.prompts_truncated += 1
             self.prompt_ids_cache[text] = ids
@@ -139,7 +143,8 @@ class RolloutSampler:
                 prompts, gen = self.episodes.run(rows, k, params)
             with timer("score"):
                 assert gen.episodes is not None
-                return gen, prompts, gen.episodes.final_texts, expanded, score_episodes(self.scorer, prompts, gen, columns)
+                scores = score_episodes(self.scorer, prompts, gen, columns)
+                return gen, prompts, gen.episodes.final_texts, expanded, scores
         rendered = [self.render(r[cfg.prompt_column]) for r in rows]
         # an engine with weights of its own (vllm, remote) never runs the policy: nothing to gather
         gather = contextlib.nullcontext() if self.own_weights else self.rt.parallel.full_weights(self.policy)
@@ -148,8 +153,10 @@ class RolloutSampler:
         with timer("score"):
             prompts = [text for text in rendered for _ in range(k)]
             completions = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
-            chat = [r[cfg.prompt_column] for r in expanded] if rows and not isinstance(rows[0][cfg.prompt_column], str) else None
-            state = TrainerState(global_step=max(0, step - 1), max_steps=cfg.total_steps, epoch=max(0, step - 1) / cfg.total_steps)
+            chat = ([r[cfg.prompt_column] for r in expanded]
+                    if rows and not isinstance(rows[0][cfg.prompt_column], str) else None)
+            state = TrainerState(global_step=max(0, step - 1), max_steps=cfg.total_steps,
+                                 epoch=max(0, step - 1) / cfg.total_steps)
             result = self.scorer(prompts, completions, columns, completion_ids=[list(r) for r in gen.response_ids],
                                  trainer_state=state, chat_prompts=chat)
         return gen, prompts, completions, expanded, result
@@ -166,7 +173,8 @@ class RolloutSampler:
         counts = dict.fromkeys(("reward/dropped_samples", "reward/dropped_groups", "filter/dropped_groups"), 0.0)
         mine = slice(rt.dist.rank * rt.prompts_per_rank, (rt.dist.rank + 1) * rt.prompts_per_rank)
         round_ = 0
-        for round_ in range(1, (cfg.max_filter_rounds if cfg.dynamic_filtering else 1) + 1):  # noqa: B007 (reported after the loop)
+        rounds = cfg.max_filter_rounds if cfg.dynamic_filtering else 1
+        for round_ in range(1, rounds + 1):  # noqa: B007 (reported after the loop)
             scored, dropped = self.scored_rollout(next_rows()[mine], step, counts, round_)
             for start in range(0, len(scored.rows), k):
                 group = list(range(start, start + k))
@@ -185,18 +193,21 @@ class RolloutSampler:
             raise nothing_to_train_on(step, counts, self.scorer)
         return Rollout.concat(kept[: rt.prompts_per_rank], counts)
 
-    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float], round_: int = 1) -> tuple[Rollout, torch.Tensor]:
+    def scored_rollout(self, rows: list[dict], step: int, counts: dict[str, float],
+                       round_: int = 1) -> tuple[Rollout, torch.Tensor]:
         """One round: ``k`` scored samples of each row, with length penalties, ``reward_noise``
         and process rewards, and the ``(N,)`` flags of the samples the reward dropped (counted in
         ``counts``)."""
-        gen, prompts, completions, expanded, result = self.generate_and_score(rows, self.config.samples_per_prompt, self.sampling(), step)
+        gen, prompts, completions, expanded, result = self.generate_and_score(rows, self.config.samples_per_prompt,
+                                                                              self.sampling(), step)
         counts["reward/dropped_samples"] += float(result.dropped.sum())
         counts["reward/unscored_samples"] = counts.get("reward/unscored_samples", 0.0) + float(
             result.unscored.sum() if result.unscored is not None else 0)
         for key, value in result.extras.items():  # verl's extra keys, OpenRLHF's extra_logs (first round)
             counts.setdefault(f"reward/{key}", value)
         rewards = result.rewards + self.length_penalties(gen) + self.reward_noise(len(gen), step, round_)
-        scored = Rollout(expanded, prompts, completions, gen, rewards, result.per_source, {}, self.process_rewards(result, gen, completions))
+        scored = Rollout(expanded, prompts, completions, gen, rewards, result.per_source, {},
+                         self.process_rewards(result, gen, completions))
         return scored, result.dropped
 
     def process_rewards(self, result: Any, gen: Generation, completions: list[str]) -> Optional[list[list[float]]]:
@@ -206,8 +217,9 @@ class RolloutSampler:
         from ..rewards.process import process_token_rewards
 
         if not self.spec.kl_in_reward:
-            raise ConfigError(f"reward source(s) {sorted(result.token_rewards)} return per-token/per-step rewards, but estimator "
-                              f"{self.config.estimator!r} broadcasts one advantage per response; use reinforce_pp, reinforce or gae")
+            raise ConfigError(f"reward source(s) {sorted(result.token_rewards)} return "
+                              f"per-token/per-step rewards, but estimator {self.config.estimator!r} "
+                              "broadcasts one advantage per response; use reinforce_pp, reinforce or gae")
         weights = {s.name: s.weight for s in self.scorer.sources}
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         out = [[0.0] * len(ids) for ids in gen.response_ids]
@@ -233,7 +245,8 @@ class RolloutSampler:
         """DAPO's overlong penalty and the truncation penalty, per response ``(N,)``."""
         cfg = self.config
         masks = gen.response_masks
-        lengths = torch.tensor([sum(m) for m in masks] if masks is not None else [len(r) for r in gen.response_ids])  # the model's tokens
+        # the model's tokens
+        lengths = torch.tensor([sum(m) for m in masks] if masks is not None else [len(r) for r in gen.response_ids])
         penalty = torch.zeros(len(lengths))
         if cfg.overlong_buffer:
             penalty += overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)

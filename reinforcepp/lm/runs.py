@@ -64,13 +64,15 @@ def find_checkpoint(model: str) -> Optional[RunCheckpoint]:
     if is_run_dir(path):
         latest = CheckpointManager(path).latest_intact()
         if latest is None:
-            raise InputError(f"model={model} is a run folder without a complete checkpoint to evaluate (checkpoints are saved every "
-                             "save_every steps and at the end); give model=PATH of another model, or resume the run first")
+            raise InputError(f"model={model} is a run folder without a complete checkpoint to "
+                             "evaluate (checkpoints are saved every save_every steps and at the "
+                             "end); give model=PATH of another model, or resume the run first")
         return _checkpoint(path, latest)
     step_dir = path.parent if path.name == "model" else path
     if _STEP.match(step_dir.name) and step_dir.parent.name == "checkpoints" and is_run_dir(step_dir.parent.parent):
         if not (step_dir / "COMPLETE").exists():
-            raise InputError(f"model={model}: checkpoint {step_dir} is incomplete (no COMPLETE marker); the run stopped while writing it")
+            raise InputError(f"model={model}: checkpoint {step_dir} is incomplete "
+                             "(no COMPLETE marker); the run stopped while writing it")
         return _checkpoint(step_dir.parent.parent, step_dir)
     return None
 
@@ -78,8 +80,10 @@ def find_checkpoint(model: str) -> Optional[RunCheckpoint]:
 def _checkpoint(run_dir: Path, checkpoint: Path) -> RunCheckpoint:
     found = RunCheckpoint(run_dir, checkpoint, int(_STEP.match(checkpoint.name).group(1)))  # type: ignore[union-attr]
     if not (found.model / "config.json").is_file():
-        what = "a LoRA adapter only (the merged model is written at the end of the run)" if (checkpoint / "adapter").is_dir() else "no model/"
-        raise InputError(f"checkpoint {checkpoint} holds {what}: evaluate the run's final checkpoint, or load base and adapter in Python")
+        what = ("a LoRA adapter only (the merged model is written at the end of the run)"
+                if (checkpoint / "adapter").is_dir() else "no model/")
+        raise InputError(f"checkpoint {checkpoint} holds {what}: evaluate the run's "
+                         "final checkpoint, or load base and adapter in Python")
     return found
 
 
@@ -95,13 +99,14 @@ def check_model_path(model: str) -> None:
         raise InputError(f"model={model}: no such folder (cwd {Path.cwd()})")
     if path.is_dir() and not (path / "config.json").is_file():
         inside = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
-        raise InputError(f"model={model} is a folder but not a model: no config.json (it holds {inside}); give a Hugging Face model "
-                         "folder, a run folder of `reinforcepp train` or a hub name")
+        raise InputError(f"model={model} is a folder but not a model: no config.json (it holds {inside}); "
+                         "give a Hugging Face model folder, a run folder of `reinforcepp train` or a hub name")
     if path.is_file():
         raise InputError(f"model={model} is a file; give a Hugging Face model folder, a run folder or a hub name")
 
 
-def eval_settings(found: RunCheckpoint, saved: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def eval_settings(found: RunCheckpoint, saved: Mapping[str, Any],
+                  given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The evaluation's settings: the run's :data:`EVAL_KEYS` from its ``config.yaml`` (``saved``)
     under the user's (``given``), with the checkpoint's model. The keys a run folder never decides
     (reward sources, environments: :data:`~reinforcepp.run.folder.CHOSEN_BY_YOU`) must be given

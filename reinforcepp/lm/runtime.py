@@ -131,7 +131,8 @@ def open_runtime(config: LMConfig, *, given_data: bool) -> Runtime:
     process group, the dtypes and the parallelism. ``given_data``: datasets were passed in
     Python, so no built-in task runs."""
     if given_data and config.task is not None:
-        raise ConfigError(f"task={config.task} is a built-in task with its own data; it cannot be combined with train_dataset/eval_dataset")
+        raise ConfigError(f"task={config.task} is a built-in task with its own data; "
+                          "it cannot be combined with train_dataset/eval_dataset")
     builtin_task = None if given_data else config.builtin_task
     run_dir = Path(config.output_dir or default_run_dir(config, builtin_task))
     checkpoints = CheckpointManager(run_dir, keep_last=config.keep_last)
@@ -141,7 +142,8 @@ def open_runtime(config: LMConfig, *, given_data: bool) -> Runtime:
     if resume_from is not None and int(os.environ.get("RANK", "0")) == 0:
         check_run_log(run_dir, step_of(resume_from))
     eager = config.output_dir is not None or config.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    folder = RunFolder(run_dir, eager=eager, resume=config.resume, overwrite=config.overwrite)  # rank 0 owns the run folder
+    # rank 0 owns the run folder
+    folder = RunFolder(run_dir, eager=eager, resume=config.resume, overwrite=config.overwrite)
     device = resolve_device(config.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
@@ -181,7 +183,8 @@ def restart_command(config: LMConfig, run_dir: Path, **changes: Any) -> str:
     ``changes``) that differ from what the command would default to, in declaration order."""
     values = config.resolved()
     values.update(changes)
-    named = {k: values[k] for k in ("model", "task", "train_data", "eval_data", "lora_rank") if values.get(k) not in (None, 0)}
+    named = {k: values[k] for k in ("model", "task", "train_data", "eval_data", "lora_rank")
+             if values.get(k) not in (None, 0)}
     base = (LMConfig.tiny(**{k: v for k, v in named.items() if k != "model"}) if config.model is None
             else LMConfig.from_dict(named)).resolved()
     skip = {"output_dir", "resume", "overwrite"}

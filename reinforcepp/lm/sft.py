@@ -43,19 +43,30 @@ class SFTConfig(Config):
     """``reinforcepp sft``: supervised warm start on prompt/completion pairs."""
 
     model: Optional[str] = option(None, "model to fine-tune: a Hugging Face hub name or local path (required)")
-    data: Optional[str] = option(None, "pairs: .jsonl, .parquet, a save_to_disk directory or a hub dataset name, with prompt and completion columns (required)")
-    output_dir: Optional[str] = option(None, "where the fine-tuned model and its tokenizer are saved, a Hugging Face model directory (required)")
+    data: Optional[str] = option(
+        None, "pairs: .jsonl, .parquet, a save_to_disk directory or a hub dataset name, with prompt and completion "
+        "columns (required)")
+    output_dir: Optional[str] = option(
+        None, "where the fine-tuned model and its tokenizer are saved, a Hugging Face model directory (required)")
     tokenizer: Optional[str] = option(None, "tokenizer name or path (default: the model's)")
-    overwrite: bool = option(False, "output_dir is not empty (or is the model itself): move it aside (to OUTPUT_DIR.old-<time>) instead of refusing")
+    overwrite: bool = option(
+        False, "output_dir is not empty (or is the model itself): move it aside (to OUTPUT_DIR.old-<time>) instead of "
+        "refusing")
     prompt_column: str = option("prompt", "column holding the prompt: a string or a list of chat messages")
-    completion_column: str = option("completion", "column holding the completion the model learns: a string (EOS is appended) or chat messages (rendered with the chat template)")
-    messages_column: str = option("messages", "used when the data has no prompt column: whole conversations (TRL's conversational format); every assistant turn is learned, the other turns are context")
+    completion_column: str = option(
+        "completion", "column holding the completion the model learns: a string (EOS is appended) or chat messages "
+        "(rendered with the chat template)")
+    messages_column: str = option(
+        "messages", "used when the data has no prompt column: whole conversations (TRL's conversational format); "
+        "every assistant turn is learned, the other turns are context")
     use_chat_template: bool = option(True, "apply the tokenizer's chat template to prompts when it has one")
     steps: int = option(200, "optimizer steps, each on batch_size pairs drawn at random")
     batch_size: int = option(16, "pairs per optimizer step")
-    lr: Optional[float] = option(None, "AdamW learning rate; None = by model size: 1e-3 below 10M parameters, 1e-4 below 200M, 2e-5 above")
+    lr: Optional[float] = option(
+        None, "AdamW learning rate; None = by model size: 1e-3 below 10M parameters, 1e-4 below 200M, 2e-5 above")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "parameter dtype; auto = float32 on CPU, bfloat16 on a GPU that supports it")
     device: str = option("auto", "torch device; auto = cuda if available, else cpu")
     torch_threads: int = option(0, "CPU threads for torch; 0 = one per physical core (as in train)")
     trust_remote_code: bool = option(False, "allow model repositories to run their own code")
@@ -65,7 +76,8 @@ class SFTConfig(Config):
         super().validate()
         missing = [k for k in ("model", "data", "output_dir") if getattr(self, k) is None]
         if missing:
-            raise ConfigError(f"sft needs {', '.join(k + '=...' for k in missing)} (usage: reinforcepp sft model=PATH data=pairs.jsonl output_dir=OUT)")
+            raise ConfigError(f"sft needs {', '.join(k + '=...' for k in missing)} (usage: "
+                              "reinforcepp sft model=PATH data=pairs.jsonl output_dir=OUT)")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,8 +122,9 @@ def encode_chat(tokenizer, messages: list[dict], learn_from: int = 0) -> tuple[l
             continue
         header, whole = render(messages[:i], True), render(messages[: i + 1], False)
         if not header.startswith(done) or not whole.startswith(header):
-            raise ValueError(f"the chat template does not render this conversation turn by turn (turn {i} changes the text before "
-                             "it), so its assistant turns cannot be told apart; give prompt/completion columns instead")
+            raise ValueError("the chat template does not render this conversation turn by turn "
+                             f"(turn {i} changes the text before it), so its assistant turns "
+                             "cannot be told apart; give prompt/completion columns instead")
         context, turn = ids(header[len(done):]), ids(whole[len(header):])
         end = turn.index(eos) + 1 if eos in turn else len(turn)
         learned, after = turn[:end], turn[end:]
@@ -140,18 +153,21 @@ def data_format(columns: Sequence[str], cfg: SFTConfig) -> str:
     a dataset with neither is refused naming its columns."""
     if cfg.prompt_column in columns:
         if cfg.completion_column not in columns:
-            whole = (f"; for whole conversations in {cfg.prompt_column!r} set messages_column={cfg.prompt_column} instead of "
-                     "prompt_column" if cfg.prompt_column != "prompt" else f", or give whole conversations in a {cfg.messages_column!r} column")
-            raise InputError(f"{cfg.data} has a {cfg.prompt_column!r} column but no {cfg.completion_column!r} column (columns: "
-                             f"{', '.join(columns)}): set completion_column=...{whole}")
+            whole = (f"; for whole conversations in {cfg.prompt_column!r} set messages_column={cfg.prompt_column} "
+                     "instead of prompt_column" if cfg.prompt_column != "prompt"
+                     else f", or give whole conversations in a {cfg.messages_column!r} column")
+            raise InputError(f"{cfg.data} has a {cfg.prompt_column!r} column but no {cfg.completion_column!r} "
+                             f"column (columns: {', '.join(columns)}): set completion_column=...{whole}")
         return "pairs"
     if cfg.messages_column in columns:
         return "conversations"
-    raise InputError(f"{cfg.data} has neither {cfg.prompt_column!r} and {cfg.completion_column!r} columns nor a {cfg.messages_column!r} "
-                     f"column of conversations (columns: {', '.join(columns)}): set prompt_column=/completion_column= or messages_column=")
+    raise InputError(f"{cfg.data} has neither {cfg.prompt_column!r} and {cfg.completion_column!r} "
+                     f"columns nor a {cfg.messages_column!r} column of conversations (columns: "
+                     f"{', '.join(columns)}): set prompt_column=/completion_column= or messages_column=")
 
 
-def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str, cfg: SFTConfig) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str,
+                    cfg: SFTConfig) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """Every row as ``(prompt_ids, response_ids, response_mask)`` (:func:`encode_chat` for chat
     messages; a string completion is learned whole, EOS appended). A row that cannot be encoded
     is refused naming its number and column."""
@@ -168,11 +184,13 @@ def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str, cfg: SFTCon
                 if problem:
                     raise ValueError(problem)
                 if not chat:
-                    raise ValueError("holds chat messages, which need the tokenizer's chat template (it has none, or use_chat_template=false)")
+                    raise ValueError("holds chat messages, which need the tokenizer's chat "
+                                     "template (it has none, or use_chat_template=false)")
                 ids = encode_chat(tokenizer, row[column])
             elif isinstance(row[column], str):
                 column = cfg.prompt_column
-                prompt = tokenizer(render_prompt(tokenizer, row[column], cfg.use_chat_template), add_special_tokens=False)["input_ids"]
+                rendered = render_prompt(tokenizer, row[column], cfg.use_chat_template)
+                prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
                 answer = tokenizer(row[cfg.completion_column], add_special_tokens=False)["input_ids"] + [eos]
                 ids = (list(prompt), list(answer), [1] * len(answer))
             else:
@@ -180,7 +198,8 @@ def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str, cfg: SFTCon
                 if problem:
                     raise ValueError(problem + "; expected a string or chat messages")
                 if not chat:
-                    raise ValueError("holds chat messages, which need the tokenizer's chat template (it has none, or use_chat_template=false)")
+                    raise ValueError("holds chat messages, which need the tokenizer's chat "
+                                     "template (it has none, or use_chat_template=false)")
                 prompt_value = row[cfg.prompt_column]
                 turns = prompt_value if isinstance(prompt_value, list) else [{"role": "user", "content": prompt_value}]
                 ids = encode_chat(tokenizer, [*turns, *row[column]], learn_from=len(turns))
@@ -191,7 +210,8 @@ def encode_examples(tokenizer: Any, rows: Sequence[dict], kind: str, cfg: SFTCon
     return out
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+def encode_pairs(tokenizer, prompts: Sequence[str],
+                 completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each prompt, and of each completion followed by EOS."""
     p = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in prompts]
     c = [tokenizer(y, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for y in completions]
@@ -216,7 +236,8 @@ def sft_train(
     if not prompts or len(prompts) != len(completions):
         raise ValueError(f"sft needs equally many prompts and completions, got {len(prompts)} and {len(completions)}")
     p_ids, c_ids = encode_pairs(tokenizer, prompts, completions)
-    return sft_on_ids(model, tokenizer.pad_token_id, p_ids, c_ids, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, on_step=on_step)
+    return sft_on_ids(model, tokenizer.pad_token_id, p_ids, c_ids, steps=steps, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, seed=seed, on_step=on_step)
 
 
 def sft_on_ids(
@@ -246,7 +267,8 @@ def sft_on_ids(
     for step in range(steps):
         idx = [rng.randrange(len(prompt_ids)) for _ in range(batch_size)]
         masks = [response_masks[i] for i in idx] if response_masks is not None else None
-        batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_token_id, response_masks=masks)
+        batch = collate([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_token_id,
+                        response_masks=masks)
         logp = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_length).logprobs
         loss = aggregate(-logp, batch.response_mask, "token-mean")
         opt.zero_grad(set_to_none=True)

@@ -31,7 +31,9 @@ from ..run import CheckpointManager
 from .distributed import DistContext
 
 _ALLOWED = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -50,7 +52,8 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UnsafeCheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not checkpoint data; refusing to load it")
+        raise UnsafeCheckpointError(f"checkpoint metadata refers to {module}.{name}, "
+                                    "which is not checkpoint data; refusing to load it")
 
 
 def load_metadata(data: bytes) -> Metadata:
@@ -124,7 +127,8 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    load_metadata((Path(path) / ".metadata").read_bytes())  # refuse a planted payload with a plain error, before DCP reads it
+    # refuse a planted payload with a plain error, before DCP reads it
+    load_metadata((Path(path) / ".metadata").read_bytes())
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the template (initialises AdamW's state)
     dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -143,7 +147,8 @@ def write_policy(policy: Any, state: dict[str, torch.Tensor], directory: Path, t
         if not merged:
             return
         base = policy.get_base_model()
-        base.save_pretrained(directory / "model", state_dict=merged_state_dict(state, scaling(policy)), safe_serialization=True)
+        base.save_pretrained(directory / "model", state_dict=merged_state_dict(state, scaling(policy)),
+                             safe_serialization=True)
     else:
         policy.save_pretrained(directory / "model", state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(directory / "model")

@@ -44,10 +44,12 @@ def build_char_tokenizer(alphabet: str = ALPHABET):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   padding_side="left")
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0, context: int = 64):
+def build_tiny_model(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                     context: int = 64):
     """A randomly initialised Llama-architecture causal LM sized for a laptop CPU
     (about 0.4M parameters at the defaults); ``context`` is its ``max_position_embeddings``
     (prompt plus response tokens)."""
@@ -75,8 +77,8 @@ CHAT_ALPHABET = ALPHABET + "\n" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "?!'\"()/_"
 """Characters of :func:`build_chat_tokenizer`: the built-in alphabet, capitals, newline, punctuation."""
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """The ChatML template of Qwen2 (without its default system message): each turn is
 ``<|im_start|>ROLE\\nCONTENT<|im_end|>\\n``; the generation prompt is ``<|im_start|>assistant\\n``."""
@@ -93,15 +95,17 @@ def build_chat_tokenizer(alphabet: str = CHAT_ALPHABET):
     return tok
 
 
-def build_tiny_qwen2(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0, context: int = 128):
+def build_tiny_qwen2(tokenizer, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, seed: int = 0,
+                     context: int = 128):
     """A randomly initialised Qwen2 causal LM (grouped-query attention, biases on q/k/v) sized
     like :func:`build_tiny_model`, for ``tokenizer`` (:func:`build_chat_tokenizer`)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=context,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
@@ -166,7 +170,8 @@ TASKS: dict[str, Task] = {
 def _tools_task() -> Task:
     from ..agents.task import make_env, make_example
 
-    return Task("tools", "add two 4-digit numbers with a calculator tool: '5821+9377=' -> '<t>add 5821 9377</t>', then '15198'",
+    return Task("tools", "add two 4-digit numbers with a calculator tool: "
+                         "'5821+9377=' -> '<t>add 5821 9377</t>', then '15198'",
                 make_example, 5, alphabet=TOOL_ALPHABET, environment=make_env)
 
 
@@ -194,7 +199,8 @@ def char_match(prompts: list[str], completions: list[str], answer: list[str], **
     return out
 
 
-def write_task_files(task: Task, directory: str | Path, n_train: int, n_eval: int, seed: int, wrong_fraction: float = 0.0) -> tuple[Path, Path]:
+def write_task_files(task: Task, directory: str | Path, n_train: int, n_eval: int, seed: int,
+                     wrong_fraction: float = 0.0) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` (``prompt``, ``answer``, ``demonstration``) for a
     task; eval examples come from a different seed stream, and prompts seen in train are removed."""
     import json

@@ -62,16 +62,19 @@ class Trainer:
 
     def __init__(self, config: LMConfig, *, model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
                  reward_funcs: Optional[Sequence[Any]] = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 ref_model: Optional[torch.nn.Module | RemoteReference] = None, env: Optional[Callable[[], Any]] = None) -> None:
+                 ref_model: Optional[torch.nn.Module | RemoteReference] = None,
+                 env: Optional[Callable[[], Any]] = None) -> None:
         config.validate()
         self.config, self.spec = config, get_estimator(config.estimator)
         setup_torch(config)
         self.rt: Runtime = open_runtime(config, given_data=train_dataset is not None or eval_dataset is not None)
-        parts = build_components(config, self.rt, self.spec, Given(model, tokenizer, reward_funcs, train_dataset, eval_dataset,
-                                                                   ref_model, env))
-        self.models, self.engine, self.data, self.scorer, self.env_factory = parts.models, parts.engine, parts.data, parts.scorer, parts.env_factory
+        given = Given(model, tokenizer, reward_funcs, train_dataset, eval_dataset, ref_model, env)
+        parts = build_components(config, self.rt, self.spec, given)
+        self.models, self.engine, self.data = parts.models, parts.engine, parts.data
+        self.scorer, self.env_factory = parts.scorer, parts.env_factory
         # None: evaluation only (eval_data without train_data); train() then says what is missing
-        self.loader = PromptLoader(self.data.train, config.prompts_per_step, seed=config.seed) if self.data.train is not None else None
+        self.loader = (PromptLoader(self.data.train, config.prompts_per_step, seed=config.seed)
+                       if self.data.train is not None else None)
         self.kl_controller = make_kl_controller(config)
         self.updater = PolicyUpdate(config, self.rt, self.models, self.kl_controller)
         self.maker = self._experience_maker()
@@ -88,10 +91,11 @@ class Trainer:
         ``async_rollouts`` the producer that rolls out on a thread of its own (producer.py)."""
         producer, scorer = None, self.scorer
         if self.config.async_rollouts and self.loader is not None:
-            producer, self.engine, scorer = build_producer(self.config, self.rt, self.models, self.engine, self.scorer, self.env_factory,
-                                                           self.spec, self.loader, self.step, saved.get("async"))
-        sampler = RolloutSampler(self.config, self.rt, self.engine, self.models.policy, self.models.tokenizer, scorer, self.env_factory,
-                                 self.spec)
+            producer, self.engine, scorer = build_producer(self.config, self.rt, self.models, self.engine, self.scorer,
+                                                           self.env_factory, self.spec, self.loader, self.step,
+                                                           saved.get("async"))
+        sampler = RolloutSampler(self.config, self.rt, self.engine, self.models.policy, self.models.tokenizer, scorer,
+                                 self.env_factory, self.spec)
         sampler.prompts_truncated = int(saved.get("prompts_truncated", 0))
         if producer is None and can_stage(self.engine):  # rollout servers: this step's weights before the first rollout
             self.engine.sync_weights(self.policy, self.models.weights, version=self.step)
@@ -109,8 +113,9 @@ class Trainer:
             fuse = fuse and rt.parallel.can_hold_forwards(-(-responses // cfg.micro_batch_size))
         else:  # token budgets plan the micro-batches per step: fused only when asked, on one process
             fuse = bool(cfg.fuse_old_logprobs) and cfg.on_policy and needs_old and not rt.dist.enabled
-        return ExperienceMaker(cfg, self.models, self.spec, self.kl_controller, device=rt.device, forward=self.updater.forward,
-                               held=self.updater.held, fuse_old=fuse, precision=rt.precision, timer=rt.timer, dist=rt.dist)
+        return ExperienceMaker(cfg, self.models, self.spec, self.kl_controller, device=rt.device,
+                               forward=self.updater.forward, held=self.updater.held, fuse_old=fuse,
+                               precision=rt.precision, timer=rt.timer, dist=rt.dist)
 
     def open_run_folder(self) -> None:
         """Claim and write the run folder: at construction when the run names it (``output_dir``),
@@ -157,10 +162,13 @@ class Trainer:
         self._train_loader()
         self.open_run_folder()
         last_eval: dict[str, float] = {}
-        bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}", enabled=cfg.progress and self.dist.is_main,
-                       keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc", "tokens_per_s": "tok/s"})
+        bar = Progress(cfg.total_steps, initial=self.step, desc=f"{cfg.estimator}",
+                       enabled=cfg.progress and self.dist.is_main,
+                       keys={"reward/mean": "reward", "kl/mean_token": "kl", "eval/accuracy": "acc",
+                             "tokens_per_s": "tok/s"})
         # Rank 0 evaluates; under FSDP every rank does (gathering the sharded weights is collective), rank 0 logs.
-        evaluates = bool(cfg.eval_every) and self.eval_data is not None and (self.dist.is_main or self.rt.parallel.sharded)
+        evaluates = (bool(cfg.eval_every) and self.eval_data is not None
+                     and (self.dist.is_main or self.rt.parallel.sharded))
         self._start_producer(self.step)
         try:
             if self.step == 0 and evaluates:
@@ -209,15 +217,19 @@ class Trainer:
             log_samples(self.run_dir / "samples.jsonl", self.step, rollout, cfg.num_logged_samples)
         return metrics
 
-    def step_metrics(self, rollout: Rollout, experience: Experience, update_metrics: dict[str, float]) -> dict[str, float]:
+    def step_metrics(self, rollout: Rollout, experience: Experience,
+                     update_metrics: dict[str, float]) -> dict[str, float]:
         """The step's metrics over every rank, with times, throughput and the next beta."""
         tokens = update_metrics.pop("update/real_tokens")  # the update's forwards, every epoch's, on this rank
         metrics = {**self.rollout_metrics(rollout, experience), **update_metrics, **self.rt.timer.pop()}
-        metrics["perf/update_flops_per_s"] = update_flops(sum(p.numel() for p in self.policy.parameters()), int(tokens)) / max(1e-9, metrics["time/update"])
+        flops = update_flops(sum(p.numel() for p in self.policy.parameters()), int(tokens))
+        metrics["perf/update_flops_per_s"] = flops / max(1e-9, metrics["time/update"])
         metrics = self.dist.reduce_metrics(metrics)  # tokens summed over ranks, times of the slowest rank
-        metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, sum(v for k, v in metrics.items() if k.startswith("time/")))
+        seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+        metrics["tokens_per_s"] = metrics["response/tokens"] / max(1e-9, seconds)
         # beta follows the global KL, so every rank keeps the same coefficient
-        metrics["kl/beta_next"] = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), int(self.dist.sum(float(len(experience)))))
+        responses = int(self.dist.sum(float(len(experience))))
+        metrics["kl/beta_next"] = self.kl_controller.update(metrics.get("kl/mean_sequence", 0.0), responses)
         return metrics
 
     def rollout_metrics(self, rollout: Rollout, exp: Experience) -> dict[str, float]:
@@ -237,7 +249,8 @@ class Trainer:
         else:
             self._start_producer(self.step - 1)  # this step's rollout is sampled by the weights before it
             with self.rt.timer("wait"):
-                rollout = drop_stale(self.producer.next(self.step), self.step - 1, cfg.async_rollouts, cfg.samples_per_prompt)
+                rollout = drop_stale(self.producer.next(self.step), self.step - 1, cfg.async_rollouts,
+                                     cfg.samples_per_prompt)
         if cfg.micro_batch_tokens is not None and self.dist.enabled:  # every rank about as many tokens (balance.py)
             rollout = balance_ranks(rollout, self.dist, cfg.samples_per_prompt, cfg.share_prompt)
         return rollout
@@ -273,7 +286,8 @@ class Trainer:
 
     def _train_loader(self) -> PromptLoader:
         if self.loader is None:
-            raise ConfigError("no training data: train_data is not set (eval_data alone is enough for evaluate(), not for train())")
+            raise ConfigError("no training data: train_data is not set (eval_data "
+                              "alone is enough for evaluate(), not for train())")
         return self.loader
 
     # ------------------------------------------------------------------ evaluation, checkpoints
@@ -290,7 +304,8 @@ class Trainer:
         cfg = self.config
         self.open_run_folder()
         counters: dict[str, Any] = {"kl_coef": self.kl_controller.value, "nonfinite_total": self.updater.guard.total,
-                                    "tokens_total": self.tokens_total, "prompts_truncated": self.sampler.prompts_truncated}
+                                    "tokens_total": self.tokens_total,
+                                    "prompts_truncated": self.sampler.prompts_truncated}
         loader = self._train_loader().state_dict()
         if self.producer is not None:  # the producer's position and what it has generated since (producer.py)
             counters["async"] = self.producer.checkpoint(self.step)
@@ -314,7 +329,8 @@ class Trainer:
         from .profile import matmul_flops_per_s, summary
 
         rows = [r for r in read_metrics(self.run_dir) if r.get("kind") == "train"]
-        print(summary(rows, matmul_flops_per_s(dtype=self.rt.autocast_dtype or self.rt.dtype, device=self.rt.device)), file=sys.stdout)
+        peak = matmul_flops_per_s(dtype=self.rt.autocast_dtype or self.rt.dtype, device=self.rt.device)
+        print(summary(rows, peak), file=sys.stdout)
 
 
 def drop_stale(rollout: Rollout, version: int, max_staleness: int, k: int) -> Rollout:
@@ -327,11 +343,13 @@ def drop_stale(rollout: Rollout, version: int, max_staleness: int, k: int) -> Ro
     if versions is None:
         return rollout
     stale = [bool(v) and version - min(v) > max_staleness for v in versions]
-    keep = [i for start in range(0, len(stale), k) if not any(stale[start : start + k]) for i in range(start, start + k)]
+    keep = [i for start in range(0, len(stale), k) if not any(stale[start : start + k])
+            for i in range(start, start + k)]
     if len(keep) == len(stale):
         return rollout
     if not keep:
-        raise RuntimeError(f"every sample of the rollout for version {version} is staler than async_rollouts={max_staleness}")
+        raise RuntimeError(f"every sample of the rollout for version {version} "
+                           f"is staler than async_rollouts={max_staleness}")
     kept = rollout.take(keep)
     kept.counts["async/dropped_stale_samples"] = float(len(stale) - len(keep))
     return kept

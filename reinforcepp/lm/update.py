@@ -80,14 +80,17 @@ class PolicyUpdate:
         total_opt_steps = config.total_steps * config.epochs * self.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_opt_steps))
         critic = models.critic
-        self.critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr) if critic is not None else None
-        self.guard = NonFiniteGuard(config.max_nonfinite_steps, hint="Lower lr, check the rewards, or use dtype=float32.")
+        self.critic_optimizer = (torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
+                                 if critic is not None else None)
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps,
+                                    hint="Lower lr, check the rewards, or use dtype=float32.")
         self.trained = trained
         self.divergence = DivergenceGuard(config.max_weight_growth, trained,
                                           hint="Lower lr (or raise max_weight_growth).")
         self.held = HeldForwards()  # the update's forwards, run early when old_logprobs come from them
-        self.loss_params = PolicyLossParams(config.eps_low, config.eps_high, config.dual_clip, config.importance_sampling_level,
-                                            config.cispo_eps_low, config.cispo_eps_high, config.clip_cov_ratio, config.clip_cov_lb,
+        self.loss_params = PolicyLossParams(config.eps_low, config.eps_high, config.dual_clip,
+                                            config.importance_sampling_level, config.cispo_eps_low,
+                                            config.cispo_eps_high, config.clip_cov_ratio, config.clip_cov_lb,
                                             config.clip_cov_ub, config.kl_cov_ratio, config.kl_cov_coef)
         self.weights_changed = False  # an optimizer step changed the policy since the engine's last sync
         self.step = 0  # the RL step, for messages
@@ -98,9 +101,9 @@ class PolicyUpdate:
         cfg, dev = self.config, self.rt.device
         fn = packed_response_logprobs if cfg.pack_sequences else response_logprobs
         with self.rt.precision():
-            return fn(self.models.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length, with_entropy=True,
-                      chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature, entropy_grad=cfg.entropy_coef != 0,
-                      share_prompt=cfg.share_prompt)
+            return fn(self.models.train_policy, b.input_ids.to(dev), b.attention_mask.to(dev), b.response_length,
+                      with_entropy=True, chunk_size=cfg.logprob_chunk_size, temperature=cfg.temperature,
+                      entropy_grad=cfg.entropy_coef != 0, share_prompt=cfg.share_prompt)
 
     def __call__(self, exp: Experience, step: int) -> dict[str, float]:
         """``epochs`` passes; each mini-batch is one optimizer step accumulated over
@@ -114,7 +117,8 @@ class PolicyUpdate:
         scalars: Scalars = defaultdict(list)
         with self.rt.timer("update"):
             for _epoch in range(cfg.epochs):
-                order = self.shuffled_groups(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1 else torch.arange(len(exp))
+                order = (self.shuffled_groups(len(exp)) if cfg.epochs > 1 or self.num_mini_batches > 1
+                         else torch.arange(len(exp)))
                 for window in order.tensor_split(self.num_mini_batches):
                     self.optimizer_step(exp.select(window), seen, scalars)
         metrics = self.metrics(seen, scalars)
@@ -172,17 +176,20 @@ class PolicyUpdate:
             self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
 
-    def accumulate(self, window: Experience, n_tokens: float, n_seqs: float, seen: Seen, scalars: Scalars) -> torch.Tensor:
+    def accumulate(self, window: Experience, n_tokens: float, n_seqs: float, seen: Seen,
+                   scalars: Scalars) -> torch.Tensor:
         """Backward of every micro-batch of ``window``; returns the window's loss summed over ranks."""
         cfg, rt, models = self.config, self.rt, self.models
         total = torch.zeros(())
         starts = {key: len(scalars[key]) for key in ("loss/kl", "loss/entropy_bonus")}
         micro = micro_batches_of(window.batch, cfg, rt.dist)
         self.count_padding(window, micro, scalars)
-        with rt.parallel.accumulate(models.train_policy, models.train_critic):  # DDP/FSDP2 reduce the gradients in backward
+        # DDP/FSDP2 reduce the gradients in backward
+        with rt.parallel.accumulate(models.train_policy, models.train_critic):
             for rows in micro:
                 part = window.select(torch.tensor(rows or [0], dtype=torch.long))
-                loss = self.micro_loss(part, n_tokens, n_seqs, seen if rows else defaultdict(list), scalars if rows else defaultdict(list))
+                loss = self.micro_loss(part, n_tokens, n_seqs, seen if rows else defaultdict(list),
+                                       scalars if rows else defaultdict(list))
                 if not rows:  # an empty micro-batch of a rank with fewer rows: a forward like the other ranks', no loss
                     loss = loss * 0.0
                 (loss * rt.parallel.loss_scale).backward()
@@ -200,7 +207,8 @@ class PolicyUpdate:
         if self.critic_optimizer is not None:
             self.critic_optimizer.zero_grad(set_to_none=True)
 
-    def micro_loss(self, part: Experience, n_tokens: float, n_seqs: float, seen: Seen, scalars: Scalars) -> torch.Tensor:
+    def micro_loss(self, part: Experience, n_tokens: float, n_seqs: float, seen: Seen,
+                   scalars: Scalars) -> torch.Tensor:
         """The aggregated loss of one micro-batch (its share of the window's loss), recording
         what the metrics need in ``seen`` and ``scalars``."""
         cfg = self.config
@@ -210,7 +218,8 @@ class PolicyUpdate:
         assert out.entropy is not None  # with_entropy=True
         logp = out.logprobs.cpu() if self.rt.device.type == "cpu" else out.logprobs
         real = part.batch.response_mask.to(logp.device)
-        mask = part.loss_mask_or_response_mask.to(logp.device)  # without truncated responses under mask_truncated_completions
+        # without truncated responses under mask_truncated_completions
+        mask = part.loss_mask_or_response_mask.to(logp.device)
         old = part.old_logprobs.to(logp.device) if part.old_logprobs is not None else logp.detach()
         weights = None
         if part.sampler_logprobs is not None:
@@ -223,24 +232,27 @@ class PolicyUpdate:
                     seen[name].append(value.detach().cpu())
         in_loss = self.kl_placement == "loss"
         assert not in_loss or part.ref_logprobs is not None  # loss KL needs the reference
-        terms = token_loss(logp, old, part.advantages.to(logp.device), real, policy=cfg.policy_loss, params=self.loss_params,
-                           is_weights=weights,
-                           ref_logprobs=part.ref_logprobs.to(logp.device) if in_loss and part.ref_logprobs is not None else None,
-                           kl_coef=self.kl_controller.value, kl_estimator=cfg.resolved_kl_estimator, entropy=out.entropy,
-                           entropy_coef=cfg.entropy_coef)
+        ref = part.ref_logprobs.to(logp.device) if in_loss and part.ref_logprobs is not None else None
+        terms = token_loss(logp, old, part.advantages.to(logp.device), real, policy=cfg.policy_loss,
+                           params=self.loss_params, is_weights=weights, ref_logprobs=ref,
+                           kl_coef=self.kl_controller.value, kl_estimator=cfg.resolved_kl_estimator,
+                           entropy=out.entropy, entropy_coef=cfg.entropy_coef)
         # the per-token terms are zeroed outside the loss mask; normalisers count the loss mask's tokens and sequences
-        agg = lambda x: aggregate(x * mask, real, cfg.resolved_loss_agg, num_tokens=n_tokens, num_sequences=n_seqs,  # noqa: E731
-                                  max_response_length=cfg.max_new_tokens)
+        agg = lambda x: aggregate(  # noqa: E731
+            x * mask, real, cfg.resolved_loss_agg, num_tokens=n_tokens, num_sequences=n_seqs,
+            max_response_length=cfg.max_new_tokens)
         if terms.kl is not None:
             scalars["loss/kl"].append(float(agg(terms.kl.detach())))
             seen["kl"].append(terms.kl.detach().cpu())
         if cfg.entropy_coef:
-            scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))  # the term added to the loss
+            # the term added to the loss
+            scalars["loss/entropy_bonus"].append(-cfg.entropy_coef * float(agg(out.entropy.detach())))
         pl = terms.policy
         if pl.selected is not None:
             seen["selected"].append((pl.selected & real.bool()).cpu())
         for name, value in (("logprobs", logp), ("old_logprobs", old), ("clipped_low", pl.clipped_low),
-                            ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask), ("real", real)):
+                            ("clipped_high", pl.clipped_high), ("entropy", out.entropy), ("mask", mask),
+                            ("real", real)):
             seen[name].append(value.detach().cpu())
         return agg(terms.loss)
 
@@ -262,8 +274,8 @@ class PolicyUpdate:
         if len(window) == 0:
             return
         groups = prompt_groups(b.input_ids, b.response_length) if cfg.share_prompt else None
-        computed, real = update_token_counts(b.attention_mask, b.response_length, [r for r in micro if r], packed=cfg.pack_sequences,
-                                             groups=groups)
+        computed, real = update_token_counts(b.attention_mask, b.response_length, [r for r in micro if r],
+                                             packed=cfg.pack_sequences, groups=groups)
         scalars["update/computed_tokens"].append(float(computed))
         scalars["update/real_tokens"].append(float(real))
 
@@ -273,8 +285,8 @@ class PolicyUpdate:
         rt, b = self.rt, part.batch
         assert self.models.train_critic is not None and part.values is not None and part.returns is not None
         with rt.precision():
-            values = self.models.train_critic(b.input_ids.to(rt.device), b.attention_mask.to(rt.device), b.response_length,
-                                              packed=self.config.pack_sequences).float().cpu()
+            values = self.models.train_critic(b.input_ids.to(rt.device), b.attention_mask.to(rt.device),
+                                              b.response_length, packed=self.config.pack_sequences).float().cpu()
         vl = value_loss(values, part.values, part.returns, self.config.value_clip)
         loss = aggregate(vl, b.response_mask, "token-mean", num_tokens=n_tokens) * scale
         (loss * rt.parallel.loss_scale).backward()
@@ -297,9 +309,11 @@ class PolicyUpdate:
         }
         if seen["sampler_logprobs"]:  # sampler vs trainer: the same tokens, two sets of numerics
             sampler = torch.cat(seen["sampler_logprobs"])
-            out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = logprob_mismatch(old, sampler, mask, self.rt.dist.reduce)
+            mismatch = logprob_mismatch(old, sampler, mask, self.rt.dist.reduce)
+            out["rollout/logprob_abs_diff_mean"], out["rollout/logprob_abs_diff_max"] = mismatch
         if seen["is_weights"]:
-            parts = RolloutCorrection(*(torch.cat(seen[k]) for k in ("is_weights", "is_masked", "is_log_ratio", "is_truncated")))
+            parts = RolloutCorrection(*(torch.cat(seen[k])
+                                        for k in ("is_weights", "is_masked", "is_log_ratio", "is_truncated")))
             out.update(correction_stats(parts, torch.cat(seen["real"]), self.rt.dist.reduce))
         if self.kl_placement == "loss":
             kl = torch.cat(seen["kl"])

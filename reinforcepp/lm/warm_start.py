@@ -48,8 +48,8 @@ def warm_start(policy: torch.nn.Module, tokenizer: Any, rows: Any, config: Any, 
     """``config.sft_steps`` supervised steps on the built-in task's demonstrations in ``rows``
     (the training dataset), with a progress bar when ``progress``."""
     if builtin_task is None:
-        raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for your data run `reinforcepp sft` first "
-                          "and set sft_steps=0")
+        raise ConfigError("sft_steps > 0 warm-starts on the built-in tasks only; for "
+                          "your data run `reinforcepp sft` first and set sft_steps=0")
     prompts = [render_prompt(tokenizer, p, config.use_chat_template) for p in rows[config.prompt_column]]
     bar = Progress(config.sft_steps, desc="warm start (sft)", keys={"loss": "loss"}, enabled=progress)
     on_step = lambda _, loss: bar.update({"loss": loss})  # noqa: E731
