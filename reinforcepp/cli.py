@@ -29,7 +29,8 @@ def plot_main(argv: list[str]) -> int:
 
     from .run import plot_run
 
-    parser = argparse.ArgumentParser(prog="reinforcepp plot", description="Write RUN_DIR/plots.png from RUN_DIR/metrics.jsonl.")
+    parser = argparse.ArgumentParser(prog="reinforcepp plot",
+                                     description="Write RUN_DIR/plots.png from RUN_DIR/metrics.jsonl.")
     parser.add_argument("run_dir")
     parser.add_argument("--keys", default=None, help="comma-separated metric names (default: the standard ones)")
     parser.add_argument("--out", default=None, help="output PNG path (default RUN_DIR/plots.png)")

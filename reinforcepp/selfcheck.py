@@ -20,21 +20,25 @@ def builtin_batch() -> tuple[AdvantageInputs, torch.Tensor]:
     old_logprobs = -torch.rand(6, 5, generator=g)
     ref_logprobs = old_logprobs - 0.1 * torch.randn(6, 5, generator=g)
     values = 0.5 * torch.ones(6, 5) * mask
-    return AdvantageInputs(rewards, mask, samples_per_prompt=3, values=values), kl_penalty(old_logprobs, ref_logprobs, "k1") * mask
+    kl = kl_penalty(old_logprobs, ref_logprobs, "k1") * mask
+    return AdvantageInputs(rewards, mask, samples_per_prompt=3, values=values), kl
 
 
 def table() -> str:
     inputs, kl = builtin_batch()
-    header = f"{'estimator':<22}" + "".join(f"  A[{i}]({int(r)}) " for i, r in enumerate(inputs.rewards)) + "  mean_tok  std_tok"
+    header = (f"{'estimator':<22}" + "".join(f"  A[{i}]({int(r)}) " for i, r in enumerate(inputs.rewards))
+              + "  mean_tok  std_tok")
     lines = [header, "-" * len(header)]
     for name in sorted(ESTIMATORS):
         spec = ESTIMATORS[name]
         params = AdvantageParams(kl_coef=0.05 if spec.kl_in_reward else 0.0)
-        batch = AdvantageInputs(inputs.rewards, inputs.response_mask, inputs.samples_per_prompt, kl if spec.kl_in_reward else None, inputs.values)
+        batch = AdvantageInputs(inputs.rewards, inputs.response_mask, inputs.samples_per_prompt,
+                                kl if spec.kl_in_reward else None, inputs.values)
         adv = compute_advantages(name, batch, params).advantages
         per_seq = (adv * batch.response_mask).sum(1) / batch.response_mask.sum(1)
         stats = advantage_stats(adv, batch.response_mask)
-        lines.append(f"{name:<22}" + "".join(f"  {v:+8.4f} " for v in per_seq.tolist()) + f"  {stats['advantage/mean_token']:+8.4f}  {stats['advantage/std_token']:7.4f}")
+        lines.append(f"{name:<22}" + "".join(f"  {v:+8.4f} " for v in per_seq.tolist())
+                     + f"  {stats['advantage/mean_token']:+8.4f}  {stats['advantage/std_token']:7.4f}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from .rollout import (
 from .tools import JSONToolParser, TagToolParser, ToolCall, ToolCallError, ToolEnv
 
 __all__ = [
-    "ChatFormat", "EnvError", "EnvFactory", "Environment", "EpisodeInfo", "EpisodeRunner", "JSONToolParser", "PlainFormat",
-    "StepResult", "TagToolParser", "ToolCall", "ToolCallError", "ToolEnv", "episode_metrics", "load_environment", "split_turn_rewards",
+    "ChatFormat", "EnvError", "EnvFactory", "Environment", "EpisodeInfo", "EpisodeRunner", "JSONToolParser",
+    "PlainFormat", "StepResult", "TagToolParser", "ToolCall", "ToolCallError", "ToolEnv", "episode_metrics",
+    "load_environment", "split_turn_rewards",
 ]

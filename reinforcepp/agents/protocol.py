@@ -65,14 +65,17 @@ def check_step(env: Any, turn: int, out: Any) -> StepResult:
     """Validate what ``env.step`` returned on ``turn`` (1-based); :class:`EnvError` otherwise."""
     where = f"environment {env_name(env)}, turn {turn}"
     if not isinstance(out, tuple) or len(out) not in (3, 4):
-        raise EnvError(f"{where}: step() must return (observation, reward, done[, info]), got {type(out).__name__} {str(out)[:60]!r}")
+        raise EnvError(f"{where}: step() must return (observation, reward, done[, info]), "
+                       f"got {type(out).__name__} {str(out)[:60]!r}")
     obs, reward, done = out[:3]
     info = out[3] if len(out) == 4 else {}
     if not isinstance(obs, str):
         raise EnvError(f"{where}: the observation is a {type(obs).__name__}, expected str")
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(float(reward)):
         raise EnvError(f"{where}: the reward is {reward!r}, expected a finite number")
-    if not isinstance(info, dict) or not all(isinstance(v, (int, float)) and math.isfinite(float(v)) for v in info.values()):
+    if not isinstance(info, dict) or not all(
+        isinstance(v, (int, float)) and math.isfinite(float(v)) for v in info.values()
+    ):
         raise EnvError(f"{where}: info must be a dict of finite numbers, got {str(info)[:60]!r}")
     return StepResult(obs, float(reward), bool(done), {str(k): float(v) for k, v in info.items()})
 
@@ -81,9 +84,12 @@ def check_prompt(env: Any, prompt: Any, row: dict[str, Any], prompt_column: str)
     """The prompt ``reset`` returned (``None`` = the row's own prompt), checked."""
     if prompt is None:
         prompt = row[prompt_column]
-    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)):
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
+    ):
         return prompt
-    raise EnvError(f"environment {env_name(env)}, reset: returned a {type(prompt).__name__}, expected a str, chat messages or None")
+    raise EnvError(f"environment {env_name(env)}, reset: returned a {type(prompt).__name__}, "
+                   "expected a str, chat messages or None")
 
 
 def load_environment(spec: str) -> EnvFactory:

@@ -60,7 +60,8 @@ class ChatFormat:
             marker, reply = "\x00OBS\x00", "\x00ANSWER\x00"
             base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
             closed = tok.apply_chat_template(base, tokenize=False)
-            full = tok.apply_chat_template(base + [{"role": role, "content": marker}], tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template(base + [{"role": role, "content": marker}], tokenize=False,
+                                           add_generation_prompt=True)
             if not full.startswith(closed[: closed.index(reply)]) or marker not in full:
                 raise EnvError(f"the chat template cannot render a {role!r} message after an assistant turn")
             after_reply = full[full.index(reply) + len(reply) :]
@@ -102,7 +103,8 @@ class EpisodeRunner:
         chat: observations rendered as chat messages (:class:`ChatFormat`), else raw text.
     """
 
-    def __init__(self, factory: EnvFactory, engine: GenerationEngine, tokenizer: Any, *, render: Callable[[Prompt], str],
+    def __init__(self, factory: EnvFactory, engine: GenerationEngine, tokenizer: Any, *,
+                 render: Callable[[Prompt], str],
                  encode: Callable[[str], list[int]], max_turns: int, max_observation_tokens: int, chat: bool = False,
                  prompt_column: str = "prompt") -> None:
         self.factory, self.engine, self.tokenizer = factory, engine, tokenizer
@@ -142,7 +144,8 @@ class EpisodeRunner:
                 obs = self.format.observation_ids(result.observation, getattr(envs[i], "observation_role", "tool"))
                 obs = obs[: self.max_observation_tokens]
                 if not obs:
-                    raise EnvError(f"environment {env_name(envs[i])}, turn {turn}: an empty observation on a turn that is not done")
+                    raise EnvError(f"environment {env_name(envs[i])}, turn {turn}: "
+                                   "an empty observation on a turn that is not done")
                 episodes.add_observation(i, obs)
                 still.append(i)
             active = still
@@ -197,11 +200,14 @@ class _Transcripts:
         transcripts = tokenizer.batch_decode(self.responses, skip_special_tokens=False)
         env_rewards = torch.tensor([sum(r for _, r in tr) for tr in self.turn_rewards], dtype=torch.float32)
         info = EpisodeInfo(self.final, transcripts, env_rewards, self.turn_rewards, self.stats)
-        return Generation(prompt_ids, self.responses, self.truncated, sampler_logprobs=self.logprobs, response_masks=self.masks,
+        return Generation(prompt_ids, self.responses, self.truncated, sampler_logprobs=self.logprobs,
+                          response_masks=self.masks,
                           episodes=info, token_versions=self.versions)
 
 
-def split_turn_rewards(rewards: Tensor, generation: Generation, response_length: int, token_level: bool) -> tuple[Tensor, Tensor | None]:
+def split_turn_rewards(
+    rewards: Tensor, generation: Generation, response_length: int, token_level: bool
+) -> tuple[Tensor, Tensor | None]:
     """Where the rewards of a multi-turn episode go (see docs/agents.md, "Rewards").
 
     The final turn's reward is part of the scalar ``R_i`` (``rewards``), on the episode's last
@@ -233,13 +239,16 @@ def episode_metrics(generation: Generation) -> dict[str, float]:
     info = generation.episodes
     if info is None:
         return {}
-    m = {f"env/{k}_per_episode" if k not in ("turns", "turn_limit") else f"env/{k}": float(v.mean()) for k, v in info.stats.items()}
+    m = {f"env/{k}_per_episode" if k not in ("turns", "turn_limit") else f"env/{k}": float(v.mean())
+         for k, v in info.stats.items()}
     m["env/turn_limit"] = m.pop("env/turn_limit")
     m["env/reward_mean"] = float(info.env_rewards.mean())
     if "tool_calls" in info.stats:
         calls = info.stats["tool_calls"]
         m["env/tool_call_rate"] = float((calls > 0).float().mean())
-        m["env/tool_error_rate"] = float((info.stats.get("tool_errors", torch.zeros_like(calls)).sum() + info.stats.get("tool_timeouts", torch.zeros_like(calls)).sum()) / calls.sum().clamp_min(1))
+        errors = (info.stats.get("tool_errors", torch.zeros_like(calls)).sum()
+                  + info.stats.get("tool_timeouts", torch.zeros_like(calls)).sum())
+        m["env/tool_error_rate"] = float(errors / calls.sum().clamp_min(1))
     return m
 
 
@@ -251,7 +260,8 @@ def score_episodes(scorer: Any, prompts: list[str], generation: Generation, colu
     info = generation.episodes
     assert info is not None
     if scorer is None:
-        return RewardResult(info.env_rewards.clone(), {"env": info.env_rewards}, torch.zeros(len(prompts), dtype=torch.bool))
+        no_answer = torch.zeros(len(prompts), dtype=torch.bool)
+        return RewardResult(info.env_rewards.clone(), {"env": info.env_rewards}, no_answer)
     result = scorer(prompts, info.final_texts, columns)
     result.rewards = torch.where(result.dropped, result.rewards, result.rewards + info.env_rewards)
     result.per_source = {**result.per_source, "env": info.env_rewards}

@@ -67,7 +67,9 @@ def demonstration_turns(row: dict[str, Any]) -> list[str]:
     return [row["demonstration"]]
 
 
-def demonstration_episode(env: Any, row: dict[str, Any], prompt_ids: list[int], turns: Sequence[str], tokenizer: Any, observation_ids: Any) -> tuple[list[int], list[int]]:
+def demonstration_episode(
+    env: Any, row: dict[str, Any], prompt_ids: list[int], turns: Sequence[str], tokenizer: Any, observation_ids: Any
+) -> tuple[list[int], list[int]]:
     """``(response_ids, response_mask)`` of a demonstrated episode, with the observations the
     environment really returns (so the warm start sees exactly what rollouts will)."""
     from .protocol import check_step

@@ -53,7 +53,10 @@ class TagToolParser:
     whitespace-separated words (positional arguments, converted to the tool's annotated
     ``int`` / ``float`` / ``bool`` types). The output comes back as ``<result>OUTPUT</result>``."""
 
-    def __init__(self, open: str = "<tool>", close: str = "</tool>", result_open: str = "<result>", result_close: str = "</result>") -> None:
+    def __init__(
+        self, open: str = "<tool>", close: str = "</tool>", result_open: str = "<result>",
+        result_close: str = "</result>",
+    ) -> None:
         self.open, self.close, self.result_open, self.result_close = open, close, result_open, result_close
 
     def parse(self, text: str) -> ToolCall | None:
@@ -127,7 +130,9 @@ def _coerce(fn: Callable[..., Any], args: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _call_with_timeout(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float) -> concurrent.futures.Future[Any]:
+def _call_with_timeout(
+    fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], timeout: float
+) -> concurrent.futures.Future[Any]:
     """Run ``fn`` on a daemon thread; the future holds its result or exception. A call that
     never returns leaves its thread behind (Python cannot kill a thread) but never blocks the
     run or its exit."""
@@ -206,7 +211,8 @@ class ToolEnv:
             return self._error(f"{call.name} timed out after {self.timeout:g} s", timeout=True)
         except Exception as e:  # noqa: BLE001 - the model sees the error and the run goes on
             return self._error(f"{call.name} raised {type(e).__name__}: {e}")
-        return self.parser.format_result(str(output)), 0.0, False, {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0}
+        info = {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0}
+        return self.parser.format_result(str(output)), 0.0, False, info
 
     def _error(self, text: str, timeout: bool = False) -> tuple[str, float, bool, dict[str, float]]:
         info = {"tool_calls": 1.0, "tool_errors": 0.0 if timeout else 1.0, "tool_timeouts": 1.0 if timeout else 0.0}

@@ -33,25 +33,27 @@ from .kl import KL_ESTIMATORS, KL_PLACEMENTS, KLEstimatorName, KLPlacement, chec
 from .kl_control import AdaptiveKLController, FixedKLController, mix_reference
 from .losses import (
     IMPORTANCE_SAMPLING_LEVELS,
-    LOSS_AGGS,
     CovPolicyLoss,
     ImportanceSamplingLevel,
-    LossAgg,
     POLICY_LOSSES,
     PolicyLoss,
     PolicyLossName,
     PolicyLossParams,
     compute_policy_loss,
-    TokenLoss,
-    aggregate,
     cispo_loss,
     clip_cov_loss,
-    entropy_from_logits,
     importance_log_ratio,
     kl_cov_loss,
-    kl_loss,
     policy_loss,
     token_covariance,
+)
+from .objective import (
+    LOSS_AGGS,
+    LossAgg,
+    TokenLoss,
+    aggregate,
+    entropy_from_logits,
+    kl_loss,
     token_loss,
     truncated_loss_mask,
     value_loss,
@@ -81,6 +83,15 @@ from .shaping import (
     token_rewards,
     truncation_penalty,
 )
-from .stats import Reduce, all_reduce_sum, masked_mean, masked_mean_var, masked_sum, masked_var, masked_whiten, sequence_whiten
+from .stats import (
+    Reduce,
+    all_reduce_sum,
+    masked_mean,
+    masked_mean_var,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    sequence_whiten,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -196,7 +196,8 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> A
     """REINFORCE++-baseline: ``R_i <- R_i - mean_{group(i)} R`` (no std division), clip, token
     rewards, undiscounted returns (gamma must be 1), global token-weighted whitening."""
     if params.gamma != 1.0:
-        raise ValueError(f"reinforce_pp_baseline uses gamma = 1 (the group baseline is a scalar per response); got gamma={params.gamma}")
+        raise ValueError("reinforce_pp_baseline uses gamma = 1 (the group baseline is a scalar per response); "
+                         f"got gamma={params.gamma}")
     centred = clip_rewards(group_mean_baseline(inputs.rewards.float(), inputs.samples_per_prompt), params.reward_clip)
     r = _token_rewards(inputs, params, centred)
     g = discounted_returns(r, inputs.response_mask, 1.0, inputs.last_values)
@@ -207,7 +208,9 @@ def reinforce_pp_baseline(inputs: AdvantageInputs, params: AdvantageParams) -> A
 SCALE_REWARDS = ("group", "batch", "none")
 
 
-def scaled_group_advantages(rewards: Tensor, samples_per_prompt: int, scale: str = "group", eps: float = 1e-6, reduce: Optional[Reduce] = None) -> Tensor:
+def scaled_group_advantages(
+    rewards: Tensor, samples_per_prompt: int, scale: str = "group", eps: float = 1e-6, reduce: Optional[Reduce] = None
+) -> Tensor:
     """``(R_i - mean_g) / s``, ``(N,)`` -> ``(N,)``, with TRL's ``scale_rewards`` choices:
 
     * ``group``: ``s = std_g + eps`` (sample std of the group, :func:`group_normalize`);
@@ -237,8 +240,11 @@ def grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     (:func:`scaled_group_advantages`)."""
     r = inputs.rewards.float()
     # Shaping order (docs/algorithms.md, "The pipeline, in order"): group baseline first, then the clip to [-c, c].
-    a = clip_rewards(scaled_group_advantages(r, inputs.samples_per_prompt, params.scale_rewards, params.group_std_eps, params.reduce), params.reward_clip)
-    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
+    scaled = scaled_group_advantages(r, inputs.samples_per_prompt, params.scale_rewards, params.group_std_eps,
+                                     params.reduce)
+    a = clip_rewards(scaled, params.reward_clip)
+    returns = _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask)
+    return Advantages(_broadcast(a, inputs.response_mask), returns)
 
 
 @register_estimator("dr_grpo", needs_groups=True, kl_in_reward=False, default_loss_agg="seq-mean-token-sum-norm")
@@ -247,7 +253,8 @@ def dr_grpo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     normalisation; pair it with the ``seq-mean-token-sum-norm`` loss aggregation)."""
     r = inputs.rewards.float()
     a = clip_rewards(group_mean_baseline(r, inputs.samples_per_prompt), params.reward_clip)  # baseline, then clip
-    return Advantages(_broadcast(a, inputs.response_mask), _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask))
+    returns = _broadcast(clip_rewards(r, params.reward_clip), inputs.response_mask)
+    return Advantages(_broadcast(a, inputs.response_mask), returns)
 
 
 @register_estimator("rloo", needs_groups=True, kl_in_reward=False)
@@ -255,7 +262,8 @@ def rloo(inputs: AdvantageInputs, params: AdvantageParams) -> Advantages:
     """RLOO (arXiv 2402.14740): ``A_i = R_i - mean_{j != i in group} R_j`` broadcast;
     optional global token-weighted whitening (``params.whiten``)."""
     r = inputs.rewards.float()
-    baselined = clip_rewards(leave_one_out_baseline(r, inputs.samples_per_prompt), params.reward_clip)  # baseline, then clip
+    # baseline, then clip
+    baselined = clip_rewards(leave_one_out_baseline(r, inputs.samples_per_prompt), params.reward_clip)
     a = _broadcast(baselined, inputs.response_mask)
     if params.whiten:
         a = masked_whiten(a, inputs.response_mask.float(), params.reduce, eps=params.whiten_eps)

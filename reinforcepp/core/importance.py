@@ -39,12 +39,15 @@ def truncated_importance_weights(old_logprobs: Tensor, sampler_logprobs: Tensor,
     if not cap > 0:
         raise ValueError(f"the TIS cap must be > 0, got {cap}")
     if old_logprobs.shape != sampler_logprobs.shape:
-        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and sampler_logprobs {tuple(sampler_logprobs.shape)} differ in shape")
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and sampler_logprobs "
+                         f"{tuple(sampler_logprobs.shape)} differ in shape")
     everywhere = torch.ones(old_logprobs.shape, dtype=torch.bool, device=old_logprobs.device)
     return rollout_correction(old_logprobs, sampler_logprobs, everywhere, "truncate", "token", high=cap).weights.float()
 
 
-def logprob_mismatch(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, reduce: Reduce | None = None) -> tuple[float, float]:
+def logprob_mismatch(
+    old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, reduce: Reduce | None = None
+) -> tuple[float, float]:
     """Mean and max of ``|old_logprobs - sampler_logprobs|`` over real tokens.
 
     ``(N, T)`` each -> ``(mean, max)``; the mean is exact over the global batch with a

@@ -65,7 +65,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimatorNam
     if estimator not in _ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape")
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape"
+        )
     # Clamp x as well as the result: exp(-x) overflows float32 for x < -88.
     x = (logprobs.float() - ref_logprobs.float()).clamp(-20.0, 20.0)
     return _ESTIMATORS[estimator](x).clamp(-KL_CLAMP, KL_CLAMP)

@@ -12,7 +12,9 @@ from .shaping import group_view
 from .stats import Reduce, masked_mean, masked_mean_var
 
 
-def clip_fractions(clipped_low: Tensor, clipped_high: Tensor, mask: Tensor, reduce: Optional[Reduce] = None) -> tuple[float, float]:
+def clip_fractions(
+    clipped_low: Tensor, clipped_high: Tensor, mask: Tensor, reduce: Optional[Reduce] = None
+) -> tuple[float, float]:
     """Fraction of real tokens whose lower clip binds and whose upper clip binds (see
     :class:`~reinforcepp.core.losses.PolicyLoss`). ``(N, T)`` each -> ``(low, high)``."""
     m = mask.float()

@@ -56,7 +56,9 @@ def discounted_returns(
     return out * mask
 
 
-def discounted_returns_loop(token_rewards: Tensor, response_mask: Tensor, gamma: float, last_values: Optional[Tensor] = None) -> Tensor:
+def discounted_returns_loop(
+    token_rewards: Tensor, response_mask: Tensor, gamma: float, last_values: Optional[Tensor] = None
+) -> Tensor:
     """Reference form of :func:`discounted_returns`: the sum written out per element."""
     n, t_max = token_rewards.shape
     out = torch.zeros_like(token_rewards)
@@ -97,7 +99,8 @@ def gae(
     v = values * mask
     n, t_max = r.shape
     real = mask > 0
-    next_v = torch.zeros_like(v[:, 0]) if last_values is None else last_values.to(v.dtype)  # V after the last real token
+    # V after the last real token
+    next_v = torch.zeros_like(v[:, 0]) if last_values is None else last_values.to(v.dtype)
     adv = torch.zeros_like(v)
     running = torch.zeros_like(v[:, 0])
     for t in range(t_max - 1, -1, -1):
@@ -111,7 +114,10 @@ def gae(
     return adv, (adv + v) * mask
 
 
-def gae_loop(token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float, last_values: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def gae_loop(
+    token_rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float,
+    last_values: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     """Reference form of :func:`gae`: deltas, then the explicit weighted sum per element."""
     n, t_max = token_rewards.shape
     adv = torch.zeros_like(values)

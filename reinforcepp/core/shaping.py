@@ -35,7 +35,9 @@ def group_view(rewards: Tensor, samples_per_prompt: int) -> Tensor:
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be (N,), got {tuple(rewards.shape)}")
     if samples_per_prompt < 1 or rewards.numel() % samples_per_prompt:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of samples_per_prompt={samples_per_prompt}")
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of samples_per_prompt={samples_per_prompt}"
+        )
     return rewards.view(-1, samples_per_prompt)
 
 
@@ -87,7 +89,8 @@ def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: floa
     lengths = lengths.float()
     start = max_length - buffer
     ramp = (start - lengths) / buffer * factor
-    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, -factor * torch.ones_like(lengths)))
+    beyond = -factor * torch.ones_like(lengths)
+    return torch.where(lengths <= start, torch.zeros_like(lengths), torch.where(lengths <= max_length, ramp, beyond))
 
 
 def truncation_penalty(truncated: Tensor, penalty: float) -> Tensor:

@@ -82,7 +82,8 @@ class EpisodeInfo:
 
     def select(self, index: Sequence[int]) -> EpisodeInfo:
         idx = list(index)
-        return EpisodeInfo([self.final_texts[i] for i in idx], [self.transcripts[i] for i in idx], self.env_rewards[idx],
+        return EpisodeInfo([self.final_texts[i] for i in idx], [self.transcripts[i] for i in idx],
+                           self.env_rewards[idx],
                            [self.turn_rewards[i] for i in idx], {k: v[idx] for k, v in self.stats.items()})
 
     @staticmethod
@@ -136,9 +137,11 @@ class Generation:
     def take(self, index: Sequence[int]) -> Generation:
         """The responses at ``index``, in that order."""
         index = list(index)
-        return Generation([self.prompt_ids[i] for i in index], [self.response_ids[i] for i in index], self.truncated[index],
+        return Generation([self.prompt_ids[i] for i in index], [self.response_ids[i] for i in index],
+                          self.truncated[index],
                           _pick(self.sampler_logprobs, index), _pick(self.response_masks, index),
-                          None if self.episodes is None else self.episodes.select(index), _pick(self.token_versions, index))
+                          None if self.episodes is None else self.episodes.select(index),
+                          _pick(self.token_versions, index))
 
     @staticmethod
     def concat(parts: Sequence[Generation]) -> Generation:
@@ -146,7 +149,8 @@ class Generation:
         return Generation([x for g in parts for x in g.prompt_ids], [x for g in parts for x in g.response_ids],
                           torch.cat([g.truncated for g in parts]), _join([g.sampler_logprobs for g in parts]),
                           _join([g.response_masks for g in parts]),
-                          None if any(e is None for e in episodes) else EpisodeInfo.concat([e for e in episodes if e is not None]),
+                          None if any(e is None for e in episodes)
+                          else EpisodeInfo.concat([e for e in episodes if e is not None]),
                           _join([g.token_versions for g in parts]))
 
     def with_version(self, version: int) -> Generation:
@@ -201,11 +205,15 @@ class GenerationEngine(Protocol):
     """The policy version the engine samples with: 0 for the initial weights, then the
     ``version`` of the last :meth:`sync_weights`."""
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams
+    ) -> Generation:
         """``samples_per_prompt`` responses to each prompt, prompt by prompt."""
         ...
 
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0) -> None:
+    def sync_weights(
+        self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0
+    ) -> None:
         """Make the engine sample from the policy's current weights: ``weights()`` when given
         (a sharded or LoRA policy's full weights), else ``model``'s own, and report ``version``
         from now on. Engines that share the model only record the version. The trainer calls
@@ -246,7 +254,9 @@ def can_stage(engine: object) -> TypeGuard[StagingEngine]:
     return callable(getattr(engine, "stage_weights", None)) and callable(getattr(engine, "use_version", None))
 
 
-def split_responses(sequences: Tensor, eos_token_id: int | Sequence[int], max_new_tokens: int) -> tuple[list[list[int]], Tensor]:
+def split_responses(
+    sequences: Tensor, eos_token_id: int | Sequence[int], max_new_tokens: int
+) -> tuple[list[list[int]], Tensor]:
     """Cut generated ``(N, T)`` token rows after the first EOS; flag rows with no EOS."""
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     is_eos = torch.isin(sequences, eos)

@@ -34,7 +34,9 @@ class HFGenerationEngine:
         self.device = torch.device(device)
         self.weight_version = 0
 
-    def sync_weights(self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0) -> None:
+    def sync_weights(
+        self, model: torch.nn.Module, weights: Optional[WeightProvider] = None, *, version: int = 0
+    ) -> None:
         self.model = model  # the engine samples from the training model itself: nothing to copy
         self.weight_version = version
 
@@ -42,14 +44,17 @@ class HFGenerationEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams
+    ) -> Generation:
         from transformers import GenerationConfig
 
         tok = self.tokenizer
         ids, attn = left_pad(prompt_ids, tok.pad_token_id)
         width = ids.shape[1]
         # Sampling values are explicit: None would fall back to transformers' defaults (top_k=50).
-        sampling = {} if params.greedy else dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        sampling = {} if params.greedy else dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                                                 top_k=params.top_k)
         gen_config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             **sampling,
@@ -61,13 +66,15 @@ class HFGenerationEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), generation_config=gen_config,
+            out = cast(Any, self.model).generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                                 generation_config=gen_config,
                                                  output_scores=True, return_dict_in_generate=True)
         finally:
             self.model.train(was_training)
         new = out.sequences[:, width:]
         # scores are the processed logits (temperature, top-k, top-p applied): the sampled distribution
-        logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1) for t, s in enumerate(out.scores)], 1)
+        logprobs = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
+                                for t, s in enumerate(out.scores)], 1)
         responses, truncated = split_responses(new.cpu(), tok.eos_token_id, params.max_new_tokens)
         prompts = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
         sampled = [logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]
@@ -113,20 +120,24 @@ class SharedPromptSampler(HFGenerationEngine):
         self.static = DecodeCache() if config is not None and config.torch_compile in ("decode", "all") else None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams
+    ) -> Generation:
         from .kv_cache import new_cache, with_cache
 
         tok = self.tokenizer
         ids, attn = left_pad(prompt_ids, tok.pad_token_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(samples_per_prompt)
-        eos = torch.tensor([tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id), device=self.device)
+        eos_ids = [tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id)
+        eos = torch.tensor(eos_ids, device=self.device)
         was_training = self.model.training
         self.model.eval()
         try:
             positions = position_ids_from_mask(attn)
             cache = new_cache() if self.static is not None else new_cache(reserve=ids.shape[1] + params.max_new_tokens)
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **with_cache(self.model, cache))
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1,
+                             **with_cache(self.model, cache))
             cache.batch_select_indices(rows)
             logits, attn, position = out.logits[rows, -1], attn[rows], positions[rows, -1:] + 1
             step_fn: Callable[..., Any] = self.model
@@ -158,11 +169,13 @@ class SharedPromptSampler(HFGenerationEngine):
                     break
                 if self.static is None:
                     attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                out = step_fn(input_ids=token[:, None], attention_mask=attn, position_ids=position, **with_cache(self.model, cache))
+                out = step_fn(input_ids=token[:, None], attention_mask=attn, position_ids=position,
+                              **with_cache(self.model, cache))
                 logits, position = out.logits[:, -1], position + 1
         finally:
             self.model.train(was_training)
-        responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id, params.max_new_tokens)
+        responses, truncated = split_responses(torch.stack(new_tokens, 1).cpu(), tok.eos_token_id,
+                                               params.max_new_tokens)
         sampled = torch.stack(logprobs, 1).cpu()
         prompts = [list(prompt_ids[int(r)]) for r in rows]
         lps = [sampled[i, : len(r)].tolist() for i, r in enumerate(responses)]
@@ -187,7 +200,9 @@ class DecodeCache:
         self.model: Optional[torch.nn.Module] = None
         self.step: Optional[Callable[..., Any]] = None
 
-    def prepare(self, model: torch.nn.Module, prefilled: Any, attn: Tensor, max_new_tokens: int) -> tuple[Callable[..., Any], Any, Tensor]:
+    def prepare(
+        self, model: torch.nn.Module, prefilled: Any, attn: Tensor, max_new_tokens: int
+    ) -> tuple[Callable[..., Any], Any, Tensor]:
         """The compiled step, a static cache holding ``prefilled``'s ``(N, heads, width, d)``
         keys and values, and the ``(N, L)`` attention mask."""
         from transformers import StaticCache
@@ -204,7 +219,8 @@ class DecodeCache:
             if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
                 from ..config import ConfigError
 
-                raise ConfigError("torch_compile=decode needs full-attention layers; this model has sliding-window layers: use torch_compile=update or off")
+                raise ConfigError("torch_compile=decode needs full-attention layers; this model has sliding-window "
+                                  "layers: use torch_compile=update or off")
             self.caches[(rows, length)] = cache
         else:
             cache.reset()
@@ -216,5 +232,6 @@ class DecodeCache:
         return self.step, cache, mask
 
 
-register_engine("hf", SharedPromptSampler, help="cached sampling loop, each prompt prefilled once for its samples (the default)")
+register_engine("hf", SharedPromptSampler,
+                help="cached sampling loop, each prompt prefilled once for its samples (the default)")
 register_engine("hf_generate", HFGenerationEngine, help="transformers' generate", seeded=False)

@@ -70,7 +70,8 @@ def check_engine_config(config: Any) -> EngineSpec:
             continue
         changed = [k for k in other.options if k in defaults and getattr(config, k) != defaults[k]]
         if changed:
-            raise ConfigError(f"{changed[0]} is set but engine={config.engine!r}; it applies to engine={other.name} only")
+            raise ConfigError(f"{changed[0]} is set but engine={config.engine!r}; "
+                              f"it applies to engine={other.name} only")
     if spec.check is not None:
         spec.check(config)
     return spec

@@ -32,7 +32,8 @@ from ..config import ConfigError
 from ..remote import read_token, settings_from
 from ..remote.client import RemoteError
 from ..remote.protocol import model_vocab_size, tokenizer_hash
-from ..remote.rollout import Expected, RolloutPool, check_rollout_url, needs_token
+from ..remote.rollout import RolloutPool
+from ..remote.rollout_server import Expected, check_rollout_url, needs_token
 from .base import Generation, SamplingParams, WeightProvider, full_weights, prompt_seed
 from .registry import register_engine
 

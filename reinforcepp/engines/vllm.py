@@ -61,7 +61,8 @@ def check_vllm_config(cfg: Any) -> None:
         raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.vllm_sleep and not on_gpu:
-        raise ConfigError("vllm_sleep=true needs a CUDA GPU (vLLM's sleep mode frees GPU memory); set vllm_sleep=false on a CPU")
+        raise ConfigError("vllm_sleep=true needs a CUDA GPU (vLLM's sleep mode frees GPU memory); "
+                          "set vllm_sleep=false on a CPU")
     if not on_gpu and cfg.dtype == "float16":
         raise ConfigError("engine=vllm on a CPU runs float32 or bfloat16; set dtype=float32 or dtype=bfloat16")
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
@@ -81,7 +82,9 @@ class VLLMEngine:
             ``trust_remote_code``); ``None`` = defaults.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.sleep_enabled = bool(getattr(config, "vllm_sleep", False))
@@ -151,7 +154,9 @@ class VLLMEngine:
         )
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams) -> Generation:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], samples_per_prompt: int, params: SamplingParams
+    ) -> Generation:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
@@ -163,11 +168,13 @@ class VLLMEngine:
         prompt_rows, responses, logprobs, truncated = [], [], [], []
         for prompt, request in zip(prompt_ids, outputs):
             if len(request.outputs) != samples_per_prompt:
-                raise RuntimeError(f"vLLM returned {len(request.outputs)} samples for a prompt, expected {samples_per_prompt}")
+                raise RuntimeError(f"vLLM returned {len(request.outputs)} samples for a prompt, "
+                                   f"expected {samples_per_prompt}")
             for out in request.outputs:
                 tokens = list(out.token_ids)
                 if not tokens:  # vLLM stops a prompt that already fills max_model_len with no token
-                    raise RuntimeError(f"vLLM generated nothing for a prompt of {len(prompt)} tokens (max_model_len reached?)")
+                    raise RuntimeError(f"vLLM generated nothing for a prompt of {len(prompt)} tokens "
+                                       "(max_model_len reached?)")
                 prompt_rows.append(list(prompt))
                 responses.append(tokens)
                 logprobs.append([float(step[tok].logprob) for tok, step in zip(tokens, out.logprobs)])
@@ -214,14 +221,20 @@ def _shared_llm(model: torch.nn.Module, device: torch.device, config: Any, in_pr
         llm = vllm.LLM(**kwargs)
     except Exception as e:  # vLLM's own message is deep in a worker's log; say what failed and what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"vLLM cannot load the model {name} ({arch}, {dtype} on {device.type}): {first}; use engine=hf") from e
+        raise ConfigError(
+            f"vLLM cannot load the model {name} ({arch}, {dtype} on {device.type}): {first}; use engine=hf"
+        ) from e
     _LLMS[key] = llm
     return llm
 
 
-def _build(model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None) -> VLLMEngine:
+def _build(
+    model: torch.nn.Module, tokenizer: Any, *, device: torch.device | str = "cpu", config: Any = None
+) -> VLLMEngine:
     return VLLMEngine(model, tokenizer, device=device, config=config)
 
 
-register_engine("vllm", _build, help="vLLM's offline engine in this process, weights synced after every update (`bash install.sh vllm`)",
+register_engine("vllm", _build,
+                help="vLLM's offline engine in this process, weights synced after every update "
+                     "(`bash install.sh vllm`)",
                 options=("vllm_gpu_memory_utilization", "vllm_sleep"), check=check_vllm_config, own_weights=True)

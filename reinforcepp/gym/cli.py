@@ -27,21 +27,32 @@ from .config import GymConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reinforcepp gym", description="Train a Gymnasium policy with REINFORCE++ (or gae / reinforce) from the shared core.")
+    p = argparse.ArgumentParser(
+        prog="reinforcepp gym",
+        description="Train a Gymnasium policy with REINFORCE++ (or gae / reinforce) from the shared core.",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides key=value (see --list-options)")
     p.add_argument("--config", default=None, help="YAML config file (keys of --list-options)")
     p.add_argument("--env", dest="env_id", default=None, help="environment id (config key env_id)")
     p.add_argument("--estimator", default=None, help="advantage estimator (reinforce_pp, reinforce, gae)")
-    p.add_argument("--steps", dest="total_env_steps", default=None, help="total environment steps (config key total_env_steps)")
+    p.add_argument("--steps", dest="total_env_steps", default=None,
+                   help="total environment steps (config key total_env_steps)")
     p.add_argument("--seed", default=None, help="seed")
     p.add_argument("--output-dir", dest="output_dir", default=None, help="run directory (config key output_dir)")
-    p.add_argument("--no-preset", action="store_true", help="do not apply the tuned preset of the (environment, estimator) pair")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory, with the run's saved config (overrides given here apply on top)")
-    p.add_argument("--overwrite", action="store_true", help="the run directory holds an old run: move it aside (to RUN_DIR.old-<time>) and start a new one")
+    p.add_argument("--no-preset", action="store_true",
+                   help="do not apply the tuned preset of the (environment, estimator) pair")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run directory, with the run's saved config "
+                        "(overrides given here apply on top)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the run directory holds an old run: move it aside (to RUN_DIR.old-<time>) and start a new one")
     p.add_argument("--list-options", action="store_true", help="print every config key with its default and meaning")
-    p.add_argument("--eval", dest="eval_dir", default=None, help="evaluate the latest checkpoint of this run directory instead of training")
-    p.add_argument("--episodes", type=int, default=None, help="with --eval: episodes (default: the run's eval_episodes)")
-    p.add_argument("--video", action="store_true", help="with --eval: record the first episode to RUN_DIR/videos (render extra)")
+    p.add_argument("--eval", dest="eval_dir", default=None,
+                   help="evaluate the latest checkpoint of this run directory instead of training")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="with --eval: episodes (default: the run's eval_episodes)")
+    p.add_argument("--video", action="store_true",
+                   help="with --eval: record the first episode to RUN_DIR/videos (render extra)")
     return p
 
 
@@ -55,12 +66,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.eval_dir:
         return _evaluate(args)
     # bad input raises InputError: reinforcepp.cli prints one line and exits with code 2
-    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "output_dir") if (v := getattr(args, k)) is not None]
+    shorthands = [f"{k}={v}" for k in ("env_id", "estimator", "total_env_steps", "seed", "output_dir")
+                  if (v := getattr(args, k)) is not None]
     if args.resume:
         shorthands.append("resume=true")
     if args.overwrite:
         shorthands.append("overwrite=true")
-    cfg = _resumed_config(args.config, shorthands + list(args.overrides)) if args.resume else load_with_preset(args.config, shorthands + list(args.overrides), use_preset=not args.no_preset)
+    overrides = shorthands + list(args.overrides)
+    if args.resume:
+        cfg = _resumed_config(args.config, overrides)
+    else:
+        cfg = load_with_preset(args.config, overrides, use_preset=not args.no_preset)
     with setup_phase(f"setting up {cfg.env_id}"):
         trainer = GymTrainer(cfg)
     try:
@@ -71,7 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def load_with_preset(path: Optional[str], overrides: list[str], *, use_preset: bool = True, announce: bool = True) -> GymConfig:
+def load_with_preset(
+    path: Optional[str], overrides: list[str], *, use_preset: bool = True, announce: bool = True
+) -> GymConfig:
     """The config of a training run: the tuned preset of its (environment, estimator) pair
     where one exists, then the YAML file, then ``key=value`` overrides. Prints one line naming the
     preset and its values (or saying that there is none)."""
@@ -89,8 +107,10 @@ def load_with_preset(path: Optional[str], overrides: list[str], *, use_preset: b
     cfg = plain.replace(**values)
     if announce:
         shown = " ".join(f"{k}={v}" for k, v in preset.items() if k not in explicit)
-        kept = f"; yours kept: {', '.join(sorted(k for k in preset if k in explicit))}" if any(k in explicit for k in preset) else ""
-        print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: tuned preset applied ({shown}){kept}; --no-preset for plain defaults", flush=True)
+        kept = (f"; yours kept: {', '.join(sorted(k for k in preset if k in explicit))}"
+                if any(k in explicit for k in preset) else "")
+        print(f"reinforcepp gym: {plain.env_id} / {plain.estimator}: tuned preset applied ({shown}){kept}; "
+              "--no-preset for plain defaults", flush=True)
     return cfg
 
 
@@ -167,7 +187,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         trainer = GymTrainer(cfg)
     try:
         trainer.load(latest)
-        result = trainer.evaluate(args.episodes or cfg.eval_episodes, video_dir=run_dir / "videos" if args.video else None)
+        video_dir = run_dir / "videos" if args.video else None
+        result = trainer.evaluate(args.episodes or cfg.eval_episodes, video_dir=video_dir)
     finally:
         trainer.close()
     print(json.dumps({"checkpoint": str(latest), **result}))

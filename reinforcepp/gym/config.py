@@ -18,49 +18,66 @@ from ..run.options import RunOptions
 class GymConfig(TrustRegionOptions, RunOptions):
     """REINFORCE++ (and siblings) on a Gymnasium environment. See ``docs/gym.md``."""
 
-    COMMON = ("env_id", "estimator", "total_env_steps", "num_envs", "steps_per_env", "lr", "output_dir", "seed", "eval_every",
-              "save_every", "resume")
+    COMMON = ("env_id", "estimator", "total_env_steps", "num_envs", "steps_per_env", "lr", "output_dir", "seed",
+              "eval_every", "save_every", "resume")
     SECTIONS = (("output_dir", "Run folder and logging"), ("env_id", "Environment"), ("estimator", "Algorithm"),
                 ("trust_region", "Trust region"), ("entropy_coef", "Loss and update"), ("hidden_sizes", "Model"),
                 ("torch_compile", "Speed, evaluation and checkpoints"))
 
     # environment
-    env_id: str = option("CartPole-v1", "Gymnasium environment id (any registered id; Box2D/MuJoCo need the box2d/mujoco extras)")
+    env_id: str = option(
+        "CartPole-v1", "Gymnasium environment id (any registered id; Box2D/MuJoCo need the box2d/mujoco extras)")
     env_kwargs: dict = option({}, "keyword arguments passed to gymnasium.make_vec for every environment")
     num_envs: int = option(8, "parallel environments in the vector env")
-    vectorization: Literal["sync", "async"] = option("sync", "sync: all envs in this process (fastest for cheap envs); async: one subprocess per env")
+    vectorization: Literal["sync", "async"] = option(
+        "sync", "sync: all envs in this process (fastest for cheap envs); async: one subprocess per env")
     total_env_steps: int = option(100_000, "environment steps of the whole run, summed over the environments")
-    steps_per_env: int = option(128, "time steps collected per environment per rollout (rollout = num_envs * steps_per_env steps)")
+    steps_per_env: int = option(
+        128, "time steps collected per environment per rollout (rollout = num_envs * steps_per_env steps)")
     # algorithm
-    estimator: str = option("reinforce_pp", "advantage estimator from the core registry: reinforce_pp (critic-free, default), reinforce, gae (PPO with a critic), or one you registered")
+    estimator: str = option(
+        "reinforce_pp", "advantage estimator from the core registry: reinforce_pp (critic-free, default), reinforce, "
+        "gae (PPO with a critic), or one you registered")
     gamma: float = option(0.99, "discount of the returns within an episode")
     lam: float = option(0.95, "GAE lambda (gae only)")
-    time_limit: Literal["terminal", "drop"] = option("terminal", "critic-free estimators: an episode cut by the time limit is treated as terminal (return = rewards received) or dropped from the loss; gae always bootstraps with V(s_T)")
+    time_limit: Literal["terminal", "drop"] = option(
+        "terminal", "critic-free estimators: an episode cut by the time limit is treated as terminal (return = rewards "
+        "received) or dropped from the loss; gae always bootstraps with V(s_T)")
     epochs: int = option(4, "passes over each rollout")
     mini_batch_size: int = option(256, "time steps per mini-batch (one optimizer step each)")
     lr: float = option(3e-4, "Adam learning rate (policy and critic)")
-    lr_schedule: Literal["constant", "linear"] = option("constant", "learning rate schedule over total_env_steps (linear: decays to 0)")
+    lr_schedule: Literal["constant", "linear"] = option(
+        "constant", "learning rate schedule over total_env_steps (linear: decays to 0)")
     eps_low: float = option(0.2, "lower clip of the importance ratio: ratio >= 1 - eps_low")
     eps_high: float = option(0.2, "upper clip of the importance ratio: ratio <= 1 + eps_high")
     dual_clip: Optional[float] = option(None, "dual-clip constant c > 1 for negative advantages, or None")
     entropy_coef: float = option(0.0, "entropy bonus coefficient (entropy is logged either way)")
     value_coef: float = option(0.5, "weight of the value loss (gae only)")
-    value_clip: Optional[float] = option(None, "clip range of the value loss around the rollout's values, or None for the plain squared error (gae only)")
+    value_clip: Optional[float] = option(
+        None, "clip range of the value loss around the rollout's values, or None for the plain squared error "
+        "(gae only)")
     max_grad_norm: float = option(0.5, "gradient-norm clip per optimizer step (0 = no clipping)")
     # model
     hidden_sizes: list[int] = option([64, 64], "hidden layer widths of the policy MLP (and of the critic's)")
     activation: Literal["tanh", "relu"] = option("tanh", "hidden activation")
     init_log_std: float = option(0.0, "initial log standard deviation of the Gaussian policy (Box actions)")
-    normalize_obs: bool = option(False, "normalise observations by a running mean/std (frozen during evaluation; saved in checkpoints)")
-    normalize_reward: bool = option(False, "divide rewards by a running std of the discounted return (as SB3's VecNormalize)")
+    normalize_obs: bool = option(
+        False, "normalise observations by a running mean/std (frozen during evaluation; saved in checkpoints)")
+    normalize_reward: bool = option(
+        False, "divide rewards by a running std of the discounted return (as SB3's VecNormalize)")
     obs_clip: float = option(10.0, "clip of normalised observations (and normalised rewards)")
     # run
-    torch_compile: bool = option(False, "torch.compile the update's loss (policy and critic forwards, losses; the backward through them): fewer kernel launches per mini-batch; the first update pays the compilation (seconds). Measured in benchmarks/gym.md")
+    torch_compile: bool = option(
+        False, "torch.compile the update's loss (policy and critic forwards, losses; the backward through them): "
+        "fewer kernel launches per mini-batch; the first update pays the compilation (seconds). "
+        "Measured in benchmarks/gym.md")
     torch_threads: int = option(1, "torch intra-op threads; 1 is fastest for small MLPs (0 = leave torch's default)")
     eval_every: int = option(10_000, "evaluate every this many environment steps (0 = only at the end)")
     eval_episodes: int = option(10, "episodes per deterministic evaluation")
     save_every: int = option(0, "checkpoint every this many environment steps (0 = only at the end)")
-    video: bool = option(False, "record one deterministic evaluation episode per evaluation to output_dir/videos (needs the render extra)")
+    video: bool = option(
+        False, "record one deterministic evaluation episode per evaluation to output_dir/videos (needs the render "
+        "extra)")
 
     @property
     def rollout_steps(self) -> int:
@@ -85,7 +102,8 @@ class GymConfig(TrustRegionOptions, RunOptions):
                 f"estimator {self.estimator!r} compares several samples of one prompt; a Gymnasium episode has no "
                 "prompt to repeat (each reset draws a new start state). Use reinforce_pp, reinforce or gae."
             )
-        positive = {"num_envs": self.num_envs, "steps_per_env": self.steps_per_env, "total_env_steps": self.total_env_steps,
+        positive = {"num_envs": self.num_envs, "steps_per_env": self.steps_per_env,
+                    "total_env_steps": self.total_env_steps,
                     "epochs": self.epochs, "mini_batch_size": self.mini_batch_size, "eval_episodes": self.eval_episodes}
         for name, value in positive.items():
             if value < 1:
@@ -95,7 +113,8 @@ class GymConfig(TrustRegionOptions, RunOptions):
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.eps_low <= 0 or self.eps_low >= 1 or self.eps_high <= 0:
-            raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={self.eps_low}, eps_high={self.eps_high}")
+            raise ConfigError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={self.eps_low}, "
+                              f"eps_high={self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:

@@ -32,8 +32,10 @@ import numpy as np
 
 from ..run.state import CheckpointFormatError
 
-_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "MT19937": np.random.MT19937, "Philox": np.random.Philox, "SFC64": np.random.SFC64}
-_SKIP = {"env", "_saved_kwargs", "spec", "_cached_spec", "_metadata", "_action_space", "_observation_space", "action_space", "observation_space", "_previous_data"}
+_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "MT19937": np.random.MT19937,
+                   "Philox": np.random.Philox, "SFC64": np.random.SFC64}
+_SKIP = {"env", "_saved_kwargs", "spec", "_cached_spec", "_metadata", "_action_space", "_observation_space",
+         "action_space", "observation_space", "_previous_data"}
 
 
 def restorable(envs: gym.vector.VectorEnv) -> bool:

@@ -79,7 +79,14 @@ class Policy(nn.Module):
         init_log_std: initial ``log_std`` of the Gaussian (Box only).
     """
 
-    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, hidden_sizes: Sequence[int], activation: str = "tanh", init_log_std: float = 0.0) -> None:
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        hidden_sizes: Sequence[int],
+        activation: str = "tanh",
+        init_log_std: float = 0.0,
+    ) -> None:
         super().__init__()
         self.activation = activation
         obs_dim = flat_obs_dim(observation_space)
@@ -104,7 +111,9 @@ class Policy(nn.Module):
         z = (actions - mean) * torch.exp(-self.log_std)
         return (-0.5 * z.square() - self.log_std - _LOG_SQRT_2PI).sum(-1)
 
-    def act(self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    def act(
+        self, obs: Tensor, generator: torch.Generator | None = None, deterministic: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Sample (or take the mode of) the action distribution.
 
         Args:

@@ -38,7 +38,9 @@ from .policy import ObsNormalizer, Policy, RewardNormalizer
 EndKind = Literal["terminated", "truncated", "cut"]
 
 
-def make_vector_env(env_id: str, num_envs: int, vectorization: str = "sync", env_kwargs: Optional[dict] = None) -> gym.vector.VectorEnv:
+def make_vector_env(
+    env_id: str, num_envs: int, vectorization: str = "sync", env_kwargs: Optional[dict] = None
+) -> gym.vector.VectorEnv:
     """``num_envs`` copies of ``env_id`` with ``render_mode=None``, same-step autoreset (the
     observation returned with ``terminated | truncated`` is already the next episode's first one;
     the last observation of the finished episode is in ``info["final_obs"]``), and ``copy=False``:
@@ -177,7 +179,8 @@ class Collector:
 
     def reset(self, seed: int) -> None:
         """Start fresh episodes in every environment (seeds ``seed, seed + 1, ...``)."""
-        self.raw_obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])  # type: ignore[arg-type]  # vector envs take one seed per env
+        # vector envs take one seed per env
+        self.raw_obs, _ = self.envs.reset(seed=[seed + i for i in range(self.num_envs)])  # type: ignore[arg-type]
         self.pending = [self._empty(k) for k in range(self.num_envs)]
         self.ep_return[:] = 0
         self.ep_length[:] = 0
@@ -222,7 +225,8 @@ class Collector:
         self.ep_length += 1
         if done.any():
             for i in np.nonzero(done)[0]:
-                episodes.append((float(self.ep_return[i]), int(self.ep_length[i]), bool(truncated[i] and not terminated[i])))
+                episodes.append((float(self.ep_return[i]), int(self.ep_length[i]),
+                                 bool(truncated[i] and not terminated[i])))
             self.ep_return[done] = 0.0
             self.ep_length[done] = 0
             boot = truncated & ~terminated

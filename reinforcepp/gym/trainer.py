@@ -24,7 +24,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core import AdvantageParams, advantage_stats, aggregate, approx_kl, clip_fractions, compute_advantages, get_estimator, policy_loss, value_loss
+from ..core import (
+    AdvantageParams,
+    advantage_stats,
+    aggregate,
+    approx_kl,
+    clip_fractions,
+    compute_advantages,
+    get_estimator,
+    policy_loss,
+    value_loss,
+)
 from ..core.natural import (
     backtracking_line_search,
     categorical_kl,
@@ -39,6 +49,7 @@ from ..run.checkpoint import step_of
 from ..run.folder import RunDirError, check_run_log, claim_run_dir
 from ..run.state import load_state, save_state
 from .envstate import restorable, set_vector_env_state, vector_env_state
+from .evaluation import evaluate_policy
 from .config import GymConfig
 from .policy import Critic, ObsNormalizer, Policy, RewardNormalizer
 from .rollout import Collector, RolloutBatch, make_vector_env
@@ -64,8 +75,11 @@ class GymTrainer:
         self.cfg = cfg
         set_torch_threads(cfg.torch_threads)
         self.spec = get_estimator(cfg.estimator)
-        if not self.spec.needs_critic and gym.spec(cfg.env_id).max_episode_steps is None and "max_episode_steps" not in cfg.env_kwargs:
-            raise ValueError(f"{cfg.env_id} has no time limit: critic-free estimators train on whole episodes; set env_kwargs.max_episode_steps or use gae")
+        if not self.spec.needs_critic and (
+            gym.spec(cfg.env_id).max_episode_steps is None and "max_episode_steps" not in cfg.env_kwargs
+        ):
+            raise ValueError(f"{cfg.env_id} has no time limit: critic-free estimators train on whole episodes; "
+                             "set env_kwargs.max_episode_steps or use gae")
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -81,14 +95,17 @@ class GymTrainer:
         self.loss_fn = torch.compile(self.loss) if cfg.torch_compile else self.loss
         self.obs_norm = ObsNormalizer(obs_space.shape or (), cfg.normalize_obs, cfg.obs_clip)
         self.reward_norm = RewardNormalizer(cfg.num_envs, cfg.gamma, cfg.normalize_reward, cfg.obs_clip)
-        self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm, cfg.steps_per_env, cfg.time_limit, self.generator)
+        self.collector = Collector(self.envs, self.policy, self.critic, self.obs_norm, self.reward_norm,
+                                   cfg.steps_per_env, cfg.time_limit, self.generator)
         self.adv_params = AdvantageParams(gamma=cfg.gamma, lam=cfg.lam)
         self.iteration = 0
         self.env_steps = 0
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps, hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps,
+                                    hint="Lower lr, check the rewards (normalize_reward=true), or the observations.")
         self.divergence = DivergenceGuard(cfg.max_weight_growth, self.policy.parameters(),
                                           hint="Lower lr (or raise max_weight_growth).")
-        cfg.output_dir = cfg.output_dir or f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+        default_dir = f"runs/{cfg.env_id.replace('/', '_')}-{cfg.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.output_dir = cfg.output_dir or default_dir
         self.run_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.keep_last)
 
@@ -98,7 +115,8 @@ class GymTrainer:
         cfg = self.cfg
         latest = self.checkpoints.latest_intact() if cfg.resume else None
         if cfg.resume and latest is None:
-            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; drop resume to start a new run")
+            raise RunDirError(f"resume=true but {self.run_dir} holds no complete checkpoint; "
+                              "drop resume to start a new run")
         claim_run_dir(self.run_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if latest is not None and cfg.resume:
@@ -109,8 +127,10 @@ class GymTrainer:
         cfg.save(self.run_dir / "config.yaml")
         logger = RunLogger(self.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
         logger.truncate(self.env_steps)
-        progress = Progress(cfg.num_iterations * cfg.rollout_steps, self.env_steps, desc=cfg.env_id, enabled=cfg.progress,
-                            keys={"episode/return_mean": "return", "eval/return_mean": "eval", "time/env_steps_per_s": "sps"})
+        progress = Progress(cfg.num_iterations * cfg.rollout_steps, self.env_steps, desc=cfg.env_id,
+                            enabled=cfg.progress,
+                            keys={"episode/return_mean": "return", "eval/return_mean": "eval",
+                                  "time/env_steps_per_s": "sps"})
         final: dict[str, float] = {}
         try:
             while self.iteration < cfg.num_iterations:
@@ -192,7 +212,8 @@ class GymTrainer:
             shuffled = {k: v.index_select(0, order) for k, v in fields.items()}
             for start in range(0, n, cfg.mini_batch_size):
                 mb = {k: v[start : start + cfg.mini_batch_size] for k, v in shuffled.items()}
-                loss, loss_pi, loss_ent, loss_v, logprobs, clipped_low, clipped_high = self.loss_fn(mb, ones[: mb["adv"].shape[0]])
+                parts = self.loss_fn(mb, ones[: mb["adv"].shape[0]])
+                loss, loss_pi, loss_ent, loss_v, logprobs, clipped_low, clipped_high = parts
                 if loss_v is not None:
                     sums["loss/value"].append(loss_v.detach())
                 self.optimizer.zero_grad(set_to_none=True)
@@ -221,7 +242,9 @@ class GymTrainer:
             out["policy/std_mean"] = float(self.policy.log_std.detach().exp().mean())
         return out
 
-    def loss(self, mb: dict[str, Tensor], mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+    def loss(
+        self, mb: dict[str, Tensor], mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
         """One mini-batch's loss, token-mean over its ``B`` steps (``mask``: ``(B,)`` ones):
         ``L = L_clip - c_ent * H [+ c_v * L_V]``. Returns the loss, its policy, entropy and
         value terms (value ``None`` without a critic), the log-probs and the clip indicators,
@@ -323,7 +346,8 @@ class GymTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 (cfg.value_coef * loss_v).backward()
                 norm = torch.nn.utils.clip_grad_norm_(critic_params, max_norm, foreach=True)
-                if not self.guard.check(loss_v, norm, where=f"env step {self.env_steps}", reset=False):  # only the policy's step resets
+                # only the policy's step resets
+                if not self.guard.check(loss_v, norm, where=f"env step {self.env_steps}", reset=False):
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
                 self.optimizer.step()
@@ -331,7 +355,8 @@ class GymTrainer:
         return {"loss/value": float(torch.stack(losses).mean())} if losses else {}
 
     def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
-        m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps, "train/segments": len(batch.segments)}
+        m: dict[str, float] = {"episodes": len(batch.episodes), "train/steps": batch.num_steps,
+                               "train/segments": len(batch.segments)}
         if batch.episodes:
             ret = np.array([e[0] for e in batch.episodes])
             length = np.array([e[1] for e in batch.episodes])
@@ -352,45 +377,17 @@ class GymTrainer:
             group["lr"] = self.cfg.lr * frac
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, episodes: int, video_dir: Optional[Path] = None, seed: Optional[int] = None) -> dict[str, float]:
+    def evaluate(
+        self, episodes: int, video_dir: Optional[Path] = None, seed: Optional[int] = None
+    ) -> dict[str, float]:
         """Deterministic evaluation (the mode of the policy: argmax / Gaussian mean) over
         ``episodes`` episodes of a fresh environment seeded ``seed, seed + 1, ...`` (default:
         ``cfg.seed + 1_000_000``, the same episodes at every evaluation), observation statistics
         frozen. With ``video_dir``, the first episode is recorded there (needs the render extra)."""
         seed = self.cfg.seed + 1_000_000 if seed is None else seed
-        returns, lengths = [], []
-        for i in range(episodes):
-            env = self._eval_env(video_dir if i == 0 else None)
-            try:
-                obs, _ = env.reset(seed=seed + i)
-                total, steps, done = 0.0, 0, False
-                while not done:
-                    with torch.inference_mode():
-                        x = torch.from_numpy(self.obs_norm(np.asarray(obs)[None]))
-                        action = self.policy.act(x, deterministic=True)[0][0].numpy()
-                    if self.collector.box:
-                        action = np.clip(action, self.collector.low, self.collector.high)
-                    obs, reward, terminated, truncated, _ = env.step(action)
-                    total += float(reward)
-                    steps += 1
-                    done = terminated or truncated
-            finally:
-                env.close()
-            returns.append(total)
-            lengths.append(steps)
-        r = np.array(returns)
-        return {"eval/return_mean": float(r.mean()), "eval/return_std": float(r.std()), "eval/return_min": float(r.min()),
-                "eval/length_mean": float(np.mean(lengths)), "eval/episodes": float(episodes)}
-
-    def _eval_env(self, video_dir: Optional[Path]) -> gym.Env:
-        if video_dir is None:
-            return gym.make(self.cfg.env_id, render_mode=None, **self.cfg.env_kwargs)
-        try:
-            import moviepy  # noqa: F401
-        except ImportError:
-            raise ImportError("video=true needs the render extra: pip install 'reinforcepp[render]'") from None
-        env = gym.make(self.cfg.env_id, render_mode="rgb_array", **self.cfg.env_kwargs)
-        return gym.wrappers.RecordVideo(env, str(video_dir), episode_trigger=lambda _: True, name_prefix=f"step_{self.env_steps:08d}", disable_logger=True)
+        bounds = (self.collector.low, self.collector.high) if self.collector.box else None
+        return evaluate_policy(self.policy, self.obs_norm, self.cfg.env_id, self.cfg.env_kwargs, episodes, seed,
+                               action_bounds=bounds, video_dir=video_dir, video_prefix=f"step_{self.env_steps:08d}")
 
     # ----------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
@@ -435,7 +432,8 @@ class GymTrainer:
             set_vector_env_state(self.envs, state["envs"], where=str(Path(path) / f"{STATE_NAME}.json"))
             self.collector.load_state_dict(state["collector"])
         else:
-            warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh episodes", stacklevel=2)
+            warnings.warn("environment state was not saved (Box2D/MuJoCo or async envs): resuming with fresh "
+                          "episodes", stacklevel=2)
             self.collector.reset(self.cfg.seed + 7919 * self.iteration)
 
     def close(self) -> None:

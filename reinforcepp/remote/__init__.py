@@ -10,7 +10,8 @@ generation can run on machines of its own, so they can live on another machine b
 - :mod:`.reward`: :class:`RemoteRewardFunction`, a reward server as a reward function;
 - :mod:`.rollout`: :class:`~.rollout.RolloutPool`, rollout servers (``reinforcepp serve rollout``
   or a plain ``vllm serve``) behind one interface, for ``engine=remote``
-  (:mod:`reinforcepp.engines.remote`); :mod:`.weights`: the pieces and chunks of a weight push.
+  (:mod:`reinforcepp.engines.remote`); :mod:`.rollout_server`: one rollout server, its checks and
+  its requests; :mod:`.weights`: the pieces and chunks of a weight push.
 
 This room is the client side only; the servers (``reinforcepp serve``) are in
 :mod:`reinforcepp.serve`. The protocol is in :mod:`.protocol` and docs/remote.md.
@@ -28,7 +29,9 @@ def is_url(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and name.startswith(("http://", "https://"))
 
 
-__all__ = ["RemoteClient", "RemoteError", "RemoteReference", "RemoteRewardFunction", "RemoteSettings", "is_url", "read_token"]
+__all__ = [
+    "RemoteClient", "RemoteError", "RemoteReference", "RemoteRewardFunction", "RemoteSettings", "is_url", "read_token"
+]
 
 
 def settings_from(config: Any) -> RemoteSettings:

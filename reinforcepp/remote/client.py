@@ -82,12 +82,16 @@ class RemoteSettings:
     backoff: float = 0.5
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0 or self.retries < 0 or self.concurrency < 1 or self.max_response_bytes < 1 or self.backoff < 0:
-            raise ValueError(f"invalid RemoteSettings {self}: need timeout > 0, retries >= 0, concurrency >= 1, max_response_bytes >= 1, backoff >= 0")
+        if (not self.timeout > 0 or self.retries < 0 or self.concurrency < 1 or self.max_response_bytes < 1
+                or self.backoff < 0):
+            raise ValueError(f"invalid RemoteSettings {self}: need timeout > 0, retries >= 0, concurrency >= 1, "
+                             "max_response_bytes >= 1, backoff >= 0")
 
     def __repr__(self) -> str:  # never print the token
         hidden = None if self.token is None else "***"
-        return f"RemoteSettings(timeout={self.timeout}, retries={self.retries}, token={hidden}, concurrency={self.concurrency}, max_response_bytes={self.max_response_bytes}, backoff={self.backoff})"
+        return (f"RemoteSettings(timeout={self.timeout}, retries={self.retries}, token={hidden}, "
+                f"concurrency={self.concurrency}, max_response_bytes={self.max_response_bytes}, "
+                f"backoff={self.backoff})")
 
 
 def read_token(token_file: str | None = None) -> str | None:
@@ -146,7 +150,8 @@ class RemoteClient:
         if settings.token:
             headers["Authorization"] = f"Bearer {settings.token}"
             if urlsplit(self.base_url).scheme == "http" and not is_loopback(host):
-                logger.warning("%s %s: the bearer token travels unencrypted over plain http; use https for hosts other than loopback", what, self.base_url)
+                logger.warning("%s %s: the bearer token travels unencrypted over plain http; "
+                               "use https for hosts other than loopback", what, self.base_url)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"reinforcepp-remote-{host}", daemon=True)
         self._thread.start()
@@ -154,7 +159,8 @@ class RemoteClient:
 
         async def make() -> Any:
             # trust_env=False: no proxy (and no .netrc) for loopback; timeouts are ours (asyncio.wait_for)
-            return httpx.AsyncClient(headers=headers, follow_redirects=False, trust_env=not is_loopback(host), timeout=None, limits=limits)
+            return httpx.AsyncClient(headers=headers, follow_redirects=False, trust_env=not is_loopback(host),
+                                     timeout=None, limits=limits)
 
         self._http = self._run(make())
         self._closed = False
@@ -231,17 +237,21 @@ class RemoteClient:
                 attempt_call = self._attempt(method, url, body, content_type, params)
                 status, headers, raw = await asyncio.wait_for(attempt_call, timeout=s.timeout)
             except asyncio.TimeoutError:
-                raise RemoteError(f"{self.what} {url}: no complete answer within remote_timeout={s.timeout:g}s") from None
+                raise RemoteError(
+                    f"{self.what} {url}: no complete answer within remote_timeout={s.timeout:g}s"
+                ) from None
             except httpx.TransportError as exc:
                 if attempt >= s.retries:
                     raise RemoteUnreachable(f"{self.what} {url} could not be reached after {attempt + 1} attempt(s): "
                                             f"{_describe(exc)}") from None
                 wait = min(MAX_BACKOFF_S, s.backoff * 2**attempt)
-                logger.warning("%s %s: %s; retry %d/%d in %.1fs", self.what, url, _describe(exc), attempt + 1, s.retries, wait)
+                logger.warning("%s %s: %s; retry %d/%d in %.1fs", self.what, url, _describe(exc), attempt + 1,
+                               s.retries, wait)
             else:
                 if status in RETRIED_STATUS and attempt < s.retries:
                     wait = _retry_after(headers.get("retry-after")) or min(MAX_BACKOFF_S, s.backoff * 2**attempt)
-                    logger.warning("%s %s answered HTTP %d; retry %d/%d in %.1fs", self.what, url, status, attempt + 1, s.retries, wait)
+                    logger.warning("%s %s answered HTTP %d; retry %d/%d in %.1fs", self.what, url, status,
+                                   attempt + 1, s.retries, wait)
                 else:
                     return self._decode(url, status, headers, raw, attempt)
             attempt += 1
@@ -254,7 +264,9 @@ class RemoteClient:
         async with self._http.stream(method, url, content=body, headers=headers, params=params) as response:
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit and response.status_code < 300:
-                raise RemoteError(f"{self.what} {url}: the answer declares {int(declared)} bytes > the limit of {limit} bytes")
+                raise RemoteError(
+                    f"{self.what} {url}: the answer declares {int(declared)} bytes > the limit of {limit} bytes"
+                )
             chunks, size = [], 0
             async for chunk in response.aiter_raw():
                 size += len(chunk)
@@ -268,7 +280,8 @@ class RemoteClient:
     def _decode(self, url: str, status: int, headers: Any, raw: bytes, attempt: int) -> Any:
         if 300 <= status < 400:
             target = headers.get("location", "?")
-            raise RemoteError(f"{self.what} {url} answered HTTP {status} redirecting to {target}; redirects are not followed: set the URL to the final address")
+            raise RemoteError(f"{self.what} {url} answered HTTP {status} redirecting to {target}; "
+                              "redirects are not followed: set the URL to the final address")
         if status in (401, 403):
             why = "unauthorized" if status == 401 else "forbidden"
             raise RemoteStatusError(f"{self.what} {url} answered HTTP {status} ({why}): give the server's token in "

@@ -21,7 +21,9 @@ from .protocol import INFO, LOGPROBS, PROTOCOL_VERSION, model_vocab_size, tokeni
 SERVE_HINT = "start one with `reinforcepp serve reference --model PATH --port PORT`"
 
 
-def split_batch(input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[list[list[int]], list[list[int]]]:
+def split_batch(
+    input_ids: Tensor, attention_mask: Tensor, response_length: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Padded ``(B, P + T)`` ids and mask -> the ``B`` prompt and response token lists."""
     ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
     p = ids.shape[1] - response_length
@@ -42,7 +44,9 @@ class RemoteReference:
             requests sent concurrently.
     """
 
-    def __init__(self, url: str, settings: RemoteSettings | None = None, *, temperature: float = 1.0, batch_size: int = 64) -> None:
+    def __init__(
+        self, url: str, settings: RemoteSettings | None = None, *, temperature: float = 1.0, batch_size: int = 64
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.client = RemoteClient(url, settings or RemoteSettings(), what="reference server")
@@ -63,14 +67,17 @@ class RemoteReference:
         if not isinstance(info, dict) or info.get("kind") != "reference":
             raise RemoteError(f"{self.url}{INFO} is not a reinforcepp reference server (answer: {str(info)[:120]})")
         if info.get("protocol") != PROTOCOL_VERSION:
-            raise RemoteError(f"reference server {self.url} speaks protocol {info.get('protocol')}; this client speaks {PROTOCOL_VERSION}")
+            raise RemoteError(f"reference server {self.url} speaks protocol {info.get('protocol')}; "
+                              f"this client speaks {PROTOCOL_VERSION}")
         if policy is not None:
             mine = model_vocab_size(policy)
             if int(info.get("vocab_size", -1)) != mine:
-                raise RemoteError(f"reference server {self.url} has vocab size {info.get('vocab_size')}, the policy {mine}: serve a reference with the policy's vocabulary")
+                raise RemoteError(f"reference server {self.url} has vocab size {info.get('vocab_size')}, "
+                                  f"the policy {mine}: serve a reference with the policy's vocabulary")
         theirs, ours = info.get("tokenizer_hash"), tokenizer_hash(tokenizer)
         if theirs and ours and theirs != ours:
-            raise RemoteError(f"reference server {self.url} uses another tokenizer (hash {theirs}, the policy's {ours}): serve a reference with the policy's tokenizer")
+            raise RemoteError(f"reference server {self.url} uses another tokenizer (hash {theirs}, "
+                              f"the policy's {ours}): serve a reference with the policy's tokenizer")
         self.info = info
         return info
 
@@ -80,7 +87,8 @@ class RemoteReference:
         prompts, responses = split_batch(input_ids, attention_mask, response_length)
         step = self.batch_size
         payloads: list[dict[str, Any]] = [
-            {"prompt_ids": prompts[i : i + step], "response_ids": responses[i : i + step], "temperature": self.temperature}
+            {"prompt_ids": prompts[i : i + step], "response_ids": responses[i : i + step],
+             "temperature": self.temperature}
             for i in range(0, len(prompts), step)
         ]
         answers = self.client.post_many(LOGPROBS, payloads)
@@ -89,14 +97,18 @@ class RemoteReference:
         for payload, answer in zip(payloads, answers):
             got = answer.get("logprobs") if isinstance(answer, dict) else None
             if not isinstance(got, list) or len(got) != len(payload["response_ids"]):
-                raise RemoteError(f"reference server {self.url}{LOGPROBS}: expected {{'logprobs': [...]}} with {len(payload['response_ids'])} rows, got {str(answer)[:120]}")
+                raise RemoteError(f"reference server {self.url}{LOGPROBS}: expected {{'logprobs': [...]}} with "
+                                  f"{len(payload['response_ids'])} rows, got {str(answer)[:120]}")
             for values, ids in zip(got, payload["response_ids"]):
                 if not isinstance(values, list) or len(values) != len(ids):
-                    raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} has {len(values) if isinstance(values, list) else values!r} log-probs for {len(ids)} tokens")
+                    got_n = len(values) if isinstance(values, list) else values
+                    raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} has {got_n!r} "
+                                      f"log-probs for {len(ids)} tokens")
                 try:
                     out[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
                 except (TypeError, ValueError, RuntimeError):
-                    raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} is not a list of numbers: {str(values)[:80]}") from None
+                    raise RemoteError(f"reference server {self.url}{LOGPROBS}: row {row} is not a list of numbers: "
+                                      f"{str(values)[:80]}") from None
                 row += 1
         if not torch.isfinite(out).all():
             raise RemoteError(f"reference server {self.url} returned non-finite log-probs")

@@ -34,7 +34,10 @@ class RemoteRewardFunction:
     per_sample_retry = False  # a failed request is not re-sent one sample at a time
     text_only = True  # gets the rendered prompt strings, never chat messages
 
-    def __init__(self, url: str, settings: RemoteSettings | None = None, *, batch_size: int | None = None, label_column: str = "label") -> None:
+    def __init__(
+        self, url: str, settings: RemoteSettings | None = None, *, batch_size: int | None = None,
+        label_column: str = "label",
+    ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.client = RemoteClient(url, settings or RemoteSettings(), what="reward server")
@@ -50,12 +53,15 @@ class RemoteRewardFunction:
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
-        probe = RemoteClient(f"{parts.scheme}://{parts.netloc}", RemoteSettings(timeout=self.client.settings.timeout, retries=1, token=self.client.settings.token, backoff=0.2), what="reward server")
+        probe_settings = RemoteSettings(timeout=self.client.settings.timeout, retries=1,
+                                        token=self.client.settings.token, backoff=0.2)
+        probe = RemoteClient(f"{parts.scheme}://{parts.netloc}", probe_settings, what="reward server")
         try:
             probe.get(HEALTH)
         except RemoteError as exc:
             if "could not be reached" in str(exc) or "no complete answer" in str(exc):
-                raise RemoteError(f"reward server {self.url} does not answer; start one with `reinforcepp serve reward --reward SPEC --port {parts.port or 80}` (see docs/remote.md)") from None
+                raise RemoteError(f"reward server {self.url} does not answer; start one with `reinforcepp serve "
+                                  f"reward --reward SPEC --port {parts.port or 80}` (see docs/remote.md)") from None
         finally:
             probe.close()
 
@@ -70,16 +76,19 @@ class RemoteRewardFunction:
         for start in range(0, n, step):
             sl = slice(start, start + step)
             p, c = list(prompts[sl]), list(completions[sl])
-            payload: dict[str, Any] = {"prompts": p, "completions": c, "query": [a + b for a, b in zip(p, c)], "labels": labels[sl]}
+            payload: dict[str, Any] = {"prompts": p, "completions": c, "query": [a + b for a, b in zip(p, c)],
+                                       "labels": labels[sl]}
             payload.update({k: list(v[sl]) for k, v in columns.items() if k != "labels"})
             payloads.append(payload)
         rewards: list[Any] = []
         for payload, answer in zip(payloads, self.client.post_many("", payloads)):
             got = answer["rewards"] if isinstance(answer, dict) and "rewards" in answer else answer
             if not isinstance(got, list):
-                raise RemoteError(f"reward server {self.url} answered {type(got).__name__}; expected {{'rewards': [...]}} or a list")
+                raise RemoteError(f"reward server {self.url} answered {type(got).__name__}; "
+                                  "expected {'rewards': [...]} or a list")
             if len(got) != len(payload["completions"]):
-                raise RemoteError(f"reward server {self.url} returned {len(got)} rewards for {len(payload['completions'])} completions")
+                raise RemoteError(f"reward server {self.url} returned {len(got)} rewards for "
+                                  f"{len(payload['completions'])} completions")
             rewards.extend(got)
         return rewards
 

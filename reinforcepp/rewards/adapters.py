@@ -15,7 +15,8 @@ class _VerlAdapter:
     text_only = True
 
     def __init__(
-        self, compute_score: Callable[..., Any], data_source_column: str, ground_truth_column: str, extra_info_column: str
+        self, compute_score: Callable[..., Any], data_source_column: str, ground_truth_column: str,
+        extra_info_column: str,
     ) -> None:
         self.compute_score = compute_score
         self.data_source_column = data_source_column
@@ -30,7 +31,8 @@ class _VerlAdapter:
         if not {self.ground_truth_column, "reward_model", "answer"} & set(columns):
             raise RewardConfigError(
                 f"{where} needs argument 'ground_truth', read from column {self.ground_truth_column!r} "
-                f"(or 'reward_model', or 'answer'), none of which the dataset has (columns: {', '.join(sorted(columns))})"
+                f"(or 'reward_model', or 'answer'), none of which the dataset has "
+                f"(columns: {', '.join(sorted(columns))})"
             )
 
     def _ground_truths(self, n: int, columns: dict[str, list]) -> list[Any]:

@@ -156,7 +156,8 @@ class RewardBatch:
         if missing:
             raise RewardConfigError(
                 f"reward function {function_name(fn)} requires argument(s) {missing}, but the batch "
-                f"provides only {', '.join(k for k in available if k not in self.columns)} and the columns {sorted(self.columns)}"
+                f"provides only {', '.join(k for k in available if k not in self.columns)} "
+                f"and the columns {sorted(self.columns)}"
             )
         return available if names is None else {k: v for k, v in available.items() if k in names}
 

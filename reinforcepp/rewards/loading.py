@@ -117,7 +117,8 @@ def load_reward_source(
         if not path:
             raise RewardError(f"reward spec {spec!r}: expected 'rm:<path-or-hub-name>'")
         if not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            raise RewardError(f"reward spec {spec!r}: {path} does not exist (a local reward model directory, or a hub name 'org/model')")
+            raise RewardError(f"reward spec {spec!r}: {path} does not exist "
+                              "(a local reward model directory, or a hub name 'org/model')")
         return RewardSource(spec, RewardModel(path, **(reward_model_kwargs or {})), weight)
     for prefix, default_attr, wrap in (
         ("verl:", "compute_score", from_verl),

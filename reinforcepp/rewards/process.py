@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from .base import RewardError
 
 
-def step_end_tokens(text: str, token_ids: Sequence[int], decode: Callable[[Sequence[int]], str], delimiter: str) -> list[int]:
+def step_end_tokens(
+    text: str, token_ids: Sequence[int], decode: Callable[[Sequence[int]], str], delimiter: str
+) -> list[int]:
     """Token index where each step of ``text`` ends.
 
     ``decode(ids)`` must decode a token prefix the way ``text`` was decoded (so that

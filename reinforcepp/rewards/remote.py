@@ -37,11 +37,13 @@ class RemoteReward(RemoteRewardFunction):
     per_sample_retry = False
     text_only = True  # gets the rendered prompt strings, never chat messages
 
-    def __init__(self, url: str, timeout: float = 60.0, batch_size: int | None = None, *, settings: RemoteSettings | None = None, label_column: str = "label") -> None:
+    def __init__(self, url: str, timeout: float = 60.0, batch_size: int | None = None, *,
+                 settings: RemoteSettings | None = None, label_column: str = "label") -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward needs an http:// or https:// URL, got {url!r}")
         try:
-            super().__init__(url, settings or RemoteSettings(timeout=timeout), batch_size=batch_size, label_column=label_column)
+            super().__init__(url, settings or RemoteSettings(timeout=timeout), batch_size=batch_size,
+                             label_column=label_column)
         except RemoteError as exc:
             raise RewardError(str(exc)) from None
         self.display_name = f"RemoteReward({url!r})"

@@ -195,7 +195,8 @@ class RewardScorer:
                 if not all(f or v is None for f, v in zip(is_list, values)):
                     raise RewardError(f"{self.where(source)} returned lists for some samples and numbers for others")
                 result.token_rewards[source.name] = [v if isinstance(v, list) else None for v in values]
-                r = torch.tensor([math.fsum(v) if isinstance(v, list) else math.nan for v in values], dtype=torch.float64)
+                r = torch.tensor([math.fsum(v) if isinstance(v, list) else math.nan for v in values],
+                                 dtype=torch.float64)
             else:
                 r = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)
                 total += torch.where(r.isnan(), 0.0, source.weight * r)

@@ -40,7 +40,8 @@ def _sha256(path: Path) -> str:
 
 def manifest(directory: Path) -> dict[str, list]:
     """``{relative path: [size, sha256]}`` of every file under ``directory`` but the marker."""
-    return {str(p.relative_to(directory)): [p.stat().st_size, _sha256(p)] for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
+    return {str(p.relative_to(directory)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
 def damage(directory: Path) -> Optional[str]:
@@ -121,7 +122,8 @@ class CheckpointManager:
             why = damage(path)
             if why is None:
                 return path
-            warnings.warn(f"checkpoint {path} is damaged ({why}); falling back to the previous complete one", stacklevel=2)
+            warnings.warn(f"checkpoint {path} is damaged ({why}); falling back to the previous complete one",
+                          stacklevel=2)
         return None
 
     @contextlib.contextmanager

@@ -72,8 +72,11 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("wandb_project is set but wandb is not installed: pip install 'reinforcepp[wandb]'") from None
-            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=str(self.run_dir), config=dict(config or {}))
+                raise ImportError(
+                    "wandb_project is set but wandb is not installed: pip install 'reinforcepp[wandb]'"
+                ) from None
+            self._wandb = wandb.init(project=wandb_project, name=wandb_run_name, dir=str(self.run_dir),
+                                     config=dict(config or {}))
 
     def truncate(self, last_step: int) -> None:
         """On resume from the checkpoint of ``last_step``: drop the rows of metrics.jsonl and

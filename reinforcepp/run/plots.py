@@ -43,7 +43,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("response length (tokens)", (("response/length_mean", "mean"),), "positive"),
     Panel("tool calls", (("env/tool_call_rate", "train"), ("eval/tool_call_rate", "held-out, greedy")), "fraction"),
     Panel("turns per episode", (("env/turns", "train"), ("eval/turns", "held-out, greedy")), "positive"),
-    Panel("clipped tokens", (("clip/frac_low", "ratio below 1 - eps_low"), ("clip/frac_high", "ratio above 1 + eps_high")),
+    Panel("clipped tokens",
+          (("clip/frac_low", "ratio below 1 - eps_low"), ("clip/frac_high", "ratio above 1 + eps_high")),
           "fraction", only_if_nonzero=True),
     Panel("approx_kl (update vs sampler)", (("approx_kl", "train"),), "positive", only_if_nonzero=True),
 )
@@ -125,7 +126,8 @@ def plot_run(run_dir: str | Path, keys: Optional[Sequence[str]] = None, out: Opt
     else:
         panels = choose_panels(rows)
     if not panels:  # a run with none of the usual metrics: its first numeric ones
-        present = sorted({k for r in rows for k in r if k not in ("step", "kind", "time") and isinstance(r.get(k), float)})
+        present = sorted({k for r in rows for k in r
+                          if k not in ("step", "kind", "time") and isinstance(r.get(k), float)})
         panels = [Panel(k, ((k, k),)) for k in present[:12]]
     cols = min(3, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / cols))

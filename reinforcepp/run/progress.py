@@ -10,11 +10,15 @@ class Progress:
     """``tqdm`` over steps; ``update(metrics)`` advances one step and shows chosen metrics.
     Disabled (silent) when ``enabled`` is False."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", keys: Optional[Mapping[str, str]] = None, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, initial: int = 0, desc: str = "train", keys: Optional[Mapping[str, str]] = None,
+        enabled: bool = True,
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.keys = dict(keys or {})
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True)
 
     def update(self, metrics: Mapping[str, float], n: int = 1) -> None:
         shown = {label: f"{metrics[key]:.4g}" for key, label in self.keys.items() if key in metrics}

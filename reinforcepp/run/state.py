@@ -63,7 +63,8 @@ def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
                 raise TypeError(f"checkpoint state: key {k!r} at {path or '/'} is not a str/int/float/bool")
             items.append([k, _encode(v, f"{path}/{k}", tensors)])
         return {"__items__": items}
-    raise TypeError(f"checkpoint state: {type(node).__name__} at {path or '/'} cannot be saved as data (tensors, arrays, numbers, strings, lists, dicts only)")
+    raise TypeError(f"checkpoint state: {type(node).__name__} at {path or '/'} cannot be saved as data "
+                    "(tensors, arrays, numbers, strings, lists, dicts only)")
 
 
 def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -128,9 +129,11 @@ def load_state(directory: str | Path, name: str) -> dict[str, Any]:
         doc = json.loads(meta.read_text())
         tensors = load_file(str(blob))
     except Exception as e:  # noqa: BLE001 -- any unreadable file is reported the same way
-        raise CheckpointFormatError(f"{directory}: cannot read {meta.name} / {blob.name} ({type(e).__name__}: {e}); the checkpoint is damaged") from None
+        raise CheckpointFormatError(f"{directory}: cannot read {meta.name} / {blob.name} ({type(e).__name__}: {e}); "
+                                    "the checkpoint is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointFormatError(f"{meta}: unknown checkpoint format {doc.get('format') if isinstance(doc, dict) else doc!r} (expected {FORMAT})")
+        raise CheckpointFormatError(f"{meta}: unknown checkpoint format "
+                                    f"{doc.get('format') if isinstance(doc, dict) else doc!r} (expected {FORMAT})")
     return _decode(doc["state"], tensors)
 
 
@@ -138,10 +141,13 @@ def refuse_pickle(directory: str | Path) -> None:
     """Raise :class:`CheckpointFormatError` if ``directory`` holds a pickle state file (the
     format of reinforcepp before safe checkpoints): unpickling runs whatever code the file
     names, so it is never loaded."""
-    found = sorted(p.name for p in Path(directory).iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()) if Path(directory).is_dir() else []
+    folder = Path(directory)
+    paths = folder.iterdir() if folder.is_dir() else iter(())
+    found = sorted(p.name for p in paths if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if found:
         raise CheckpointFormatError(
-            f"{Path(directory) / found[0]} is a pickle checkpoint (older reinforcepp); pickle can run code when loaded, so it is not read. "
+            f"{Path(directory) / found[0]} is a pickle checkpoint (older reinforcepp); pickle can run code when "
+            "loaded, so it is not read. "
             "Start a new run, or resume with the reinforcepp version that wrote it"
         )
 

@@ -21,7 +21,9 @@ from typing import Any
 from ..remote.protocol import HEALTH
 
 logger = logging.getLogger("reinforcepp.serve")
-MISSING_EXTRA = "FastAPI and uvicorn are not installed: run `bash install.sh serve` (or pip install 'reinforcepp[serve]')"
+MISSING_EXTRA = (
+    "FastAPI and uvicorn are not installed: run `bash install.sh serve` (or pip install 'reinforcepp[serve]')"
+)
 
 
 class BadRequest(ValueError):
@@ -54,10 +56,14 @@ def make_app(title: str, token: str | None, max_request_bytes: int, lifespan: An
         if expected is not None and request.url.path != HEALTH:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-            return JSONResponse({"error": f"request body of {declared} bytes > the limit of {max_request_bytes} bytes"}, status_code=413)
+            return JSONResponse(
+                {"error": f"request body of {declared} bytes > the limit of {max_request_bytes} bytes"},
+                status_code=413,
+            )
         try:
             return await call_next(request)
         except BadRequest as exc:

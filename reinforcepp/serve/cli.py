@@ -20,28 +20,36 @@ from ..remote.client import RemoteError, is_loopback, read_token
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reinforcepp serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="reinforcepp serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True, metavar="{reference,reward,rollout}")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; any other needs a token)")
         p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
-        p.add_argument("--token-file", default=None, help="file whose first line is the bearer token (default: $REINFORCEPP_REMOTE_TOKEN)")
-        p.add_argument("--max-request-mb", type=float, default=32.0, help="larger request bodies are refused (HTTP 413)")
+        p.add_argument("--token-file", default=None,
+                       help="file whose first line is the bearer token (default: $REINFORCEPP_REMOTE_TOKEN)")
+        p.add_argument("--max-request-mb", type=float, default=32.0,
+                       help="larger request bodies are refused (HTTP 413)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
     ref = sub.add_parser("reference", help="per-token log-probs of a causal LM for given prompt and response ids")
     ref.add_argument("--model", required=True, help="Hugging Face model directory or hub name (e.g. RUN/reference)")
-    ref.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's; its hash lets clients check they match)")
-    ref.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass; concurrent requests are batched up to it")
+    ref.add_argument("--tokenizer", default=None,
+                     help="tokenizer (default: the model's; its hash lets clients check they match)")
+    ref.add_argument("--max-batch-tokens", type=int, default=16384,
+                     help="padded tokens per forward pass; concurrent requests are batched up to it")
     ref.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
     ref.add_argument("--device", default="auto")
     ref.add_argument("--trust-remote-code", action="store_true")
     common(ref)
 
-    rew = sub.add_parser("reward", help="a reward source (file.py:function, module:function, verl:..., openrlhf:..., rm:MODEL) over HTTP")
+    rew = sub.add_parser("reward", help="a reward source (file.py:function, module:function, verl:..., "
+                                        "openrlhf:..., rm:MODEL) over HTTP")
     rew.add_argument("--reward", required=True, help="reward spec, as in reward_funcs")
-    rew.add_argument("--workers", type=int, default=1, help="requests scored at once (threads); raise it only for thread-safe reward functions")
+    rew.add_argument("--workers", type=int, default=1,
+                     help="requests scored at once (threads); raise it only for thread-safe reward functions")
     common(rew)
 
     out = sub.add_parser("rollout", help="generation (token ids in; tokens, log-probs, weight version out) with "
@@ -90,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(MISSING_EXTRA) from None
     token = read_token(args.token_file)
     if not is_loopback(args.host) and not token:
-        raise ValueError(f"--host {args.host} is reachable from other machines: give a token with --token-file or REINFORCEPP_REMOTE_TOKEN")
+        raise ValueError(f"--host {args.host} is reachable from other machines: give a token with --token-file "
+                         "or REINFORCEPP_REMOTE_TOKEN")
     import torch
     import transformers
 
@@ -106,7 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
         app, what = _reward(args, token, limit), f"reward {args.reward}"
     sock = bind(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    run(app, sock, f"reinforcepp serve: {what} on http://{host}:{sock.getsockname()[1]}{'/rewards' if args.kind == 'reward' else ''}")
+    path = "/rewards" if args.kind == "reward" else ""
+    run(app, sock, f"reinforcepp serve: {what} on http://{host}:{sock.getsockname()[1]}{path}")
     return 0
 
 
@@ -127,16 +137,19 @@ def _reference(args: argparse.Namespace, token: str | None, limit: int):
     if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
         raise ValueError(f"--model {args.model}: no such model directory")
     device = resolve_device(args.device)
-    model = frozen(load_causal_lm(args.model, dtype=resolve_dtype(args.dtype, device), device=device, trust_remote_code=args.trust_remote_code))
+    model = frozen(load_causal_lm(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
+                                  trust_remote_code=args.trust_remote_code))
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
     except (OSError, ValueError, TypeError):
         if args.tokenizer:
             raise
-        print(f"reinforcepp serve reference: no tokenizer in {args.model}; clients check only the vocabulary size (give --tokenizer to check it too)", file=sys.stderr)
+        print(f"reinforcepp serve reference: no tokenizer in {args.model}; clients check only the vocabulary size "
+              "(give --tokenizer to check it too)", file=sys.stderr)
         tokenizer = None
     pad = tokenizer.pad_token_id if tokenizer is not None else getattr(model.config, "pad_token_id", None)
-    return reference_app(model, tokenizer, model_name=args.model, token=token, max_batch_tokens=args.max_batch_tokens, max_request_bytes=limit, pad_token_id=pad)
+    return reference_app(model, tokenizer, model_name=args.model, token=token, max_batch_tokens=args.max_batch_tokens,
+                         max_request_bytes=limit, pad_token_id=pad)
 
 
 def _reward(args: argparse.Namespace, token: str | None, limit: int):
@@ -156,7 +169,8 @@ def _rollout(args: argparse.Namespace, token: str | None, limit: int):
     import torch
 
     from ..lm.models import frozen, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-    from .rollout import hf_backend, rollout_app, vllm_backend
+    from .backends import hf_backend, vllm_backend
+    from .rollout import rollout_app
 
     if args.keep_versions < 1 or args.max_batch_prompts < 1:
         raise ValueError(f"--keep-versions and --max-batch-prompts must be >= 1, got {args.keep_versions}, "

@@ -35,7 +35,9 @@ class LogprobBatcher:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-forward")
         self.tokens_served = 0
 
-    async def submit(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
+    async def submit(
+        self, prompts: list[list[int]], responses: list[list[int]], temperature: float
+    ) -> list[list[float]]:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((prompts, responses, temperature, future))
         return await future
@@ -85,13 +87,15 @@ class LogprobBatcher:
     def forward(self, prompts: list[list[int]], responses: list[list[int]], temperature: float) -> list[list[float]]:
         device = next(self.model.parameters()).device
         batch = collate(prompts, responses, self.pad_token_id)
-        out = response_logprobs(self.model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_length,
-                                chunk_size=self.chunk_size, temperature=temperature, share_prompt=True).logprobs.float().cpu()
+        out = response_logprobs(self.model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                batch.response_length, chunk_size=self.chunk_size, temperature=temperature,
+                                share_prompt=True).logprobs.float().cpu()
         self.tokens_served += int(batch.attention_mask.sum())
         return [out[r, : len(y)].tolist() for r, y in enumerate(responses)]
 
 
-def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, token: str | None = None, max_batch_tokens: int = 16384,
+def reference_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str, token: str | None = None,
+                  max_batch_tokens: int = 16384,
                   max_request_bytes: int = 32 << 20, pad_token_id: int | None = None) -> Any:
     """The FastAPI app of a reference server for ``model`` (already loaded, frozen)."""
     from fastapi import Request

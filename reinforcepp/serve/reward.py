@@ -10,7 +10,9 @@ from ..rewards import RewardError, RewardScorer, RewardSource
 from .app import BadRequest, json_response, make_app, read_json
 
 
-def reward_app(fn: Callable[..., Any], *, spec: str, token: str | None = None, max_request_bytes: int = 32 << 20, threads: int = 1) -> Any:
+def reward_app(
+    fn: Callable[..., Any], *, spec: str, token: str | None = None, max_request_bytes: int = 32 << 20, threads: int = 1
+) -> Any:
     """The FastAPI app of a reward server scoring with ``fn`` (TRL convention). Accepts this
     project's request and OpenRLHF's (``query`` and ``prompts`` without ``completions``: the
     completion is ``query[i]`` with ``prompts[i]`` removed from its start)."""
@@ -29,7 +31,9 @@ def reward_app(fn: Callable[..., Any], *, spec: str, token: str | None = None, m
         data = await read_json(request, max_request_bytes)
         prompts, completions = data.get("prompts"), data.get("completions")
         if completions is None and isinstance(data.get("query"), list) and isinstance(prompts, list):
-            if len(prompts) != len(data["query"]) or not all(isinstance(q, str) and isinstance(p, str) and q.startswith(p) for q, p in zip(data["query"], prompts)):
+            if len(prompts) != len(data["query"]) or not all(
+                isinstance(q, str) and isinstance(p, str) and q.startswith(p) for q, p in zip(data["query"], prompts)
+            ):
                 raise BadRequest(422, "OpenRLHF request: each query must start with its prompt")
             completions = [q[len(p):] for q, p in zip(data["query"], prompts)]
         for name, value in (("prompts", prompts), ("completions", completions)):
