@@ -170,6 +170,7 @@ def test_async_settings_are_checked_before_any_model_loads():
         ENGINES.pop("blind")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2])
 def test_builtin_task_learns_with_asynchronous_rollouts(tmp_path, n):
     """`reinforcepp train async_rollouts=N`: the README's built-in job, each sample up to N versions
@@ -186,6 +187,7 @@ def test_builtin_task_learns_with_asynchronous_rollouts(tmp_path, n):
     assert max(r["staleness/sequence_max"] for r in train) == n and min(r["rollout/is_ess"] for r in train) > 0.5
 
 
+@pytest.mark.slow
 def test_tools_task_learns_with_asynchronous_rollouts(tmp_path):
     """Multi-turn episodes through the producer: `task=tools async_rollouts=1` learns to call the tool."""
     from reinforcepp.cli import main

@@ -93,6 +93,7 @@ def _one_node(run: Path, *extra: str, resume: bool = False) -> None:
     _wait(_torchrun(1, 2, 0, free_port(), run, *extra, resume=resume))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("fsdp=true",)], ids=["ddp", "fsdp"])
 def test_two_nodes_train_as_one_node_of_two_ranks_and_resume_on_one_node(tmp_path, extra):
     one, two = tmp_path / "one_node", tmp_path / "two_nodes"
