@@ -109,6 +109,15 @@ async def read_json(request: Any, max_request_bytes: int) -> dict:
     return data
 
 
+async def drain(queue: Any) -> list:
+    """Wait for the first job of an ``asyncio.Queue``, then take every job already queued with it:
+    what arrived while the server was busy is batched into one forward."""
+    jobs = [await queue.get()]
+    while not queue.empty():
+        jobs.append(queue.get_nowait())
+    return jobs
+
+
 def token_lists(data: dict, key: str, vocab_size: int) -> list[list[int]]:
     rows = data.get(key)
     if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):

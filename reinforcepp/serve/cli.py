@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from ..remote.client import RemoteError, is_loopback, read_token
 
@@ -120,33 +121,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_model_path(model: str) -> None:
+    """A local path given as ``--model`` must be a directory (a hub name is left to the loader)."""
+    from pathlib import Path
+
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise ValueError(f"--model {model}: no such model directory")
+
+
+def _load_served(args: argparse.Namespace, device: Any, dtype: Any, command: str, without_tokenizer: str):
+    """The frozen model of ``serve reference|rollout`` on ``device`` and its tokenizer, or None when
+    ``--model`` holds no tokenizer and ``--tokenizer`` is not given (``without_tokenizer`` tells
+    what clients then check)."""
+    from ..lm.models import frozen, load_causal_lm, load_tokenizer
+
+    trust = args.trust_remote_code
+    model = frozen(load_causal_lm(args.model, dtype=dtype, device=device, trust_remote_code=trust))
+    try:
+        return model, load_tokenizer(args.tokenizer or args.model, trust)
+    except (OSError, ValueError, TypeError):
+        if args.tokenizer:
+            raise
+        print(f"reinforcepp serve {command}: no tokenizer in {args.model}; {without_tokenizer}", file=sys.stderr)
+        return model, None
+
+
 def _reference(args: argparse.Namespace, token: str | None, limit: int):
-    from ..lm.models import (
-        frozen,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
+    from ..lm.models import resolve_device, resolve_dtype
     from .reference import reference_app
 
     if args.max_batch_tokens < 1:
         raise ValueError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
-    from pathlib import Path
-
-    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
-        raise ValueError(f"--model {args.model}: no such model directory")
+    _check_model_path(args.model)
     device = resolve_device(args.device)
-    model = frozen(load_causal_lm(args.model, dtype=resolve_dtype(args.dtype, device), device=device,
-                                  trust_remote_code=args.trust_remote_code))
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        if args.tokenizer:
-            raise
-        print(f"reinforcepp serve reference: no tokenizer in {args.model}; clients check only the vocabulary size "
-              "(give --tokenizer to check it too)", file=sys.stderr)
-        tokenizer = None
+    model, tokenizer = _load_served(args, device, resolve_dtype(args.dtype, device), "reference",
+                                    "clients check only the vocabulary size (give --tokenizer to check it too)")
     pad = tokenizer.pad_token_id if tokenizer is not None else getattr(model.config, "pad_token_id", None)
     return reference_app(model, tokenizer, model_name=args.model, token=token, max_batch_tokens=args.max_batch_tokens,
                          max_request_bytes=limit, pad_token_id=pad)
@@ -163,34 +172,23 @@ def _reward(args: argparse.Namespace, token: str | None, limit: int):
 
 
 def _rollout(args: argparse.Namespace, token: str | None, limit: int):
-    from pathlib import Path
     from types import SimpleNamespace
 
     import torch
 
-    from ..lm.models import frozen, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from ..lm.models import resolve_device, resolve_dtype
     from .backends import hf_backend, vllm_backend
     from .rollout import rollout_app
 
     if args.keep_versions < 1 or args.max_batch_prompts < 1:
         raise ValueError(f"--keep-versions and --max-batch-prompts must be >= 1, got {args.keep_versions}, "
                          f"{args.max_batch_prompts}")
-    if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
-        raise ValueError(f"--model {args.model}: no such model directory")
+    _check_model_path(args.model)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     load_device = torch.device("cpu") if args.engine == "vllm" else device  # vLLM takes the weights from a CPU copy
-    dtype = resolve_dtype(args.dtype, device)
-    trust = args.trust_remote_code
-    model = frozen(load_causal_lm(args.model, dtype=dtype, device=load_device, trust_remote_code=trust))
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model, args.trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        if args.tokenizer:
-            raise
-        print(f"reinforcepp serve rollout: no tokenizer in {args.model}; clients check only the vocabulary size and "
-              "EOS ids", file=sys.stderr)
-        tokenizer = None
+    model, tokenizer = _load_served(args, load_device, resolve_dtype(args.dtype, device), "rollout",
+                                    "clients check only the vocabulary size and EOS ids")
     eos = tokenizer.eos_token_id if tokenizer is not None else getattr(model.config, "eos_token_id", None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if not eos_ids:

@@ -19,7 +19,7 @@ from ..lm.batch import collate
 from ..lm.logprobs import response_logprobs
 from ..lm.models import context_length
 from ..remote.protocol import INFO, LOGPROBS, PROTOCOL_VERSION, model_vocab_size, tokenizer_hash
-from .app import BadRequest, json_response, make_app, read_json, token_lists
+from .app import BadRequest, drain, json_response, make_app, read_json, token_lists
 
 
 class LogprobBatcher:
@@ -45,9 +45,7 @@ class LogprobBatcher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
-            while not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
+            jobs = await drain(self.queue)
             for temperature in dict.fromkeys(job[2] for job in jobs):
                 mine = [job for job in jobs if job[2] == temperature]
                 rows = [(j, i) for j, job in enumerate(mine) for i in range(len(job[0]))]

@@ -42,7 +42,7 @@ from ..remote.protocol import (
     tokenizer_hash,
 )
 from ..remote.weights import read_piece, sha256
-from .app import BadRequest, json_response, make_app, read_body, read_json, token_lists
+from .app import BadRequest, drain, json_response, make_app, read_body, read_json, token_lists
 from .backends import Backend, Weights, hf_backend, vllm_backend
 
 __all__ = ["Backend", "Job", "RolloutService", "Upload", "hf_backend", "rollout_app", "vllm_backend"]
@@ -211,9 +211,7 @@ class RolloutService:
         """Takes every queued job, generates each group of compatible ones together."""
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self.queue.get()]
-            while not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
+            jobs = await drain(self.queue)
             for group in _groups(jobs, self.max_batch_prompts):
                 live = [j for j in group if not j.future.done()]
                 if not live:
