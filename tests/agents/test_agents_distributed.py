@@ -5,11 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
 from tests.agents.envs import TurnRewardEnv
-from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import reverse_dataset, seeded_rollout, small_config, tiny_policy
 from tests.ranks import run_trainer_ranks
 
 PROMPTS, K = 4, 4
@@ -27,11 +26,8 @@ def _trainer(tmp) -> Trainer:
 
 
 def _train_once(trainer: Trainer, rank: int, world: int):
-    rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
-    torch.manual_seed(123)  # the same episodes on every process
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
-        rows, K, trainer.sampler.sampling(), trainer.step)
-    full = Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+    # the same episodes on every process
+    full = seeded_rollout(trainer, [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)], K, seed=123)
     n = len(full.prompts) // world
     exp = trainer.make_experience(full.take(list(range(rank * n, (rank + 1) * n))))
     metrics = trainer.update(exp)

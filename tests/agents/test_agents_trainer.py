@@ -19,7 +19,7 @@ from tests.agents.envs import (
     TurnRewardEnv,
     TwoTurnEnv,
 )
-from tests.lm.helpers import reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import reverse_dataset, seeded_rollout, small_config, tiny_policy
 
 
 def make_trainer(tmp_path, env=TwoTurnEnv, **overrides):
@@ -29,11 +29,7 @@ def make_trainer(tmp_path, env=TwoTurnEnv, **overrides):
 
 
 def rollout_of(trainer, n_rows=4, k=4, seed=0):
-    rows = [trainer.train_data[i] for i in range(n_rows)]
-    torch.manual_seed(seed)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
-        rows, k, trainer.sampler.sampling(), trainer.step)
-    return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+    return seeded_rollout(trainer, [trainer.train_data[i] for i in range(n_rows)], k, seed)
 
 
 def test_episode_layout_and_masks(tmp_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datasets
+import torch
 
 from reinforcepp.lm.config import LMConfig
+from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model, get_task
 
 
@@ -20,6 +22,15 @@ def reverse_dataset(n: int, seed: int = 0) -> datasets.Dataset:
 def fraction_of_a(prompts, completions, **_):
     """An easy dense reward: the fraction of 'a' characters in the completion."""
     return [c.count("a") / max(1, len(c)) for c in completions]
+
+
+def seeded_rollout(trainer, rows: list, k: int, seed: int) -> Rollout:
+    """``k`` scored samples of each of ``rows`` as one rollout, drawn under ``torch.manual_seed(seed)``:
+    the same rollout on every process and in every run (for 1 = K and 1 rank = 2 ranks tests)."""
+    torch.manual_seed(seed)
+    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
+        rows, k, trainer.sampler.sampling(), trainer.step)
+    return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
 
 
 def small_config(tmp_path, **overrides) -> LMConfig:

@@ -13,7 +13,7 @@ import torch
 from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
-from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import fraction_of_a, reverse_dataset, seeded_rollout, small_config, tiny_policy
 from tests.ranks import run_trainer_ranks
 
 PROMPTS, K = 4, 4
@@ -26,11 +26,7 @@ def _settings(tmp):
 
 def _full_rollout(trainer: Trainer) -> Rollout:
     """The same rollout on every process: a fixed seed and the same prompts."""
-    rows = [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)]
-    torch.manual_seed(123)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
-        rows, K, trainer.sampler.sampling(), trainer.step)
-    return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+    return seeded_rollout(trainer, [reverse_dataset(PROMPTS, seed=3)[i] for i in range(PROMPTS)], K, seed=123)
 
 
 def _part(rollout: Rollout, rank: int, world: int) -> Rollout:

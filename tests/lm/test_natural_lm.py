@@ -11,7 +11,7 @@ import torch
 
 from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.trainer import Trainer
-from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import fraction_of_a, reverse_dataset, seeded_rollout, small_config, tiny_policy
 from tests.ranks import run_trainer_ranks
 
 K, PROMPTS = 4, 4
@@ -27,11 +27,7 @@ def _trainer(tmp: Path, **overrides) -> Trainer:
 
 def _full_rollout(trainer: Trainer) -> Rollout:
     """The same ``PROMPTS x K`` samples whoever draws them (fixed seed, fixed rows)."""
-    rows = [reverse_dataset(PROMPTS, seed=5)[i] for i in range(PROMPTS)]
-    torch.manual_seed(321)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
-        rows, K, trainer.sampler.sampling(), trainer.step)
-    return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+    return seeded_rollout(trainer, [reverse_dataset(PROMPTS, seed=5)[i] for i in range(PROMPTS)], K, seed=321)
 
 
 def _step(trainer: Trainer, rollout: Rollout) -> tuple[dict, list[torch.Tensor]]:

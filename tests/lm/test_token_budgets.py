@@ -14,7 +14,7 @@ from reinforcepp.lm.balance import assign_groups
 from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.run import read_metrics
-from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import fraction_of_a, reverse_dataset, seeded_rollout, small_config, tiny_policy
 from tests.ranks import run_trainer_ranks
 
 
@@ -94,11 +94,7 @@ PROMPTS, K = 4, 4
 
 
 def _full_rollout(trainer: Trainer) -> Rollout:
-    rows = [reverse_dataset(PROMPTS, seed=5)[i] for i in range(PROMPTS)]
-    torch.manual_seed(321)
-    gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
-        rows, K, trainer.sampler.sampling(), trainer.step)
-    return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+    return seeded_rollout(trainer, [reverse_dataset(PROMPTS, seed=5)[i] for i in range(PROMPTS)], K, seed=321)
 
 
 def _settings(tmp):
