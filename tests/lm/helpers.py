@@ -5,7 +5,9 @@ from __future__ import annotations
 import datasets
 import torch
 
+from reinforcepp.lm.batch import collate
 from reinforcepp.lm.config import LMConfig
+from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.rollout import Rollout
 from reinforcepp.lm.tasks import build_char_tokenizer, build_tiny_model, get_task
 
@@ -31,6 +33,17 @@ def seeded_rollout(trainer, rows: list, k: int, seed: int) -> Rollout:
     gen, prompts, completions, expanded, result = trainer.sampler.generate_and_score(
         rows, k, trainer.sampler.sampling(), trainer.step)
     return Rollout(expanded, prompts, completions, gen, result.rewards, result.per_source, {})
+
+
+def logprob_gap(model, tok, gen, temperature: float = 1.0) -> float:
+    """The largest difference, over real response tokens, between ``model``'s log-probs of ``gen``'s
+    responses and the log-probs the engine sampled them with."""
+    b = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
+    with torch.no_grad():
+        mine = response_logprobs(
+            model, b.input_ids, b.attention_mask, b.response_length, temperature=temperature
+        ).logprobs
+    return float(((mine - gen.sampler_logprob_tensor(b.response_length)).abs() * b.response_mask).max())
 
 
 def small_config(tmp_path, **overrides) -> LMConfig:

@@ -26,7 +26,7 @@ from reinforcepp.lm.logprobs import response_logprobs
 from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote.client import wait_until_up
 from reinforcepp.run import read_metrics
-from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config
+from tests.lm.helpers import fraction_of_a, logprob_gap, reverse_dataset, small_config
 from tests.lm.test_vllm_engine import PROMPTS, peaked_policy
 from tests.remote.servers import ROOT, ServeProcess, free_port, kill_group
 
@@ -107,15 +107,6 @@ def _ids(tok):
     return [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
 
-def _gap(model, tok, gen, temperature):
-    b = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
-    with torch.no_grad():
-        mine = response_logprobs(
-            model, b.input_ids, b.attention_mask, b.response_length, temperature=temperature
-        ).logprobs
-    return float(((mine - gen.sampler_logprob_tensor(b.response_length)).abs() * b.response_mask).max())
-
-
 @pytest.mark.parametrize("which", ["ours", "plain", "both"])
 def test_vllm_servers_give_the_hf_engines_greedy_output_and_the_trainers_logprobs(which, request):
     urls = [request.getfixturevalue(name) for name in ("ours", "plain") if which in (name, "both")]
@@ -131,10 +122,11 @@ def test_vllm_servers_give_the_hf_engines_greedy_output_and_the_trainers_logprob
     lp = response_logprobs(model, b.input_ids, b.attention_mask, b.response_length).logprobs
     (-(lp * b.response_mask).sum()).backward()
     opt.step()
-    assert _gap(model, tok, engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4)), 0.8) > 1e-2
+    stale = engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4))
+    assert logprob_gap(model, tok, stale, 0.8) > 1e-2
     engine.sync_weights(model, version=1)
     fresh = engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4))
-    assert _gap(model, tok, fresh, 0.8) < 1e-4 and {v for row in fresh.token_versions for v in row} == {1}
+    assert logprob_gap(model, tok, fresh, 0.8) < 1e-4 and {v for row in fresh.token_versions for v in row} == {1}
     again = engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4))
     assert again.response_ids == fresh.response_ids  # seeded per prompt: the same samples, however the call is split
     engine.close()

@@ -26,7 +26,7 @@ from reinforcepp.lm.trainer import Trainer
 from reinforcepp.remote.weights import PieceWriter, chunks_of
 from reinforcepp.run import read_metrics
 from reinforcepp.serve.rollout import hf_backend, rollout_app
-from tests.lm.helpers import fraction_of_a, reverse_dataset, small_config, tiny_policy
+from tests.lm.helpers import fraction_of_a, logprob_gap, reverse_dataset, small_config, tiny_policy
 from tests.remote.servers import ScriptedServer, ServeProcess, ThreadServer, free_port, send_json
 
 torch.set_num_threads(1)
@@ -105,18 +105,11 @@ def test_logprobs_after_an_update_equal_the_trainers(two):
     (-(lp * b.response_mask).sum()).backward()
     opt.step()
 
-    def gap(gen, temperature):
-        batch = collate(gen.prompt_ids, gen.response_ids, tok.pad_token_id)
-        with torch.no_grad():
-            mine = response_logprobs(
-                model, batch.input_ids, batch.attention_mask, batch.response_length, temperature=temperature
-            ).logprobs
-        return float(((mine - gen.sampler_logprob_tensor(batch.response_length)).abs() * batch.response_mask).max())
-
-    assert gap(engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4)), 0.8) > 1e-2  # not pushed yet
+    stale = engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4))
+    assert logprob_gap(model, tok, stale, 0.8) > 1e-2  # not pushed yet
     engine.sync_weights(model, version=1)
     fresh = engine.generate(_ids(tok), 2, SamplingParams(6, temperature=0.8, seed=4))
-    assert gap(fresh, 0.8) < 1e-4 and {v for row in fresh.token_versions for v in row} == {1}
+    assert logprob_gap(model, tok, fresh, 0.8) < 1e-4 and {v for row in fresh.token_versions for v in row} == {1}
     assert all(_info(s.url)["versions"][-2:] == [0, 1] for s in two)
     engine.close()
 
